@@ -1,0 +1,126 @@
+"""Core commands: params, anchor init, expert train, merge, generate, inspect."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("params", help="parameter and FLOP counts of a preset, without allocating weights")
+    p.add_argument("--preset", required=True, help="smoke | tiny | small | olmo2-7b")
+    p.add_argument("--experts", type=int, default=1, help="number of experts (1 = the dense anchor)")
+    p.add_argument("--top-k", type=int, default=None, help="active experts per token (default: all)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs")
+    p.set_defaults(func=cmd_params)
+
+    anchor = subparsers.add_parser("anchor", help="make or inspect the anchor (dense public model)")
+    anchor_sub = anchor.add_subparsers(dest="anchor_command", required=True, metavar="ACTION")
+    p = anchor_sub.add_parser("init", help="a randomly initialised anchor checkpoint with its tokenizer")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_anchor_init)
+
+    expert = subparsers.add_parser("expert", help="train an owner's expert against the anchor")
+    expert_sub = expert.add_subparsers(dest="expert_command", required=True, metavar="ACTION")
+    p = expert_sub.add_parser("train", help="train expert 1 of a 2-expert model; write an expert package")
+    add_expert_train_args(p)
+    p.set_defaults(func=cmd_expert_train)
+
+    p = subparsers.add_parser("merge", help="merge the anchor and expert packages (no training)")
+    p.add_argument("--anchor", required=True)
+    p.add_argument("--expert", action="append", required=True, metavar="PKG", help="an expert package (repeatable)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: half, rounded up)")
+    p.add_argument("--exclude", action="append", default=[], metavar="NAME", help="leave this domain out")
+    p.set_defaults(func=cmd_merge)
+
+    p = subparsers.add_parser("generate", help="generate with a merged model, choosing experts; prints attribution")
+    p.add_argument("--model", required=True)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--exclude", default="", help="comma-separated experts to switch off")
+    group.add_argument("--only", default="", help="comma-separated experts to keep (public must be named to keep it)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--strict", action="store_true", help="load only the kept experts' weights")
+    p.add_argument("--use-bias", action="store_true", help="re-apply learned router biases dropped at merge")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("inspect", help="describe an anchor, an expert package or a merged model")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_inspect)
+
+
+def add_expert_train_args(p) -> None:
+    p.add_argument("--anchor", required=True)
+    p.add_argument("--domain", required=True)
+    p.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or folders of the owner's data")
+    p.add_argument("--out", required=True, help="expert package directory to write")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bias", action="store_true", help="learn a non-positive router logit bias")
+
+
+def cmd_params(args) -> None:
+    from ..config import get_preset
+
+    cfg = get_preset(args.preset)
+    top_k = args.top_k or args.experts
+    out = {"preset": args.preset, "experts": args.experts, "top_k": top_k, **cfg.counts(args.experts, top_k),
+           "flops_per_token": cfg.flops_per_token(args.experts, top_k, args.seq_len)}
+    print(json.dumps(out, indent=2))
+
+
+def cmd_anchor_init(args) -> None:
+    from ..anchor import init_anchor
+
+    fingerprint = init_anchor(args.preset, args.tokenizer, args.out, seed=args.seed)
+    print(json.dumps({"anchor": args.out, "fingerprint": fingerprint}))
+
+
+def cmd_expert_train(args) -> None:
+    from ..plain_train import train_expert_plain
+
+    manifest = train_expert_plain(args.anchor, args.domain, args.data, args.out, steps=args.steps,
+                                  seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                  use_bias=args.bias)
+    print(json.dumps({"package": args.out, "domain": manifest["domain"], "training": manifest["training"]}))
+
+
+def cmd_merge(args) -> None:
+    from ..merge import merge
+
+    manifest = merge(args.anchor, args.expert, args.out, top_k=args.top_k, exclude=args.exclude)
+    print(json.dumps({"model": args.out, "experts": [e["domain"] for e in manifest["experts"]],
+                      "top_k": manifest["top_k"]}))
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def cmd_generate(args) -> None:
+    from ..inference import generate, load_flexolmo
+
+    loaded = load_flexolmo(args.model, exclude=_names(args.exclude), only=_names(args.only), top_k=args.top_k,
+                           strict=args.strict, use_bias=args.use_bias)
+    result = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(args.prompt + result["text"])
+    print("\n-- attribution (share of routing weight over the generated tokens) --")
+    for name, share in sorted(result["attribution"].items(), key=lambda kv: -kv[1]):
+        print(f"{name:>14}  {share:6.1%}  {'#' * round(share * 40)}")
+
+
+def cmd_inspect(args) -> None:
+    from ..describe import describe
+
+    print(json.dumps(describe(Path(args.path)), indent=2))

@@ -1,0 +1,158 @@
+"""Use a merged model: choose experts per request (opt-in / opt-out) and see which experts answered.
+
+Opt-out masks the excluded experts' router logits to -inf before the softmax, so the softmax over the
+kept experts is exactly that of a model merged without them. `strict=True` goes further and loads only
+the kept experts' weights (excluded ones may be absent or corrupt on disk)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .merge import MERGED_MANIFEST, read_manifest
+from .moe import FlexRouter, routers
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    manifest: dict
+    kept: list[str]  # domains whose experts may be used, in the model's expert order
+
+
+def resolve_experts(domains: list[str], exclude=(), only=()) -> list[str]:
+    """The kept domains, in model order; errors name unknown domains."""
+    exclude, only = list(exclude or ()), list(only or ())
+    if exclude and only:
+        raise ValueError("use either exclude or only, not both")
+    unknown = sorted(set(exclude + only) - set(domains))
+    if unknown:
+        raise ValueError(f"unknown expert(s) {unknown}; this model has {domains}")
+    kept = [d for d in domains if (d in only if only else d not in exclude)]
+    if not kept:
+        raise ValueError("no expert left to route to")
+    return kept
+
+
+def _install_inference_routers(model, top_k: int, masked: list[int], bias: list[list[float] | None] | None) -> None:
+    num_experts = model.config.num_experts
+    for i, layer in enumerate(model.model.layers):
+        weight = layer.mlp.gate.weight.detach()
+        router = FlexRouter(weight, weight.new_zeros(0, weight.shape[1]), top_k, model.config.norm_topk_prob)
+        offset = torch.zeros(num_experts)
+        if bias is not None:
+            offset += torch.tensor([0.0 if b is None else min(b[i], 0.0) for b in bias])
+        offset[masked] = float("-inf")
+        router.logit_offset = offset
+        layer.mlp.gate = router
+
+
+def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=(), top_k: int | None = None,
+                  strict: bool = False, use_bias: bool = False, dtype=torch.float32) -> LoadedModel:
+    """Load a merged model with some experts switched off.
+
+    top_k defaults to the merged model's k, capped at the number of kept experts.
+    use_bias re-applies learned router biases that the HF checkpoint cannot hold."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
+
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    domains = [e["domain"] for e in manifest["experts"]]
+    kept = resolve_experts(domains, exclude, only)
+    k = min(top_k or manifest["top_k"], len(kept))
+    if top_k is not None and not 1 <= top_k:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    bias = [e.get("logit_bias") for e in manifest["experts"]] if use_bias else None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if strict:
+        keep_idx = [domains.index(d) for d in kept]
+        config = AutoConfig.from_pretrained(model_dir)
+        config.num_experts, config.num_experts_per_tok = len(kept), k
+        model = FlexOlmoForCausalLM(config)
+        model.load_state_dict(_read_kept(model_dir, keep_idx), strict=True)
+        model = model.to(dtype)
+        _install_inference_routers(model, k, [], [bias[j] for j in keep_idx] if bias else None)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
+        masked = [j for j, d in enumerate(domains) if d not in kept]
+        _install_inference_routers(model, k, masked, bias)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, manifest=manifest, kept=kept)
+
+
+def _read_kept(model_dir: Path, keep_idx: list[int]) -> dict[str, torch.Tensor]:
+    """Read the checkpoint, slicing expert and router tensors to the kept experts without touching the rest."""
+    state = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                if name.endswith(("experts.gate_up_proj", "experts.down_proj", "gate.weight")):
+                    sliced = handle.get_slice(name)
+                    state[name] = torch.stack([sliced[j] for j in keep_idx])
+                else:
+                    state[name] = handle.get_tensor(name)
+    return state
+
+
+class RoutingRecorder:
+    """Context manager: collect per-token routing weights of every layer while the model runs."""
+
+    def __init__(self, model):
+        self.routers = routers(model)
+
+    def __enter__(self):
+        for r in self.routers:
+            r.record = []
+        return self
+
+    def __exit__(self, *exc):
+        self.records = [r.record for r in self.routers]
+        for r in self.routers:
+            r.record = None
+
+    def shares(self, call_slice: slice = slice(None), last_token_of_first: bool = False) -> torch.Tensor:
+        """Mean routing weight per expert over the recorded tokens (and layers), normalised to sum to 1."""
+        per_layer = []
+        for calls in self.records:
+            calls = list(calls)
+            if last_token_of_first and calls:
+                calls[0] = calls[0][-1:]
+            chosen = calls[call_slice]
+            if chosen:
+                per_layer.append(torch.cat(chosen).sum(0))
+        total = torch.stack(per_layer).sum(0)
+        return total / total.sum()
+
+
+def attribution(loaded: LoadedModel, shares: torch.Tensor) -> dict[str, float]:
+    """Share of routing weight per kept expert, by domain name (excluded experts get 0)."""
+    domains = [e["domain"] for e in loaded.manifest["experts"]]
+    names = loaded.kept if shares.numel() == len(loaded.kept) else domains
+    return {name: round(float(s), 4) for name, s in zip(names, shares)}
+
+
+@torch.no_grad()
+def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
+             seed: int = 0) -> dict:
+    """Generate text; attribution is the routing share of each expert over the forward passes that
+    produced the generated tokens (the prompt's last position, then each new token)."""
+    tok, model = loaded.tokenizer, loaded.model
+    inputs = tok(prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        raise ValueError("empty prompt")
+    torch.manual_seed(seed)
+    with RoutingRecorder(model) as rec:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+    shares = rec.shares(last_token_of_first=True)
+    return {"text": tok.decode(new_tokens, skip_special_tokens=True), "token_ids": new_tokens.tolist(),
+            "attribution": attribution(loaded, shares), "kept": loaded.kept}
+
+
+def is_merged_model(path: str | os.PathLike) -> bool:
+    return (Path(path) / MERGED_MANIFEST).exists()

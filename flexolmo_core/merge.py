@@ -1,0 +1,145 @@
+"""Merge an anchor and N expert packages into one FlexOlmoForCausalLM checkpoint, with no training.
+
+Per layer: experts [FFN_public, FFN_1, ..., FFN_N], router [r_public; r_1; ...; r_N]; everything else
+from the anchor. Deterministic (sorted names, fixed metadata), atomic (temp dir + rename), and lean:
+tensors are read one at a time from memory-mapped files, so peak memory is about the merged weights."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .anchor import anchor_fingerprint, checkpoint_getter, copy_tokenizer
+from .atomic import atomic_dir, write_json
+from .package import ExpertPackage, PackageError, load_package
+
+MERGED_MANIFEST = "flexolmo.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def default_top_k(num_experts: int) -> int:
+    """Half the experts, as the paper's 4 of 8."""
+    return max(1, math.ceil(num_experts / 2))
+
+
+def anchor_shapes(anchor_config) -> dict:
+    return {"n_layers": anchor_config.num_hidden_layers, "d_model": anchor_config.hidden_size,
+            "ffn_hidden": anchor_config.intermediate_size}
+
+
+def load_packages(package_paths, fingerprint: str, shapes: dict, exclude=()) -> list[ExpertPackage]:
+    """Validate packages against the anchor; refuse two for one domain; drop excluded domains."""
+    packages: list[ExpertPackage] = []
+    seen: dict[str, Path] = {}
+    for path in package_paths:
+        package = load_package(path, anchor_fingerprint=fingerprint, anchor_shapes=shapes)
+        if package.domain in seen:
+            raise PackageError(f"two packages for domain '{package.domain}': {seen[package.domain]} and {package.path}")
+        seen[package.domain] = package.path
+        packages.append(package)
+    unknown = sorted(set(exclude) - set(seen))
+    if unknown:
+        raise PackageError(f"--exclude names unknown domain(s) {unknown}; packages given: {sorted(seen)}")
+    return [p for p in packages if p.domain not in set(exclude)]
+
+
+def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, top_k: int | None = None,
+          exclude=(), extra_manifest: dict | None = None) -> dict:
+    """Write the merged checkpoint to `out`; returns its flexolmo.json manifest."""
+    from transformers import AutoConfig
+
+    from .owner import flexolmo_config
+
+    anchor_dir = Path(anchor_dir)
+    anchor_cfg = AutoConfig.from_pretrained(anchor_dir)
+    if anchor_cfg.model_type != "olmo2":
+        raise ValueError(f"{anchor_dir}: expected an Olmo2 anchor checkpoint, found model_type '{anchor_cfg.model_type}'")
+    fingerprint = anchor_fingerprint(anchor_dir)  # computed from the weights, not trusted from a file
+    packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude)
+    public_rows = _agreed_public_rows(packages, anchor_cfg.num_hidden_layers, anchor_cfg.hidden_size)
+    num_experts = 1 + len(packages)
+    top_k = default_top_k(num_experts) if top_k is None else top_k
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
+
+    names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
+    tensors: dict[str, torch.Tensor] = {name: get(name, None) for name in sorted(names) if ".mlp." not in name}
+    for i in range(anchor_cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp"
+        public_gate_up = torch.cat([get(f"{prefix}.gate_proj.weight", None), get(f"{prefix}.up_proj.weight", None)])
+        tensors[f"{prefix}.experts.gate_up_proj"] = torch.stack(
+            [public_gate_up] + [_expert_tensor(p, f"layers.{i}.gate_up_proj", public_gate_up) for p in packages])
+        public_down = get(f"{prefix}.down_proj.weight", None)
+        tensors[f"{prefix}.experts.down_proj"] = torch.stack(
+            [public_down] + [_expert_tensor(p, f"layers.{i}.down_proj", public_down) for p in packages])
+        tensors[f"{prefix}.gate.weight"] = torch.stack(
+            [public_rows[i]] + [_expert_tensor(p, f"layers.{i}.router", public_rows[i]) for p in packages])
+
+    config = flexolmo_config(anchor_cfg, num_experts=num_experts, top_k=top_k)
+    config.architectures = ["FlexOlmoForCausalLM"]
+    manifest = {
+        "format_version": 1,
+        "anchor_fingerprint": fingerprint,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        # transformers' FlexOlmo has no router bias, so learned biases are dropped (as the reference merge
+        # does) but kept here so flexolmo_core.inference can re-apply them on request.
+        "router_bias": "dropped" if any(p.uses_bias for p in packages) else "none",
+        "experts": [{"index": 0, "domain": "public", "package_sha256": None, "logit_bias": None}] + [
+            {"index": j + 1, "domain": p.domain, "package_sha256": p.sha256,
+             "logit_bias": _bias_list(p, anchor_cfg.num_hidden_layers),
+             "training": p.manifest.get("training", {}), "data": p.manifest.get("data", {})}
+            for j, p in enumerate(packages)],
+        "excluded_at_merge": sorted(exclude),
+        **(extra_manifest or {}),
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        del tensors
+        config.save_pretrained(tmp)
+        _strip_volatile(tmp / "config.json")
+        copy_tokenizer(anchor_dir, tmp)
+        write_json(tmp / MERGED_MANIFEST, manifest)
+    return manifest
+
+
+def _expert_tensor(package: ExpertPackage, name: str, like: torch.Tensor) -> torch.Tensor:
+    return package.tensor(name).to(like.dtype)
+
+
+def _bias_list(package: ExpertPackage, n_layers: int) -> list[float] | None:
+    if not package.uses_bias:
+        return None
+    return [float(package.tensor(f"layers.{i}.logit_bias")) for i in range(n_layers)]
+
+
+def _agreed_public_rows(packages: list[ExpertPackage], n_layers: int, d_model: int) -> list[torch.Tensor]:
+    """The public router row per layer; every package must have trained with the same one."""
+    if not packages:
+        return [torch.zeros(d_model) for _ in range(n_layers)]
+    first = packages[0]
+    rows = [first.tensor(f"layers.{i}.public_router") for i in range(n_layers)]
+    for other in packages[1:]:
+        for i in range(n_layers):
+            if not torch.equal(other.tensor(f"layers.{i}.public_router"), rows[i]):
+                raise PackageError(f"{other.path} and {first.path} were trained with different public router rows "
+                                   f"(layer {i}); the public row belongs to the anchor and must be the same for all")
+    return rows
+
+
+def _strip_volatile(config_path: Path) -> None:
+    """Drop the transformers version from config.json so identical inputs give identical files."""
+    data = json.loads(config_path.read_text())
+    data.pop("transformers_version", None)
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / MERGED_MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; {model_dir} is not a merged FlexOlmo model")
+    return json.loads(path.read_text())

@@ -1,0 +1,109 @@
+"""Two small module swaps on transformers' FlexOlmo MoE block.
+
+`FlexRouter` replaces `mlp.gate`: router rows split into frozen and trainable parts, an optional
+non-positive logit bias per trainable expert, a logit offset for opt-out masks (-inf), a changeable
+top-k, and routing-share recording for attribution.
+`SplitExperts` replaces `mlp.experts`: frozen experts as buffers, trainable experts as parameters, so the
+public FFN cannot move (transformers fuses all experts into one tensor, which cannot be half-frozen).
+Both produce exactly what transformers' modules produce for the same weights."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoExperts
+
+
+class FlexRouter(nn.Module):
+    def __init__(self, frozen_rows: torch.Tensor, trainable_rows: torch.Tensor, top_k: int,
+                 norm_topk_prob: bool = False, use_bias: bool = False):
+        super().__init__()
+        self.register_buffer("frozen_rows", frozen_rows.detach().clone())
+        self.trainable_rows = nn.Parameter(trainable_rows.detach().clone())
+        n_frozen, n_train = frozen_rows.shape[0], trainable_rows.shape[0]
+        self.num_experts = n_frozen + n_train
+        self.hidden_dim = frozen_rows.shape[1] if n_frozen else trainable_rows.shape[1]
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        # Paper's negative bias: one scalar per trainable expert, initialised to 0 (the reference leaves it
+        # uninitialised), clamped <= 0 in the forward pass and projected after every optimiser step.
+        self.logit_bias = nn.Parameter(torch.zeros(n_train)) if use_bias else None
+        self.register_buffer("logit_offset", torch.zeros(self.num_experts), persistent=False)
+        self.record: list[torch.Tensor] | None = None  # per-token routing weights, when attribution is on
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.frozen_rows, self.trainable_rows], dim=0)
+
+    def bias_vector(self) -> torch.Tensor:
+        n_frozen = self.frozen_rows.shape[0]
+        full = torch.zeros(self.num_experts, dtype=self.trainable_rows.dtype, device=self.trainable_rows.device)
+        if self.logit_bias is not None:
+            full = torch.cat([full[:n_frozen], self.logit_bias.clamp(max=0.0)])
+        return full
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(hidden_states, self.weight) + self.bias_vector() + self.logit_offset
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        if self.record is not None:
+            self.record.append(torch.zeros_like(probs).scatter(1, top_index, top_value).detach())
+        return logits, top_value.to(logits.dtype), top_index
+
+    @torch.no_grad()
+    def project_bias(self) -> None:
+        """Keep the learned bias non-positive (call after each optimiser step)."""
+        if self.logit_bias is not None:
+            self.logit_bias.clamp_(max=0.0)
+
+
+class SplitExperts(FlexOlmoExperts):
+    """FlexOlmo experts whose first `n_frozen` experts are buffers and the rest trainable parameters."""
+
+    def __init__(self, config, frozen_gate_up, frozen_down, trainable_gate_up, trainable_down):
+        super().__init__(config)
+        del self.gate_up_proj, self.down_proj  # replaced by the split storage below
+        self.register_buffer("frozen_gate_up_proj", frozen_gate_up.detach().clone())
+        self.register_buffer("frozen_down_proj", frozen_down.detach().clone())
+        self.trainable_gate_up_proj = nn.Parameter(trainable_gate_up.detach().clone())
+        self.trainable_down_proj = nn.Parameter(trainable_down.detach().clone())
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return torch.cat([self.frozen_gate_up_proj, self.trainable_gate_up_proj], dim=0)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return torch.cat([self.frozen_down_proj, self.trainable_down_proj], dim=0)
+
+
+def routers(model) -> list[FlexRouter]:
+    found = [layer.mlp.gate for layer in model.model.layers]
+    if not all(isinstance(r, FlexRouter) for r in found):
+        raise TypeError("model routers are not FlexRouter modules; load it with flexolmo_core.inference")
+    return found
+
+
+def install_routers(model, frozen_rows_per_layer: list[torch.Tensor], trainable_rows_per_layer: list[torch.Tensor],
+                    use_bias: bool = False) -> None:
+    cfg = model.config
+    for layer, frozen, trainable in zip(model.model.layers, frozen_rows_per_layer, trainable_rows_per_layer):
+        layer.mlp.gate = FlexRouter(frozen, trainable, cfg.num_experts_per_tok, cfg.norm_topk_prob, use_bias)
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under plain transformers FlexOlmo names (router biases are not part of it)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if any(part in name for part in ("frozen_", "trainable_", "logit_bias", "logit_offset")):
+            continue
+        state[name] = tensor
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}.mlp"
+        state[f"{prefix}.gate.weight"] = layer.mlp.gate.weight.detach()
+        state[f"{prefix}.experts.gate_up_proj"] = layer.mlp.experts.gate_up_proj.detach()
+        state[f"{prefix}.experts.down_proj"] = layer.mlp.experts.down_proj.detach()
+    return state

@@ -1,0 +1,121 @@
+"""The owner model: the anchor upcycled into a 2-expert FlexOlmo MoE, and the trainable contract.
+
+Expert 0 = the anchor's FFN (frozen buffer), expert 1 = a trainable copy. Router row 0 = the public
+embedding (frozen), row 1 = the owner's domain embedding (trainable). Optional non-positive logit bias.
+Everything else (embeddings, attention, norms, LM head) is frozen."""
+from __future__ import annotations
+
+import torch
+
+from .moe import FlexRouter, SplitExperts, hf_state_dict, install_routers
+
+
+def flexolmo_config(anchor_config, num_experts: int, top_k: int):
+    """A FlexOlmoConfig with the anchor's shapes."""
+    from transformers import FlexOlmoConfig
+
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    return FlexOlmoConfig(
+        vocab_size=anchor_config.vocab_size, hidden_size=anchor_config.hidden_size,
+        intermediate_size=anchor_config.intermediate_size, num_hidden_layers=anchor_config.num_hidden_layers,
+        num_attention_heads=anchor_config.num_attention_heads, num_key_value_heads=anchor_config.num_key_value_heads,
+        max_position_embeddings=anchor_config.max_position_embeddings, rope_parameters=anchor_config.rope_parameters,
+        rms_norm_eps=anchor_config.rms_norm_eps, initializer_range=anchor_config.initializer_range,
+        tie_word_embeddings=False, eos_token_id=anchor_config.eos_token_id, pad_token_id=anchor_config.pad_token_id,
+        bos_token_id=anchor_config.bos_token_id, num_experts=num_experts, num_experts_per_tok=top_k,
+        norm_topk_prob=False,
+    )
+
+
+def rows_per_layer(rows: torch.Tensor | None, n_layers: int, d_model: int) -> list[torch.Tensor]:
+    """One router vector per layer from a single vector [d], per-layer vectors [L, d], or None (zeros)."""
+    if rows is None:
+        rows = torch.zeros(d_model)
+    rows = torch.as_tensor(rows, dtype=torch.float32)
+    if rows.shape == (d_model,):
+        return [rows.clone()[None] for _ in range(n_layers)]
+    if rows.shape == (n_layers, d_model):
+        return [rows[i].clone()[None] for i in range(n_layers)]
+    raise ValueError(f"router embedding must have shape [{d_model}] or [{n_layers}, {d_model}], got {tuple(rows.shape)}")
+
+
+def anchor_ffn(anchor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor FFN of one layer as FlexOlmo's fused (gate_up [2I, d], down [d, I])."""
+    mlp = anchor.model.layers[layer].mlp
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0).detach()
+    return gate_up, mlp.down_proj.weight.detach()
+
+
+def upcycle(anchor, public_rows: torch.Tensor | None = None, domain_rows: torch.Tensor | None = None,
+            use_bias: bool = False):
+    """Build the owner's 2-expert FlexOlmoForCausalLM from an Olmo2ForCausalLM anchor (top-2 of 2)."""
+    from transformers import FlexOlmoForCausalLM
+
+    cfg = anchor.config
+    model = FlexOlmoForCausalLM(flexolmo_config(cfg, num_experts=2, top_k=2))
+    shared = {k: v for k, v in anchor.state_dict().items() if ".mlp." not in k}
+    missing, unexpected = model.load_state_dict(shared, strict=False)
+    if unexpected:
+        raise RuntimeError(f"anchor has tensors the owner model does not: {unexpected}")
+    L, d = cfg.num_hidden_layers, cfg.hidden_size
+    install_routers(model, rows_per_layer(public_rows, L, d), rows_per_layer(domain_rows, L, d), use_bias)
+    for i, layer in enumerate(model.model.layers):
+        gate_up, down = anchor_ffn(anchor, i)
+        layer.mlp.experts = SplitExperts(model.config, gate_up[None], down[None], gate_up[None], down[None])
+    freeze_to_contract(model)
+    return model
+
+
+def freeze_to_contract(model) -> None:
+    """requires_grad only on what an owner may train: expert 1's FFN, router row 1, the bias."""
+    allowed = set(trainable_parameter_names(model))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in allowed)
+
+
+def trainable_parameter_names(model) -> list[str]:
+    """The trainable contract: the only parameters an owner's training may change."""
+    names = []
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}.mlp"
+        if not isinstance(layer.mlp.gate, FlexRouter) or not isinstance(layer.mlp.experts, SplitExperts):
+            raise TypeError("not an owner model (use flexolmo_core.owner.upcycle)")
+        names += [f"{prefix}.experts.trainable_gate_up_proj", f"{prefix}.experts.trainable_down_proj",
+                  f"{prefix}.gate.trainable_rows"]
+        if layer.mlp.gate.logit_bias is not None:
+            names.append(f"{prefix}.gate.logit_bias")
+    return names
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    params = dict(model.named_parameters())
+    return [params[n] for n in trainable_parameter_names(model)]
+
+
+def project_after_step(model) -> None:
+    for layer in model.model.layers:
+        layer.mlp.gate.project_bias()
+
+
+def frozen_differences(model, anchor, public_rows: torch.Tensor | None = None) -> list[str]:
+    """Names of frozen tensors that are not bit-identical to the anchor's (empty list = contract kept)."""
+    state = hf_state_dict(model)
+    anchor_state = anchor.state_dict()
+    bad = []
+    for name, tensor in anchor_state.items():
+        if ".mlp." in name:
+            continue
+        if not torch.equal(state[name], tensor):
+            bad.append(name)
+    L, d = anchor.config.num_hidden_layers, anchor.config.hidden_size
+    expected_public = rows_per_layer(public_rows, L, d) if public_rows is not None else None
+    for i, layer in enumerate(model.model.layers):
+        gate_up, down = anchor_ffn(anchor, i)
+        if not torch.equal(layer.mlp.experts.frozen_gate_up_proj[0], gate_up):
+            bad.append(f"model.layers.{i}.mlp.experts[0].gate_up_proj")
+        if not torch.equal(layer.mlp.experts.frozen_down_proj[0], down):
+            bad.append(f"model.layers.{i}.mlp.experts[0].down_proj")
+        if expected_public is not None and not torch.equal(layer.mlp.gate.frozen_rows, expected_public[i]):
+            bad.append(f"model.layers.{i}.mlp.gate.weight[0]")
+    return bad

@@ -1,0 +1,198 @@
+"""Expert packages: what an owner publishes. A directory with `expert.safetensors` (expert 1's FFN and
+router rows for every layer, bias if used) and `manifest.json` (format version, domain, anchor fingerprint,
+tensor names/shapes/dtypes/hashes, training and data summaries: counts and hashes, never data).
+
+Loading validates everything and refuses with a message naming the file and the problem."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_dir, write_json
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "expert.safetensors"
+MANIFEST_FILE = "manifest.json"
+DOMAIN_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class PackageError(ValueError):
+    """A package that must not be used; the message names the file and the problem."""
+
+
+def check_domain_name(domain: str) -> str:
+    if not isinstance(domain, str) or not DOMAIN_PATTERN.match(domain) or domain == "public":
+        raise PackageError(f"domain name {domain!r} is not a safe identifier (lowercase letters, digits, _; "
+                           "starts with a letter; 'public' is reserved for the anchor's expert)")
+    return domain
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    t = tensor.detach().contiguous().cpu().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+def expected_shapes(n_layers: int, d_model: int, ffn_hidden: int, with_bias: bool) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(n_layers):
+        shapes[f"layers.{i}.gate_up_proj"] = (2 * ffn_hidden, d_model)
+        shapes[f"layers.{i}.down_proj"] = (d_model, ffn_hidden)
+        shapes[f"layers.{i}.router"] = (d_model,)
+        shapes[f"layers.{i}.public_router"] = (d_model,)
+        if with_bias:
+            shapes[f"layers.{i}.logit_bias"] = ()
+    return shapes
+
+
+def package_tensors(owner_model) -> dict[str, torch.Tensor]:
+    """Expert 1's tensors of a trained owner model, under package names."""
+    tensors = {}
+    for i, layer in enumerate(owner_model.model.layers):
+        experts, gate = layer.mlp.experts, layer.mlp.gate
+        tensors[f"layers.{i}.gate_up_proj"] = experts.trainable_gate_up_proj[0].detach().contiguous()
+        tensors[f"layers.{i}.down_proj"] = experts.trainable_down_proj[0].detach().contiguous()
+        tensors[f"layers.{i}.router"] = gate.trainable_rows[0].detach().contiguous()
+        tensors[f"layers.{i}.public_router"] = gate.frozen_rows[0].detach().contiguous()
+        if gate.logit_bias is not None:
+            tensors[f"layers.{i}.logit_bias"] = gate.logit_bias.detach().clamp(max=0.0)[0].contiguous()
+    return tensors
+
+
+def save_package(owner_model, out: str | os.PathLike, domain: str, anchor_fingerprint: str,
+                 training: dict | None = None, data: dict | None = None) -> dict:
+    """Write a package atomically; returns the manifest."""
+    check_domain_name(domain)
+    tensors = package_tensors(owner_model)
+    cfg = owner_model.config
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "domain": domain,
+        "anchor_fingerprint": anchor_fingerprint,
+        "shapes": {"n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size, "ffn_hidden": cfg.intermediate_size},
+        "uses_bias": any(k.endswith("logit_bias") for k in tensors),
+        "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                           "sha256": tensor_sha256(t)} for name, t in sorted(tensors.items())},
+        "training": training or {},
+        "data": data or {},
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "domain": domain})
+        write_json(tmp / MANIFEST_FILE, manifest)
+    return manifest
+
+
+@dataclass
+class ExpertPackage:
+    path: Path
+    manifest: dict
+    sha256: str  # hash of the weight file: identifies this exact package in a merged model's manifest
+    tensor_names: list[str] = field(default_factory=list)
+
+    @property
+    def domain(self) -> str:
+        return self.manifest["domain"]
+
+    @property
+    def uses_bias(self) -> bool:
+        return bool(self.manifest["uses_bias"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (lazily, from disk)."""
+        with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Refuse anything that is not a safetensors file before any library parses it (never unpickle)."""
+    raw = path.read_bytes()[:16]
+    if raw[:2] == b"\x80\x02" or raw[:1] == b"\x80" or raw[:2] == b"PK":
+        raise PackageError(f"{path}: is a pickle/zip (torch.save) file, not safetensors; it is never unpickled")
+    if len(raw) < 9:
+        raise PackageError(f"{path}: too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    if header_len > path.stat().st_size - 8 or raw[8:9] != b"{":
+        raise PackageError(f"{path}: not a safetensors file (bad header)")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
+                 anchor_shapes: dict | None = None) -> ExpertPackage:
+    """Validate a package directory and return a lazy handle to it.
+
+    `anchor_shapes` = {"n_layers", "d_model", "ffn_hidden"} of the anchor it will be merged into."""
+    path = Path(path)
+    manifest_path, weights_path = path / MANIFEST_FILE, path / WEIGHTS_FILE
+    if not path.is_dir():
+        raise PackageError(f"{path}: not a package directory")
+    if not manifest_path.exists():
+        raise PackageError(f"{manifest_path}: missing (a package needs {MANIFEST_FILE} and {WEIGHTS_FILE})")
+    if not weights_path.exists():
+        raise PackageError(f"{weights_path}: missing (a package needs {MANIFEST_FILE} and {WEIGHTS_FILE})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PackageError(f"{manifest_path}: not valid JSON: {err}") from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackageError(f"{manifest_path}: unknown format_version {version!r} (this software reads {FORMAT_VERSION})")
+    for key in ("domain", "anchor_fingerprint", "shapes", "uses_bias", "tensors"):
+        if key not in manifest:
+            raise PackageError(f"{manifest_path}: missing field '{key}'")
+    try:
+        check_domain_name(manifest["domain"])
+    except PackageError as err:
+        raise PackageError(f"{manifest_path}: {err}") from None
+    if anchor_fingerprint is not None and manifest["anchor_fingerprint"] != anchor_fingerprint:
+        raise PackageError(f"{path}: trained against anchor {manifest['anchor_fingerprint']}, but the anchor here is "
+                           f"{anchor_fingerprint}; an expert only works with the exact anchor it was trained against")
+    shapes = anchor_shapes or manifest["shapes"]
+    if anchor_shapes is not None and {k: manifest["shapes"].get(k) for k in anchor_shapes} != dict(anchor_shapes):
+        raise PackageError(f"{manifest_path}: shapes {manifest['shapes']} do not match the anchor's {dict(anchor_shapes)}")
+    expected = expected_shapes(shapes["n_layers"], shapes["d_model"], shapes["ffn_hidden"], manifest["uses_bias"])
+
+    _check_safetensors_header(weights_path)
+    try:
+        handle = safe_open(str(weights_path), framework="pt")
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise PackageError(f"{weights_path}: unreadable safetensors file: {err}") from err
+    names = set(handle.keys())
+    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing:
+        raise PackageError(f"{weights_path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        raise PackageError(f"{weights_path}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    if set(manifest["tensors"]) != names:
+        raise PackageError(f"{manifest_path}: lists tensors {sorted(manifest['tensors'])[:5]}... that differ from "
+                           f"those in {WEIGHTS_FILE}")
+    for name in sorted(names):
+        tensor = handle.get_tensor(name)
+        record = manifest["tensors"][name]
+        if tuple(tensor.shape) != expected[name]:
+            raise PackageError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype != record["dtype"] or not tensor.is_floating_point():
+            raise PackageError(f"{weights_path}: tensor {name} has dtype {dtype}, manifest says {record['dtype']} "
+                               "(a floating-point dtype is required)")
+        if not torch.isfinite(tensor).all():
+            raise PackageError(f"{weights_path}: tensor {name} contains NaN or Inf")
+        if tensor_sha256(tensor) != record["sha256"]:
+            raise PackageError(f"{weights_path}: tensor {name} does not match its sha256 in the manifest (corrupt?)")
+        if name.endswith("logit_bias") and float(tensor) > 0:
+            raise PackageError(f"{weights_path}: tensor {name} is {float(tensor)} but the bias must be <= 0")
+    return ExpertPackage(path=path, manifest=manifest, sha256=_sha256_file(weights_path), tensor_names=sorted(names))
