@@ -1,0 +1,164 @@
+"""Run a suite on one model variant with lm-eval, offline, and return one JSON-able result.
+
+A task that cannot run (data missing, judge missing, code execution not allowed) is recorded as
+`{"status": "not run", "reason": ...}`: it stays in the result and in the report, never silently dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built-in hub tasks must fail fast, never hang on the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from flexolmo_core.evaluation import suite  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """The `evaluate` section of params.yaml (also the `flexolmo evaluate` options)."""
+    suites: list[str] = dataclasses.field(default_factory=lambda: ["flexolmo31", "flexolmo31_bpb", "domains"])
+    limit: int | None = 20              # docs per task (the paper: 1000); None = all
+    domain_limit: int | None = 20       # docs per FlexMix domain for held-out bpb
+    domain_max_chars: int | None = 4000  # characters per held-out doc (bounds rolling-bpb cost)
+    domains_dir: str | None = "outputs/prepare"  # <dir>/<domain>/test from the prepare stage
+    eval_data_dir: str | None = None     # local <task>.jsonl for tasks whose data is not shipped
+    allow_code_execution: bool = False  # HumanEval/MBPP run generated code (subprocess + timeout) only if true
+    max_gen_toks: int | None = 64       # cap on generated tokens per doc (None = the task's own value)
+    batch_size: int = 16
+    max_length: int | None = None       # context window for lm-eval (None = the model's)
+    top_k: int | None = None            # FlexOlmo experts per token (None = the checkpoint's)
+    btm_top_k: int = 2                  # BTM keeps this many experts per position
+    variants: list[str] | None = None   # evaluate only these variant names (None = all found)
+
+
+NOT_RUN = "not run"
+
+
+def _task_manager(metadata: dict):
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(suite.TASKS_DIR), include_defaults=False, metadata=metadata)
+
+
+def _policy_reason(name: str, cfg: EvalConfig) -> str | None:
+    """Reasons decided before touching data: judges and code execution."""
+    spec, variant = suite.spec_of(name)
+    if spec is None or variant != "primary":
+        return None
+    if spec.kind == "judge":
+        return "needs an LLM judge scoring 1-5 (paper: GPT-4o); no judge model is available offline"
+    if spec.kind == "code" and not cfg.allow_code_execution:
+        return "code execution not allowed (set evaluate.allow_code_execution: true to run generated code)"
+    return None
+
+
+def _primary_value(name: str, metrics: dict) -> float | None:
+    spec, variant = suite.spec_of(name)
+    if variant == "domain":
+        return metrics.get("bits_per_byte")
+    if variant == "bpb":
+        return metrics.get("bpb")
+    value = metrics.get(spec.metric)
+    return None if value is None else 100.0 * value  # paper reports 0-100
+
+
+def load_tasks(task_names: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
+    """(name -> lm-eval Task for the tasks that can run, name -> not-run record)."""
+    metadata = {"eval_data_dir": cfg.eval_data_dir, "domains_dir": cfg.domains_dir,
+                "domain_max_chars": cfg.domain_max_chars}
+    tm = _task_manager(metadata)
+    loaded, skipped = {}, {}
+    for name in task_names:
+        reason = _policy_reason(name, cfg)
+        if reason is None:
+            try:
+                loaded.update(tm.load([name])["tasks"])
+                continue
+            except Exception as err:  # DataUnavailable, or whatever lm-eval raised while loading data
+                reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                if "DataUnavailable" in reason:
+                    reason = str(err).splitlines()[0]
+        skipped[name] = {"status": NOT_RUN, "reason": reason}
+    for name, task in loaded.items():
+        if cfg.max_gen_toks and task.OUTPUT_TYPE == "generate_until":
+            kwargs = task.config.generation_kwargs
+            kwargs["max_gen_toks"] = min(int(kwargs.get("max_gen_toks", cfg.max_gen_toks)), cfg.max_gen_toks)
+    return loaded, skipped
+
+
+def _limit_for(name: str, cfg: EvalConfig) -> int | None:
+    return cfg.domain_limit if name.startswith("flexolmo_domain_") else cfg.limit
+
+
+def run_tasks(lm, tasks: dict, cfg: EvalConfig) -> dict[str, dict]:
+    """Evaluate loaded tasks. lm-eval's `limit` is global, so tasks are grouped by their limit; inside a
+    group one `evaluate` call batches every request of every task together."""
+    from lm_eval.evaluator import evaluate
+
+    by_limit: dict[Any, dict] = {}
+    for name, task in tasks.items():
+        by_limit.setdefault(_limit_for(name, cfg), {})[name] = task
+    out: dict[str, dict] = {}
+    for limit, group in by_limit.items():
+        try:
+            res = evaluate(lm=lm, task_dict={"tasks": group}, limit=limit, bootstrap_iters=0, log_samples=False,
+                           confirm_run_unsafe_code=cfg.allow_code_execution, verbosity="WARNING")
+        except Exception:
+            # One bad task must not sink the others: retry one by one and record the failure honestly.
+            res = {"results": {}, "n-samples": {}}
+            for name, task in group.items():
+                try:
+                    one = evaluate(lm=lm, task_dict={"tasks": {name: task}}, limit=limit, bootstrap_iters=0,
+                                   log_samples=False, confirm_run_unsafe_code=cfg.allow_code_execution,
+                                   verbosity="WARNING")
+                    res["results"].update(one["results"])
+                    res["n-samples"].update(one.get("n-samples", {}))
+                except Exception as err:
+                    out[name] = {"status": "error", "reason": f"{type(err).__name__}: {err}".splitlines()[0],
+                                 "traceback": traceback.format_exc(limit=3)}
+        for name, values in res["results"].items():
+            metrics = {k.split(",")[0]: v for k, v in values.items()
+                       if "," in k and not k.split(",")[0].endswith("_stderr") and isinstance(v, (int, float))}
+            n = res.get("n-samples", {}).get(name, {}).get("effective")
+            out[name] = {"status": "ok", "metrics": metrics, "value": _primary_value(name, metrics), "n": n}
+    return out
+
+
+def evaluate_lm(lm, task_names: list[str], cfg: EvalConfig, *, variant: str = "model",
+                info: dict | None = None) -> dict:
+    """Evaluate an lm-eval LM on `task_names`; returns the per-variant result (see module doc)."""
+    start = time.perf_counter()
+    tasks, skipped = load_tasks(task_names, cfg)
+    results = run_tasks(lm, tasks, cfg) if tasks else {}
+    results.update(skipped)
+    ordered = {name: results.get(name, {"status": "error", "reason": "no result returned"}) for name in task_names}
+    return {"variant": variant, "info": info or {}, "limit": cfg.limit, "domain_limit": cfg.domain_limit,
+            "max_length": getattr(lm, "max_length", None), "tasks": ordered,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def hf_lm(model: str | Path | Any, cfg: EvalConfig, tokenizer: Any = None):
+    """lm-eval's `hf` model on CPU for a local checkpoint dir (Olmo2ForCausalLM or FlexOlmoForCausalLM load
+    with AutoModelForCausalLM, no custom code) or an already built model object."""
+    from lm_eval.models.huggingface import HFLM
+    import transformers
+
+    if isinstance(model, (str, Path)):
+        path = str(model)
+        tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="float32")
+    if cfg.top_k is not None and hasattr(model.config, "num_experts_per_tok"):
+        model.config.num_experts_per_tok = cfg.top_k
+        for module in model.modules():  # transformers copies top_k into each router at construction
+            if hasattr(module, "top_k") and isinstance(getattr(module, "top_k"), int):
+                module.top_k = cfg.top_k
+    model.eval()
+    return HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=cfg.batch_size,
+                max_length=cfg.max_length, dtype="float32")
