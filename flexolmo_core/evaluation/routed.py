@@ -1,0 +1,76 @@
+"""Prompt-based routing baseline as an lm-eval model: one expert per input, chosen from the input alone
+(the context, never the candidate answers), then that expert runs as a dense model."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from flexolmo_core import baselines
+
+
+def dense_experts_from_merged(merged_dir) -> tuple[object, list]:
+    """(merged FlexOlmo model, [dense Olmo2 model per expert]) built in memory from the safetensors."""
+    import transformers
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), use_safetensors=True,
+                                                               dtype="float32").eval()
+    state = baselines.load_state(merged_dir)
+    cfg = transformers.Olmo2Config(**{k: v for k, v in baselines.dense_config(merged.config.to_dict()).items()
+                                      if k not in ("model_type", "architectures", "transformers_version")})
+    experts = []
+    for e in range(merged.config.num_experts):
+        model = transformers.Olmo2ForCausalLM(cfg)
+        model.load_state_dict(baselines.dense_expert_state(state, e), strict=True)
+        experts.append(model.eval())
+    return merged, experts
+
+
+@register_model("flexolmo_prompt_routed")
+class PromptRoutedLM(HFLM):
+    def __init__(self, merged_dir, tokenizer=None, batch_size: int = 8, max_length=None, route_tokens: int = 256,
+                 **kwargs):
+        import transformers
+
+        tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(str(merged_dir))
+        self.router_model, self.expert_models = dense_experts_from_merged(merged_dir)
+        super().__init__(pretrained=self.expert_models[0], tokenizer=tokenizer, device="cpu",
+                         batch_size=batch_size, max_length=max_length, dtype="float32", **kwargs)
+        self.embeddings = baselines.domain_embeddings(self.router_model)
+        self.route_tokens = route_tokens  # route on the last `route_tokens` tokens of the input
+        self.route_counts = defaultdict(int)
+
+    def route(self, tokens: list[int]) -> int:
+        ids = torch.tensor([tokens[-self.route_tokens:] or [self.eot_token_id]])
+        expert = baselines.prompt_route(self.router_model, ids, self.embeddings)[0]
+        self.route_counts[expert] += 1
+        return expert
+
+    def _by_expert(self, items, key_tokens, run):
+        """Partition items by routed expert, run each part on its expert, put results back in order."""
+        parts = defaultdict(list)
+        for i, item in enumerate(items):
+            parts[self.route(key_tokens(item))].append(i)
+        results = [None] * len(items)
+        for expert, idx in parts.items():
+            self._model = self.expert_models[expert]
+            for i, r in zip(idx, run([items[i] for i in idx])):
+                results[i] = r
+        self._model = self.expert_models[0]
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # Route on the context only, so all choices of a question go to the same expert.
+        return self._by_expert(requests, lambda r: self.tok_encode(r.args[0]) or [self.eot_token_id],
+                               lambda part: super(PromptRoutedLM, self).loglikelihood(part, disable_tqdm=True))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        # Held-out text has no prompt: route on the document's first tokens.
+        return self._by_expert(requests, lambda r: self.tok_encode(r.args[0])[: self.route_tokens],
+                               lambda part: super(PromptRoutedLM, self).loglikelihood_rolling(part, disable_tqdm=True))
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._by_expert(requests, lambda r: self.tok_encode(r.args[0]),
+                               lambda part: super(PromptRoutedLM, self).generate_until(part, disable_tqdm=True))
