@@ -75,6 +75,8 @@ def init_anchor(preset: str | ModelConfig, tokenizer_dir: str | os.PathLike, out
     from transformers import AutoTokenizer, Olmo2ForCausalLM
 
     cfg = get_preset(preset) if isinstance(preset, str) else preset
+    if not (Path(tokenizer_dir) / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (expected a Hugging Face tokenizer directory)")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     model = Olmo2ForCausalLM(olmo2_config(cfg, tokenizer))

@@ -31,12 +31,12 @@ def anchor_shapes(anchor_config) -> dict:
             "ffn_hidden": anchor_config.intermediate_size}
 
 
-def load_packages(package_paths, fingerprint: str, shapes: dict, exclude=()) -> list[ExpertPackage]:
+def load_packages(package_paths, fingerprint: str, shapes: dict, exclude=(), dtype: str | None = None) -> list[ExpertPackage]:
     """Validate packages against the anchor; refuse two for one domain; drop excluded domains."""
     packages: list[ExpertPackage] = []
     seen: dict[str, Path] = {}
     for path in package_paths:
-        package = load_package(path, anchor_fingerprint=fingerprint, anchor_shapes=shapes)
+        package = load_package(path, anchor_fingerprint=fingerprint, anchor_shapes=shapes, expected_dtype=dtype)
         if package.domain in seen:
             raise PackageError(f"two packages for domain '{package.domain}': {seen[package.domain]} and {package.path}")
         seen[package.domain] = package.path
@@ -59,14 +59,15 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     if anchor_cfg.model_type != "olmo2":
         raise ValueError(f"{anchor_dir}: expected an Olmo2 anchor checkpoint, found model_type '{anchor_cfg.model_type}'")
     fingerprint = anchor_fingerprint(anchor_dir)  # computed from the weights, not trusted from a file
-    packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude)
+    names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
+    dtype = str(get("lm_head.weight", None).dtype).removeprefix("torch.")
+    packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude, dtype)
     public_rows = _agreed_public_rows(packages, anchor_cfg.num_hidden_layers, anchor_cfg.hidden_size)
     num_experts = 1 + len(packages)
     top_k = default_top_k(num_experts) if top_k is None else top_k
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
 
-    names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
     tensors: dict[str, torch.Tensor] = {name: get(name, None) for name in sorted(names) if ".mlp." not in name}
     for i in range(anchor_cfg.num_hidden_layers):
         prefix = f"model.layers.{i}.mlp"

@@ -106,9 +106,9 @@ class ExpertPackage:
         return bool(self.manifest["uses_bias"])
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (lazily, from disk)."""
+        """Read one tensor (lazily, from disk; a copy, so the file may be replaced afterwards)."""
         with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as handle:
-            return handle.get_tensor(name)
+            return handle.get_tensor(name).clone()
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -132,10 +132,11 @@ def _sha256_file(path: Path) -> str:
 
 
 def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
-                 anchor_shapes: dict | None = None) -> ExpertPackage:
+                 anchor_shapes: dict | None = None, expected_dtype: str | None = None) -> ExpertPackage:
     """Validate a package directory and return a lazy handle to it.
 
-    `anchor_shapes` = {"n_layers", "d_model", "ffn_hidden"} of the anchor it will be merged into."""
+    `anchor_shapes` = {"n_layers", "d_model", "ffn_hidden"} and `expected_dtype` (e.g. "float32") of the
+    anchor it will be merged into; without them the package must at least be consistent in itself."""
     path = Path(path)
     manifest_path, weights_path = path / MANIFEST_FILE, path / WEIGHTS_FILE
     if not path.is_dir():
@@ -180,6 +181,11 @@ def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
     if set(manifest["tensors"]) != names:
         raise PackageError(f"{manifest_path}: lists tensors {sorted(manifest['tensors'])[:5]}... that differ from "
                            f"those in {WEIGHTS_FILE}")
+    dtypes = {record.get("dtype") for record in manifest["tensors"].values()}
+    if len(dtypes) != 1:
+        raise PackageError(f"{manifest_path}: tensors have mixed dtypes {sorted(map(str, dtypes))}; expected one")
+    if expected_dtype is not None and dtypes != {expected_dtype}:
+        raise PackageError(f"{weights_path}: tensors are {dtypes.pop()}, the anchor's weights are {expected_dtype}")
     for name in sorted(names):
         tensor = handle.get_tensor(name)
         record = manifest["tensors"][name]

@@ -60,3 +60,37 @@ def smoke_anchor(tmp_path_factory, smoke_tokenizer) -> Path:
     out = tmp_path_factory.mktemp("anchor") / "anchor"
     init_anchor("smoke", smoke_tokenizer, out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def owner_data(tmp_path_factory, small_texts) -> dict[str, Path]:
+    """Two owners' closed data as files: code as .txt files, encyclopedia text as .jsonl."""
+    root = tmp_path_factory.mktemp("owner_data")
+    (root / "code").mkdir()
+    for i, text in enumerate(small_texts["code"]):
+        (root / "code" / f"{i:02d}.txt").write_text(text, encoding="utf-8")
+    lines = [json.dumps({"text": t}) for t in small_texts["public"][100:200]]
+    (root / "news.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"code": root / "code", "news": root / "news.jsonl"}
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory, smoke_anchor, owner_data) -> dict[str, Path]:
+    """Two expert packages trained briefly against the smoke anchor (the code one with a router bias)."""
+    from flexolmo_core.plain_train import train_expert_plain
+
+    root = tmp_path_factory.mktemp("packages")
+    out = {}
+    for domain, bias in (("code", True), ("news", False)):
+        out[domain] = root / domain
+        train_expert_plain(smoke_anchor, domain, [owner_data[domain]], out[domain], steps=8, lr=3e-3, use_bias=bias)
+    return out
+
+
+@pytest.fixture(scope="session")
+def merged(tmp_path_factory, smoke_anchor, packages) -> Path:
+    from flexolmo_core.merge import merge
+
+    out = tmp_path_factory.mktemp("merged") / "model"
+    merge(smoke_anchor, [packages["code"], packages["news"]], out, top_k=2)
+    return out
