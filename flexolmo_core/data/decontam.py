@@ -82,9 +82,13 @@ class EvalIndex:
         result: list[str | None] = [None] * len(texts)
         if len(hashes) == 0 or len(self.hashes) == 0:
             return result
+        order = np.argsort(hashes, kind="stable")  # sorted queries make the binary searches cache-friendly
+        hashes, owner = hashes[order], owner[order]
         pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
         hit = self.hashes[pos] == hashes
-        for i, p in zip(owner[hit][::-1], pos[hit][::-1]):  # reversed: the first hit of each text wins
+        for i, p in zip(owner[hit], pos[hit]):  # any hit drops the text; the smallest hash names the task
+            if result[i] is not None:
+                continue
             result[i] = self.tasks[self.task_of[p]]
         return result
 

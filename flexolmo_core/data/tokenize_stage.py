@@ -1,0 +1,57 @@
+"""The `tokenizer` stage: train the anchor tokenizer on the public train split, then pack every domain split.
+
+Packing lives here, not in `prepare`, because token ids depend on the tokenizer; it does not depend on the
+model's context length (the loader cuts samples), so one packing serves every preset."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..atomic import atomic_dir, atomic_file, write_json
+from .config import TokenizerConfig, check_domain_name
+from .packing import tokenize_documents, write_packed
+from .prepare import SPLITS, load_split
+from .tokenizer import tokenizer_sha256, train_tokenizer
+
+
+def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, domains: list[str],
+                             out_dir: str | Path) -> dict:
+    """out_dir/tokenizer (HF tokenizer), out_dir/packed/<domain>/<split>/ (shards + index.json), card.json/.md."""
+    from tokenizers import Tokenizer
+
+    for d in domains:
+        check_domain_name(d)
+    if config.train_domain not in domains:
+        raise ValueError(f"tokenizer.train_domain {config.train_domain!r} is not in domains {domains}")
+    prepare_dir = Path(prepare_dir)
+    texts = {(d, s): load_split(prepare_dir, d, s)["text"] for d in domains for s in SPLITS}  # fail before writing
+    with atomic_dir(out_dir) as tmp:
+        t0 = time.perf_counter()
+        train_tokenizer(texts[(config.train_domain, "train")], config.vocab_size, tmp / "tokenizer",
+                        config.min_frequency, config.eos_token, config.pad_token)
+        train_seconds = time.perf_counter() - t0
+        tok = Tokenizer.from_file(str(tmp / "tokenizer" / "tokenizer.json"))
+        eos_id = tok.token_to_id(config.eos_token)
+        meta = {"tokenizer_sha256": tokenizer_sha256(tmp / "tokenizer"), "eos_token_id": eos_id,
+                "vocab_size": tok.get_vocab_size()}
+        rows, total_tokens, t0 = {}, 0, time.perf_counter()
+        for (domain, split), docs in texts.items():
+            stream = tokenize_documents(docs, tok, eos_id)
+            index = write_packed(stream, tmp / "packed" / domain / split, config.seq_len, config.shard_tokens,
+                                 {**meta, "domain": domain, "split": split, "num_documents": len(docs)})
+            rows.setdefault(domain, {})[split] = {"documents": len(docs), "tokens": index["num_tokens"],
+                                                  "samples": index["num_samples"]}
+            total_tokens += len(stream)
+        pack_seconds = time.perf_counter() - t0
+        card = {**meta, "seq_len": config.seq_len, "trained_on": f"{config.train_domain}/train",
+                "train_seconds": round(train_seconds, 2), "pack_seconds": round(pack_seconds, 2),
+                "pack_tokens_per_second": round(total_tokens / max(pack_seconds, 1e-9)), "domains": rows}
+        write_json(tmp / "card.json", card)
+        lines = ["# Anchor tokenizer and packed data", "",
+                 f"Byte-level BPE, vocab {meta['vocab_size']:,}, trained on `{config.train_domain}/train` only "
+                 f"(sha256 `{meta['tokenizer_sha256'][:16]}`). Packed at {card['pack_tokens_per_second']:,} tokens/s.",
+                 "", "| domain | train tokens | validation tokens | test tokens |", "|---|---|---|---|"]
+        lines += [f"| {d} | " + " | ".join(f"{r[s]['tokens']:,}" for s in SPLITS) + " |" for d, r in rows.items()]
+        with atomic_file(tmp / "card.md") as f:
+            f.write("\n".join(lines) + "\n")
+    return card

@@ -1,0 +1,80 @@
+"""The anchor's tokenizer: byte-level BPE trained on the public train split only (owners never retrain it),
+saved as a Hugging Face tokenizer that `AutoTokenizer.from_pretrained(dir)` loads offline."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from ..atomic import atomic_dir
+from .builtin_sources import read_utf8
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2,
+                    eos_token: str = "<|endoftext|>", pad_token: str = "<|pad|>") -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not 256 + 2 <= vocab_size <= 65_536 * 16:
+        raise ValueError(f"vocab_size {vocab_size} must cover the 256 bytes plus special tokens")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("no text to train the tokenizer on")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=[eos_token, pad_token],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token,
+                                 model_max_length=1_000_000)
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))
+    return Path(out_dir)
+
+
+def read_training_texts(paths: list[str | Path]) -> list[str]:
+    """Texts from parquet splits (text column), .jsonl (text field), .txt files or folders of them."""
+    import pyarrow.parquet as pq
+
+    texts: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if f.suffix == ".parquet":
+                table = pq.read_table(f)
+                if "text" not in table.column_names:
+                    raise ValueError(f"{f}: no 'text' column; columns are {table.column_names}")
+                texts += table.column("text").to_pylist()
+            elif f.name.endswith((".jsonl", ".jsonl.gz")):
+                for number, line in enumerate(read_utf8(f).splitlines(), 1):
+                    if line.strip():
+                        try:
+                            texts.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError) as err:
+                            raise ValueError(f"{f}:{number}: expected a JSON object with a 'text' field") from err
+            elif f.suffix == ".txt":
+                texts.append(read_utf8(f))
+            elif not path.is_dir():
+                raise ValueError(f"{f}: unsupported file type (use .parquet, .jsonl or .txt)")
+    return texts
+
+
+def load_tokenizer(path: str | Path):
+    """The anchor tokenizer as `transformers` sees it (offline)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (run the tokenizer stage)")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def tokenizer_sha256(path: str | Path) -> str:
+    return hashlib.sha256((Path(path) / "tokenizer.json").read_bytes()).hexdigest()
