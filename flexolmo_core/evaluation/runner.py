@@ -37,6 +37,9 @@ class EvalConfig:
     top_k: int | None = None            # FlexOlmo experts per token (None = the checkpoint's)
     btm_top_k: int = 2                  # BTM keeps this many experts per position
     variants: list[str] | None = None   # evaluate only these variant names (None = all found)
+    merged_dir: str = "outputs/merge/flexolmo"  # the merged FlexOlmo checkpoint every baseline derives from
+    anchor_dir: str | None = "outputs/anchor"   # the public model (else expert 0 of the merge, identical)
+    extra_variants: dict[str, str] | None = None  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...)
 
 
 NOT_RUN = "not run"

@@ -1,0 +1,265 @@
+"""`reports/results.md`, PNG plots, metrics JSON and a table for the Prefect UI, from per-variant results.
+
+Variant names the report understands (the evaluate stage writes them): `public`, `flexolmo`, `flexolmo_rt`,
+`soup`, `btm`, `prompt_routing`, `unrestricted`, `owner_<domain>`, `dense_<domain>`, `optout_<domain>`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flexolmo_core.atomic import atomic_file, write_json
+from flexolmo_core.evaluation import scores, suite
+
+MERGING_BASELINES = ("soup", "btm", "prompt_routing")
+ORDER = ("public", "dense_", "owner_", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "optout_",
+         "unrestricted")
+
+
+def _order(name: str) -> tuple:
+    for i, key in enumerate(ORDER):
+        if name == key or (key.endswith("_") and name.startswith(key)):
+            return (i, name)
+    return (len(ORDER), name)
+
+
+def load_results(results_dir) -> dict[str, dict]:
+    out = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        data = json.loads(path.read_text())
+        if "tasks" in data:
+            out[data.get("variant", path.stem)] = data
+    return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+
+
+def _fmt(x, digits=1):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x):
+    return "–" if x is None else f"{100 * x:+.1f}%"
+
+
+def summarize(results: dict[str, dict]) -> dict:
+    """Everything the report shows, as numbers (also the metrics JSON)."""
+    summary = {}
+    for name, res in results.items():
+        prim = scores.group_scores(scores.task_values(res, "primary"))
+        bpb = scores.group_scores(scores.task_values(res, "bpb"))
+        dom = scores.domain_bpb(res)
+        ran_dom = [v for v in dom.values() if v is not None]
+        summary[name] = {"groups": prim, "avg": scores.average(prim), "groups_bpb": bpb, "avg_bpb": scores.average(bpb),
+                         "domains_bpb": dom, "domains_bpb_avg": sum(ran_dom) / len(ran_dom) if ran_dom else None,
+                         "seconds": res.get("seconds"), "routing_share": res.get("routing_share")}
+    return summary
+
+
+def _best_merging(summary: dict, key: str, higher: bool) -> str | None:
+    cands = [(n, summary[n][key]["avg"] if isinstance(summary[n][key], dict) else summary[n][key])
+             for n in MERGING_BASELINES if n in summary]
+    cands = [(n, v) for n, v in cands if v is not None]
+    if not cands:
+        return None
+    return (max if higher else min)(cands, key=lambda nv: nv[1])[0]
+
+
+def claims(summary: dict) -> list[tuple[str, bool | None, str]]:
+    """The issue's acceptance checks at `tiny`, on held-out domain bpb (lower is better)."""
+    out = []
+    flex, pub = summary.get("flexolmo"), summary.get("public")
+    if flex and pub:
+        f, p = flex["domains_bpb"], pub["domains_bpb"]
+        common = [d for d in f if f[d] is not None and p.get(d) is not None]
+        worse = [d for d in common if f[d] >= p[d]]
+        out.append(("FlexOlmo beats public on every domain's held-out bpb", bool(common) and not worse,
+                    f"{len(common) - len(worse)}/{len(common)} domains better" + (f"; not on {worse}" if worse else "")))
+        out.append(("FlexOlmo beats public on average bpb", _lt(flex["domains_bpb_avg"], pub["domains_bpb_avg"]),
+                    f"{_fmt(flex['domains_bpb_avg'], 4)} vs {_fmt(pub['domains_bpb_avg'], 4)}"))
+    for base in ("soup", "btm"):
+        if flex and base in summary:
+            out.append((f"FlexOlmo beats {base} on average bpb",
+                        _lt(flex["domains_bpb_avg"], summary[base]["domains_bpb_avg"]),
+                        f"{_fmt(flex['domains_bpb_avg'], 4)} vs {_fmt(summary[base]['domains_bpb_avg'], 4)}"))
+    for eff in opt_out_effects(summary):
+        ok = None if eff["gain_lost"] is None or eff["max_other_change"] is None else (
+            eff["gain_lost"] >= 0.8 and eff["max_other_change"] < 0.02)
+        out.append((f"opting out {eff['domain']} loses >=80% of its gain, others move <2%", ok,
+                    f"gain lost {_pct(eff['gain_lost'])}, max other change {_pct(eff['max_other_change'])}"
+                    f" ({eff['max_other_domain']})"))
+    return out
+
+
+def _lt(a, b):
+    return None if a is None or b is None else a < b
+
+
+def opt_out_effects(summary: dict) -> list[dict]:
+    flex, pub = summary.get("flexolmo"), summary.get("public")
+    if not flex or not pub:
+        return []
+    out = []
+    for name in summary:
+        if name.startswith("optout_"):
+            d = name.removeprefix("optout_")
+            full, removed, public = flex["domains_bpb"], summary[name]["domains_bpb"], pub["domains_bpb"]
+            if all(x.get(d) is not None for x in (full, removed, public)):
+                out.append(scores.opt_out_effect(full, removed, public, d))
+    return out
+
+
+def table_rows(summary: dict) -> list[dict]:
+    """Groups x models rows (for the markdown table and the Prefect table artifact)."""
+    rows = []
+    for name, s in summary.items():
+        row = {"model": name}
+        row.update({g: s["groups"][g]["score"] for g in suite.GROUPS})
+        row["Avg."] = s["avg"]["avg"]
+        row["groups ran"] = f"{s['avg']['groups_ran']}/{s['avg']['groups_total']}"
+        row["gold bpb avg"] = s["avg_bpb"]["avg"]
+        row["domain bpb avg"] = s["domains_bpb_avg"]
+        row["seconds"] = s["seconds"]
+        rows.append(row)
+    return rows
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
+    parts = ["# FlexOlmo evaluation results", ""]
+    any_res = next(iter(results.values()), {})
+    parts.append(f"Docs per task: {any_res.get('limit')} (paper: 1000); held-out docs per domain: "
+                 f"{any_res.get('domain_limit')}. Accuracy-type scores are 0-100 (higher is better); bpb is bits per "
+                 "byte (lower is better). At small scale accuracy sits near chance: bpb is the signal.")
+    parts += ["", "## Groups x models (primary metrics; paper's Avg. = unweighted mean over groups that ran)", ""]
+    header = ["model", *suite.GROUPS, "Avg.", "groups ran"]
+    parts.append(_md_table(header, [[r["model"], *[_fmt(r[g]) for g in suite.GROUPS], _fmt(r["Avg."]), r["groups ran"]]
+                                    for r in table_rows(summary)]))
+    parts += ["", "## Gold bits per byte per group (lower is better)", ""]
+    parts.append(_md_table(["model", *suite.GROUPS, "Avg."],
+                           [[n, *[_fmt(s["groups_bpb"][g]["score"], 3) for g in suite.GROUPS], _fmt(s["avg_bpb"]["avg"], 3)]
+                            for n, s in summary.items()]))
+    parts += ["", "## Held-out bits per byte per FlexMix domain (lower is better)", ""]
+    parts.append(_md_table(["model", *suite.DOMAINS, "mean"],
+                           [[n, *[_fmt(s["domains_bpb"].get(d), 4) for d in suite.DOMAINS], _fmt(s["domains_bpb_avg"], 4)]
+                            for n, s in summary.items()]))
+    parts += ["", "## Relative improvement", "",
+              "Two averagings (the paper does not spell out which it uses): **of Avg.** = (Avg_model - Avg_ref) / "
+              "Avg_ref; **mean of groups** = mean over groups that ran in both of each group's relative change. "
+              "For bpb, improvement = reduction.", ""]
+    rows = []
+    for target in ("flexolmo", "flexolmo_rt"):
+        if target not in summary:
+            continue
+        for ref in ["public", _best_merging(summary, "avg", True)]:
+            if ref and ref in summary:
+                ri = scores.relative_improvements(summary[target]["groups"], summary[ref]["groups"])
+                rb = scores.relative_improvements(summary[target]["groups_bpb"], summary[ref]["groups_bpb"], False)
+                rd = scores.relative_change(summary[target]["domains_bpb_avg"], summary[ref]["domains_bpb_avg"], False)
+                rows.append([target, ref, _pct(ri["of_avg"]), _pct(ri["mean_of_groups"]), _pct(rb["of_avg"]),
+                             _pct(rb["mean_of_groups"]), _pct(rd)])
+    parts.append(_md_table(["model", "over", "score: of Avg.", "score: mean of groups", "gold bpb: of Avg.",
+                            "gold bpb: mean of groups", "domain bpb mean"], rows) if rows else "(needs flexolmo and public results)")
+    parts += ["", "## Opt-out: each domain's bpb with and without its expert", ""]
+    effects = opt_out_effects(summary)
+    parts.append(_md_table(["removed", "bpb with", "bpb without", "public bpb", "gain lost", "max change elsewhere"],
+                           [[e["domain"], _fmt(e["bpb_with"], 4), _fmt(e["bpb_without"], 4), _fmt(e["bpb_public"], 4),
+                             _pct(e["gain_lost"]), f"{_pct(e['max_other_change'])} ({e['max_other_domain']})"]
+                            for e in effects]) if effects else "(needs flexolmo, public and optout_<domain> results)")
+    parts += ["", "## Checks from the issue (reported either way)", ""]
+    parts += [f"- {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {what} ({detail})" for what, ok, detail in claims(summary)] or ["- (no results)"]
+    parts += ["", "## Tasks not run", ""]
+    reasons = {}
+    for res in results.values():
+        for name, rec in res["tasks"].items():
+            if rec.get("status") != "ok":
+                reasons.setdefault(name, f"{rec['status']}: {rec.get('reason')}")
+    parts += [f"- `{n}`: {r}" for n, r in reasons.items()] or ["- none"]
+    parts += ["", "## Time per variant", "", _md_table(["model", "seconds"], [[n, _fmt(s["seconds"], 1)] for n, s in summary.items()])]
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(parts) + "\n"
+
+
+def make_plots(summary: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    names = list(summary)
+    # 1. Gold bpb per group (the small-scale signal) and primary score per group.
+    for key, label, fname in (("groups_bpb", "gold bits per byte (lower is better)", "groups_bpb.png"),
+                              ("groups", "score (0-100)", "groups_score.png")):
+        groups = [g for g in suite.GROUPS if any(summary[n][key][g]["score"] is not None for n in names)]
+        if not groups:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
+        width = 0.8 / max(1, len(names))
+        for i, n in enumerate(names):
+            vals = [summary[n][key][g]["score"] or 0.0 for g in groups]
+            ax.bar(np.arange(len(groups)) + i * width, vals, width, label=n)
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=100)
+        plt.close(fig)
+        paths.append(str(out_dir / fname))
+    # 2. Routing share per expert per domain (FlexOlmo).
+    share = (summary.get("flexolmo") or {}).get("routing_share")  # {"experts": [...], "domains": {d: [...]}}
+    if share and share.get("domains"):
+        domains = list(share["domains"])
+        mat = np.array([share["domains"][d] for d in domains])
+        fig, ax = plt.subplots(figsize=(1 + 0.8 * mat.shape[1], 1 + 0.5 * len(domains)))
+        im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=max(1e-9, mat.max()))
+        ax.set_xticks(range(mat.shape[1]), share.get("experts") or [f"e{i}" for i in range(mat.shape[1])], rotation=30)
+        ax.set_yticks(range(len(domains)), domains)
+        ax.set_xlabel("expert"), ax.set_ylabel("held-out domain"), ax.set_title("routing share")
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(out_dir / "routing_share.png", dpi=100)
+        plt.close(fig)
+        paths.append(str(out_dir / "routing_share.png"))
+    # 3. Opt-out effect: relative bpb change on every domain when one expert is removed.
+    effects = opt_out_effects(summary)
+    if effects:
+        removed = [e["domain"] for e in effects]
+        domains = [d for d in suite.DOMAINS if d in summary["flexolmo"]["domains_bpb"]]
+        full = summary["flexolmo"]["domains_bpb"]
+        mat = np.array([[((summary[f"optout_{r}"]["domains_bpb"].get(d) or np.nan) - (full.get(d) or np.nan))
+                         / (full.get(d) or np.nan) * 100 for d in domains] for r in removed])
+        fig, ax = plt.subplots(figsize=(1 + 0.8 * len(domains), 1 + 0.5 * len(removed)))
+        im = ax.imshow(mat, cmap="Reds")
+        ax.set_xticks(range(len(domains)), domains, rotation=30)
+        ax.set_yticks(range(len(removed)), [f"without {r}" for r in removed])
+        ax.set_title("bpb change when an expert is removed (%)")
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(out_dir / "opt_out.png", dpi=100)
+        plt.close(fig)
+        paths.append(str(out_dir / "opt_out.png"))
+    return paths
+
+
+def write_report(results_dir, report_dir, metrics_path=None) -> dict:
+    """Read `<results_dir>/*.json`, write `<report_dir>/results.md`, PNGs, `results_table.json` (rows for a
+    Prefect table artifact) and the metrics JSON for `dvc metrics show`. Returns the summary."""
+    results = load_results(results_dir)
+    summary = summarize(results)
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(summary, report_dir) if summary else []
+    with atomic_file(report_dir / "results.md") as handle:
+        handle.write(render_markdown(results, summary, plots))
+    write_json(report_dir / "results_table.json", table_rows(summary))
+    metrics = {n: {"avg": s["avg"]["avg"], "groups_ran": s["avg"]["groups_ran"], "avg_gold_bpb": s["avg_bpb"]["avg"],
+                   "domain_bpb_mean": s["domains_bpb_avg"], **{f"bpb_{d}": v for d, v in s["domains_bpb"].items()},
+                   "seconds": s["seconds"]} for n, s in summary.items()}
+    metrics["checks"] = {what: ok for what, ok, _ in claims(summary)}
+    write_json(metrics_path or report_dir / "metrics.json", metrics)
+    return summary
