@@ -1,0 +1,75 @@
+"""Registry commands: `flexolmo publish PKG --registry DIR` and `flexolmo registry init|list|remove|verify`.
+
+Publishing by hand does not emit the Prefect event; `python -m flows.owner publish ...` does, or the
+scheduled re-merge (flows/deploy.py) picks the package up on its next tick."""
+from __future__ import annotations
+
+import json
+
+DEFAULT_REGISTRY = "runs/registry"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("publish", help="validate an expert package and add it to a registry (atomic)")
+    p.add_argument("package", metavar="PKG", help="expert package directory")
+    p.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"registry directory (default {DEFAULT_REGISTRY})")
+    p.add_argument("--replace", action="store_true", help="replace this domain's published package")
+    p.set_defaults(func=cmd_publish)
+
+    reg = subparsers.add_parser("registry", help="create, list, verify or edit an expert registry")
+    sub = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    p = sub.add_parser("init", help="create a registry for one anchor")
+    p.add_argument("registry")
+    p.add_argument("--anchor", required=True, help="anchor checkpoint directory")
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("list", help="published experts (JSON)")
+    p.add_argument("registry")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("verify", help="re-validate every published package")
+    p.add_argument("registry")
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("remove", help="unpublish a domain (its owner opts out)")
+    p.add_argument("registry")
+    p.add_argument("domain")
+    p.set_defaults(func=cmd_remove)
+
+
+def cmd_publish(args) -> None:
+    from ..registry import Registry
+
+    entry = Registry(args.registry).publish(args.package, replace=args.replace)
+    print(json.dumps({"registry": args.registry, "domain": entry.domain, "sha256": entry.sha256,
+                      "path": str(entry.path), "version": entry.version}))
+
+
+def cmd_init(args) -> None:
+    from ..registry import Registry
+
+    index = Registry(args.registry).init(args.anchor)
+    print(json.dumps({"registry": args.registry, "anchor_fingerprint": index["anchor_fingerprint"],
+                      "experts": sorted(index["experts"])}))
+
+
+def cmd_list(args) -> None:
+    from ..registry import Registry
+
+    registry = Registry(args.registry)
+    index = registry.index()
+    print(json.dumps({"anchor_fingerprint": index["anchor_fingerprint"], "version": index["version"],
+                      "experts": {d: {"sha256": e.sha256, "path": str(e.path), "version": e.version}
+                                  for d, e in registry.entries().items()}}, indent=2))
+
+
+def cmd_verify(args) -> int:
+    from ..registry import Registry
+
+    report = Registry(args.registry).verify()
+    print(json.dumps(report, indent=2))
+    return 0 if all(v == "ok" for v in report.values()) else 1
+
+
+def cmd_remove(args) -> None:
+    from ..registry import Registry
+
+    Registry(args.registry).remove(args.domain)
+    print(json.dumps({"registry": args.registry, "removed": args.domain}))

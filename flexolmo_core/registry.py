@@ -1,0 +1,195 @@
+"""The expert registry: a directory of validated expert packages for one anchor.
+
+    <registry>/
+      registry.json                 anchor fingerprint + shapes, and the published experts (the index)
+      packages/<domain>/<sha16>/    expert.safetensors + manifest.json, exactly as the owner wrote them
+      .lock                         fcntl lock serialising writers
+      .staging/                     copies being validated (never visible in the index)
+
+A package is visible only once `registry.json` names it, and `registry.json` is replaced in one rename,
+so readers never see a half-published package and need no lock. Publishing copies the package into
+staging, validates the *copy* (fingerprint, shapes, tensor hashes; a wrong-anchor, corrupt or
+duplicate-domain package is refused and the registry is left unchanged), then, under the lock,
+re-checks the index, renames the copy into place and rewrites the index. Pure Python: the event that
+tells a re-merge to run is emitted by the orchestration layer (flows/), not here.
+
+This is a local directory; in production it is synced through a DVC remote (`dvc add`/`push`) or an
+fsspec mount. Two machines must not write the same registry directory without a shared lock."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import write_json
+from .package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
+
+INDEX_FILE = "registry.json"
+FORMAT_VERSION = 1
+
+
+class RegistryError(ValueError):
+    """A registry operation that was refused; the registry is unchanged."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    domain: str
+    sha256: str  # of expert.safetensors; the merged model's manifest records the same hash
+    path: Path  # absolute path of the package directory inside the registry
+    published_at: float
+    version: int  # the registry version in which this entry was published
+
+
+def anchor_shapes_of(anchor_dir: str | os.PathLike) -> dict:
+    """{"n_layers", "d_model", "ffn_hidden"} read from the anchor's config.json (no weights loaded)."""
+    cfg = json.loads((Path(anchor_dir) / "config.json").read_text())
+    return {"n_layers": cfg["num_hidden_layers"], "d_model": cfg["hidden_size"], "ffn_hidden": cfg["intermediate_size"]}
+
+
+class Registry:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    # ---- reading (no lock: the index is replaced atomically) ------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_FILE
+
+    def exists(self) -> bool:
+        return self.index_path.exists()
+
+    def index(self) -> dict:
+        if not self.exists():
+            raise RegistryError(f"{self.root}: not a registry (no {INDEX_FILE}); create it with "
+                                f"`flexolmo registry init {self.root} --anchor ANCHOR_DIR`")
+        return json.loads(self.index_path.read_text())
+
+    @property
+    def anchor_fingerprint(self) -> str:
+        return self.index()["anchor_fingerprint"]
+
+    def entries(self) -> dict[str, Entry]:
+        index = self.index()
+        return {d: Entry(domain=d, sha256=e["sha256"], path=self.root / e["path"], published_at=e["published_at"],
+                         version=e["version"]) for d, e in sorted(index["experts"].items())}
+
+    def package_paths(self) -> list[Path]:
+        """The published packages, sorted by domain (the merge order)."""
+        return [e.path for e in self.entries().values()]
+
+    def contents(self) -> dict[str, str]:
+        """{domain: package sha256}: what a merged model must contain to be current."""
+        return {d: e.sha256 for d, e in self.entries().items()}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.contents(), sort_keys=True).encode()).hexdigest()[:16]
+
+    # ---- writing ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def init(self, anchor_dir: str | os.PathLike) -> dict:
+        """Create the registry for this anchor. Idempotent for the same anchor; refused for another."""
+        from .anchor import read_fingerprint
+
+        fingerprint, shapes = read_fingerprint(anchor_dir), anchor_shapes_of(anchor_dir)
+        with self._locked():
+            if self.exists():
+                index = self.index()
+                if index["anchor_fingerprint"] != fingerprint:
+                    raise RegistryError(f"{self.root}: registry is for anchor {index['anchor_fingerprint']}, "
+                                        f"not {fingerprint} ({anchor_dir})")
+                return index
+            index = {"format_version": FORMAT_VERSION, "anchor_fingerprint": fingerprint, "anchor_shapes": shapes,
+                     "version": 0, "experts": {}, "history": []}
+            write_json(self.index_path, index)
+            return index
+
+    def publish(self, package_dir: str | os.PathLike, replace: bool = False) -> Entry:
+        """Validate and add one package. Same domain + same weights again is a no-op (idempotent);
+        same domain + other weights is refused unless `replace` (an owner publishing a new version)."""
+        index = self.index()
+        source = Path(package_dir)
+        staging = self.root / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="pkg-", dir=staging))
+        try:
+            for name in (MANIFEST_FILE, WEIGHTS_FILE):
+                if not (source / name).is_file():
+                    raise PackageError(f"{source / name}: missing (a package needs {MANIFEST_FILE} and {WEIGHTS_FILE})")
+                shutil.copyfile(source / name, tmp / name)
+            try:  # validate the copy we will keep, not the source (which could change under us)
+                package = load_package(tmp, anchor_fingerprint=index["anchor_fingerprint"],
+                                       anchor_shapes=index["anchor_shapes"])
+            except PackageError as err:
+                raise PackageError(str(err).replace(str(tmp), str(source))) from None
+            with self._locked():
+                index = self.index()  # re-read: another writer may have published meanwhile
+                current = index["experts"].get(package.domain)
+                if current is not None and current["sha256"] == package.sha256:
+                    return self.entries()[package.domain]
+                if current is not None and not replace:
+                    raise RegistryError(f"{source}: domain '{package.domain}' is already published "
+                                        f"(package {current['sha256'][:16]}); use replace to publish a new version")
+                final = self.root / "packages" / package.domain / package.sha256[:16]
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():  # left by an earlier publish that was then replaced/removed
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                version = index["version"] + 1
+                index["experts"][package.domain] = {"sha256": package.sha256,
+                                                    "path": str(final.relative_to(self.root)),
+                                                    "published_at": time.time(), "version": version}
+                index["version"] = version
+                index["history"].append({"version": version, "action": "replace" if current else "publish",
+                                         "domain": package.domain, "sha256": package.sha256})
+                write_json(self.index_path, index)
+            return self.entries()[package.domain]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove(self, domain: str) -> None:
+        """Unpublish a domain (an owner opting out). Its files stay until `gc`; merged models keep working."""
+        with self._locked():
+            index = self.index()
+            if domain not in index["experts"]:
+                raise RegistryError(f"{self.root}: domain '{domain}' is not published; published: {sorted(index['experts'])}")
+            old = index["experts"].pop(domain)
+            index["version"] += 1
+            index["history"].append({"version": index["version"], "action": "remove", "domain": domain,
+                                     "sha256": old["sha256"]})
+            write_json(self.index_path, index)
+
+    def verify(self) -> dict[str, str]:
+        """Re-validate every published package; returns {domain: "ok" | error message}."""
+        index = self.index()
+        report = {}
+        for domain, entry in self.entries().items():
+            try:
+                package = load_package(entry.path, anchor_fingerprint=index["anchor_fingerprint"],
+                                       anchor_shapes=index["anchor_shapes"])
+                report[domain] = "ok" if package.sha256 == entry.sha256 else \
+                    f"weights hash {package.sha256[:16]} differs from the index's {entry.sha256[:16]}"
+            except PackageError as err:
+                report[domain] = str(err)
+        return report
+
+
+def merged_contents(manifest: dict) -> dict[str, str]:
+    """{domain: package sha256} of a merged model's flexolmo.json (the public expert excluded)."""
+    return {e["domain"]: e["package_sha256"] for e in manifest.get("experts", []) if e["domain"] != "public"}
