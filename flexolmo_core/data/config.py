@@ -76,3 +76,18 @@ class TokenizerConfig:
     shard_tokens: int = 16_777_216  # tokens per memmap shard
     eos_token: str = "<|endoftext|>"
     pad_token: str = "<|pad|>"
+
+
+ANCHOR_DOMAIN = "public"
+
+
+def flexmix_domains(raw_domains) -> list[str]:
+    """`public` (the anchor's data) followed by the closed domains of params.yaml's top-level `domains`.
+
+    `domains` may be a mapping (domain -> per-domain overrides, as dvc.yaml's foreach wants) or a list."""
+    if raw_domains is None:
+        raise ValueError("params.yaml needs a top-level `domains:` (the closed domains, one expert each)")
+    if not isinstance(raw_domains, (dict, list)):
+        raise ValueError(f"params.yaml `domains:` must be a mapping or a list, got {raw_domains!r}")
+    closed = [check_domain_name(d) for d in raw_domains if d != ANCHOR_DOMAIN]
+    return [ANCHOR_DOMAIN, *closed]

@@ -128,7 +128,7 @@ class PackedDataset:
 
 def packed_path(tokenizer_dir: str | Path, domain: str, split: str) -> Path:
     """Where the tokenizer stage puts one domain split's packed shards."""
-    return Path(tokenizer_dir) / "packed" / domain / split
+    return Path(tokenizer_dir) / domain / split
 
 
 def open_packed(tokenizer_dir: str | Path, domain: str, split: str, seq_len: int | None = None) -> PackedDataset:

@@ -204,35 +204,43 @@ def build_flexmix(config: PrepareConfig, domains: list[str], out_dir: str | Path
     with atomic_dir(out_dir) as tmp:
         for r in results:
             for split, docs in r.splits.items():
-                write_split(tmp / r.domain / f"{split}.parquet", docs, r.ref_tokens)
+                write_split(tmp / r.domain / split, docs, r.ref_tokens)
         card = write_cards(tmp, results, config, eval_index, python=sys.version.split()[0])
     return card
 
 
 def write_split(path: Path, docs: list[Document], ref_tokens: dict) -> None:
-    """One parquet file per domain split: `datasets` reads it back (load_split, or load_dataset("parquet"))."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """One `datasets` folder per domain split (save_to_disk; the evaluator reads `<domain>/test`).
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    The fingerprint is the content hash, so the saved bytes are identical run to run (DVC sees no change)."""
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
     table = pa.table({
         "id": pa.array([d.id for d in docs], pa.string()),
         "text": pa.array([d.text for d in docs], pa.string()),
         "source": pa.array([d.source for d in docs], pa.string()),
         "ref_tokens": pa.array([ref_tokens[d.id] for d in docs], pa.int32()),
     })
-    pq.write_table(table, path)
+    dataset = datasets.Dataset(InMemoryTable(table), fingerprint=split_sha256(docs)[:16])
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar per split drowns the stage log
+    try:
+        dataset.save_to_disk(str(path), num_shards=1)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def load_split(prepare_dir: str | Path, domain: str, split: str):
-    """One domain split as an in-memory `datasets.Dataset` (columns id, text, source, ref_tokens)."""
+    """One domain split as a `datasets.Dataset` (columns id, text, source, ref_tokens)."""
     import datasets
-    import pyarrow.parquet as pq
 
     check_domain_name(domain)
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
-    path = Path(prepare_dir) / domain / f"{split}.parquet"
-    if not path.exists():
+    path = Path(prepare_dir) / domain / split
+    if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path}: no such split (run the prepare stage)")
-    return datasets.Dataset(pq.read_table(path))
+    return datasets.load_from_disk(str(path))

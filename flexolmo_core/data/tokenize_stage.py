@@ -16,11 +16,15 @@ from .tokenizer import tokenizer_sha256, train_tokenizer
 
 def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, domains: list[str],
                              out_dir: str | Path) -> dict:
-    """out_dir/tokenizer (HF tokenizer), out_dir/packed/<domain>/<split>/ (shards + index.json), card.json/.md."""
+    """out_dir/tokenizer (HF tokenizer), out_dir/<domain>/<split>/ (shards + index.json), card.json/.md.
+
+    Each domain's packed data sits in its own folder so an expert stage can depend on that folder alone."""
     from tokenizers import Tokenizer
 
     for d in domains:
         check_domain_name(d)
+        if d == "tokenizer":
+            raise ValueError("'tokenizer' cannot be a domain name: outputs/tokenizer/tokenizer holds the tokenizer")
     if config.train_domain not in domains:
         raise ValueError(f"tokenizer.train_domain {config.train_domain!r} is not in domains {domains}")
     prepare_dir = Path(prepare_dir)
@@ -37,7 +41,7 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
         rows, total_tokens, t0 = {}, 0, time.perf_counter()
         for (domain, split), docs in texts.items():
             stream = tokenize_documents(docs, tok, eos_id)
-            index = write_packed(stream, tmp / "packed" / domain / split, config.seq_len, config.shard_tokens,
+            index = write_packed(stream, tmp / domain / split, config.seq_len, config.shard_tokens,
                                  {**meta, "domain": domain, "split": split, "num_documents": len(docs)})
             rows.setdefault(domain, {})[split] = {"documents": len(docs), "tokens": index["num_tokens"],
                                                   "samples": index["num_samples"]}

@@ -1,0 +1,23 @@
+"""DVC stage `tokenizer`: outputs/prepare -> outputs/tokenizer/tokenizer (the anchor's HF tokenizer, trained on
+public/train only) and outputs/tokenizer/<domain>/<split>/ (packed token shards + index.json) + card."""
+from __future__ import annotations
+
+import json
+
+from flexolmo_core.data.config import TokenizerConfig, flexmix_domains
+from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
+from flexolmo_core.params import load_section, read_params
+
+PREPARED = "outputs/prepare"
+OUT = "outputs/tokenizer"
+
+
+def main(params: str = "params.yaml") -> None:
+    config = load_section(TokenizerConfig, "tokenizer", params)
+    card = build_tokenizer_and_pack(config, PREPARED, flexmix_domains(read_params(params).get("domains")), OUT)
+    print(json.dumps({"tokenizer_sha256": card["tokenizer_sha256"], "pack_tokens_per_second": card["pack_tokens_per_second"],
+                      "tokens": {d: r["train"]["tokens"] for d, r in card["domains"].items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
