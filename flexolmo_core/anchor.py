@@ -154,6 +154,20 @@ def checkpoint_getter(model_dir: str | os.PathLike):
     return list(where), get
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def checkpoint_meta(model_dir: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of every tensor, read from the safetensors headers only."""
+    meta = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                sliced = handle.get_slice(name)
+                meta[name] = (_SAFETENSORS_DTYPES[sliced.get_dtype()], tuple(sliced.get_shape()))
+    return meta
+
+
 def state_getter(state: dict[str, torch.Tensor]):
     return list(state), lambda name, expert: state[name] if expert is None else state[name][expert]
 

@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .anchor import anchor_fingerprint, checkpoint_getter, copy_tokenizer
+from .anchor import anchor_fingerprint, checkpoint_getter, checkpoint_meta, copy_tokenizer
 from .atomic import atomic_dir, write_json
+from .stream_safetensors import write_streaming
 from .package import ExpertPackage, PackageError, load_package
 
 MERGED_MANIFEST = "flexolmo.json"
@@ -60,25 +60,37 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
         raise ValueError(f"{anchor_dir}: expected an Olmo2 anchor checkpoint, found model_type '{anchor_cfg.model_type}'")
     fingerprint = anchor_fingerprint(anchor_dir)  # computed from the weights, not trusted from a file
     names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
-    dtype = str(get("lm_head.weight", None).dtype).removeprefix("torch.")
-    packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude, dtype)
+    anchor_dtype = str(checkpoint_meta(anchor_dir)["lm_head.weight"][0]).removeprefix("torch.")
+    packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude, anchor_dtype)
     public_rows = _agreed_public_rows(packages, anchor_cfg.num_hidden_layers, anchor_cfg.hidden_size)
     num_experts = 1 + len(packages)
     top_k = default_top_k(num_experts) if top_k is None else top_k
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
 
-    tensors: dict[str, torch.Tensor] = {name: get(name, None) for name in sorted(names) if ".mlp." not in name}
+    meta = checkpoint_meta(anchor_dir)  # dtypes and shapes from the headers, nothing loaded yet
+    specs = [(name, *meta[name], (lambda name=name: get(name, None))) for name in names if ".mlp." not in name]
+    width = 1 + len(packages)
     for i in range(anchor_cfg.num_hidden_layers):
         prefix = f"model.layers.{i}.mlp"
-        public_gate_up = torch.cat([get(f"{prefix}.gate_proj.weight", None), get(f"{prefix}.up_proj.weight", None)])
-        tensors[f"{prefix}.experts.gate_up_proj"] = torch.stack(
-            [public_gate_up] + [_expert_tensor(p, f"layers.{i}.gate_up_proj", public_gate_up) for p in packages])
-        public_down = get(f"{prefix}.down_proj.weight", None)
-        tensors[f"{prefix}.experts.down_proj"] = torch.stack(
-            [public_down] + [_expert_tensor(p, f"layers.{i}.down_proj", public_down) for p in packages])
-        tensors[f"{prefix}.gate.weight"] = torch.stack(
-            [public_rows[i]] + [_expert_tensor(p, f"layers.{i}.router", public_rows[i]) for p in packages])
+        gate, up, down = (f"{prefix}.{p}_proj.weight" for p in ("gate", "up", "down"))
+        dtype, (inter, d) = meta[gate]
+
+        def gate_up(i=i, gate=gate, up=up):
+            public = torch.cat([get(gate, None), get(up, None)])
+            return torch.stack([public] + [_expert_tensor(p, f"layers.{i}.gate_up_proj", public) for p in packages])
+
+        def down_proj(i=i, down=down):
+            public = get(down, None)
+            return torch.stack([public] + [_expert_tensor(p, f"layers.{i}.down_proj", public) for p in packages])
+
+        def router(i=i, dtype=dtype):
+            public = public_rows[i].to(dtype)
+            return torch.stack([public] + [_expert_tensor(p, f"layers.{i}.router", public) for p in packages])
+
+        specs += [(f"{prefix}.experts.gate_up_proj", dtype, (width, 2 * inter, d), gate_up),
+                  (f"{prefix}.experts.down_proj", dtype, (width, d, inter), down_proj),
+                  (f"{prefix}.gate.weight", dtype, (width, d), router)]
 
     config = flexolmo_config(anchor_cfg, num_experts=num_experts, top_k=top_k)
     config.architectures = ["FlexOlmoForCausalLM"]
@@ -99,8 +111,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
         **(extra_manifest or {}),
     }
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        del tensors
+        write_streaming(tmp / WEIGHTS_FILE, specs, metadata={"format": "pt"})
         config.save_pretrained(tmp)
         _strip_volatile(tmp / "config.json")
         copy_tokenizer(anchor_dir, tmp)

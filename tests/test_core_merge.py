@@ -72,12 +72,12 @@ def test_a_failed_merge_leaves_the_previous_output_untouched(smoke_anchor, packa
     merge(smoke_anchor, [packages["news"]], out)
     before = (out / "model.safetensors").read_bytes()
 
-    def crash(tensors, path, metadata=None):
+    def crash(path, specs, metadata=None):
         with open(path, "wb") as handle:
             handle.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(merge_module, "save_file", crash)
+    monkeypatch.setattr(merge_module, "write_streaming", crash)
     with pytest.raises(OSError):
         merge(smoke_anchor, [packages["code"], packages["news"]], out)
     assert (out / "model.safetensors").read_bytes() == before
@@ -88,11 +88,11 @@ def test_a_killed_merge_leaves_no_output(smoke_anchor, packages, tmp_path):
     out = tmp_path / "killed"
     script = (
         "import os, signal, flexolmo_core.merge as m\n"
-        "real = m.save_file\n"
-        "def die(t, path, metadata=None):\n"
-        "    real(t, path, metadata=metadata)\n"
+        "real = m.write_streaming\n"
+        "def die(path, specs, metadata=None):\n"
+        "    real(path, specs, metadata=metadata)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "m.save_file = die\n"
+        "m.write_streaming = die\n"
         f"m.merge({str(smoke_anchor)!r}, [{str(packages['news'])!r}], {str(out)!r})\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
@@ -121,3 +121,18 @@ def test_merge_refuses_a_package_from_another_anchor(smoke_tokenizer, packages, 
     assert main(["merge", "--anchor", str(other), "--expert", str(packages["code"]), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert anchor_fingerprint(other) in err and "trained against anchor" in err
+
+
+def test_streaming_writer_matches_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from flexolmo_core.stream_safetensors import write_streaming
+
+    tensors = {"b": torch.randn(3, 5), "a.weight": torch.randn(7).to(torch.bfloat16), "c": torch.randn(2, 2, 2),
+               "scalar": torch.tensor(1.5)}
+    write_streaming(tmp_path / "ours.safetensors",
+                    [(n, t.dtype, tuple(t.shape), (lambda t=t: t)) for n, t in tensors.items()], {"format": "pt"})
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    ours, theirs = load_file(tmp_path / "ours.safetensors"), load_file(tmp_path / "theirs.safetensors")
+    assert ours.keys() == theirs.keys() == tensors.keys()
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in tensors)

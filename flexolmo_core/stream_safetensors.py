@@ -1,0 +1,45 @@
+"""Write a safetensors file one tensor at a time.
+
+safetensors' own `save_file` needs every tensor in memory and copies each to bytes first (peak ~2x the
+file). A merge of a large model should not: the header is computed from shapes alone, then each tensor is
+produced, written and dropped. The format (8-byte header length, JSON header, raw little-endian data) is
+the published safetensors layout; files load with `safetensors.safe_open` / `load_file`."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Callable, Iterable
+
+import torch
+
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
+
+TensorSpec = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> None:
+    """`specs`: (name, dtype, shape, produce) per tensor; `produce()` is called once, in name order."""
+    specs = sorted(specs, key=lambda s: s[0])
+    header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
+    offset = 0
+    for name, dtype, shape, _ in specs:
+        size = torch.empty((), dtype=dtype).element_size()
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for name, dtype, shape, produce in specs:
+            tensor = produce()
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {tuple(shape)}")
+            handle.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            del tensor
+        handle.flush()
+        os.fsync(handle.fileno())
