@@ -66,3 +66,25 @@ def test_generate_cli(merged, capsys):
     assert "attribution" in capsys.readouterr().out
     assert main(["generate", "--model", str(merged), "--exclude", "poetry", PROMPT]) == 2
     assert "unknown expert(s) ['poetry']" in capsys.readouterr().err
+
+
+def test_use_bias_reapplies_the_learned_router_bias(smoke_anchor, tmp_path):
+    from flexolmo_core.anchor import load_anchor, read_fingerprint
+    from flexolmo_core.owner import upcycle
+    from flexolmo_core.package import save_package
+
+    anchor = load_anchor(smoke_anchor)
+    d = anchor.config.hidden_size
+    owner = upcycle(anchor, torch.randn(d), torch.randn(d), use_bias=True)
+    with torch.no_grad():
+        for i, layer in enumerate(owner.model.layers):
+            layer.mlp.experts.trainable_down_proj.mul_(1.5)  # make the expert differ from the public FFN
+            layer.mlp.gate.logit_bias.fill_(-0.7 - i)
+    save_package(owner, tmp_path / "pkg", "law", read_fingerprint(smoke_anchor))
+    merge(smoke_anchor, [tmp_path / "pkg"], tmp_path / "m", top_k=2)
+    manifest = json.loads((tmp_path / "m" / "flexolmo.json").read_text())
+    assert manifest["router_bias"] == "dropped" and manifest["experts"][1]["logit_bias"][1] < -1.6
+    with torch.no_grad():
+        expected = owner.eval()(X).logits
+    torch.testing.assert_close(logits(load_flexolmo(tmp_path / "m", use_bias=True)), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(load_flexolmo(tmp_path / "m")), expected, atol=1e-4)
