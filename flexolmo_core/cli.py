@@ -10,6 +10,7 @@ COMMAND_MODULES = (
     "flexolmo_core.commands.core",
     "flexolmo_core.commands.data",
     "flexolmo_core.commands.registry",
+    "flexolmo_core.commands.evaluate",
 )
 
 
