@@ -12,8 +12,11 @@ def routing_share(model, tokenizer, texts_by_domain: dict[str, list[str]], max_t
         return {}
     n_experts = routers[0].weight.shape[0]
     counts = torch.zeros(n_experts)
-    hooks = [r.register_forward_hook(lambda mod, args, out: counts.add_(
-        torch.bincount(out[2].reshape(-1), minlength=n_experts)[:n_experts].float())) for r in routers]
+
+    def count(module, args, output):  # router output: (logits, top-k weights, top-k indices); must return None
+        counts.add_(torch.bincount(output[2].reshape(-1), minlength=n_experts)[:n_experts].float())
+
+    hooks = [r.register_forward_hook(count) for r in routers]
     out = {}
     try:
         for domain, texts in texts_by_domain.items():

@@ -1,0 +1,142 @@
+"""End to end on tiny random checkpoints: an offline task through lm-eval, the baselines built from a merged
+checkpoint, BTM's class against the Bayesian identity, prompt routing, the report and the CLI."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from flexolmo_core import baselines  # noqa: E402
+from flexolmo_core.evaluation import report, runner, smoke, suite, variants  # noqa: E402
+
+DOMAINS = ["code", "math"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evsmoke")
+    tok = smoke.train_tokenizer(root / "tok")
+    smoke.build_anchor(root / "anchor", tok)
+    smoke.build_merged(root / "merged", root / "anchor", tok, DOMAINS)
+    smoke.write_domain_fixture(root / "domains", ["public", *DOMAINS], n_docs=3)
+    return root
+
+
+def _load(path):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True).eval()
+
+
+def _ids(path, text):
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(str(path))(text, return_tensors="pt").input_ids
+
+
+def test_offline_task_end_to_end_matches_hand_bpb(models):
+    cfg = runner.EvalConfig(limit=1, domain_limit=2, domains_dir=str(models / "domains"), batch_size=4)
+    lm = runner.hf_lm(models / "anchor", cfg)
+    res = runner.evaluate_lm(lm, ["flexolmo_arc_easy", "flexolmo_arc_easy_bpb", "flexolmo_domain_code",
+                                  "flexolmo_mmlu_pro"], cfg, variant="public")
+    t = res["tasks"]
+    assert t["flexolmo_arc_easy"]["status"] == "ok" and t["flexolmo_arc_easy"]["n"] == 1
+    assert t["flexolmo_arc_easy"]["value"] in (0.0, 100.0)
+    assert t["flexolmo_domain_code"]["status"] == "ok" and t["flexolmo_domain_code"]["value"] > 0
+    assert t["flexolmo_mmlu_pro"]["status"] == "not run"
+    # Hand computation of the first ARC-Easy doc's gold bpb (lm-eval keeps the last max_length+1 tokens).
+    from flexolmo_core.evaluation.sources import load_docs
+    doc = load_docs("arc_easy")[0]
+    model = _load(models / "anchor")
+    whole = lm.tok_encode(doc["context"] + doc["gold_continuation"])
+    n_ctx = len(lm.tok_encode(doc["context"]))
+    n_cont = len(whole) - n_ctx
+    inp = torch.tensor([whole[-(lm.max_length + 1):]])
+    logp = torch.log_softmax(model(inp[:, :-1]).logits.float(), -1)[0]
+    ll = logp[-n_cont:].gather(-1, inp[0, -n_cont:, None]).sum().item()
+    expected = -ll / math.log(2) / len(doc["gold_continuation"].encode())
+    assert t["flexolmo_arc_easy_bpb"]["value"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_dense_expert_extraction_is_exact(models, tmp_path):
+    a, b = baselines.load_state(models / "anchor"), baselines.load_state(
+        baselines.extract_dense_expert(models / "merged", 0, tmp_path / "d0"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # expert 0 is the anchor's FFN
+    # Expert 2 alone as a dense model == the merged model restricted to expert 2 (softmax over one row = 1).
+    dense = _load(baselines.extract_dense_expert(models / "merged", 2, tmp_path / "d2"))
+    only = _load(baselines.slice_experts(models / "merged", [2], tmp_path / "only2", top_k=1))
+    ids = _ids(models / "anchor", "def f(x):\n    return x + 1\n")
+    torch.testing.assert_close(dense(ids).logits, only(ids).logits, rtol=1e-4, atol=1e-4)
+    assert json.loads((tmp_path / "d2" / "flexolmo.json").read_text())["domain"] == "math"
+
+
+def test_model_soup_averages_ffns_and_refuses_different_anchors(models, tmp_path):
+    d1 = baselines.extract_dense_expert(models / "merged", 1, tmp_path / "d1")
+    d2 = baselines.extract_dense_expert(models / "merged", 2, tmp_path / "d2")
+    soup = baselines.load_state(baselines.model_soup([d1, d2], tmp_path / "soup"))
+    s1, s2 = baselines.load_state(d1), baselines.load_state(d2)
+    k = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(soup[k], (s1[k] + s2[k]) / 2)
+    other = smoke.build_anchor(tmp_path / "other", smoke.train_tokenizer(tmp_path / "tok"), seed=7)
+    with pytest.raises(ValueError, match="shared tensor"):
+        baselines.model_soup([d1, other], tmp_path / "bad")
+
+
+def test_btm_class_equals_bayesian_mixture_when_keeping_all(models, tmp_path):
+    from lm_eval.api.instance import Instance
+    from flexolmo_core.evaluation.btm import BTMLM
+
+    dirs = [baselines.extract_dense_expert(models / "merged", i, tmp_path / f"d{i}") for i in (1, 2)]
+    lm = BTMLM(dirs, top_k=2, batch_size=2)
+    ctx, cont = "import os\nimport sys", "\nprint(os.path)"
+    got = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0)], disable_tqdm=True)[0][0]
+    # With every expert kept, the per-step posterior mixture telescopes to
+    # log sum_e p_e(x_2..x_T) - log sum_e p_e(x_2..x_c): the uniform-prior Bayesian model average.
+    whole, n_ctx = lm.tok_encode(ctx + cont), len(lm.tok_encode(ctx))
+    ids = torch.tensor([whole])
+    full, pre = [], []
+    for d in dirs:
+        lp = torch.log_softmax(_load(d)(ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+        full.append(lp.sum()), pre.append(lp[: n_ctx - 1].sum())
+    expected = torch.logsumexp(torch.stack(full), 0) - torch.logsumexp(torch.stack(pre), 0)
+    assert got == pytest.approx(expected.item(), abs=1e-3)
+
+
+def test_prompt_routing_picks_the_closest_domain_embedding(models):
+    merged = _load(models / "merged")
+    ids = _ids(models / "anchor", "for i in range(10):\n    print(i)\n")
+    h = baselines.prompt_embedding(merged, ids)[0]
+    emb = torch.stack([-h, torch.randn_like(h), h])
+    assert baselines.prompt_route(merged, ids, emb) == [2]
+    assert baselines.prompt_route(merged, ids, -emb) == [0]
+
+
+def test_variants_report_and_cli(models, tmp_path):
+    cfg = runner.EvalConfig(limit=2, domain_limit=2, domains_dir=str(models / "domains"), batch_size=4)
+    built = {v.name: v for v in variants.build_variants(models / "merged", tmp_path / "work", models / "anchor")}
+    assert set(built) == {"public", "dense_code", "dense_math", "owner_code", "owner_math", "soup", "btm",
+                          "prompt_routing", "flexolmo", "optout_code", "optout_math"}
+    names = ["flexolmo_arc_easy", "flexolmo_arc_easy_bpb", "flexolmo_newsg"] + suite.SUITES["domains"]
+    results = tmp_path / "results"
+    for name in ("public", "flexolmo", "optout_code", "soup", "btm", "prompt_routing"):
+        res = variants.evaluate_variant(built[name], names, cfg, out_json=results / f"{name}.json")
+        assert res["tasks"]["flexolmo_newsg"]["status"] == "not run"
+    flex = json.loads((results / "flexolmo.json").read_text())
+    assert flex["routing_share"]["experts"] == ["public", "code", "math"]
+    assert sum(flex["routing_share"]["domains"]["code"]) == pytest.approx(1.0, abs=1e-3)
+    summary = report.write_report(results, tmp_path / "reports")
+    md = (tmp_path / "reports" / "results.md").read_text()
+    assert "| flexolmo |" in md and "not run: needs an LLM judge" in md and "Avg." in md
+    assert "opting out code" in md
+    for png in ("groups_bpb.png", "routing_share.png", "opt_out.png"):
+        assert (tmp_path / "reports" / png).stat().st_size > 0
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["flexolmo"]["bpb_code"] == summary["flexolmo"]["domains_bpb"]["code"]
+
+    from flexolmo_core.cli import main
+    out = tmp_path / "cli.json"
+    assert main(["evaluate", "--model", str(models / "anchor"), "--suite", "flexolmo_arc_easy_bpb", "--limit", "2",
+                 "--params", str(tmp_path / "absent.yaml"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tasks"]["flexolmo_arc_easy_bpb"]["n"] == 2

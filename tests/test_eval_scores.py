@@ -1,0 +1,98 @@
+"""Arithmetic of the report on fixed numbers, and the per-doc metrics."""
+import math
+
+import pytest
+import torch
+
+from flexolmo_core.evaluation import metrics, scores, suite
+from flexolmo_core.evaluation.btm import btm_log_probs
+
+
+def _result(values: dict[str, float | None], variant="primary") -> dict:
+    tasks = {}
+    for name, v in values.items():
+        full = f"flexolmo_{name}" + ("_bpb" if variant == "bpb" else "")
+        tasks[full] = {"status": "ok", "value": v} if v is not None else {"status": "not run", "reason": "x"}
+    return {"tasks": tasks}
+
+
+def test_group_scores_and_avg_on_fixed_numbers():
+    values = {t.name: None for t in suite.TASKS}
+    values.update(arc_easy=40.0, arc_challenge=20.0, boolq=60.0,   # MC9: 3 of 9 ran -> 40
+                  coqa=10.0, squad=30.0,                            # Gen5: 2 of 5 -> 20
+                  mmlu=25.0,                                        # MMLU -> 25
+                  gsm8k=2.0, minerva_math=4.0)                      # Math2 -> 3
+    groups = scores.group_scores(scores.task_values(_result(values), "primary"))
+    assert groups["MC9"] == {"score": 40.0, "ran": 3, "total": 9}
+    assert groups["Gen5"]["score"] == 20.0 and groups["Gen5"]["total"] == 5
+    assert groups["Math2"]["score"] == 3.0
+    assert groups["BBH"] == {"score": None, "ran": 0, "total": 1}
+    avg = scores.average(groups)
+    assert avg == {"avg": (40 + 20 + 25 + 3) / 4, "groups_ran": 4, "groups_total": 11}
+
+
+def test_relative_improvements_both_averagings():
+    base = {"A": {"score": 10.0}, "B": {"score": 40.0}, "C": {"score": None}}
+    new = {"A": {"score": 20.0}, "B": {"score": 30.0}, "C": {"score": 5.0}}
+    ri = scores.relative_improvements(new, base)
+    assert ri["per_group"] == {"A": 1.0, "B": -0.25, "C": None}
+    assert ri["mean_of_groups"] == pytest.approx((1.0 - 0.25) / 2)
+    # Avg: new over groups that ran = (20+30+5)/3, base = (10+40)/2
+    assert ri["of_avg"] == pytest.approx(((55 / 3) - 25) / 25)
+    # bpb: lower is better
+    assert scores.relative_change(0.9, 1.0, higher_is_better=False) == pytest.approx(0.1)
+
+
+def test_opt_out_effect_on_fixed_numbers():
+    public = {"code": 2.0, "math": 3.0, "news": 4.0}
+    full = {"code": 1.0, "math": 2.0, "news": 3.0}
+    removed = {"code": 1.9, "math": 2.02, "news": 3.0}
+    eff = scores.opt_out_effect(full, removed, public, "code")
+    assert eff["gain"] == 1.0 and eff["gain_lost"] == pytest.approx(0.9)
+    assert eff["max_other_change"] == pytest.approx(0.01) and eff["max_other_domain"] == "math"
+
+
+def test_bits_per_byte_and_qa_metrics():
+    # log p = -ln(2) * 8 over 4 bytes -> 2 bits per byte
+    assert metrics.bits_per_byte(-8 * math.log(2), "abcd") == pytest.approx(2.0)
+    assert metrics.bits_per_byte(-math.log(2), "é") == pytest.approx(0.5)  # 2 UTF-8 bytes
+    assert metrics.max_f1("the Eiffel tower", ["Eiffel Tower", "Paris"]) == 1.0
+    assert metrics.f1("red big house", "big house") == pytest.approx(0.8)
+    assert metrics.exact_match("The answer.", ["answer"]) == 1.0
+
+
+def test_math_answer_extraction():
+    assert metrics.math_correct("Then 3 + 2 = 5. So the answer is 5.", ["5"]) == 1.0
+    assert metrics.math_correct("So the answer is 1,000.", ["1000"]) == 1.0
+    assert metrics.math_correct("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.",
+                                ["\\frac{1}{2}"]) == 1.0
+    assert metrics.math_correct("So the answer is 6.", ["7"]) == 0.0
+
+
+def test_code_runs_in_subprocess_with_timeout():
+    assert metrics.run_program("assert 1 + 1 == 2\n")
+    assert not metrics.run_program("assert 1 + 1 == 3\n")
+    assert not metrics.run_program("while True: pass\n", timeout=1.0)
+
+
+def test_btm_matches_hand_computation():
+    # Two experts, vocab {0, 1}, input tokens [0, 1]; distributions at positions 0 and 1.
+    a = torch.tensor([[0.8, 0.2], [0.6, 0.4]])
+    b = torch.tensor([[0.3, 0.7], [0.1, 0.9]])
+    lps = torch.stack([a, b]).log()[:, None]  # [E=2, B=1, T=2, V=2]
+    out = btm_log_probs(lps, torch.tensor([[0, 1]]), top_k=2).exp()[0]
+    # position 0: no prefix evidence -> uniform posterior
+    assert out[0].tolist() == pytest.approx([0.55, 0.45])
+    # position 1: posterior ∝ p_e(x_1 = 1) = (0.2, 0.7) -> (2/9, 7/9)
+    assert out[1].tolist() == pytest.approx([1.9 / 9, 7.1 / 9])
+
+
+def test_btm_top2_drops_the_least_likely_expert_and_renormalises():
+    a = torch.tensor([[0.8, 0.2], [0.6, 0.4]])
+    b = torch.tensor([[0.3, 0.7], [0.1, 0.9]])
+    c = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    lps = torch.stack([a, b, c]).log()[:, None]
+    out = btm_log_probs(lps, torch.tensor([[0, 1]]), top_k=2).exp()[0]
+    # posterior ∝ (0.2, 0.7, 0.5): keep b, c -> (0.7, 0.5) / 1.2
+    assert out[1].tolist() == pytest.approx([(0.07 + 0.45) / 1.2, (0.63 + 0.05) / 1.2])
+    assert out.sum(-1).tolist() == pytest.approx([1.0, 1.0])

@@ -1,0 +1,83 @@
+"""The flexolmo31 suite resolves in lm-eval's TaskManager offline; offline data converts; missing data is
+reported `not run` with a reason."""
+import os
+
+import pytest
+
+from flexolmo_core.evaluation import runner, sources, suite
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tm():
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(suite.TASKS_DIR), include_defaults=False)
+
+
+def test_all_31_tasks_and_bpb_variants_are_indexed(tm):
+    assert len(suite.TASKS) == 31
+    names = set(tm.all_tasks)
+    for spec in suite.TASKS:
+        assert suite.task_name(spec) in names and suite.bpb_name(spec) in names
+    for d in suite.DOMAINS:
+        assert suite.domain_task(d) in names
+
+
+def test_groups_are_9_5_1_1_1_1_2_1_1_5_4(tm):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    sizes = []
+    for group in suite.GROUPS:
+        entry = tm.task_index[suite.group_name(group)]
+        cfg = load_yaml(entry.yaml_path)
+        sizes.append(len(cfg["task"]))
+    assert sizes == [9, 5, 1, 1, 1, 1, 2, 1, 1, 5, 4]
+    top = load_yaml(tm.task_index["flexolmo31"].yaml_path)
+    assert top["task"] == [suite.group_name(g) for g in suite.GROUPS]
+
+
+def test_yaml_files_match_the_table():
+    rendered = suite.render_all()
+    on_disk = {p.name: p.read_text() for p in suite.TASKS_DIR.glob("*.yaml")}
+    assert on_disk == rendered, "run: python -m flexolmo_core.evaluation.suite"
+
+
+def test_offline_conversion_dedupes_docs_and_keeps_gold():
+    docs = sources.load_docs("arc_easy")
+    assert len(docs) == 1140  # 4562 request lines, one per (doc, choice)
+    d = docs[0]
+    assert d["choices"][d["gold"]] == d["gold_continuation"] == " cellular telephone"
+    wino = sources.load_docs("winogrande")[0]
+    assert len(wino["contexts"]) == 2 and wino["context"] == wino["contexts"][wino["gold"]]
+    yes = sources.load_docs("bioasq_yesno")
+    pub = sources.load_docs("pubmedqa")
+    assert len(yes) == 2362 and len(pub) == 802
+
+
+def test_mmlu_interleaves_subjects():
+    docs = sources.load_docs("mmlu")
+    first = {d["id"].split(":")[0] for d in docs[:57]}
+    assert len(first) == 57 and len(docs) > 14000
+
+
+def test_tasks_load_offline_and_missing_data_is_not_run(tmp_path):
+    cfg = runner.EvalConfig(domains_dir=str(tmp_path), eval_data_dir=None)
+    names = ["flexolmo_arc_easy", "flexolmo_gsm8k_bpb", "flexolmo_mmlu_pro", "flexolmo_bbh", "flexolmo_newsg",
+             "flexolmo_humaneval", "flexolmo_humaneval_bpb", "flexolmo_domain_code"]
+    loaded, skipped = runner.load_tasks(names, cfg)
+    assert set(loaded) == {"flexolmo_arc_easy", "flexolmo_gsm8k_bpb", "flexolmo_humaneval_bpb"}
+    assert all(r["status"] == "not run" and r["reason"] for r in skipped.values())
+    assert "MMLU-Pro" in skipped["flexolmo_mmlu_pro"]["reason"]
+    assert "judge" in skipped["flexolmo_newsg"]["reason"]
+    assert "code execution not allowed" in skipped["flexolmo_humaneval"]["reason"]
+    assert "domain 'code'" in skipped["flexolmo_domain_code"]["reason"]
+
+
+def test_local_copy_makes_a_missing_task_runnable(tmp_path):
+    import json
+    row = {"context": "Question: 2+2?\nAnswer:", "choices": [" 4", " 5"], "gold": 0, "gold_continuation": " 4"}
+    (tmp_path / "mmlu_pro.jsonl").write_text(json.dumps(row) + "\n")
+    loaded, skipped = runner.load_tasks(["flexolmo_mmlu_pro"], runner.EvalConfig(eval_data_dir=str(tmp_path)))
+    assert "flexolmo_mmlu_pro" in loaded and not skipped
