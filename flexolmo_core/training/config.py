@@ -1,0 +1,133 @@
+"""Config dataclasses for the training stages. Each params.yaml section holds the common values plus
+`presets: {<preset>: {overrides}}`; the top-level `preset` chooses which overrides apply."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..params import ParamsError, from_dict, read_params
+
+
+@dataclass
+class LoopConfig:
+    """One training run's hyper-parameters (the same loop for every stage)."""
+
+    steps: int = 100  # optimiser steps
+    global_batch: int = 8  # sequences per optimiser step, summed over ranks and micro-batches
+    micro_batch: int = 8  # sequences per forward/backward on one rank (accumulation fills the rest)
+    seq_len: int = 256  # tokens per sequence (inputs; each window also carries its next token)
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 10  # linear warmup steps
+    final_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak (METHOD.md 3)
+    weight_decay: float = 0.0  # AdamW decay on matrices and router rows (never on norms or biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip
+    router_z_loss: float = 1e-3  # x mean logsumexp(router logits)^2, summed over layers
+    logit_z_loss: float = 1e-5  # x mean logsumexp(output logits)^2
+    seed: int = 0  # data order (and fresh init where there is one)
+    dtype: str = "bfloat16"  # matmul compute dtype; master weights and optimiser state stay fp32
+    compile: bool = False  # torch.compile the model (pays on GPUs; on 2 CPU cores it costs a minute up front)
+    checkpoint_every: int = 50  # optimiser steps between atomic checkpoints (and always at the end)
+    keep_checkpoints: int = 2  # the last K are kept
+    eval_batches: int = 8  # validation batches (micro_batch sequences each, fixed, in file order)
+    eval_every: int = 0  # validation every N steps during training (0: only at the end)
+    distributed: str = "ddp"  # under torchrun: ddp | fsdp (fsdp shards params, grads and optimiser state)
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    progress: bool = True  # tqdm progress bar on rank 0
+
+
+@dataclass
+class AnchorConfig:
+    """`anchor` stage: a dense model pretrained on public data only; also fixes the router projection."""
+
+    data_domain: str = "public"  # the anchor's only data
+    init_seed: int = 0  # weight init
+    projection_dim: int = 384  # encoder width the router projection accepts (all-MiniLM-L6-v2: 384)
+    projection_seed: int = 0  # the projection is a fixed random map; it belongs to the anchor
+    loop: dict = field(default_factory=dict)
+    presets: dict = field(default_factory=dict)
+
+
+@dataclass
+class DomainEmbeddingConfig:
+    """`domain_embedding` stage: one router row (or one per layer) from a domain's documents."""
+
+    mode: str = "encoder"  # encoder | anchor-hidden | random
+    encoder: str = "all-MiniLM-L6-v2"  # sentence-transformers name or path; the default ships offline
+    documents: int = 1000  # documents sampled from the domain's train split
+    max_chars: int = 4000  # each document is cut to this many characters before encoding
+    seed: int = 0  # document sample (and the random mode's vector)
+    scale: float = 1.0  # multiplies the final vector (router logit scale; METHOD.md 4: norms ~0.4-0.55)
+    random_std: float = 0.02  # random mode: normal(0, std) per coordinate (the paper's ablation)
+    batch_size: int = 32
+    presets: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExpertConfig:
+    """`expert` stage: expert 1 of a 2-expert model, trained against the frozen anchor."""
+
+    use_bias: bool = False  # learn a non-positive router logit bias (the paper's "learnbias")
+    loop: dict = field(default_factory=dict)
+    presets: dict = field(default_factory=dict)
+
+
+@dataclass
+class RouterTuneConfig:
+    """`router_tune`: only router rows (and biases) of a merged model, all experts active, on proxy data."""
+
+    public_windows: int = 64  # windows sampled from public data for the proxy mix
+    proxy_windows: int = 64  # windows per owner proxy set (what owners chose to share)
+    loop: dict = field(default_factory=dict)
+    presets: dict = field(default_factory=dict)
+
+
+@dataclass
+class UnrestrictedConfig:
+    """The unrestricted-MoE baseline: the merged model's shape trained jointly on all data from scratch,
+    with the training FLOPs of anchor + every expert."""
+
+    top_k: int | None = None  # null = the merged model's default (half the experts, rounded up)
+    init_seed: int = 0
+    loop: dict = field(default_factory=dict)
+    presets: dict = field(default_factory=dict)
+
+
+def resolve(section_cfg, preset: str, domain_overrides: dict | None = None, where: str = "params.yaml"):
+    """(stage config with the preset's overrides applied, LoopConfig or None)."""
+    overrides = dict((section_cfg.presets or {}).get(preset, {}) or {})
+    overrides.update(domain_overrides or {})
+    own = {f.name for f in dataclasses.fields(section_cfg)} - {"loop", "presets"}
+    stage_over = {k: v for k, v in overrides.items() if k in own}
+    loop_over = {k: v for k, v in overrides.items() if k not in own}
+    merged = from_dict(type(section_cfg), {**_plain(section_cfg), **stage_over}, where)
+    if not hasattr(section_cfg, "loop"):
+        if loop_over:
+            raise ParamsError(f"{where}: unknown field(s) {sorted(loop_over)}")
+        return merged, None
+    loop = from_dict(LoopConfig, {**(section_cfg.loop or {}), **loop_over}, f"{where}.loop")
+    return merged, loop
+
+
+def _plain(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def load_stage(cls, section: str, path="params.yaml", domain: str | None = None, preset: str | None = None):
+    """Read one section, apply the preset's and (for per-domain stages) the domain's overrides."""
+    data = read_params(path)
+    if section not in data:
+        raise ParamsError(f"{path}: missing section '{section}'")
+    cfg = from_dict(cls, data[section] or {}, f"{path}:{section}")
+    preset = preset or data.get("preset", "tiny")
+    domain_over = {}
+    if domain is not None:
+        raw = ((data.get("domains") or {}).get(domain) or {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if "loop" in fields:
+            fields |= {f.name for f in dataclasses.fields(LoopConfig)}
+        domain_over = {k: v for k, v in raw.items() if k in fields}
+    stage, loop = resolve(cfg, preset, domain_over, f"{path}:{section}")
+    return preset, stage, loop

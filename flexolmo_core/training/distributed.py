@@ -1,0 +1,77 @@
+"""torch.distributed glue: torchrun's environment, process group, DDP or FSDP wrapping.
+
+Single process when WORLD_SIZE is unset. gloo on CPU, nccl on GPU."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def setup() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device(d: Dist) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def wrap(model, d: Dist, strategy: str):
+    """DDP (frozen weights are buffers; they are identical on every rank, so no buffer broadcast) or FSDP2
+    (`fully_shard` per block, then the root: parameters, gradients and optimiser state are sharded)."""
+    if not d.active:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.local_rank] if torch.cuda.is_available() else None
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        dist.barrier()
+
+
+def mean(value: float, d: Dist) -> float:
+    if not d.active:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / d.world

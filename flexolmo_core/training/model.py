@@ -1,0 +1,359 @@
+"""A compact OLMo-2 / FlexOlmo forward in plain torch: the training fast path.
+
+It computes the same function as transformers' `Olmo2ForCausalLM` (one expert) and `FlexOlmoForCausalLM`
+(E experts, top-k of a softmax over all E, raw probabilities as weights), and reads/writes their weights
+under HF names. The readable reference is transformers itself; tests/test_train_model.py checks agreement.
+
+Why a separate path: every tensor is either a trainable Parameter or a frozen buffer, chosen per tensor
+(per expert, per router row), so autograd does no weight-gradient work for frozen weights and the public
+expert cannot move. Frozen weights keep a cached copy in the compute dtype (bf16 on CPUs with AVX-512
+BF16), so they are cast once, not on every step. With top_k == num_experts (owner training, router tuning)
+the MoE is a dense soft mixture: no gather/scatter."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+@dataclass
+class MoEShape:
+    num_experts: int = 1  # 1 = dense anchor (no router)
+    top_k: int = 1
+    use_bias: bool = False  # a non-positive logit bias per expert (only trainable experts' move)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Olmo2RMSNorm: normalise in fp32, scale by the weight, return in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf).to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float()
+                                         / cfg.head_dim))
+    freqs = torch.arange(seq_len, device=device).float()[:, None] * inv_freq[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Slots(nn.Module):
+    """Named tensors, each a Parameter (trainable) or a buffer (frozen), with a cached compute-dtype copy
+    of the frozen ones."""
+
+    def __init__(self):
+        super().__init__()
+        self._cast_cache: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, tensor: torch.Tensor, trainable: bool) -> None:
+        tensor = tensor.detach().clone().float().contiguous()
+        if trainable:
+            self.register_parameter(name, nn.Parameter(tensor))
+        else:
+            self.register_buffer(name, tensor)
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = getattr(self, name)
+        if t.dtype == dtype:
+            return t
+        if isinstance(t, nn.Parameter):
+            return t.to(dtype)  # differentiable cast of a trainable weight
+        cached = self._cast_cache.get(name)
+        if cached is None or cached.device != t.device:
+            cached = self._cast_cache[name] = t.to(dtype)
+        return cached
+
+    def clear_cache(self) -> None:
+        self._cast_cache.clear()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEShape):
+        super().__init__()
+        self.cfg, self.moe = cfg, moe
+        self.w = Slots()
+
+    def attention(self, x: torch.Tensor, cos, sin, dt) -> torch.Tensor:
+        B, T, d = x.shape
+        H, hd, w, eps = self.cfg.n_heads, self.cfg.head_dim, self.w, self.cfg.norm_eps
+        xc = x.to(dt)
+        q = rms_norm(F.linear(xc, w.get("q", dt)), w.get("q_norm", torch.float32), eps)
+        k = rms_norm(F.linear(xc, w.get("k", dt)), w.get("k_norm", torch.float32), eps)
+        v = F.linear(xc, w.get("v", dt))
+        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin).to(dt), apply_rope(k, cos, sin).to(dt)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5)
+        return F.linear(out.transpose(1, 2).reshape(B, T, d), w.get("o", dt))
+
+    def expert(self, e: int, x: torch.Tensor, dt) -> torch.Tensor:
+        gate, up = F.linear(x, self.w.get(f"gate_up_{e}", dt)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w.get(f"down_{e}", dt))
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32 (softmax and z-loss are precision-sensitive; the matmul is tiny)."""
+        E = self.moe.num_experts
+        weight = torch.stack([self.w.get(f"router_{e}", torch.float32) for e in range(E)])
+        logits = F.linear(x.float(), weight)
+        if self.moe.use_bias:
+            logits = logits + torch.stack([self.w.get(f"bias_{e}", torch.float32) for e in range(E)]).clamp(max=0.0)
+        return logits
+
+    def ffn(self, x: torch.Tensor, dt, router_z: list) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        xc = flat.to(dt)
+        if self.moe.num_experts == 1:
+            return self.expert(0, xc, dt).view(B, T, d)
+        logits = self.router_logits(flat)
+        router_z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
+        probs = torch.softmax(logits, dim=-1)
+        E, k = self.moe.num_experts, self.moe.top_k
+        if k == E:  # dense soft mixture, as top-k of k with raw (unrenormalised) weights
+            out = sum(self.expert(e, xc, dt) * probs[:, e:e + 1].to(dt) for e in range(E))
+            return out.view(B, T, d)
+        weights, index = torch.topk(probs, k, dim=-1)
+        out = torch.zeros_like(xc)
+        for e in range(E):
+            token, slot = torch.where(index == e)
+            if token.numel():
+                y = self.expert(e, xc[token], dt) * weights[token, slot, None].to(dt)
+                out = out.index_add(0, token, y)
+        return out.view(B, T, d)
+
+    def forward(self, x, cos, sin, dt, router_z):
+        w, eps = self.w, self.cfg.norm_eps
+        h = x + rms_norm(self.attention(x, cos, sin, dt), w.get("attn_norm", torch.float32), eps).float()
+        return h + rms_norm(self.ffn(h, dt, router_z), w.get("ffn_norm", torch.float32), eps).float()
+
+
+class FastOlmo(nn.Module):
+    """OLMo-2 decoder with (optionally) FlexOlmo experts; every tensor individually trainable or frozen.
+
+    forward(ids) -> (logits [B, T, V] in the compute dtype, router z-loss summed over layers)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEShape, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg, self.moe, self.compute_dtype = cfg, moe, compute_dtype
+        self.w = Slots()
+        self.layers = nn.ModuleList(Block(cfg, moe) for _ in range(cfg.n_layers))
+
+    def forward(self, ids: torch.Tensor):
+        dt = self.compute_dtype
+        cos, sin = rope_tables(self.cfg, ids.shape[1], ids.device)
+        x = F.embedding(ids, self.w.get("embed", torch.float32))
+        router_z: list[torch.Tensor] = []
+        for layer in self.layers:
+            x = layer(x, cos, sin, dt, router_z)
+        x = rms_norm(x, self.w.get("norm", torch.float32), self.cfg.norm_eps)
+        logits = F.linear(x.to(dt), self.w.get("lm_head", dt))
+        zero = logits.new_zeros((), dtype=torch.float32)
+        return logits, (torch.stack(router_z).sum() if router_z else zero)
+
+    def hidden_states(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The router input (post-attention residual) of every layer, fp32: for anchor-hidden embeddings."""
+        dt = self.compute_dtype
+        cos, sin = rope_tables(self.cfg, ids.shape[1], ids.device)
+        x = F.embedding(ids, self.w.get("embed", torch.float32))
+        out = []
+        for layer in self.layers:
+            h = x + rms_norm(layer.attention(x, cos, sin, dt), layer.w.get("attn_norm", torch.float32),
+                             self.cfg.norm_eps).float()
+            out.append(h)
+            x = h + rms_norm(layer.ffn(h, dt, []), layer.w.get("ffn_norm", torch.float32), self.cfg.norm_eps).float()
+        return out
+
+    # ---- weights ------------------------------------------------------------------------------------------
+    def slots(self):
+        """(module, local name, global name) for every tensor."""
+        yield from ((self.w, n, n) for n in self._slot_names(self.w))
+        for i, layer in enumerate(self.layers):
+            yield from ((layer.w, n, f"layers.{i}.{n}") for n in self._slot_names(layer.w))
+
+    @staticmethod
+    def _slot_names(slots: Slots) -> list[str]:
+        return [n for n, _ in slots.named_parameters(recurse=False)] + [n for n, _ in slots.named_buffers(recurse=False)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {g: getattr(m, n) for m, n, g in self.slots()}
+
+    def clear_cast_cache(self) -> None:
+        self.w.clear_cache()
+        for layer in self.layers:
+            layer.w.clear_cache()
+
+    @torch.no_grad()
+    def project_after_step(self) -> None:
+        """Keep learned router biases non-positive (the paper's negative bias)."""
+        if self.moe.use_bias:
+            for layer in self.layers:
+                for name, p in layer.w.named_parameters(recurse=False):
+                    if name.startswith("bias_"):
+                        p.clamp_(max=0.0)
+
+
+def build(cfg: ModelConfig, moe: MoEShape, tensors: dict[str, torch.Tensor], trainable, compute_dtype) -> FastOlmo:
+    """A FastOlmo from internal-name tensors; `trainable(name) -> bool` decides Parameter vs buffer."""
+    model = FastOlmo(cfg, moe, compute_dtype)
+    for name, t in tensors.items():
+        if name.startswith("layers."):
+            _, i, local = name.split(".", 2)
+            model.layers[int(i)].w.put(local, t, trainable(name))
+        else:
+            model.w.put(name, t, trainable(name))
+    missing = set(expected_names(cfg, moe)) - set(tensors)
+    if missing:
+        raise ValueError(f"missing tensors for the fast model: {sorted(missing)[:5]}")
+    return model
+
+
+def expected_names(cfg: ModelConfig, moe: MoEShape) -> list[str]:
+    names = ["embed", "norm", "lm_head"]
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        names += [p + n for n in ("q", "k", "v", "o", "q_norm", "k_norm", "attn_norm", "ffn_norm")]
+        for e in range(moe.num_experts):
+            names += [f"{p}gate_up_{e}", f"{p}down_{e}"]
+            if moe.num_experts > 1:
+                names.append(f"{p}router_{e}")
+                if moe.use_bias:
+                    names.append(f"{p}bias_{e}")
+    return names
+
+
+def init_tensors(cfg: ModelConfig, moe: MoEShape, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh weights like transformers' init (normal(0, init_std), norms 1, router rows 0): for the
+    unrestricted-MoE baseline, which starts from scratch like the anchor."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    shapes = {"embed": (cfg.vocab_size, cfg.d_model), "lm_head": (cfg.vocab_size, cfg.d_model),
+              "q": (cfg.d_model, cfg.d_model), "k": (cfg.d_model, cfg.d_model), "v": (cfg.d_model, cfg.d_model),
+              "o": (cfg.d_model, cfg.d_model), "gate_up": (2 * cfg.ffn_hidden, cfg.d_model),
+              "down": (cfg.d_model, cfg.ffn_hidden)}
+    for name in expected_names(cfg, moe):
+        local = name.rsplit(".", 1)[-1]
+        base = local.rsplit("_", 1)[0] if local.startswith(("gate_up_", "down_", "router_", "bias_")) else local
+        if base in shapes:
+            out[name] = torch.randn(shapes[base], generator=g) * cfg.init_std
+        elif base in ("router", "bias"):
+            out[name] = torch.zeros(cfg.d_model) if base == "router" else torch.zeros(())
+        else:
+            out[name] = torch.ones(cfg.d_model)
+    return out
+
+
+# ---- HF name mapping ----------------------------------------------------------------------------------------
+_SHARED = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+           "o": "self_attn.o_proj.weight", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+           "attn_norm": "post_attention_layernorm.weight", "ffn_norm": "post_feedforward_layernorm.weight"}
+
+
+def from_hf_dense(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Olmo2ForCausalLM state dict -> internal names (one expert)."""
+    out = {"embed": state["model.embed_tokens.weight"], "norm": state["model.norm.weight"],
+           "lm_head": state["lm_head.weight"]}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        out.update({f"layers.{i}.{k}": state[p + v] for k, v in _SHARED.items()})
+        out[f"layers.{i}.gate_up_0"] = torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]])
+        out[f"layers.{i}.down_0"] = state[p + "mlp.down_proj.weight"]
+    return out
+
+
+def to_hf_dense(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": tensors["embed"], "model.norm.weight": tensors["norm"],
+           "lm_head.weight": tensors["lm_head"]}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        out.update({p + v: tensors[f"layers.{i}.{k}"] for k, v in _SHARED.items()})
+        gate, up = tensors[f"layers.{i}.gate_up_0"].chunk(2)
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+        out[p + "mlp.down_proj.weight"] = tensors[f"layers.{i}.down_0"]
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def from_hf_moe(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """FlexOlmoForCausalLM state dict (fused experts) -> internal names."""
+    out = {"embed": state["model.embed_tokens.weight"], "norm": state["model.norm.weight"],
+           "lm_head": state["lm_head.weight"]}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        out.update({f"layers.{i}.{k}": state[p + v] for k, v in _SHARED.items()})
+        for e, (gu, dn, row) in enumerate(zip(state[p + "mlp.experts.gate_up_proj"], state[p + "mlp.experts.down_proj"],
+                                               state[p + "mlp.gate.weight"])):
+            out[f"layers.{i}.gate_up_{e}"], out[f"layers.{i}.down_{e}"], out[f"layers.{i}.router_{e}"] = gu, dn, row
+    return out
+
+
+def to_hf_moe(tensors: dict[str, torch.Tensor], n_layers: int, num_experts: int) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": tensors["embed"], "model.norm.weight": tensors["norm"],
+           "lm_head.weight": tensors["lm_head"]}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        out.update({p + v: tensors[f"layers.{i}.{k}"] for k, v in _SHARED.items()})
+        out[p + "mlp.experts.gate_up_proj"] = torch.stack([tensors[f"layers.{i}.gate_up_{e}"] for e in range(num_experts)])
+        out[p + "mlp.experts.down_proj"] = torch.stack([tensors[f"layers.{i}.down_{e}"] for e in range(num_experts)])
+        out[p + "mlp.gate.weight"] = torch.stack([tensors[f"layers.{i}.router_{e}"] for e in range(num_experts)])
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def upcycle_tensors(dense: dict[str, torch.Tensor], n_layers: int, public_rows: torch.Tensor,
+                    domain_rows: torch.Tensor, use_bias: bool) -> dict[str, torch.Tensor]:
+    """The owner model (METHOD 3) in internal names: expert 1 = copy of the anchor FFN; rows are [L, d]."""
+    out = dict(dense)
+    for i in range(n_layers):
+        out[f"layers.{i}.gate_up_1"] = dense[f"layers.{i}.gate_up_0"].clone()
+        out[f"layers.{i}.down_1"] = dense[f"layers.{i}.down_0"].clone()
+        out[f"layers.{i}.router_0"] = public_rows[i]
+        out[f"layers.{i}.router_1"] = domain_rows[i]
+        if use_bias:
+            out[f"layers.{i}.bias_0"] = torch.zeros(())
+            out[f"layers.{i}.bias_1"] = torch.zeros(())
+    return out
+
+
+def count_matmul_flops(cfg: ModelConfig, moe: MoEShape, seq_len: int, trainable) -> dict[str, float]:
+    """Matmul FLOPs per token of one training step, counting only the work a step must do (DESIGN.md):
+    forward + input gradients down to the lowest trainable tensor + weight gradients of trainable weights.
+
+    `trainable(name)` as in `build`. Attention mixing is counted causally (seq_len/2 keys on average)."""
+    d, I, V, L = cfg.d_model, cfg.ffn_hidden, cfg.vocab_size, cfg.n_layers
+    E, k = moe.num_experts, moe.top_k
+    ffn = 2 * 3 * d * I  # one expert's forward, per token routed to it
+    proj = 2 * d * d  # one attention projection
+    mix = 2 * 2 * d * (seq_len / 2)  # scores + weighted sum
+    router = 2 * d * E if E > 1 else 0
+    forward = L * (4 * proj + mix + k * ffn + router) + 2 * V * d
+    share = k / E  # fraction of tokens each expert sees
+    names = expected_names(cfg, moe)
+    backward = 2 * V * d if trainable("lm_head") else 0
+    # walk from the bottom to find the lowest trainable tensor; backward runs from the top down to it
+    lowest = next((i for i in range(L) if any(trainable(n) for n in names if n.startswith(f"layers.{i}."))), None)
+    if trainable("embed"):
+        lowest = -1
+    if lowest is None:
+        return {"forward": forward, "backward": backward, "train_step": forward + backward}
+    backward += 2 * V * d  # gradient into the final hidden state
+    for i in range(max(lowest, 0), L):
+        p = f"layers.{i}."
+        attn_trainable = [n for n in ("q", "k", "v", "o") if trainable(p + n)]
+        expert_trainable = [e for e in range(E) if trainable(f"{p}gate_up_{e}")]
+        backward += len(attn_trainable) * proj + len(expert_trainable) * ffn * share  # weight gradients
+        below_needs = i > lowest or lowest == -1 or bool(attn_trainable) or trainable(p + "q_norm") \
+            or trainable(p + "k_norm")
+        if below_needs:  # full input gradient through this block
+            backward += k * ffn + router + 4 * proj + 2 * mix
+        else:  # lowest block, only its experts/router train: reach the expert weights, no further
+            backward += len(expert_trainable) * (2 * d * I) * share
+    return {"forward": forward, "backward": backward, "train_step": forward + backward}

@@ -1,0 +1,249 @@
+"""The training stages as plain functions (what tasks/*.py and the CLI call). Each builds a FastOlmo whose
+trainable tensors are exactly the stage's contract, runs the one loop, and writes an HF-native artifact.
+
+Layout of a stage's output folder `out`: the artifact (model/ or package/), run/ (checkpoints, dvclive
+metrics) and summary.json."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_dir, write_json
+from ..config import ModelConfig, get_preset
+from . import distributed as D
+from .config import LoopConfig
+from .data import Mixture, open_windows
+from .loop import train
+from .model import MoEShape, build, from_hf_dense, from_hf_moe, init_tensors, to_hf_dense, to_hf_moe, upcycle_tensors
+
+
+def read_documents(paths) -> list[str]:
+    """Texts from .parquet splits (column `text`, the prepare stage's format) or .txt/.jsonl files/folders."""
+    from ..plain_train import read_texts
+
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    texts, others = [], []
+    for p in paths:
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            texts += [t for t in pq.read_table(p, columns=["text"]).column("text").to_pylist() if t and t.strip()]
+        else:
+            others.append(p)
+    return texts + (read_texts(others) if others else [])
+
+
+def _finish(out: Path, summary: dict) -> None:
+    if D.setup().main:
+        write_json(out / "summary.json", summary)
+
+
+# ---- anchor ----------------------------------------------------------------------------------------------
+def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop: LoopConfig, val_data=None,
+                 init_seed: int = 0, projection_dim: int = 384, projection_seed: int = 0) -> dict:
+    """Pretrain the dense anchor on public data; writes out/model (Olmo2 + tokenizer + router projection)."""
+    from transformers import AutoTokenizer, Olmo2ForCausalLM
+
+    from ..anchor import olmo2_config, save_anchor
+    from .embeddings import write_projection
+
+    out = Path(out)
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hf_config = olmo2_config(cfg, tokenizer)
+    torch.manual_seed(init_seed)  # the same init as `flexolmo anchor init`
+    hf = Olmo2ForCausalLM(hf_config)
+    model = build(cfg, MoEShape(), from_hf_dense(hf.state_dict(), cfg.n_layers), lambda n: True, torch.float32)
+    windows = open_windows(train_data, loop.seq_len, tokenizer_dir)
+    val = open_windows(val_data, loop.seq_len, tokenizer_dir) if val_data else None
+    summary = train(model, windows, loop, out / "run", val, label="anchor")
+    summary.update(preset=preset if isinstance(preset, str) else None, init_seed=init_seed)
+    if D.setup().main:
+        hf.load_state_dict(to_hf_dense(model.tensors(), cfg.n_layers))
+        fingerprint = save_anchor(hf, tokenizer_dir, out / "model", preset=summary["preset"],
+                                  extra={"seed": init_seed, "training": summary})
+        summary["projection_sha256"] = write_projection(out / "model", projection_dim, cfg.d_model, projection_seed)
+        summary["fingerprint"] = fingerprint
+    _finish(out, summary)
+    return summary
+
+
+# ---- owner expert ----------------------------------------------------------------------------------------
+def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool):
+    """The owner's 2-expert model as a FastOlmo: only expert 1, router row 1 and bias 1 are Parameters."""
+    from ..anchor import model_config_from_hf
+    from ..owner import rows_per_layer
+
+    cfg = model_config_from_hf(anchor.config)
+    L, d = cfg.n_layers, cfg.d_model
+    pub = torch.stack([r[0] for r in rows_per_layer(public_rows, L, d)])
+    dom = torch.stack([r[0] for r in rows_per_layer(domain_rows, L, d)])
+    tensors = upcycle_tensors(from_hf_dense(anchor.state_dict(), L), L, pub, dom, use_bias)
+    trainable = lambda name: name.endswith(("gate_up_1", "down_1", "router_1", "bias_1"))  # noqa: E731
+    return build(cfg, MoEShape(2, 2, use_bias), tensors, trainable, torch.float32), tensors
+
+
+def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val_data=None,
+                 public_rows=None, domain_rows=None, use_bias: bool = False, embedding_meta: dict | None = None) -> dict:
+    """Train one owner's expert against the frozen anchor; writes out/package (an expert package).
+
+    Receives only the anchor and this domain's data (paths), nothing else."""
+    from ..anchor import load_anchor, read_fingerprint
+    from ..owner import frozen_differences, upcycle
+    from ..package import check_domain_name, save_package
+
+    check_domain_name(domain)
+    out = Path(out)
+    anchor = load_anchor(anchor_dir)
+    model, initial = owner_fast_model(anchor, public_rows, domain_rows, use_bias)
+    windows = open_windows(train_data, loop.seq_len, anchor_dir)
+    val = open_windows(val_data, loop.seq_len, anchor_dir) if val_data else None
+    summary = train(model, windows, loop, out / "run", val, label=f"expert_{domain}")
+    summary.update(domain=domain, use_bias=use_bias, router_embedding=embedding_meta or {})
+    if D.setup().main:
+        trained = model.tensors()
+        moved = [n for n, t in initial.items() if not n.endswith(("_1",)) and not torch.equal(trained[n], t.float())]
+        owner = upcycle(anchor, public_rows, domain_rows, use_bias=use_bias)
+        with torch.no_grad():
+            for i, layer in enumerate(owner.model.layers):
+                layer.mlp.experts.trainable_gate_up_proj[0].copy_(trained[f"layers.{i}.gate_up_1"])
+                layer.mlp.experts.trainable_down_proj[0].copy_(trained[f"layers.{i}.down_1"])
+                layer.mlp.gate.trainable_rows[0].copy_(trained[f"layers.{i}.router_1"])
+                if use_bias:
+                    layer.mlp.gate.logit_bias[0].copy_(trained[f"layers.{i}.bias_1"].clamp(max=0.0))
+        moved += frozen_differences(owner, anchor, public_rows)
+        if moved:  # structurally impossible; this guards against regressions
+            raise RuntimeError(f"training changed frozen tensors: {moved[:5]}")
+        data = {"windows": len(windows), "seq_len": loop.seq_len,
+                "index_sha256": _data_hash(train_data)}
+        save_package(owner, out / "package", domain, read_fingerprint(anchor_dir), training=summary, data=data)
+    _finish(out, summary)
+    return summary
+
+
+def _data_hash(paths) -> str:
+    """A hash of the training data files (the package records it; never the data)."""
+    h = hashlib.sha256()
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    for p in paths:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+# ---- router tuning ---------------------------------------------------------------------------------------
+class Take:
+    """The first n windows of a seeded permutation: a fixed proxy sample."""
+
+    def __init__(self, windows, n: int, seed: int):
+        import numpy as np
+
+        self.windows = windows
+        self.index = np.random.Generator(np.random.PCG64(seed)).permutation(len(windows))[:n]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.windows[int(self.index[i])]
+
+
+def read_merged(model_dir) -> tuple[ModelConfig, dict, dict]:
+    from transformers import AutoConfig
+
+    from ..anchor import model_config_from_hf
+    from ..merge import read_manifest
+
+    model_dir = Path(model_dir)
+    hf = AutoConfig.from_pretrained(model_dir)
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return model_config_from_hf(hf), state, read_manifest(model_dir)
+
+
+def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig, public_windows: int = 64,
+                proxy_windows: int = 64, val_data=None) -> dict:
+    """Router tuning (METHOD.md 6): only the router rows (public included) move, all experts active.
+    Writes out/model: the merged checkpoint with tuned rows, flexolmo.json noting it."""
+    merged_dir, out = Path(merged_dir), Path(out)
+    cfg, state, manifest = read_merged(merged_dir)
+    E = manifest["num_experts"]
+    tensors = from_hf_moe(state, cfg.n_layers)
+    model = build(cfg, MoEShape(E, E), tensors, lambda n: ".router_" in n, torch.float32)
+    parts = [Take(open_windows(public_data, loop.seq_len, merged_dir), public_windows, loop.seed)]
+    parts += [Take(open_windows(p, loop.seq_len, merged_dir), proxy_windows, loop.seed) for p in proxy_data]
+    val = open_windows(val_data, loop.seq_len, merged_dir) if val_data else None
+    summary = train(model, Mixture(parts), loop, out / "run", val, label="router_tune")
+    summary.update(proxy_sets=len(proxy_data), experts=[e["domain"] for e in manifest["experts"]])
+    if D.setup().main:
+        tuned = to_hf_moe(model.tensors(), cfg.n_layers, E)
+        _write_moe(merged_dir, out / "model", {k: tuned[k] if k.endswith("gate.weight") else v for k, v in state.items()},
+                   {**manifest, "router_tuned": summary})
+    _finish(out, summary)
+    return summary
+
+
+def _write_moe(source_dir: Path, out: Path, tensors: dict, manifest: dict, config=None) -> None:
+    from ..anchor import copy_tokenizer
+    from ..merge import MERGED_MANIFEST, WEIGHTS_FILE
+
+    with atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        if config is None:
+            shutil.copyfile(source_dir / "config.json", tmp / "config.json")
+        else:
+            config.save_pretrained(tmp)
+        copy_tokenizer(source_dir, tmp)
+        write_json(tmp / MERGED_MANIFEST, manifest)
+
+
+# ---- unrestricted MoE baseline ---------------------------------------------------------------------------
+def flops_budget(summaries: list[dict]) -> float:
+    """Training FLOPs actually spent by anchor + experts (tokens x per-token step FLOPs)."""
+    return float(sum(s["tokens"] * s["train_flops_per_token"] for s in summaries))
+
+
+def train_unrestricted(tokenizer_dir, data: list, out, preset: str | ModelConfig, num_experts: int, top_k: int,
+                       loop: LoopConfig, budget_flops: float | None = None, val_data=None, init_seed: int = 0) -> dict:
+    """The same MoE shape as the merged model, trained jointly from scratch on public + every domain.
+    With `budget_flops`, the step count is set so that training FLOPs match anchor + all experts."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from ..anchor import copy_tokenizer, olmo2_config
+    from ..owner import flexolmo_config
+    from .model import count_matmul_flops
+
+    out = Path(out)
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    moe = MoEShape(num_experts, top_k)
+    if budget_flops is not None:
+        per_token = count_matmul_flops(cfg, moe, loop.seq_len, lambda n: True)["train_step"]
+        loop = replace(loop, steps=max(1, round(budget_flops / (per_token * loop.global_batch * loop.seq_len))))
+    model = build(cfg, moe, init_tensors(cfg, moe, init_seed), lambda n: True, torch.float32)
+    windows = Mixture([open_windows(p, loop.seq_len, tokenizer_dir) for p in data])
+    val = open_windows(val_data, loop.seq_len, tokenizer_dir) if val_data else None
+    summary = train(model, windows, loop, out / "run", val, label="unrestricted_moe")
+    summary.update(budget_flops=budget_flops, num_experts=num_experts, top_k=top_k)
+    if D.setup().main:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = flexolmo_config(olmo2_config(cfg, tokenizer), num_experts, top_k)
+        config.architectures = ["FlexOlmoForCausalLM"]
+        names = ["public"] + [f"joint_{e}" for e in range(1, num_experts)]
+        manifest = {"format_version": 1, "anchor_fingerprint": None, "num_experts": num_experts, "top_k": top_k,
+                    "router_bias": "none", "baseline": "unrestricted_moe", "excluded_at_merge": [],
+                    "experts": [{"index": e, "domain": n, "package_sha256": None, "logit_bias": None}
+                                for e, n in enumerate(names)], "training": summary}
+        tok_dir = Path(tokenizer_dir)
+        _write_moe(tok_dir, out / "model", to_hf_moe(model.tensors(), cfg.n_layers, num_experts), manifest, config)
+    _finish(out, summary)
+    return summary
