@@ -21,6 +21,18 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_anchor_init)
+    p = anchor_sub.add_parser("train", help="pretrain the dense anchor on public data (resumes from its run dir)")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
+    p.add_argument("--data", nargs="+", required=True, help="a packed split directory, or .txt/.jsonl files/folders")
+    p.add_argument("--val-data", nargs="+", default=None)
+    p.add_argument("--out", required=True, help="stage folder: writes model/, run/, summary.json")
+    p.add_argument("--init-seed", type=int, default=0)
+    p.add_argument("--projection-dim", type=int, default=384, help="router-embedding encoder width")
+    from ..training.cli_args import add_loop_args
+
+    add_loop_args(p)
+    p.set_defaults(func=cmd_anchor_train)
 
     expert = subparsers.add_parser("expert", help="train an owner's expert against the anchor")
     expert_sub = expert.add_subparsers(dest="expert_command", required=True, metavar="ACTION")
@@ -65,6 +77,13 @@ def add_expert_train_args(p) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bias", action="store_true", help="learn a non-positive router logit bias")
+    p.add_argument("--val-data", nargs="+", default=None, help="the owner's validation data")
+    p.add_argument("--public-embedding", default=None, help="router embedding dir for the public row (default zeros)")
+    p.add_argument("--domain-embedding", default=None, help="router embedding dir for this domain's row")
+    p.add_argument("--run-dir", default=None, help="checkpoints + dvclive (default: <out>.run); resumes from it")
+    from ..training.cli_args import add_loop_args
+
+    add_loop_args(p, skip=("steps", "seq_len", "lr", "seed", "global_batch"))
 
 
 def cmd_params(args) -> None:
@@ -84,13 +103,35 @@ def cmd_anchor_init(args) -> None:
     print(json.dumps({"anchor": args.out, "fingerprint": fingerprint}))
 
 
-def cmd_expert_train(args) -> None:
-    from ..plain_train import train_expert_plain
+def cmd_anchor_train(args) -> None:
+    from ..training.cli_args import loop_from_args
+    from ..training.config import AnchorConfig
+    from ..training.stages import train_anchor
 
-    manifest = train_expert_plain(args.anchor, args.domain, args.data, args.out, steps=args.steps,
-                                  seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                  use_bias=args.bias)
-    print(json.dumps({"package": args.out, "domain": manifest["domain"], "training": manifest["training"]}))
+    _, loop = loop_from_args(args, AnchorConfig, "anchor")
+    summary = train_anchor(args.tokenizer, args.data, args.out, args.preset, loop, val_data=args.val_data,
+                           init_seed=args.init_seed, projection_dim=args.projection_dim)
+    print(json.dumps({"anchor": str(Path(args.out) / "model"), "fingerprint": summary.get("fingerprint"),
+                      "train_loss": summary["train_loss"], "val_loss": summary["val_loss"]}))
+
+
+def cmd_expert_train(args) -> None:
+    from ..training.cli_args import loop_from_args
+    from ..training.config import ExpertConfig
+    from ..training.embeddings import load_embedding
+    from ..training.stages import train_expert
+
+    base = {"steps": args.steps, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
+            "global_batch": args.batch_size, "micro_batch": args.batch_size, "warmup": min(10, args.steps // 10)}
+    _, loop = loop_from_args(args, ExpertConfig, "expert", base)
+    rows = {k: load_embedding(v) if v else None
+            for k, v in (("public", args.public_embedding), ("domain", args.domain_embedding))}
+    run_dir = Path(args.run_dir or f"{args.out}.run")
+    summary = train_expert(args.anchor, args.domain, args.data, run_dir, loop, val_data=args.val_data,
+                           public_rows=rows["public"], domain_rows=rows["domain"], use_bias=args.bias,
+                           package_dir=args.out)
+    print(json.dumps({"package": args.out, "domain": args.domain, "training": {
+        k: summary[k] for k in ("steps", "train_loss", "val_loss", "tokens_per_s", "mfu")}}))
 
 
 def cmd_merge(args) -> None:

@@ -23,13 +23,17 @@ from .model import MoEShape, build, from_hf_dense, from_hf_moe, init_tensors, to
 
 
 def read_documents(paths) -> list[str]:
-    """Texts from .parquet splits (column `text`, the prepare stage's format) or .txt/.jsonl files/folders."""
+    """Texts from `datasets` split folders or .parquet files (column `text`), or .txt/.jsonl files/folders."""
     from ..plain_train import read_texts
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     texts, others = [], []
     for p in paths:
-        if p.suffix == ".parquet":
+        if (p / "dataset_info.json").exists():  # a `datasets` save_to_disk split (the prepare stage)
+            import datasets
+
+            texts += [t for t in datasets.load_from_disk(str(p))["text"] if t and t.strip()]
+        elif p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             texts += [t for t in pq.read_table(p, columns=["text"]).column("text").to_pylist() if t and t.strip()]
@@ -89,8 +93,9 @@ def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool):
 
 
 def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val_data=None,
-                 public_rows=None, domain_rows=None, use_bias: bool = False, embedding_meta: dict | None = None) -> dict:
-    """Train one owner's expert against the frozen anchor; writes out/package (an expert package).
+                 public_rows=None, domain_rows=None, use_bias: bool = False, embedding_meta: dict | None = None,
+                 package_dir=None) -> dict:
+    """Train one owner's expert against the frozen anchor; writes out/package (or `package_dir`).
 
     Receives only the anchor and this domain's data (paths), nothing else."""
     from ..anchor import load_anchor, read_fingerprint
@@ -121,7 +126,7 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
             raise RuntimeError(f"training changed frozen tensors: {moved[:5]}")
         data = {"windows": len(windows), "seq_len": loop.seq_len,
                 "index_sha256": _data_hash(train_data)}
-        save_package(owner, out / "package", domain, read_fingerprint(anchor_dir), training=summary, data=data)
+        save_package(owner, package_dir or out / "package", domain, read_fingerprint(anchor_dir), training=summary, data=data)
     _finish(out, summary)
     return summary
 

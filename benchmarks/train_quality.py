@@ -1,0 +1,113 @@
+"""Quality check at the `tiny` preset (issue 4, item 9): validation loss per domain for the anchor, each
+owner's 2-expert model and the merged all-experts model. Runs the stages that are missing first.
+
+    python benchmarks/train_quality.py [--top-k K] [--domains a,b]   (from the repo root, after prepare/tokenizer)"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run(*args):
+    print("+", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+
+
+def stages(out: Path, data: Path, domains: list[str]) -> None:
+    """anchor, domain_embedding@*, expert@* with params.yaml's values, into `out` (skips finished ones)."""
+    import dataclasses
+
+    from flexolmo_core.training.config import AnchorConfig, DomainEmbeddingConfig, ExpertConfig, load_stage
+    from flexolmo_core.training.embeddings import compute_embedding, load_embedding, save_embedding
+    from flexolmo_core.training.stages import read_documents, train_anchor, train_expert
+
+    params = ROOT / "params.yaml"
+    if not (out / "anchor/model/config.json").exists():
+        preset, cfg, loop = load_stage(AnchorConfig, "anchor", params)
+        train_anchor(data / "tokenizer", data / "public/train", out / "anchor", preset, loop,
+                     val_data=data / "public/validation", init_seed=cfg.init_seed, projection_dim=cfg.projection_dim)
+    for d in ["public", *domains]:
+        if not (out / f"domain_embedding/{d}/embedding.safetensors").exists():
+            _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=d)
+            rows = compute_embedding(cfg.mode, d, read_documents([ROOT / f"outputs/prepare/{d}/train"]),
+                                     out / "anchor/model", cfg)
+            save_embedding(out / f"domain_embedding/{d}", rows, {"domain": d, "mode": cfg.mode})
+    for d in domains:
+        if not (out / f"expert/{d}/package/manifest.json").exists():
+            _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d)
+            train_expert(out / "anchor/model", d, data / f"{d}/train", out / f"expert/{d}", loop,
+                         val_data=data / f"{d}/validation", public_rows=load_embedding(out / "domain_embedding/public"),
+                         domain_rows=load_embedding(out / f"domain_embedding/{d}"), use_bias=cfg.use_bias)
+
+
+def main() -> None:
+    from flexolmo_core.anchor import load_anchor, model_config_from_hf
+    from flexolmo_core.merge import merge
+    from flexolmo_core.training.config import LoopConfig
+    from flexolmo_core.training.data import open_windows
+    from flexolmo_core.training.loop import evaluate
+    from flexolmo_core.training.model import MoEShape, build, from_hf_dense, from_hf_moe
+    from flexolmo_core.training.stages import read_merged
+    from flexolmo_core.moe import hf_state_dict
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--top-k", type=int, default=None, help="merged model's k (default: half, rounded up)")
+    ap.add_argument("--domains", default="news,creative,code,academic,educational,math,reddit")
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--work", default="/tmp/flexolmo_quality", help="where this run's stage outputs go")
+    args = ap.parse_args()
+    domains = args.domains.split(",")
+    out = Path(args.work)
+    data = ROOT / "outputs/tokenizer"  # the tokenizer stage's packed splits (read only)
+    stages(out, data, domains)
+    merged = out / f"merged_k{args.top_k}"
+    merge(out / "anchor/model", [out / f"expert/{d}/package" for d in domains], merged, top_k=args.top_k)
+
+    anchor = load_anchor(out / "anchor/model")
+    cfg = model_config_from_hf(anchor.config)
+    loop = LoopConfig(micro_batch=8, seq_len=256, eval_batches=args.eval_batches)
+    models = {"anchor": build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers), lambda n: False,
+                              torch.float32)}
+    mcfg, state, manifest = read_merged(merged)
+    E = manifest["num_experts"]
+    models["merged"] = build(mcfg, MoEShape(E, manifest["top_k"]), from_hf_moe(state, cfg.n_layers), lambda n: False,
+                             torch.float32)
+    rows = []
+    for d in ["public", *domains]:
+        val = open_windows(data / f"{d}/validation", loop.seq_len)
+        row = {"domain": d, "anchor": evaluate(models["anchor"], val, loop), "merged": evaluate(models["merged"], val, loop)}
+        if d != "public":
+            from flexolmo_core.training.stages import owner_fast_model
+            from flexolmo_core.package import load_package
+
+            pkg = load_package(out / f"expert/{d}/package")
+            L = cfg.n_layers
+            pub = torch.stack([pkg.tensor(f"layers.{i}.public_router") for i in range(L)])
+            dom = torch.stack([pkg.tensor(f"layers.{i}.router") for i in range(L)])
+            owner, tensors = owner_fast_model(anchor, pub, dom, False)
+            for i in range(L):
+                for name, key in (("gate_up_1", "gate_up_proj"), ("down_1", "down_proj")):
+                    getattr(owner.layers[i].w, name).data.copy_(pkg.tensor(f"layers.{i}.{key}"))
+            row["owner"] = evaluate(owner, val, loop)
+            row["merged_vs_owner"] = row["merged"] / row["owner"] - 1
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n| domain | anchor | owner model | merged (top-{manifest['top_k']} of {E}) | merged vs owner |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['domain']} | {r['anchor']:.3f} | {r.get('owner', float('nan')):.3f} | {r['merged']:.3f} | "
+              f"{100 * r.get('merged_vs_owner', float('nan')):+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The fast training path computes the same function as transformers (the readable reference)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flexolmo_core.config import get_preset
+from flexolmo_core.training.model import (MoEShape, build, count_matmul_flops, from_hf_dense, from_hf_moe, to_hf_dense,
+                                          to_hf_moe)
+from flexolmo_core.training.objective import objective
+from flexolmo_core.training.schedule import lr_at
+
+CFG = get_preset("smoke")
+
+
+def hf_anchor(seed=0):
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    c = Olmo2Config(vocab_size=CFG.vocab_size, hidden_size=CFG.d_model, intermediate_size=CFG.ffn_hidden,
+                    num_hidden_layers=CFG.n_layers, num_attention_heads=CFG.n_heads, num_key_value_heads=CFG.n_heads,
+                    max_position_embeddings=CFG.max_seq_len, rms_norm_eps=CFG.norm_eps, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": CFG.rope_theta}, pad_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    model = Olmo2ForCausalLM(c).eval()
+    with torch.no_grad():  # non-trivial norms so that a wrong norm placement shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+IDS = torch.randint(0, CFG.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+def test_dense_matches_transformers_and_round_trips():
+    hf = hf_anchor()
+    tensors = from_hf_dense(hf.state_dict(), CFG.n_layers)
+    fast = build(CFG, MoEShape(), tensors, lambda n: True, torch.float32)
+    ref = hf(IDS).logits
+    assert torch.allclose(fast(IDS)[0], ref, atol=1e-5, rtol=0)
+    fast.compute_dtype = torch.bfloat16  # the fast dtype: close, not equal
+    assert (fast(IDS)[0].float() - ref).abs().max() < 0.05 * ref.abs().max()
+    back = to_hf_dense(fast.tensors(), CFG.n_layers)
+    assert all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
+
+
+def test_owner_model_matches_transformers_and_freezes_structurally():
+    from flexolmo_core.moe import hf_state_dict
+    from flexolmo_core.owner import upcycle
+
+    hf = hf_anchor()
+    pub, dom = torch.randn(CFG.n_layers, CFG.d_model), torch.randn(CFG.n_layers, CFG.d_model)
+    owner = upcycle(hf, pub, dom).eval()
+    with torch.no_grad():
+        for layer in owner.model.layers:  # make expert 1 differ from expert 0
+            layer.mlp.experts.trainable_gate_up_proj.add_(0.05 * torch.randn_like(layer.mlp.experts.trainable_gate_up_proj))
+    tensors = from_hf_moe(hf_state_dict(owner), CFG.n_layers)
+    fast = build(CFG, MoEShape(2, 2), tensors, lambda n: n.endswith("_1"), torch.float32)
+    assert torch.allclose(fast(IDS)[0], owner(IDS).logits, atol=1e-5, rtol=0)
+    logits, router_z = fast(IDS)
+    loss, _ = objective(logits, IDS, router_z, 1e-3, 1e-5)
+    loss.backward()
+    params = dict(fast.named_parameters())
+    assert params and all(n.endswith(("gate_up_1", "down_1", "router_1")) for n in params)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+
+
+def test_top_k_routing_matches_transformers():
+    from transformers import FlexOlmoForCausalLM
+
+    from flexolmo_core.owner import flexolmo_config
+
+    hf = FlexOlmoForCausalLM(flexolmo_config(hf_anchor().config, num_experts=4, top_k=2)).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.mlp.gate.weight.normal_()
+            layer.mlp.experts.gate_up_proj.normal_(0, 0.05)
+            layer.mlp.experts.down_proj.normal_(0, 0.05)
+    fast = build(CFG, MoEShape(4, 2), from_hf_moe(hf.state_dict(), CFG.n_layers), lambda n: True, torch.float32)
+    assert torch.allclose(fast(IDS)[0], hf(IDS).logits, atol=1e-5, rtol=0)
+    back = to_hf_moe(fast.tensors(), CFG.n_layers, 4)
+    assert all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
+
+
+def test_objective_terms():
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    total, ce = objective(logits, targets, torch.tensor(3.0), 1e-3, 1e-5)
+    ref_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
+    z = torch.logsumexp(logits, -1).pow(2).mean()
+    assert torch.allclose(ce, ref_ce) and torch.allclose(total, ref_ce + 3e-3 + 1e-5 * z)
+
+
+def test_schedule_warmup_then_cosine_to_ten_percent():
+    lrs = [lr_at(s, 1.0, 10, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.1) and math.isclose(min(lrs[9:]), lrs[-1])
+
+
+def test_flops_count_only_needed_work():
+    dense = count_matmul_flops(CFG, MoEShape(), 64, lambda n: True)
+    assert dense["train_step"] == pytest.approx(3 * dense["forward"], rel=0.01)  # all weights train: ~3x forward
+    owner = count_matmul_flops(CFG, MoEShape(2, 2), 64, lambda n: n.endswith("_1"))
+    assert owner["forward"] < owner["train_step"] < 3 * owner["forward"]
