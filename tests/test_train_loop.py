@@ -1,0 +1,160 @@
+"""The one training loop on the smoke preset: the owner contract, resume (in process and after a real
+SIGKILL), observability outputs, data isolation of the expert stage, router tuning, the unrestricted MoE."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexolmo_core.training.config import LoopConfig
+
+REPO = Path(__file__).resolve().parents[1]
+LOOP = LoopConfig(steps=6, global_batch=4, micro_batch=2, seq_len=32, lr=3e-3, warmup=2, checkpoint_every=2,
+                  keep_checkpoints=2, eval_batches=2, progress=False, threads=1)
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def trained_expert(tmp_path_factory, smoke_anchor, owner_data):
+    from flexolmo_core.training.stages import train_expert
+
+    out = tmp_path_factory.mktemp("expert")
+    pub, dom = torch.randn(64) * 0.3, torch.randn(64) * 0.3
+    summary = train_expert(smoke_anchor, "code", [owner_data["code"]], out, LOOP, val_data=[owner_data["code"]],
+                           public_rows=pub, domain_rows=dom, use_bias=True)
+    return out, summary
+
+
+def test_expert_training_keeps_contract_and_reports(trained_expert, smoke_anchor):
+    from flexolmo_core.anchor import read_fingerprint
+    from flexolmo_core.package import load_package
+
+    out, summary = trained_expert
+    package = load_package(out / "package", anchor_fingerprint=read_fingerprint(smoke_anchor))
+    assert package.manifest["training"]["steps"] == 6 and package.uses_bias
+    for key in ("train_loss", "val_loss", "tokens", "wall_seconds", "mfu", "tokens_per_s"):
+        assert summary[key] is not None, key
+    assert json.loads((out / "summary.json").read_text())["val_loss"] == summary["val_loss"]
+    assert (out / "run/dvclive/plots/metrics/expert_code/loss.tsv").exists()
+    assert [p.name for p in sorted((out / "run/checkpoints").iterdir())] == ["step-00000004", "step-00000006"]
+    # expert 1 moved; the public expert and shared weights are checked bit-identical inside train_expert
+    assert not torch.equal(package.tensor("layers.0.gate_up_proj"), load_file(str(smoke_anchor / "model.safetensors"))[
+        "model.layers.0.mlp.gate_proj.weight"].repeat(2, 1))
+
+
+def test_resume_in_process_is_bit_identical(tmp_path, smoke_anchor, owner_data):
+    from dataclasses import replace
+
+    from flexolmo_core.training.stages import train_expert
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_expert(smoke_anchor, "code", [owner_data["code"]], full, LOOP)
+    train_expert(smoke_anchor, "code", [owner_data["code"]], part, replace(LOOP, steps=6))
+    shutil.rmtree(part / "package")
+    for ck in ("step-00000006",):  # drop the final checkpoint: resume from step 4
+        shutil.rmtree(part / "run/checkpoints" / ck)
+    summary = train_expert(smoke_anchor, "code", [owner_data["code"]], part, LOOP)
+    assert summary["resumed_from"] == "step-00000004"
+    a, b = load_file(str(full / "package/expert.safetensors")), load_file(str(part / "package/expert.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def anchor_cmd(tokenizer, data, out, steps):
+    return [sys.executable, "-m", "flexolmo_core.cli", "anchor", "train", "--preset", "smoke", "--tokenizer",
+            str(tokenizer), "--data", str(data), "--out", str(out), "--steps", str(steps), "--global-batch", "4",
+            "--micro-batch", "2", "--seq-len", "32", "--warmup", "2", "--checkpoint-every", "2", "--threads", "1",
+            "--lr", "3e-3"]
+
+
+def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path, smoke_tokenizer, owner_data):
+    steps = 40
+    straight = subprocess.run(anchor_cmd(smoke_tokenizer, owner_data["code"], tmp_path / "a", steps), env=env(),
+                              capture_output=True, text=True, timeout=240)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    victim = subprocess.Popen(anchor_cmd(smoke_tokenizer, owner_data["code"], tmp_path / "b", steps), env=env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "b/run/checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (checkpoints.exists() and any(p.name >= "step-00000006" for p in checkpoints.iterdir())):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "b/model").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(anchor_cmd(smoke_tokenizer, owner_data["code"], tmp_path / "b", steps), env=env(),
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "b/summary.json").read_text())
+    assert summary["resumed_from"] is not None
+    a, b = load_file(str(tmp_path / "a/model/model.safetensors")), load_file(str(tmp_path / "b/model/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_expert_stage_runs_with_only_its_own_domain(tmp_path, smoke_anchor, small_texts):
+    """tasks.expert in a folder holding the anchor and one domain's data, nothing else."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from flexolmo_core.data.packing import tokenize_documents, write_packed
+    from flexolmo_core.training.embeddings import save_embedding
+
+    out = tmp_path / "owner_site"
+    shutil.copytree(smoke_anchor, out / "outputs/anchor/model")
+    tok = Tokenizer.from_file(str(smoke_anchor / "tokenizer.json"))
+    stream = tokenize_documents(small_texts["code"], tok, tok.token_to_id("<|endoftext|>"))
+    cut = len(stream) * 9 // 10
+    write_packed(stream[:cut], out / "outputs/tokenizer/code/train", 32, 1 << 20, {})
+    write_packed(np.ascontiguousarray(stream[cut:]), out / "outputs/tokenizer/code/validation", 32, 1 << 20, {})
+    for name in ("public", "code"):
+        save_embedding(out / f"outputs/domain_embedding/{name}", torch.randn(64) * 0.3, {"domain": name})
+    (out / "params.yaml").write_text(
+        "preset: smoke\ndomains: {code: {steps: 3}}\nexpert:\n  use_bias: false\n"
+        "  loop: {global_batch: 2, micro_batch: 2, seq_len: 32, warmup: 1, eval_batches: 1, progress: false}\n")
+    done = subprocess.run([sys.executable, "-m", "tasks.expert", "code"], cwd=out, env=env(), capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / "outputs/expert/code/package/manifest.json").read_text())
+    assert manifest["domain"] == "code" and manifest["training"]["steps"] == 3
+    assert sorted(p.name for p in (out / "outputs").iterdir()) == ["anchor", "domain_embedding", "expert", "tokenizer"]
+
+
+def test_router_tuning_moves_only_router_rows(tmp_path, merged, owner_data, small_texts):
+    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.training.stages import tune_router
+
+    (tmp_path / "public.txt").write_text("\n\n".join(small_texts["public"][:60]))
+    summary = tune_router(merged, [tmp_path / "public.txt"], [owner_data["code"], owner_data["news"]], tmp_path / "rt",
+                          LOOP, public_windows=8, proxy_windows=8)
+    assert summary["experts"] == ["public", "code", "news"]
+    before, after = load_file(str(merged / "model.safetensors")), load_file(str(tmp_path / "rt/model/model.safetensors"))
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
+    assert load_flexolmo(tmp_path / "rt/model").manifest["router_tuned"]["steps"] == LOOP.steps
+
+
+def test_unrestricted_moe_matches_flop_budget_and_loads(tmp_path, smoke_tokenizer, owner_data):
+    from dataclasses import replace
+
+    from flexolmo_core.config import get_preset
+    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.training.model import MoEShape, count_matmul_flops
+    from flexolmo_core.training.stages import train_unrestricted
+
+    per_token = count_matmul_flops(get_preset("smoke"), MoEShape(3, 2), 32, lambda n: True)["train_step"]
+    budget = 5 * per_token * LOOP.global_batch * LOOP.seq_len
+    summary = train_unrestricted(smoke_tokenizer, [owner_data["code"], owner_data["news"]], tmp_path / "u", "smoke", 3, 2,
+                                 replace(LOOP, steps=1), budget_flops=budget)
+    assert summary["steps"] == 5
+    loaded = load_flexolmo(tmp_path / "u/model")
+    assert loaded.model.config.num_experts == 3 and loaded.model.config.num_experts_per_tok == 2
