@@ -38,7 +38,7 @@ def cmd_evaluate(args) -> int:
         raise UserError("--model is required (or --report RESULTS_DIR REPORT_DIR)")
     cfg = load_section(runner.EvalConfig, "evaluate", args.params) if Path(args.params).exists() else runner.EvalConfig()
     if args.limit is not None:
-        cfg.limit = cfg.domain_limit = args.limit
+        cfg.limit = cfg.gen_limit = cfg.domain_limit = args.limit
     if args.top_k is not None:
         cfg.top_k = args.top_k
     if args.domains_dir:

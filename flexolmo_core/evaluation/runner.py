@@ -25,18 +25,23 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """The `evaluate` section of params.yaml (also the `flexolmo evaluate` options)."""
     suites: list[str] = dataclasses.field(default_factory=lambda: ["flexolmo31", "flexolmo31_bpb", "domains"])
-    limit: int | None = 20              # docs per task (the paper: 1000); None = all
-    domain_limit: int | None = 20       # docs per FlexMix domain for held-out bpb
-    domain_max_chars: int | None = 4000  # characters per held-out doc (bounds rolling-bpb cost)
+    limit: int | None = 10              # docs per task (the paper: 1000); None = all
+    gen_limit: int | None = 5           # docs per generation task (greedy decoding is the costly part)
+    domain_limit: int | None = 10       # docs per FlexMix domain for held-out bpb
+    domain_max_chars: int | None = 2000  # characters per held-out doc (bounds rolling-bpb cost)
     domains_dir: str | None = "outputs/prepare"  # <dir>/<domain>/test from the prepare stage
     eval_data_dir: str | None = None     # local <task>.jsonl for tasks whose data is not shipped
     allow_code_execution: bool = False  # HumanEval/MBPP run generated code (subprocess + timeout) only if true
-    max_gen_toks: int | None = 64       # cap on generated tokens per doc (None = the task's own value)
+    max_gen_toks: int | None = 32       # cap on generated tokens per doc (None = the task's own value)
     batch_size: int = 16
     max_length: int | None = None       # context window for lm-eval (None = the model's)
     top_k: int | None = None            # FlexOlmo experts per token (None = the checkpoint's)
     btm_top_k: int = 2                  # BTM keeps this many experts per position
     variants: list[str] | None = None   # evaluate only these variant names (None = all found)
+    # Variants outside `full_variants` (dense_*, owner_*, optout_*) run `light_suites` only, to fit the budget.
+    full_variants: list[str] = dataclasses.field(default_factory=lambda: [
+        "public", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "unrestricted"])
+    light_suites: list[str] = dataclasses.field(default_factory=lambda: ["domains"])
     merged_dir: str = "outputs/merge/flexolmo"  # the merged FlexOlmo checkpoint every baseline derives from
     anchor_dir: str | None = "outputs/anchor"   # the public model (else expert 0 of the merge, identical)
     extra_variants: dict[str, str] | None = None  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...)
@@ -74,8 +79,11 @@ def _primary_value(name: str, metrics: dict) -> float | None:
 
 def load_tasks(task_names: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
     """(name -> lm-eval Task for the tasks that can run, name -> not-run record)."""
+    # doc_limit: loaders build only the docs lm-eval will read (it takes the first `limit` docs in order).
+    limits = [cfg.limit, cfg.gen_limit]
+    doc_limit = None if any(x is None for x in limits) else max(limits)
     metadata = {"eval_data_dir": cfg.eval_data_dir, "domains_dir": cfg.domains_dir,
-                "domain_max_chars": cfg.domain_max_chars}
+                "domain_max_chars": cfg.domain_max_chars, "doc_limit": doc_limit, "domain_limit": cfg.domain_limit}
     tm = _task_manager(metadata)
     loaded, skipped = {}, {}
     for name in task_names:
@@ -96,8 +104,10 @@ def load_tasks(task_names: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
     return loaded, skipped
 
 
-def _limit_for(name: str, cfg: EvalConfig) -> int | None:
-    return cfg.domain_limit if name.startswith("flexolmo_domain_") else cfg.limit
+def _limit_for(name: str, task, cfg: EvalConfig) -> int | None:
+    if name.startswith("flexolmo_domain_"):
+        return cfg.domain_limit
+    return cfg.gen_limit if task.OUTPUT_TYPE == "generate_until" else cfg.limit
 
 
 def run_tasks(lm, tasks: dict, cfg: EvalConfig) -> dict[str, dict]:
@@ -107,7 +117,7 @@ def run_tasks(lm, tasks: dict, cfg: EvalConfig) -> dict[str, dict]:
 
     by_limit: dict[Any, dict] = {}
     for name, task in tasks.items():
-        by_limit.setdefault(_limit_for(name, cfg), {})[name] = task
+        by_limit.setdefault(_limit_for(name, task, cfg), {})[name] = task
     out: dict[str, dict] = {}
     for limit, group in by_limit.items():
         try:
@@ -142,7 +152,8 @@ def evaluate_lm(lm, task_names: list[str], cfg: EvalConfig, *, variant: str = "m
     results = run_tasks(lm, tasks, cfg) if tasks else {}
     results.update(skipped)
     ordered = {name: results.get(name, {"status": "error", "reason": "no result returned"}) for name in task_names}
-    return {"variant": variant, "info": info or {}, "limit": cfg.limit, "domain_limit": cfg.domain_limit,
+    return {"variant": variant, "info": info or {}, "limit": cfg.limit, "gen_limit": cfg.gen_limit,
+            "domain_limit": cfg.domain_limit,
             "max_length": getattr(lm, "max_length", None), "tasks": ordered,
             "seconds": round(time.perf_counter() - start, 2)}
 

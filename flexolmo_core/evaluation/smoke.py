@@ -31,29 +31,30 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512):
     return fast
 
 
-def _shape(tokenizer) -> dict:
-    return dict(SMOKE_SHAPE, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+def _shape(tokenizer, shape: dict | None = None) -> dict:
+    shape = dict(SMOKE_SHAPE, **(shape or {}))
+    return dict(shape, vocab_size=max(len(tokenizer), shape.get("vocab_size", 0)), pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
 
 
-def build_anchor(out_dir: Path, tokenizer, seed: int = 0) -> Path:
+def build_anchor(out_dir: Path, tokenizer, seed: int = 0, shape: dict | None = None) -> Path:
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     torch.manual_seed(seed)
-    model = Olmo2ForCausalLM(Olmo2Config(**_shape(tokenizer)))
+    model = Olmo2ForCausalLM(Olmo2Config(**_shape(tokenizer, shape)))
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
 
 
 def build_merged(out_dir: Path, anchor_dir: Path, tokenizer, domains: list[str], top_k: int = 2,
-                 seed: int = 1, noise: float = 0.05) -> Path:
+                 seed: int = 1, noise: float = 0.05, shape: dict | None = None) -> Path:
     """FlexOlmo with experts [public (= the anchor FFN), *domains (anchor FFN + noise)], random router rows."""
     from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2ForCausalLM
 
     anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir, use_safetensors=True)
     n_experts = 1 + len(domains)
-    cfg = FlexOlmoConfig(**_shape(tokenizer), num_experts=n_experts, num_experts_per_tok=top_k)
+    cfg = FlexOlmoConfig(**_shape(tokenizer, shape), num_experts=n_experts, num_experts_per_tok=top_k)
     model = FlexOlmoForCausalLM(cfg)
     g = torch.Generator().manual_seed(seed)
     state = {}

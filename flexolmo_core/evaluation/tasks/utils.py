@@ -10,13 +10,15 @@ import datasets
 from flexolmo_core.evaluation import metrics, sources, suite
 
 
-def load(flexolmo_task, eval_data_dir=None, **_metadata):
+def load(flexolmo_task, eval_data_dir=None, doc_limit=None, **_metadata):
     docs = sources.load_docs(flexolmo_task, eval_data_dir=eval_data_dir, source=suite.SPECS[flexolmo_task].source)
+    docs = docs[:doc_limit] if doc_limit else docs  # lm-eval reads the first `limit` docs, in order
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 
-def load_domain(flexolmo_domain, domains_dir=None, domain_max_chars=None, **_metadata):
+def load_domain(flexolmo_domain, domains_dir=None, domain_max_chars=None, domain_limit=None, **_metadata):
     docs = sources.domain_texts(domains_dir, flexolmo_domain, max_chars=domain_max_chars)
+    docs = docs[:domain_limit] if domain_limit else docs
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 

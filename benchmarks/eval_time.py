@@ -1,0 +1,59 @@
+"""Time the evaluate stage per variant on random checkpoints with the `tiny` preset's shapes (vocab 8192,
+d_model 256, 4 layers, FFN 1024, 512 context; public + 7 experts, top-4), using params.yaml's `evaluate`
+budget. Random weights: the scores mean nothing, the seconds do.
+
+    python benchmarks/eval_time.py [--variants public,flexolmo,btm] [--limit N] [--suites a,b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from flexolmo_core.evaluation import runner, smoke, suite, variants
+from flexolmo_core.params import load_section
+
+TINY = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=512, vocab_size=8192)
+DOMAINS = ["news", "creative", "code", "academic", "educational", "math", "reddit"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="public,dense_code,owner_code,soup,btm,prompt_routing,flexolmo,optout_code")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--suites", default=None)
+    ap.add_argument("--out", default=None, help="write the timings JSON here")
+    args = ap.parse_args()
+    cfg = load_section(runner.EvalConfig, "evaluate", "params.yaml")
+    if args.limit is not None:
+        cfg.limit = cfg.domain_limit = args.limit
+    suites = args.suites.split(",") if args.suites else cfg.suites
+    tasks = [t for s in suites for t in suite.resolve_suite(s)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tok = smoke.train_tokenizer(root / "tok", vocab_size=2048)
+        smoke.build_anchor(root / "anchor", tok, shape=TINY)
+        smoke.build_merged(root / "merged", root / "anchor", tok, DOMAINS, top_k=4, shape=TINY)
+        cfg.domains_dir = str(smoke.write_domain_fixture(root / "domains", ["public", *DOMAINS], n_docs=20))
+        built = {v.name: v for v in variants.build_variants(root / "merged", root / "work", root / "anchor")}
+        timings = {}
+        for name in args.variants.split(","):
+            start = time.perf_counter()
+            res = variants.evaluate_variant(built[name], tasks, cfg)
+            timings[name] = round(time.perf_counter() - start, 1)
+            ran = sum(r["status"] == "ok" for r in res["tasks"].values())
+            print(f"{name}: {timings[name]} s ({ran}/{len(tasks)} tasks ran)", flush=True)
+        counts = {"hf": sum(v.kind == "hf" for v in built.values()), "btm": 1, "prompt_routing": 1}
+        hf_mean = sum(t for n, t in timings.items() if built[n].kind == "hf") / max(1, sum(built[n].kind == "hf" for n in timings))
+        total = hf_mean * counts["hf"] + timings.get("btm", 0) + timings.get("prompt_routing", 0)
+        print(f"estimated all {len(built)} variants: {total:.0f} s")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"per_variant_s": timings, "estimated_total_s": total,
+                                                  "n_variants": len(built), "limit": cfg.limit}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
