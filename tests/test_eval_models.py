@@ -140,3 +140,18 @@ def test_variants_report_and_cli(models, tmp_path):
     assert main(["evaluate", "--model", str(models / "anchor"), "--suite", "flexolmo_arc_easy_bpb", "--limit", "2",
                  "--params", str(tmp_path / "absent.yaml"), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["tasks"]["flexolmo_arc_easy_bpb"]["n"] == 2
+
+
+def test_btm_cached_generation_matches_the_scoring_path(models, tmp_path):
+    from flexolmo_core.evaluation.btm import BTMLM, btm_log_probs
+
+    dirs = [baselines.extract_dense_expert(models / "merged", i, tmp_path / f"d{i}") for i in range(3)]
+    lm = BTMLM(dirs, top_k=2, batch_size=2)
+    prompt = torch.tensor(lm.tok_encode("def add(a, b):\n    return"))
+    new = lm._greedy_one(prompt, 6, stop=[])
+    # Re-derive each greedy token from the full-sequence mixture (no cache).
+    seq = torch.cat([prompt, new])
+    lps = torch.stack([torch.log_softmax(m(seq[None]).logits.float(), -1) for m in lm.experts])
+    mix = btm_log_probs(lps, seq[None], top_k=2)[0]
+    expected = mix[len(prompt) - 1: len(seq) - 1].argmax(-1)
+    assert new.tolist() == expected.tolist()

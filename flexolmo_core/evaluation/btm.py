@@ -64,24 +64,42 @@ class BTMLM(HFLM):
             lps = torch.stack([F.log_softmax(m(inps).logits.float(), dim=-1) for m in self.experts])
         return btm_log_probs(lps, inps, self.top_k)
 
+    @torch.no_grad()
+    def _greedy_one(self, prompt: torch.Tensor, max_new: int, stop: list[str]) -> torch.Tensor:
+        """Greedy decoding from the mixture with each expert's KV cache; the posterior is carried forward
+        exactly as `btm_log_probs` computes it over the whole sequence."""
+        n = len(self.experts)
+        log_prior = torch.full((n,), -torch.log(torch.tensor(float(n))))
+        outs = [m(prompt[None], use_cache=True) for m in self.experts]
+        caches = [o.past_key_values for o in outs]
+        lps = [F.log_softmax(o.logits[0].float(), -1) for o in outs]
+        cum = torch.stack([lp[:-1].gather(-1, prompt[1:, None]).sum() for lp in lps])  # log p_e(x_2..x_T)
+        last = torch.stack([lp[-1] for lp in lps])  # [E, V]
+        new: list[int] = []
+        for _ in range(max_new):
+            log_w = cum + log_prior
+            keep = log_w.topk(min(self.top_k, n)).indices
+            w = torch.full_like(log_w, float("-inf"))
+            w[keep] = torch.log_softmax(log_w[keep], 0)
+            nxt = int(torch.logsumexp(w[:, None] + last, 0).argmax())
+            new.append(nxt)
+            if nxt == self.eot_token_id or any(s and s in self.tok_decode(new) for s in stop):
+                break
+            cum = cum + last[:, nxt]
+            step = torch.tensor([[nxt]])
+            outs = [m(step, past_key_values=c, use_cache=True) for m, c in zip(self.experts, caches)]
+            caches = [o.past_key_values for o in outs]
+            last = torch.stack([F.log_softmax(o.logits[0, -1].float(), -1) for o in outs])
+        return torch.tensor(new, dtype=prompt.dtype)
+
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        """Greedy decoding from the mixture, one row at a time (no KV cache: fine at small scale)."""
+        """One row at a time (left padding removed), so positions match the scoring path."""
         mask = generation_kwargs.pop("attention_mask", None)
         rows = []
         for b in range(context.shape[0]):
             row = context[b]
             real = row[mask[b].bool()] if mask is not None else row
-            generated = real.clone()
-            while generated.shape[0] < max_length - (row.shape[0] - real.shape[0]):
-                logp = self._model_call(generated[None])[0, -1]
-                nxt = int(logp.argmax())
-                generated = torch.cat([generated, torch.tensor([nxt])])
-                if nxt == self.eot_token_id:
-                    break
-                text = self.tok_decode(generated[real.shape[0]:].tolist())
-                if any(s in text for s in stop if s):
-                    break
-            rows.append(torch.cat([row, generated[real.shape[0]:]]))
+            rows.append(torch.cat([row, self._greedy_one(real, max_length - row.shape[0], stop)]))
         width = max(r.shape[0] for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         return torch.stack([F.pad(r, (0, width - r.shape[0]), value=pad) for r in rows])
