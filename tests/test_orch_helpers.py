@@ -1,0 +1,83 @@
+"""Helpers for the orchestration tests and benchmarks: a temporary clone of this working tree (tracked and
+untracked files, no outputs) set to the `smoke` preset, with a small data tier and a fast evaluation."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = {".venv", ".git", "outputs", "reports", "runs", "__pycache__", ".pytest_cache", "flexolmo.egg-info"}
+
+def smoke_params(params: dict, domains: list[str]) -> dict:
+    """The smoke preset on a small data tier, with fast evaluation."""
+    params = dict(params)
+    params["preset"] = "smoke"
+    params["domains"] = {d: {} for d in domains}
+    prep = params.setdefault("prepare", {})
+    prep["tiers"] = {**prep.get("tiers", {}), "smoke": {"tokens_per_domain": 20_000}}
+    prep["tier"] = "smoke"
+    prep["decontam_ngram"] = 0  # the eval-set n-gram index costs ~30 s; decontamination has its own tests
+    if "tokenizer" in params:
+        params["tokenizer"] = {**params["tokenizer"], "vocab_size": 1000, "min_frequency": 2, "seq_len": 64}
+    if "evaluate" in params:
+        params["evaluate"] = {**params["evaluate"], "suites": ["domains"], "limit": 2, "domain_limit": 2,
+                              "domain_max_chars": 500, "batch_size": 4}
+    params["merge"] = {**params.get("merge", {}), "opt_out": True, "dense_experts": False, "soup": False}
+    return params
+
+
+def make_clone(dest: Path, domains: list[str]) -> Path:
+    """Copy the working tree (tracked and untracked, not outputs) to `dest`, git-init it, smoke params."""
+    def ignore(directory, names):
+        return [n for n in names if n in SKIP or n.endswith(".pyc")]
+
+    shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
+    if (ROOT / "data/packages").exists() and not (dest / "data/packages").exists():
+        (dest / "data").mkdir(exist_ok=True)
+        os.symlink(ROOT / "data/packages", dest / "data/packages")
+    for cache in (dest / ".dvc/cache", dest / ".dvc/tmp"):
+        shutil.rmtree(cache, ignore_errors=True)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(smoke_params(params, domains), sort_keys=False))
+    env = clone_env(dest)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True, env=env)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"], cwd=dest,
+                   check=True, env=env)
+    subprocess.run([dvc(), "remote", "add", "--local", "-f", "-d", "local", str(dest.parent / "remote")], cwd=dest,
+                   check=True, env=env)
+    return dest
+
+
+def dvc() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def clone_env(dest: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(dest)  # the clone's own packages, not the editable install of the original
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("DO_NOT_TRACK", "1"),
+                       ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("OMP_NUM_THREADS", "2")):
+        env.setdefault(key, value)
+    return env
+
+
+def repro(dest: Path, *args: str) -> tuple[list[str], str]:
+    """`dvc repro` in the clone; returns the stages that ran and the full output."""
+    out = subprocess.run([dvc(), "repro", *args], cwd=dest, env=clone_env(dest), capture_output=True, text=True)
+    if out.returncode:
+        raise AssertionError(f"dvc repro failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage '")]
+    return ran, out.stdout
+
+
+def set_domains(dest: Path, domains: dict) -> None:
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["domains"] = domains
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
