@@ -155,3 +155,22 @@ def test_btm_cached_generation_matches_the_scoring_path(models, tmp_path):
     mix = btm_log_probs(lps, seq[None], top_k=2)[0]
     expected = mix[len(prompt) - 1: len(seq) - 1].argmax(-1)
     assert new.tolist() == expected.tolist()
+
+
+def test_evaluate_stage_end_to_end(models, tmp_path, monkeypatch):
+    import yaml
+    import tasks.evaluate as stage
+
+    params = {"evaluate": {"suites": ["smoke"], "limit": 2, "gen_limit": 1, "domain_limit": 2,
+                           "domains_dir": str(models / "domains"), "merged_dir": str(models / "merged"),
+                           "anchor_dir": str(models / "anchor"), "variants": ["public", "flexolmo", "optout_code"],
+                           "light_suites": ["domains"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert stage.main("params.yaml") == 0
+    results = sorted(p.name for p in (tmp_path / "outputs/evaluate/results").glob("*.json"))
+    assert results == ["flexolmo.json", "optout_code.json", "public.json"]
+    light = json.loads((tmp_path / "outputs/evaluate/results/optout_code.json").read_text())
+    assert set(light["tasks"]) == set(suite.SUITES["domains"])  # opt-out variants run the light suites
+    assert (tmp_path / "reports/results.md").exists() and (tmp_path / "outputs/evaluate/metrics.json").exists()
+    assert list((tmp_path / "outputs/evaluate/plots").glob("*.png"))

@@ -26,14 +26,36 @@ class Variant:
     note: str = ""
 
 
+def checkpoint_dir(path) -> Path | None:
+    """A stage's HF checkpoint: `<path>`, or `<path>/model` (training stages' layout); None if absent."""
+    for candidate in (Path(path), Path(path) / "model"):
+        if (candidate / "config.json").exists():
+            return candidate
+    return None
+
+
+def merge_index(merged_dir) -> dict[str, str]:
+    """Variants the merge stage already wrote (`<merge out>/index.json`: flexolmo, optout_<d>, dense_<d>,
+    soup); reused as they are instead of being rebuilt."""
+    index = Path(merged_dir).parent / "index.json"
+    if not index.exists():
+        return {}
+    found = json.loads(index.read_text()).get("variants", {})
+    return {name: str(Path(merged_dir).parent / name) for name in found
+            if (Path(merged_dir).parent / name / "config.json").exists()}
+
+
 def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] | None = None,
                    btm_top_k: int = 2) -> list[Variant]:
-    """Write the checkpoint-derived baselines under `work_dir` and list every variant to evaluate."""
+    """List every variant to evaluate; baselines the merge stage did not write are built under `work_dir`."""
     merged_dir, work_dir = Path(merged_dir), Path(work_dir)
     domains = baselines.expert_domains(merged_dir)
     n = len(domains)
+    existing = merge_index(merged_dir)
 
     def build(name, fn):
+        if name in existing:
+            return existing[name]
         out = work_dir / name
         if not (out / "config.json").exists():  # cheap to rebuild, but reuse within one run
             fn(out)
@@ -41,7 +63,8 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
 
     dense = [build(f"dense_{d}", lambda o, i=i: baselines.extract_dense_expert(merged_dir, i, o))
              for i, d in enumerate(domains)]
-    public = str(anchor_dir) if anchor_dir and (Path(anchor_dir) / "config.json").exists() else dense[0]
+    anchor = checkpoint_dir(anchor_dir) if anchor_dir else None
+    public = str(anchor) if anchor else dense[0]
     out = [Variant("public", "hf", [public], note="anchor" if public != dense[0] else "expert 0 of the merge "
                    "(bit-identical to the anchor by construction)")]
     for i, d in enumerate(domains[1:], start=1):
