@@ -23,7 +23,7 @@ def run(*args):
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def stages(out: Path, data: Path, domains: list[str]) -> None:
+def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_steps=None) -> None:
     """anchor, domain_embedding@*, expert@* with params.yaml's values, into `out` (skips finished ones)."""
     import dataclasses
 
@@ -34,6 +34,7 @@ def stages(out: Path, data: Path, domains: list[str]) -> None:
     params = ROOT / "params.yaml"
     if not (out / "anchor/model/config.json").exists():
         preset, cfg, loop = load_stage(AnchorConfig, "anchor", params)
+        loop = dataclasses.replace(loop, steps=anchor_steps or loop.steps)
         train_anchor(data / "tokenizer", data / "public/train", out / "anchor", preset, loop,
                      val_data=data / "public/validation", init_seed=cfg.init_seed, projection_dim=cfg.projection_dim)
     for d in ["public", *domains]:
@@ -45,6 +46,7 @@ def stages(out: Path, data: Path, domains: list[str]) -> None:
     for d in domains:
         if not (out / f"expert/{d}/package/manifest.json").exists():
             _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d)
+            loop = dataclasses.replace(loop, steps=expert_steps or loop.steps)
             train_expert(out / "anchor/model", d, data / f"{d}/train", out / f"expert/{d}", loop,
                          val_data=data / f"{d}/validation", public_rows=load_embedding(out / "domain_embedding/public"),
                          domain_rows=load_embedding(out / f"domain_embedding/{d}"), use_bias=cfg.use_bias)
@@ -65,11 +67,13 @@ def main() -> None:
     ap.add_argument("--domains", default="news,creative,code,academic,educational,math,reddit")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--work", default="/tmp/flexolmo_quality", help="where this run's stage outputs go")
+    ap.add_argument("--anchor-steps", type=int, default=None, help="override params.yaml (a shorter run)")
+    ap.add_argument("--expert-steps", type=int, default=None)
     args = ap.parse_args()
     domains = args.domains.split(",")
     out = Path(args.work)
     data = ROOT / "outputs/tokenizer"  # the tokenizer stage's packed splits (read only)
-    stages(out, data, domains)
+    stages(out, data, domains, args.anchor_steps, args.expert_steps)
     merged = out / f"merged_k{args.top_k}"
     merge(out / "anchor/model", [out / f"expert/{d}/package" for d in domains], merged, top_k=args.top_k)
 

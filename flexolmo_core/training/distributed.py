@@ -75,3 +75,12 @@ def mean(value: float, d: Dist) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / d.world
+
+
+def full_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under internal names, unsharded (a collective under FSDP: call on every rank)."""
+    out = {}
+    for name, t in unwrap(model).tensors().items():
+        t = t.detach()
+        out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return out

@@ -67,8 +67,9 @@ def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop
     val = open_windows(val_data, loop.seq_len, tokenizer_dir) if val_data else None
     summary = train(model, windows, loop, out / "run", val, label="anchor")
     summary.update(preset=preset if isinstance(preset, str) else None, init_seed=init_seed)
+    trained = D.full_tensors(model)
     if D.setup().main:
-        hf.load_state_dict(to_hf_dense(model.tensors(), cfg.n_layers))
+        hf.load_state_dict(to_hf_dense(trained, cfg.n_layers))
         fingerprint = save_anchor(hf, tokenizer_dir, out / "model", preset=summary["preset"],
                                   extra={"seed": init_seed, "training": summary})
         summary["projection_sha256"] = write_projection(out / "model", projection_dim, cfg.d_model, projection_seed)
@@ -110,8 +111,8 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     val = open_windows(val_data, loop.seq_len, anchor_dir) if val_data else None
     summary = train(model, windows, loop, out / "run", val, label=f"expert_{domain}")
     summary.update(domain=domain, use_bias=use_bias, router_embedding=embedding_meta or {})
+    trained = D.full_tensors(model)
     if D.setup().main:
-        trained = model.tensors()
         moved = [n for n, t in initial.items() if not n.endswith(("_1",)) and not torch.equal(trained[n], t.float())]
         owner = upcycle(anchor, public_rows, domain_rows, use_bias=use_bias)
         with torch.no_grad():
@@ -187,8 +188,9 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
     val = open_windows(val_data, loop.seq_len, merged_dir) if val_data else None
     summary = train(model, Mixture(parts), loop, out / "run", val, label="router_tune")
     summary.update(proxy_sets=len(proxy_data), experts=[e["domain"] for e in manifest["experts"]])
+    trained = D.full_tensors(model)
     if D.setup().main:
-        tuned = to_hf_moe(model.tensors(), cfg.n_layers, E)
+        tuned = to_hf_moe(trained, cfg.n_layers, E)
         _write_moe(merged_dir, out / "model", {k: tuned[k] if k.endswith("gate.weight") else v for k, v in state.items()},
                    {**manifest, "router_tuned": summary})
     _finish(out, summary)
@@ -239,6 +241,7 @@ def train_unrestricted(tokenizer_dir, data: list, out, preset: str | ModelConfig
     val = open_windows(val_data, loop.seq_len, tokenizer_dir) if val_data else None
     summary = train(model, windows, loop, out / "run", val, label="unrestricted_moe")
     summary.update(budget_flops=budget_flops, num_experts=num_experts, top_k=top_k)
+    trained = D.full_tensors(model)
     if D.setup().main:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         config = flexolmo_config(olmo2_config(cfg, tokenizer), num_experts, top_k)
@@ -249,6 +252,6 @@ def train_unrestricted(tokenizer_dir, data: list, out, preset: str | ModelConfig
                     "experts": [{"index": e, "domain": n, "package_sha256": None, "logit_bias": None}
                                 for e, n in enumerate(names)], "training": summary}
         tok_dir = Path(tokenizer_dir)
-        _write_moe(tok_dir, out / "model", to_hf_moe(model.tensors(), cfg.n_layers, num_experts), manifest, config)
+        _write_moe(tok_dir, out / "model", to_hf_moe(trained, cfg.n_layers, num_experts), manifest, config)
     _finish(out, summary)
     return summary
