@@ -69,7 +69,8 @@ def test_tasks_load_offline_and_missing_data_is_not_run(tmp_path):
     loaded, skipped = runner.load_tasks(names, cfg)
     assert set(loaded) == {"flexolmo_arc_easy", "flexolmo_gsm8k_bpb", "flexolmo_humaneval_bpb"}
     assert all(r["status"] == "not run" and r["reason"] for r in skipped.values())
-    assert "MMLU-Pro" in skipped["flexolmo_mmlu_pro"]["reason"]
+    assert "TIGER-Lab/MMLU-Pro" in skipped["flexolmo_mmlu_pro"]["reason"]
+    assert "SaylorTwift/bbh" in skipped["flexolmo_bbh"]["reason"]
     assert "judge" in skipped["flexolmo_newsg"]["reason"]
     assert "code execution not allowed" in skipped["flexolmo_humaneval"]["reason"]
     assert "domain 'code'" in skipped["flexolmo_domain_code"]["reason"]
@@ -81,3 +82,17 @@ def test_local_copy_makes_a_missing_task_runnable(tmp_path):
     (tmp_path / "mmlu_pro.jsonl").write_text(json.dumps(row) + "\n")
     loaded, skipped = runner.load_tasks(["flexolmo_mmlu_pro"], runner.EvalConfig(eval_data_dir=str(tmp_path)))
     assert "flexolmo_mmlu_pro" in loaded and not skipped
+
+
+def test_code_tasks_pass_with_their_reference_solutions():
+    """The programs built for HumanEval/MBPP pass with the gold code and fail with a wrong body."""
+    import json as _json
+    from flexolmo_core.evaluation import metrics
+
+    he = sources.load_docs("humaneval")[0]
+    extra = _json.loads(he["extra"])
+    assert metrics.run_program(metrics.humaneval_program(extra, he["gold_continuation"]))
+    assert not metrics.run_program(metrics.humaneval_program(extra, "    return None\n"))
+    mb = sources.load_docs("mbpp")[1]
+    extra = _json.loads(mb["extra"])
+    assert metrics.run_program(metrics.mbpp_program(extra, mb["gold_continuation"]))

@@ -253,5 +253,8 @@ def load_docs(name: str, eval_data_dir: str | None = None, source: str = "") -> 
         return list(_cached(name))
     except KeyError:
         pass
+    from flexolmo_core.evaluation.hub_sources import HUB_LOADERS
+    if name in HUB_LOADERS:
+        return HUB_LOADERS[name]()  # raises DataUnavailable offline, with the hub loader's message
     where = source.removeprefix("hub:")
     raise DataUnavailable(f"data not available offline ({where}); provide {name}.jsonl in evaluate.eval_data_dir")
