@@ -99,10 +99,14 @@ def run_program(program: str, timeout: float = 10.0) -> bool:
         return done.returncode == 0
 
 
+def _code(completion: str) -> str:
+    return completion.split("```")[0]  # the prompts open a ```python fence; the code ends where it closes
+
+
 def humaneval_program(extra: dict, completion: str) -> str:
-    return f"{extra['prompt']}{completion}\n\n{extra['test']}\n\ncheck({extra['entry_point']})\n"
+    return f"{extra['prompt']}{_code(completion)}\n\n{extra['test']}\n\ncheck({extra['entry_point']})\n"
 
 
 def mbpp_program(extra: dict, completion: str) -> str:
     tests = "\n".join(extra.get("test_list", []))
-    return f"{extra.get('test_setup_code', '')}\n{completion}\n\n{tests}\n"
+    return f"{extra.get('test_setup_code', '')}\n{_code(completion)}\n\n{tests}\n"
