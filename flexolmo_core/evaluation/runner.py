@@ -19,6 +19,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from flexolmo_core.evaluation import suite  # noqa: E402
 
 log = logging.getLogger(__name__)
+# Two lm-eval loggers warn once per request/task about expected things here: left truncation of 5-shot
+# prompts at a 512-token context, and "custom kwargs" for every custom_dataset task. Keep errors only.
+for _name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 @dataclasses.dataclass

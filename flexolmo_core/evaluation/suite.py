@@ -149,7 +149,8 @@ def primary_yaml(spec: TaskSpec) -> dict:
                 "generation_kwargs": {"until": list(spec.stop), "max_gen_toks": spec.max_gen_toks, "do_sample": False,
                                       "temperature": 0.0},
                 "process_results": f"!function utils.process_{spec.kind}",
-                "metric_list": [{"metric": spec.metric, "aggregation": "mean", "higher_is_better": True}]}
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in (("f1", "exact_match") if spec.kind == "gen" else (spec.metric,))]}
         if spec.kind == "code":
             cfg["unsafe_code"] = True  # lm-eval refuses to run it without confirm_run_unsafe_code
     return cfg
