@@ -1,0 +1,122 @@
+"""Training throughput and MFU at the `tiny` preset: our loop (anchor, expert) next to transformers'
+FlexOlmoForCausalLM trained the same way with gradient masking (the reference code's approach).
+
+MFU = achieved matmul FLOPs/s (only the work a step must do: forward, input gradients down to the lowest
+trainable tensor, weight gradients of trainable tensors) / the matmul peak of the same dtype, measured
+in this process. Random tokens (throughput does not depend on the text).
+
+    python benchmarks/train_throughput.py [--steps 6] [--batch 8] [--seq-len 256] [--threads 2]"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fake_anchor(cfg):
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    c = Olmo2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+                    num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+                    max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, pad_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return Olmo2ForCausalLM(c)
+
+
+def ours(kind: str, anchor, cfg, args) -> dict:
+    from flexolmo_core.training.config import LoopConfig
+    from flexolmo_core.training.data import TokenWindows
+    from flexolmo_core.training.loop import train
+    from flexolmo_core.training.model import MoEShape, build, from_hf_dense
+    from flexolmo_core.training.stages import owner_fast_model
+
+    if kind == "anchor":
+        model = build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers), lambda n: True, torch.float32)
+    else:
+        model, _ = owner_fast_model(anchor, torch.randn(cfg.d_model) * 0.3, torch.randn(cfg.d_model) * 0.3, False)
+    tokens = torch.randint(0, cfg.vocab_size, ((args.steps + 1) * args.batch * (args.seq_len + 1) + 1,))
+    loop = LoopConfig(steps=args.steps + 1, global_batch=args.batch, micro_batch=args.batch, seq_len=args.seq_len,
+                      dtype=args.dtype, checkpoint_every=10 ** 9, progress=False, eval_batches=0, compile=args.compile)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = train(model, TokenWindows(tokens, args.seq_len), loop, tmp, label=kind)
+    return {"tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"], "flops_per_token": s["train_flops_per_token"],
+            "peak_gflops": s["matmul_peak_flops"] / 1e9, "dtype": args.dtype}
+
+
+def reference(anchor, cfg, args, autocast: bool) -> dict:
+    """transformers FlexOlmo (fused experts), experts + router trainable, expert 0 / row 0 gradients zeroed."""
+    from flexolmo_core.training.loop import measure_matmul_peak
+    from flexolmo_core.training.model import MoEShape, count_matmul_flops
+    from flexolmo_core.training.objective import objective
+    from transformers import FlexOlmoForCausalLM
+
+    from flexolmo_core.owner import flexolmo_config
+
+    model = FlexOlmoForCausalLM(flexolmo_config(anchor.config, num_experts=2, top_k=2))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for layer in model.model.layers:
+        for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj, layer.mlp.gate.weight):
+            p.requires_grad_(True)
+            p.register_hook(lambda g: torch.cat([torch.zeros_like(g[:1]), g[1:]]))  # freeze expert 0 / row 0
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    times = []
+    for step in range(args.steps + 1):
+        rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=rows[:, :-1]).logits
+        loss, _ = objective(logits, rows[:, 1:], logits.new_zeros((), dtype=torch.float32), 0.0, 1e-5)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    tps = args.batch * args.seq_len * args.steps / sum(times[1:])
+    dtype = torch.bfloat16 if autocast else torch.float32
+    flops = count_matmul_flops(cfg, MoEShape(2, 2), args.seq_len, lambda n: n.endswith("_1"))["train_step"]
+    peak = measure_matmul_peak(dtype)
+    return {"tokens_per_s": tps, "mfu": flops * tps / peak, "peak_gflops": peak / 1e9,
+            "dtype": "bfloat16 autocast" if autocast else "float32"}
+
+
+def main() -> None:
+    from flexolmo_core.config import get_preset
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (one more runs first as warm-up)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = get_preset(args.preset)
+    anchor = fake_anchor(cfg)
+    results = {"anchor (ours)": ours("anchor", anchor, cfg, args), "expert (ours)": ours("expert", anchor, cfg, args),
+               "expert (transformers, fp32)": reference(anchor, cfg, args, False),
+               "expert (transformers, bf16 autocast)": reference(anchor, cfg, args, True)}
+    best_ref = max(results["expert (transformers, fp32)"]["tokens_per_s"],
+                   results["expert (transformers, bf16 autocast)"]["tokens_per_s"])
+    print(f"{'run':38s} {'tokens/s':>9s} {'MFU':>6s}  dtype (peak GFLOP/s)")
+    for name, r in results.items():
+        print(f"{name:38s} {r['tokens_per_s']:9.0f} {100 * r['mfu']:5.1f}%  {r['dtype']} ({r['peak_gflops']:.0f})")
+    ratio = results["expert (ours)"]["tokens_per_s"] / best_ref
+    print(f"expert training speed-up over the best reference: {ratio:.2f}x")
+    print(json.dumps({"results": results, "expert_speedup": ratio, "args": vars(args)}))
+
+
+if __name__ == "__main__":
+    main()
