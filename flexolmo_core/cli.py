@@ -8,6 +8,7 @@ import sys
 
 COMMAND_MODULES = (
     "flexolmo_core.commands.core",
+    "flexolmo_core.commands.train",
     "flexolmo_core.commands.data",
     "flexolmo_core.commands.registry",
     "flexolmo_core.commands.evaluate",
