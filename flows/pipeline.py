@@ -39,7 +39,9 @@ def retry_transient(task_, task_run, state) -> bool:
 
 @task(task_run_name="{stage.name}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def run_stage(stage: Stage, force: bool, threads: int | None) -> dict:
-    return run_stage_flow(stage, force=force, threads=threads)
+    from prefect.runtime import task_run
+
+    return run_stage_flow(stage, force=force, threads=threads, retry=task_run.run_count > 1)
 
 
 def threads_per_stage(stage: Stage, workers: int) -> int | None:

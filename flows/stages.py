@@ -118,9 +118,10 @@ def _env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def run_command(stage: Stage, cwd: Path, threads: int | None, log) -> float:
-    """Run the stage's command like `dvc repro` does (shell, repo root, outputs removed first)."""
-    for out in stage.outs:
+def run_command(stage: Stage, cwd: Path, threads: int | None, log, keep_outs: bool = False) -> float:
+    """Run the stage's command like `dvc repro` does (shell, repo root, outputs removed first). On a retry
+    the outputs are kept, so a training stage resumes from its last checkpoint in run/."""
+    for out in ([] if keep_outs else stage.outs):
         path = cwd / out
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -147,7 +148,7 @@ def run_command(stage: Stage, cwd: Path, threads: int | None, log) -> float:
 
 @flow(name="stage", flow_run_name="{stage_name}", log_prints=True)
 def stage_flow(stage_name: str, cmd: str, outs: list[str], repo_root: str, force: bool = False,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, retry: bool = False) -> dict:
     """Run one DVC stage if DVC says it changed (or `force`), then `dvc commit` it."""
     log = get_run_logger()
     set_root(repo_root)  # also in a Dask worker process
@@ -157,15 +158,20 @@ def stage_flow(stage_name: str, cmd: str, outs: list[str], repo_root: str, force
         log.info(f"{stage_name}: up to date (dvc.lock matches), skipped")
         return {"stage": stage_name, "ran": False, "seconds": 0.0, "overhead_seconds": time.perf_counter() - start,
                 "outs": outs}
-    log.info(f"{stage_name}: running `{cmd}`" + (f" with {threads} thread(s)" if threads else ""))
-    seconds = run_command(stage, root(), threads, log)
+    log.info(f"{stage_name}: running `{cmd}`" + (f" with {threads} thread(s)" if threads else "")
+             + (" (retry: outputs kept for resuming)" if retry else ""))
+    started = time.time()
+    seconds = run_command(stage, root(), threads, log, keep_outs=retry)
+    finished = time.time()
     commit_stage(stage_name)
     total = time.perf_counter() - start
     log.info(f"{stage_name}: done in {seconds:.1f} s (+{total - seconds:.1f} s DVC status/commit); outputs {outs}")
-    return {"stage": stage_name, "ran": True, "seconds": seconds, "overhead_seconds": total - seconds, "outs": outs}
+    return {"stage": stage_name, "ran": True, "seconds": seconds, "overhead_seconds": total - seconds, "outs": outs,
+            "started": started, "finished": finished}
 
 
-def run_stage_flow(stage: Stage, force: bool = False, threads: int | None = None) -> dict:
+def run_stage_flow(stage: Stage, force: bool = False, threads: int | None = None, retry: bool = False) -> dict:
     """The stage's flow under its own flow name (the stage family) so the UI groups runs by stage."""
     return stage_flow.with_options(name=stage.family)(stage_name=stage.name, cmd=stage.cmd, outs=stage.outs,
-                                                      repo_root=str(root()), force=force, threads=threads)
+                                                      repo_root=str(root()), force=force, threads=threads,
+                                                      retry=retry)

@@ -1,0 +1,188 @@
+"""Orchestration end to end on the `smoke` preset in a temporary clone of this working tree:
+
+1. `dvc repro` runs every stage; a second `dvc repro` runs nothing.
+2. Changing one domain's params and running the Prefect pipeline flow reruns only that domain's embedding
+   and expert (plus the names-only `domains` stage), merge and evaluate; afterwards `dvc status` is clean
+   and `dvc repro` runs nothing (the two entry points agree).
+3. Adding two domains trains only the new experts, concurrently.
+4. An owner flow trains and publishes an expert; the published event triggers the served re-merge
+   deployment, which writes a new release containing the new expert. A second re-merge is a no-op.
+
+All flows run under one `prefect_test_harness` (module = session here: every Prefect test is in this file)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_orch_helpers import clone_env, dvc, make_clone, repro, set_domains  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ALL_STAGES_2 = {"domains", "prepare", "tokenizer", "anchor", "public_embedding", "domain_embedding@code",
+                "domain_embedding@math", "expert@code", "expert@math", "merge", "evaluate"}
+
+
+@pytest.fixture(scope="session")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    dest = make_clone(tmp_path_factory.mktemp("orch") / "repo", ["code", "math"])
+    params = dest / "params.yaml"
+    import yaml
+
+    data = yaml.safe_load(params.read_text())
+    data["evaluate"]["variants"] = ["flexolmo"]  # one variant keeps the smoke evaluation to seconds
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    yield dest
+    from flows.stages import set_root
+
+    set_root(None)
+    os.chdir(Path(__file__).resolve().parents[1])
+
+
+def run_flow(clone: Path, workers: int = 2) -> dict:
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.pipeline import pipeline
+    from flows.stages import set_root
+
+    set_root(clone)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(clone)  # stage subprocesses import the clone's code
+    try:
+        return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(workers=workers)
+    finally:
+        os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
+
+
+def ran(summary: dict) -> set[str]:
+    return {name for name, r in summary["stages"].items() if r["ran"]}
+
+
+def dvc_clean(clone: Path) -> str:
+    out = subprocess.run([dvc(), "status"], cwd=clone, env=clone_env(clone), capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def test_dvc_repro_twice(clone):
+    first, log = repro(clone)
+    assert set(first) == ALL_STAGES_2, log[-3000:]
+    assert (clone / "reports/results.md").exists() and (clone / "outputs/merge/flexolmo/flexolmo.json").exists()
+    merged = json.loads((clone / "outputs/merge/flexolmo/flexolmo.json").read_text())
+    assert [e["domain"] for e in merged["experts"]] == ["public", "code", "math"]
+    assert sorted(json.loads((clone / "outputs/merge/index.json").read_text())["variants"]) == [
+        "flexolmo", "optout_code", "optout_math"]
+    second, _ = repro(clone)
+    assert second == []
+
+
+def test_one_domain_change_via_flow_reruns_only_that_domain(clone, harness):
+    set_domains(clone, {"code": {"steps": 3}, "math": {}})
+    summary = run_flow(clone)
+    assert ran(summary) == {"domains", "domain_embedding@code", "expert@code", "merge", "evaluate"}
+    assert json.loads((clone / "outputs/expert/code/summary.json").read_text())["steps"] == 3
+    assert dvc_clean(clone) == "Data and pipelines are up to date."
+    assert repro(clone)[0] == []
+
+
+def test_artifacts_are_in_the_ui(clone, harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def latest(key):
+        async with get_client() as client:
+            found = await client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return found[0] if found else None
+
+    import asyncio
+
+    stages = asyncio.run(latest("flexolmo-stages"))
+    assert stages is not None and "expert@code" in str(stages.data)
+    assert asyncio.run(latest("flexolmo-outputs")) is not None
+    results = asyncio.run(latest("flexolmo-results"))
+    assert results is not None and "flexolmo" in results.data
+    assert asyncio.run(latest("flexolmo-eval-table")) is not None
+
+
+def test_adding_domains_trains_only_the_new_experts_concurrently(clone, harness):
+    set_domains(clone, {"code": {"steps": 3}, "math": {}, "news": {}, "reddit": {}})
+    summary = run_flow(clone)
+    assert ran(summary) == {"domains", "prepare", "tokenizer", "domain_embedding@news", "domain_embedding@reddit",
+                            "expert@news", "expert@reddit", "merge", "evaluate"}
+    # anchor, public embedding and the existing experts were not touched: the data stages are deterministic
+    a, b = summary["stages"]["expert@news"], summary["stages"]["expert@reddit"]
+    assert a["started"] < b["finished"] and b["started"] < a["finished"], "the two experts did not overlap"
+    merged = json.loads((clone / "outputs/merge/flexolmo/flexolmo.json").read_text())
+    assert [e["domain"] for e in merged["experts"]] == ["public", "code", "math", "news", "reddit"]
+    assert repro(clone)[0] == []
+
+
+def wait_for(predicate, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
+    """owner flow -> registry -> `flexolmo.expert.published` -> served remerge deployment -> new release."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flexolmo_core.registry import Registry
+    from flows.owner import owner, publish
+    from flows.remerge import remerge
+
+    anchor, registry, releases = clone / "outputs/anchor/model", tmp_path / "registry", tmp_path / "releases"
+    Registry(registry).init(anchor)
+    data = tmp_path / "legal.jsonl"  # the owner's closed data: nothing else is passed to the flow
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_texts["public"][:60]))
+    env = {**clone_env(clone), "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(clone),
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    server = subprocess.Popen([sys.executable, "-m", "flows.deploy", "serve", "--registry", str(registry),
+                               "--anchor", str(anchor), "--releases", str(releases), "--cron", "",
+                               "--no-evaluate"], cwd=clone, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        result = owner("legal", str(data), str(anchor), str(clone / "outputs/domain_embedding/public"),
+                       registry=str(registry), work_dir=str(tmp_path / "owner"), params=str(clone / "params.yaml"))
+        assert result["published"]["event_emitted"]
+        current = releases / "current.json"
+        release = wait_for(lambda: current.exists() and json.loads(current.read_text()), 150, "the triggered re-merge")
+        assert set(release["experts"]) == {"legal"}
+        merged = json.loads((Path(release["path"]) / "flexolmo.json").read_text())
+        assert [e["domain"] for e in merged["experts"]] == ["public", "legal"]
+        assert merged["experts"][1]["package_sha256"] == result["sha256"]
+
+        # a second owner publishes (the clone's code package): the event yields release v2 with both experts
+        publish(str(clone / "outputs/expert/code/package"), str(registry))
+        def v2():
+            r = json.loads(current.read_text())
+            return r if r["version"] == 2 else None
+
+        release = wait_for(v2, 150, "release v2")
+        assert set(release["experts"]) == {"code", "legal"}
+        # idempotent: nothing new in the registry -> no new release
+        again = remerge(str(registry), str(anchor), str(releases), evaluate=False)
+        assert again["changed"] is False and again["version"] == 2
+        assert sorted(p.name for p in releases.iterdir() if p.name.startswith("v")) == ["v0001", "v0002"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
