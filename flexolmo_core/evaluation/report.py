@@ -219,7 +219,7 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
         im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=max(1e-9, mat.max()))
         ax.set_xticks(range(mat.shape[1]), share.get("experts") or [f"e{i}" for i in range(mat.shape[1])], rotation=30)
         ax.set_yticks(range(len(domains)), domains)
-        ax.set_xlabel("expert"), ax.set_ylabel("held-out domain"), ax.set_title("routing share")
+        ax.set_xlabel("expert"), ax.set_ylabel("held-out domain"), ax.set_title("mean router probability")
         fig.colorbar(im)
         fig.tight_layout()
         fig.savefig(out_dir / "routing_share.png", dpi=100)

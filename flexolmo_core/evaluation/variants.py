@@ -127,7 +127,7 @@ def _routing_share(lm, model_dir, cfg: runner.EvalConfig) -> dict | None:
             docs = sources.domain_texts(cfg.domains_dir, d, max_chars=cfg.domain_max_chars)
         except sources.DataUnavailable:
             continue
-        texts[d] = [x["text"] for x in docs[: min(8, cfg.domain_limit or 8)]]
+        texts[d] = [x["text"] for x in docs[: min(4, cfg.domain_limit or 4)]]  # a few docs: a share, not a score
     if not texts:
         return None
     shares = routing_share(lm.model, lm.tokenizer, texts)
