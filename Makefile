@@ -9,3 +9,8 @@ run: setup
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+# A local Prefect server with its UI; point runs at it with PREFECT_API_URL (printed). Stop with Ctrl-C.
+ui: setup
+	@echo "Prefect UI: http://127.0.0.1:4200  -- in another shell: export PREFECT_API_URL=http://127.0.0.1:4200/api"
+	PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 .venv/bin/prefect server start --host 127.0.0.1 --port 4200

@@ -27,6 +27,14 @@ def smoke_params(params: dict, domains: list[str]) -> dict:
     if "evaluate" in params:
         params["evaluate"] = {**params["evaluate"], "suites": ["domains"], "limit": 2, "domain_limit": 2,
                               "domain_max_chars": 500, "batch_size": 4}
+    # a few optimiser steps are enough to exercise every stage; the training engineer's tests cover the loop
+    for section, steps in (("anchor", 4), ("expert", 3)):
+        if section in params:
+            presets = dict(params[section].get("presets") or {})
+            presets["smoke"] = {**(presets.get("smoke") or {}), "steps": steps, "checkpoint_every": 2}
+            params[section] = {**params[section], "presets": presets}
+    if "domain_embedding" in params:  # the paper's random-row ablation: no encoder to load
+        params["domain_embedding"] = {**params["domain_embedding"], "mode": "random"}
     params["merge"] = {**params.get("merge", {}), "opt_out": True, "dense_experts": False, "soup": False}
     return params
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's main command (after scripts/setup.sh): the whole pipeline at the `tiny` preset on the full-tier
+# mini FlexMix with `dvc repro`, then the paths of the results table and plots. Offline by construction.
+#   RUNNER=prefect bash scripts/run.sh   runs the same DAG as Prefect flow runs (experts concurrently)
+#   bash scripts/run.sh expert@code      any `dvc repro` arguments (a target, --force, ...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+       TOKENIZERS_PARALLELISM=false
+start=$(date +%s)
+if [ "${RUNNER:-dvc}" = prefect ]; then
+  python -m flows.pipeline "$@"
+else
+  dvc repro "$@"
+fi
+echo "[run] pipeline finished in $(( $(date +%s) - start )) s (preset: $(python -c 'import yaml; print(yaml.safe_load(open("params.yaml"))["preset"])'))"
+[ -f reports/results.md ] && echo "results table: $PWD/reports/results.md"
+[ -d outputs/evaluate/plots ] && echo "plots: $PWD/outputs/evaluate/plots/ ($(ls outputs/evaluate/plots | tr '\n' ' '))"
+[ -f outputs/evaluate/metrics.json ] && echo "metrics: $PWD/outputs/evaluate/metrics.json (dvc metrics show)"
+echo "merged model: $PWD/outputs/merge/flexolmo"
