@@ -125,11 +125,18 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
         moved += frozen_differences(owner, anchor, public_rows)
         if moved:  # structurally impossible; this guards against regressions
             raise RuntimeError(f"training changed frozen tensors: {moved[:5]}")
-        data = {"windows": len(windows), "seq_len": loop.seq_len,
-                "index_sha256": _data_hash(train_data)}
+        data = {"documents": _count_documents(windows, anchor.config.eos_token_id), "windows": len(windows),
+                "seq_len": loop.seq_len, "sha256": _data_hash(train_data)}
         save_package(owner, package_dir or out / "package", domain, read_fingerprint(anchor_dir), training=summary, data=data)
     _finish(out, summary)
     return summary
+
+
+def _count_documents(windows, eos: int) -> int:
+    """Documents = EOS tokens in the stream (packed shards or tokenized files)."""
+    if hasattr(windows, "shards"):
+        return int(sum(int((s == eos).sum()) for s in windows.shards))
+    return int((windows.tokens == eos).sum())
 
 
 def _data_hash(paths) -> str:
