@@ -89,10 +89,10 @@ def test_dvc_repro_twice(clone):
 
 
 def test_one_domain_change_via_flow_reruns_only_that_domain(clone, harness):
-    set_domains(clone, {"code": {"steps": 3}, "math": {}})
+    set_domains(clone, {"code": {"steps": 2}, "math": {}})
     summary = run_flow(clone)
     assert ran(summary) == {"domains", "domain_embedding@code", "expert@code", "merge", "evaluate"}
-    assert json.loads((clone / "outputs/expert/code/summary.json").read_text())["steps"] == 3
+    assert json.loads((clone / "outputs/expert/code/summary.json").read_text())["steps"] == 2
     assert dvc_clean(clone) == "Data and pipelines are up to date."
     assert repro(clone)[0] == []
 
@@ -117,7 +117,7 @@ def test_artifacts_are_in_the_ui(clone, harness):
 
 
 def test_adding_domains_trains_only_the_new_experts_concurrently(clone, harness):
-    set_domains(clone, {"code": {"steps": 3}, "math": {}, "news": {}, "reddit": {}})
+    set_domains(clone, {"code": {"steps": 2}, "math": {}, "news": {}, "reddit": {}})
     summary = run_flow(clone)
     assert ran(summary) == {"domains", "prepare", "tokenizer", "domain_embedding@news", "domain_embedding@reddit",
                             "expert@news", "expert@reddit", "merge", "evaluate"}
