@@ -169,6 +169,14 @@ def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
                            [[e["domain"], _fmt(e["bpb_with"], 4), _fmt(e["bpb_without"], 4), _fmt(e["bpb_public"], 4),
                              _pct(e["gain_lost"]), f"{_pct(e['max_other_change'])} ({e['max_other_domain']})"]
                             for e in effects]) if effects else "(needs flexolmo, public and optout_<domain> results)")
+    if effects:
+        doms = [d for d in suite.DOMAINS if any(d in e["other_changes"] or d == e["domain"] for e in effects)]
+        parts += ["", "Relative bpb change per domain (column) when one expert (row) is removed:", ""]
+        rows = []
+        for e in effects:
+            own = (e["bpb_without"] - e["bpb_with"]) / e["bpb_with"]
+            rows.append([e["domain"], *[_pct(own if d == e["domain"] else e["other_changes"].get(d)) for d in doms]])
+        parts.append(_md_table(["removed", *doms], rows))
     parts += ["", "## Checks from the issue (reported either way)", ""]
     parts += [f"- {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {what} ({detail})" for what, ok, detail in claims(summary)] or ["- (no results)"]
     parts += ["", "## Tasks not run", ""]
