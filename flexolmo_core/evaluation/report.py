@@ -159,7 +159,8 @@ def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
                 ri = scores.relative_improvements(summary[target]["groups"], summary[ref]["groups"])
                 rb = scores.relative_improvements(summary[target]["groups_bpb"], summary[ref]["groups_bpb"], False)
                 rd = scores.relative_change(summary[target]["domains_bpb_avg"], summary[ref]["domains_bpb_avg"], False)
-                rows.append([target, ref, _pct(ri["of_avg"]), _pct(ri["mean_of_groups"]), _pct(rb["of_avg"]),
+                label = ref if ref == "public" else f"{ref} (best merging baseline)"
+                rows.append([target, label, _pct(ri["of_avg"]), _pct(ri["mean_of_groups"]), _pct(rb["of_avg"]),
                              _pct(rb["mean_of_groups"]), _pct(rd)])
     parts.append(_md_table(["model", "over", "score: of Avg.", "score: mean of groups", "gold bpb: of Avg.",
                             "gold bpb: mean of groups", "domain bpb mean"], rows) if rows else "(needs flexolmo and public results)")
@@ -167,7 +168,8 @@ def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
     effects = opt_out_effects(summary)
     parts.append(_md_table(["removed", "bpb with", "bpb without", "public bpb", "gain lost", "max change elsewhere"],
                            [[e["domain"], _fmt(e["bpb_with"], 4), _fmt(e["bpb_without"], 4), _fmt(e["bpb_public"], 4),
-                             _pct(e["gain_lost"]), f"{_pct(e['max_other_change'])} ({e['max_other_domain']})"]
+                             _pct(e["gain_lost"]) if e["gain_lost"] is not None else "n/a (no gain over public)",
+                             f"{_pct(e['max_other_change'])} ({e['max_other_domain']})"]
                             for e in effects]) if effects else "(needs flexolmo, public and optout_<domain> results)")
     if effects:
         doms = [d for d in suite.DOMAINS if any(d in e["other_changes"] or d == e["domain"] for e in effects)]
@@ -237,12 +239,13 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
     effects = opt_out_effects(summary)
     if effects:
         removed = [e["domain"] for e in effects]
-        domains = [d for d in suite.DOMAINS if d in summary["flexolmo"]["domains_bpb"]]
+        domains = [d for d in suite.DOMAINS if summary["flexolmo"]["domains_bpb"].get(d) is not None]
         full = summary["flexolmo"]["domains_bpb"]
         mat = np.array([[((summary[f"optout_{r}"]["domains_bpb"].get(d) or np.nan) - (full.get(d) or np.nan))
                          / (full.get(d) or np.nan) * 100 for d in domains] for r in removed])
-        fig, ax = plt.subplots(figsize=(1 + 0.8 * len(domains), 1 + 0.5 * len(removed)))
-        im = ax.imshow(mat, cmap="Reds")
+        fig, ax = plt.subplots(figsize=(2 + 0.9 * len(domains), 1.5 + 0.5 * len(removed)))
+        lim = max(1e-9, float(np.nanmax(np.abs(mat))))
+        im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)  # red = worse without the expert
         ax.set_xticks(range(len(domains)), domains, rotation=30)
         ax.set_yticks(range(len(removed)), [f"without {r}" for r in removed])
         ax.set_title("bpb change when an expert is removed (%)")

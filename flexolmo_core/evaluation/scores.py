@@ -70,7 +70,8 @@ def opt_out_effect(full: dict[str, float], removed: dict[str, float], public: di
     """Removing `domain`'s expert. `gain_lost` = share of the domain's bpb gain over the public model that is
     lost (1.0 = back to public); `max_other_change` = largest relative bpb change on any other domain."""
     gain = public[domain] - full[domain]
-    lost = (removed[domain] - full[domain]) / gain if gain else None
+    # No gain over the public model -> nothing to lose: the share is undefined (reported as n/a).
+    lost = (removed[domain] - full[domain]) / gain if gain > 0 else None
     others = {d: (removed[d] - full[d]) / full[d] for d in full
               if d != domain and full.get(d) is not None and removed.get(d) is not None}
     worst = max(others, key=lambda d: abs(others[d])) if others else None
