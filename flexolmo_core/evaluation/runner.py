@@ -48,7 +48,8 @@ class EvalConfig:
     light_suites: list[str] = dataclasses.field(default_factory=lambda: ["domains"])
     merged_dir: str = "outputs/merge/flexolmo"  # the merged FlexOlmo checkpoint every baseline derives from
     anchor_dir: str | None = "outputs/anchor"   # the public model (else expert 0 of the merge, identical)
-    extra_variants: dict[str, str] | None = None  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...)
+    extra_variants: dict[str, str] | None = None  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...);
+    # a missing dir is reported as `not run`, so the training stages' outputs can be listed before they exist
 
 
 NOT_RUN = "not run"

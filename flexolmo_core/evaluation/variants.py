@@ -82,6 +82,7 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
         path = build(f"optout_{d}", lambda o, keep=keep: baselines.slice_experts(merged_dir, keep, o))
         out.append(Variant(f"optout_{d}", "hf", [path], flexolmo=True, note=f"merged without the {d} expert"))
     for name, path in (extra or {}).items():
+        path = checkpoint_dir(path) or Path(path)  # missing -> evaluated as `not run` with the reason
         cfg = Path(path) / "config.json"
         is_moe = cfg.exists() and "num_experts" in json.loads(cfg.read_text())
         out.append(Variant(name, "hf", [str(path)], flexolmo=is_moe, note="given in params"))
