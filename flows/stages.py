@@ -136,8 +136,10 @@ def run_command(stage: Stage, cwd: Path, threads: int | None, log, keep_outs: bo
         tail = (tail + [line.rstrip()])[-20:]
     code = proc.wait()
     seconds = time.perf_counter() - start
-    if code < 0:
-        raise TransientStageError(f"stage {stage.name}: `{stage.cmd}` was killed by signal {-code}")
+    # Killed from outside (OOM killer, preemption): negative when direct, 128 + signal through the shell.
+    signal_ = -code if code < 0 else code - 128 if code in (128 + 9, 128 + 15) else None
+    if signal_:
+        raise TransientStageError(f"stage {stage.name}: `{stage.cmd}` was killed by signal {signal_}")
     if code != 0:
         raise StageFailed(f"stage {stage.name}: `{stage.cmd}` exited with {code}:\n" + "\n".join(tail))
     missing = [o for o in stage.outs if not (cwd / o).exists()]

@@ -39,8 +39,9 @@ def smoke_params(params: dict, domains: list[str]) -> dict:
     return params
 
 
-def make_clone(dest: Path, domains: list[str]) -> Path:
-    """Copy the working tree (tracked and untracked, not outputs) to `dest`, git-init it, smoke params."""
+def make_clone(dest: Path, domains: list[str], preset: str = "smoke") -> Path:
+    """Copy the working tree (tracked and untracked, not outputs) to `dest`, git-init it; `smoke` gets the
+    fast test params above, any other preset only its name and the domains."""
     def ignore(directory, names):
         return [n for n in names if n in SKIP or n.endswith(".pyc")]
 
@@ -51,7 +52,11 @@ def make_clone(dest: Path, domains: list[str]) -> Path:
     for cache in (dest / ".dvc/cache", dest / ".dvc/tmp"):
         shutil.rmtree(cache, ignore_errors=True)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    (dest / "params.yaml").write_text(yaml.safe_dump(smoke_params(params, domains), sort_keys=False))
+    if preset == "smoke":
+        params = smoke_params(params, domains)
+    else:
+        params = {**params, "preset": preset, "domains": {d: (params.get("domains") or {}).get(d) or {} for d in domains}}
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = clone_env(dest)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True, env=env)

@@ -186,3 +186,53 @@ def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_transient_failures_are_retried_and_errors_are_not(tmp_path, harness):
+    """A stage killed by a signal is retried (and then succeeds); a stage that exits 1 is not retried."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.pipeline import pipeline
+    from flows.stages import set_root
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = clone_env(repo)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([dvc(), "init", "-q"], cwd=repo, check=True, env=env)
+    flaky = ("import os, signal, pathlib; n = pathlib.Path('attempts'); n.write_text(n.read_text() + 'x' "
+             "if n.exists() else 'x'); os.kill(os.getpid(), signal.SIGKILL) if len(n.read_text()) == 1 else "
+             "pathlib.Path('out.txt').write_text('ok')")
+    (repo / "flaky.py").write_text(flaky)
+    (repo / "dvc.yaml").write_text("stages:\n  flaky:\n    cmd: python flaky.py\n    deps: [flaky.py]\n"
+                                   "    outs: [out.txt]\n  broken:\n    cmd: python -c 'raise SystemExit(1)'\n"
+                                   "    outs: [never.txt]\n")
+    set_root(repo)
+    try:
+        with pytest.raises(RuntimeError, match=r"pipeline failed at \['broken'\]"):
+            pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(workers=2)
+        assert (repo / "attempts").read_text() == "xx" and (repo / "out.txt").read_text() == "ok"
+        lock = (repo / "dvc.lock").read_text()
+        assert "flaky" in lock and "broken" not in lock  # the retried stage was committed, the broken one not
+    finally:
+        set_root(None)
+
+
+def test_owner_deployments_use_one_work_pool_per_owner(tmp_path, harness):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import deploy_owners
+
+    ids = deploy_owners(["legal", "med_notes"], str(tmp_path / "anchor"), str(tmp_path / "public"),
+                        str(tmp_path / "registry"))
+
+    async def read():
+        async with get_client() as client:
+            return [await client.read_deployment(i) for i in ids]
+
+    deployments = asyncio.run(read())
+    assert [d.work_pool_name for d in deployments] == ["owner-legal", "owner-med-notes"]
+    assert [d.parameters["domain"] for d in deployments] == ["legal", "med_notes"]
+    assert all("data" not in d.parameters for d in deployments)  # each owner supplies their own data path
