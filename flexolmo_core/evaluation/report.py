@@ -183,7 +183,11 @@ def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
     parts += [f"- {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {what} ({detail})" for what, ok, detail in claims(summary)] or ["- (no results)"]
     parts += ["", "## Tasks not run", ""]
     reasons = {}
+    missing = {n: r.get("reason") for n, r in results.items() if r.get("status") == "not run"}
+    parts += [f"- variant `{n}`: not run: {r}" for n, r in missing.items()]
     for res in results.values():
+        if res.get("status") == "not run":
+            continue
         for name, rec in res["tasks"].items():
             if rec.get("status") != "ok":
                 reasons.setdefault(name, f"{rec['status']}: {rec.get('reason')}")
