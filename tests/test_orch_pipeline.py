@@ -86,6 +86,15 @@ def test_dvc_repro_twice(clone):
         "flexolmo", "optout_code", "optout_math"]
     second, _ = repro(clone)
     assert second == []
+    # the default local remote: push, lose an output, pull it back (offline)
+    env = clone_env(clone)
+    subprocess.run([dvc(), "push", "-q"], cwd=clone, env=env, check=True)
+    import shutil
+
+    shutil.rmtree(clone / "outputs/merge")
+    subprocess.run([dvc(), "pull", "-q", "merge"], cwd=clone, env=env, check=True)
+    assert json.loads((clone / "outputs/merge/flexolmo/flexolmo.json").read_text()) == merged
+    assert dvc_clean(clone) == "Data and pipelines are up to date."
 
 
 def test_one_domain_change_via_flow_reruns_only_that_domain(clone, harness):
