@@ -26,7 +26,6 @@ def register(subparsers) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from flexolmo_core.cli import UserError
     from flexolmo_core.evaluation import report, runner, suite, variants
     from flexolmo_core.params import load_section
 
@@ -35,7 +34,7 @@ def cmd_evaluate(args) -> int:
         print(f"report for {len(summary)} variants in {args.report[1]}/results.md")
         return 0
     if not args.model:
-        raise UserError("--model is required (or --report RESULTS_DIR REPORT_DIR)")
+        raise ValueError("--model is required (or --report RESULTS_DIR REPORT_DIR)")
     cfg = load_section(runner.EvalConfig, "evaluate", args.params) if Path(args.params).exists() else runner.EvalConfig()
     if args.limit is not None:
         cfg.limit = cfg.gen_limit = cfg.domain_limit = args.limit
@@ -47,7 +46,7 @@ def cmd_evaluate(args) -> int:
     paths = [args.model, *args.expert]
     missing = [p for p in paths if not (Path(p) / "config.json").exists()]
     if missing:
-        raise UserError(f"not an HF checkpoint dir (no config.json): {missing}")
+        raise FileNotFoundError(f"not an HF checkpoint dir (no config.json): {missing}")
     variant = variants.Variant(args.name or Path(args.model).name, args.kind, paths,
                                flexolmo="num_experts" in json.loads((Path(args.model) / "config.json").read_text()))
     result = variants.evaluate_variant(variant, suite.resolve_suite(args.suite), cfg, out_json=args.out)
