@@ -31,7 +31,7 @@ def main() -> None:
     if args.limit is not None:
         cfg.limit = cfg.domain_limit = args.limit
     suites = args.suites.split(",") if args.suites else cfg.suites
-    tasks = [t for s in suites for t in suite.resolve_suite(s)]
+    full = [t for s in suites for t in suite.resolve_suite(s)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok = smoke.train_tokenizer(root / "tok", vocab_size=2048)
@@ -42,13 +42,16 @@ def main() -> None:
         timings = {}
         for name in args.variants.split(","):
             start = time.perf_counter()
+            tasks = full if args.suites else runner.suites_for(name, cfg)
             res = variants.evaluate_variant(built[name], tasks, cfg)
             timings[name] = round(time.perf_counter() - start, 1)
             ran = sum(r["status"] == "ok" for r in res["tasks"].values())
             print(f"{name}: {timings[name]} s ({ran}/{len(tasks)} tasks ran)", flush=True)
-        counts = {"hf": sum(v.kind == "hf" for v in built.values()), "btm": 1, "prompt_routing": 1}
-        hf_mean = sum(t for n, t in timings.items() if built[n].kind == "hf") / max(1, sum(built[n].kind == "hf" for n in timings))
-        total = hf_mean * counts["hf"] + timings.get("btm", 0) + timings.get("prompt_routing", 0)
+        # Unmeasured variants are estimated from a measured one of the same role (light: dense/owner/optout).
+        light_names = [n for n in built if n not in cfg.full_variants]
+        light_t = [timings[n] for n in light_names if n in timings]
+        total = sum(timings.get(n, 0) for n in built if n in cfg.full_variants)
+        total += (sum(light_t) / len(light_t) if light_t else 0) * len(light_names)
         print(f"estimated all {len(built)} variants: {total:.0f} s")
         if args.out:
             Path(args.out).write_text(json.dumps({"per_variant_s": timings, "estimated_total_s": total,

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from flexolmo_core.atomic import atomic_dir
-from flexolmo_core.evaluation import report, runner, suite, variants
+from flexolmo_core.evaluation import report, runner, variants
 from flexolmo_core.params import load_section
 
 OUT = Path("outputs/evaluate")
@@ -24,13 +24,11 @@ def main(params: str = "params.yaml") -> int:
     if not (merged / "config.json").exists():
         print(f"evaluate: no merged checkpoint at {merged} (run the merge stage)", file=sys.stderr)
         return 2
-    full = [t for s in cfg.suites for t in suite.resolve_suite(s)]
-    light = [t for s in cfg.light_suites for t in suite.resolve_suite(s)]
     with tempfile.TemporaryDirectory(prefix="flexolmo-variants-") as work, atomic_dir(OUT / "results") as results:
         for variant in variants.build_variants(merged, work, cfg.anchor_dir, cfg.extra_variants, cfg.btm_top_k):
             if cfg.variants and variant.name not in cfg.variants:
                 continue
-            task_names = full if variant.name in cfg.full_variants else light
+            task_names = runner.suites_for(variant.name, cfg)
             result = variants.evaluate_variant(variant, task_names, cfg, out_json=results / f"{variant.name}.json")
             ran = sum(r["status"] == "ok" for r in result["tasks"].values())
             print(f"evaluate: {variant.name}: {ran}/{len(task_names)} tasks in {result['seconds']} s", flush=True)

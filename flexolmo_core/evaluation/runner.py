@@ -46,6 +46,17 @@ class EvalConfig:
     full_variants: list[str] = dataclasses.field(default_factory=lambda: [
         "public", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "unrestricted"])
     light_suites: list[str] = dataclasses.field(default_factory=lambda: ["domains"])
+    # Per-variant override of the suites (BTM runs every expert on every request: E times the cost).
+    variant_suites: dict[str, list[str]] | None = None
+
+
+def suites_for(variant: str, cfg: "EvalConfig") -> list[str]:
+    """Task names one variant is evaluated on: its override, else all suites (headline variants) or light."""
+    if cfg.variant_suites and variant in cfg.variant_suites:
+        names = cfg.variant_suites[variant]
+    else:
+        names = cfg.suites if variant in cfg.full_variants else cfg.light_suites
+    return [t for s in names for t in suite.resolve_suite(s)]
     merged_dir: str = "outputs/merge/flexolmo"  # the merged FlexOlmo checkpoint every baseline derives from
     anchor_dir: str | None = "outputs/anchor"   # the public model (else expert 0 of the merge, identical)
     extra_variants: dict[str, str] | None = None  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...);
