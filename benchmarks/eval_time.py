@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def main() -> None:
         smoke.build_merged(root / "merged", root / "anchor", tok, DOMAINS, top_k=4, shape=TINY)
         cfg.domains_dir = str(smoke.write_domain_fixture(root / "domains", ["public", *DOMAINS], n_docs=20))
         built = {v.name: v for v in variants.build_variants(root / "merged", root / "work", root / "anchor")}
-        timings = {}
+        timings, cpu_s = {}, {}
         for name in args.variants.split(","):
             start = time.perf_counter()
             tasks = full if args.suites else runner.suites_for(name, cfg)
@@ -54,7 +55,8 @@ def main() -> None:
         total += (sum(light_t) / len(light_t) if light_t else 0) * len(light_names)
         print(f"estimated all {len(built)} variants: {total:.0f} s")
         if args.out:
-            Path(args.out).write_text(json.dumps({"per_variant_s": timings, "estimated_total_s": total,
+            Path(args.out).write_text(json.dumps({"per_variant_s": timings, "per_variant_cpu_s": cpu_s,
+                                                  "estimated_total_s": total,
                                                   "n_variants": len(built), "limit": cfg.limit}, indent=2))
 
 

@@ -29,8 +29,8 @@ for _name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
 class EvalConfig:
     """The `evaluate` section of params.yaml (also the `flexolmo evaluate` options)."""
     suites: list[str] = dataclasses.field(default_factory=lambda: ["flexolmo31", "flexolmo31_bpb", "domains"])
-    limit: int | None = 10              # docs per task (the paper: 1000); None = all
-    gen_limit: int | None = 5           # docs per generation task (greedy decoding is the costly part)
+    limit: int | None = 5               # docs per task (the paper: 1000); None = all
+    gen_limit: int | None = 3           # docs per generation task (greedy decoding is the costly part)
     domain_limit: int | None = 10       # docs per FlexMix domain for held-out bpb
     domain_max_chars: int | None = 2000  # characters per held-out doc (bounds rolling-bpb cost)
     domains_dir: str | None = "outputs/prepare"  # <dir>/<domain>/test from the prepare stage
