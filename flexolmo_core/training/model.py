@@ -93,7 +93,7 @@ class Block(nn.Module):
         k = rms_norm(F.linear(xc, w.get("k", dt)), w.get("k_norm", torch.float32), eps)
         v = F.linear(xc, w.get("v", dt))
         q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin).to(dt), apply_rope(k, cos, sin).to(dt)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # in the compute dtype, as HF under autocast
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5)
         return F.linear(out.transpose(1, 2).reshape(B, T, d), w.get("o", dt))
 
@@ -151,7 +151,7 @@ class FastOlmo(nn.Module):
 
     def forward(self, ids: torch.Tensor):
         dt = self.compute_dtype
-        cos, sin = rope_tables(self.cfg, ids.shape[1], ids.device)
+        cos, sin = (t.to(dt) for t in rope_tables(self.cfg, ids.shape[1], ids.device))
         x = F.embedding(ids, self.w.get("embed", torch.float32))
         router_z: list[torch.Tensor] = []
         for layer in self.layers:
@@ -164,7 +164,7 @@ class FastOlmo(nn.Module):
     def hidden_states(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """The router input (post-attention residual) of every layer, fp32: for anchor-hidden embeddings."""
         dt = self.compute_dtype
-        cos, sin = rope_tables(self.cfg, ids.shape[1], ids.device)
+        cos, sin = (t.to(dt) for t in rope_tables(self.cfg, ids.shape[1], ids.device))
         x = F.embedding(ids, self.w.get("embed", torch.float32))
         out = []
         for layer in self.layers:
