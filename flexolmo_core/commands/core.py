@@ -111,6 +111,8 @@ def cmd_anchor_train(args) -> None:
     _, loop = loop_from_args(args, AnchorConfig, "anchor")
     summary = train_anchor(args.tokenizer, args.data, args.out, args.preset, loop, val_data=args.val_data,
                            init_seed=args.init_seed, projection_dim=args.projection_dim)
+    if summary.get("fingerprint") is None:  # not rank 0 of a torchrun job: rank 0 reports
+        return
     print(json.dumps({"anchor": str(Path(args.out) / "model"), "fingerprint": summary.get("fingerprint"),
                       "train_loss": summary["train_loss"], "val_loss": summary["val_loss"]}))
 

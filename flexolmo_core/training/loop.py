@@ -89,7 +89,7 @@ def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, 
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     optimizer = make_optimizer(wrapped, cfg)
 
-    start_step, resumed_from = 0, None
+    start_step, resumed_from, meta = 0, None, {}
     found = latest_checkpoint(run_dir)
     if found is not None:
         meta = load_checkpoint(found, wrapped, optimizer)
@@ -168,7 +168,7 @@ def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, 
         "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "accumulation": accum,
         "seq_len": cfg.seq_len, "tokens": cfg.steps * tokens_per_step, "lr": cfg.lr, "warmup": cfg.warmup,
         "weight_decay": cfg.weight_decay, "dtype": cfg.dtype, "seed": cfg.seed,
-        "train_loss": (sum(losses[-10:]) / len(losses[-10:])) if losses else None,
+        "train_loss": (sum(losses[-10:]) / len(losses[-10:])) if losses else meta.get("last_loss"),
         "first_loss": losses[0] if losses and start_step == 0 else None,
         "val_loss": val_loss, "val_history": val_history,
         "wall_seconds": round(timed_seconds, 3), "tokens_per_s": tokens_per_s,
