@@ -96,3 +96,13 @@ def test_btm_top2_drops_the_least_likely_expert_and_renormalises():
     # posterior ∝ (0.2, 0.7, 0.5): keep b, c -> (0.7, 0.5) / 1.2
     assert out[1].tolist() == pytest.approx([(0.07 + 0.45) / 1.2, (0.63 + 0.05) / 1.2])
     assert out.sum(-1).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_params_yaml_evaluate_section_loads():
+    from pathlib import Path
+    from flexolmo_core.evaluation.runner import EvalConfig, suites_for
+    from flexolmo_core.params import load_section
+
+    cfg = load_section(EvalConfig, "evaluate", Path(__file__).parents[1] / "params.yaml")
+    assert set(suites_for("flexolmo", cfg)) >= set(suite.SUITES["domains"])
+    assert suites_for("optout_code", cfg) == [t for s in cfg.light_suites for t in suite.resolve_suite(s)]

@@ -48,6 +48,10 @@ class EvalConfig:
     light_suites: list[str] = dataclasses.field(default_factory=lambda: ["domains"])
     # Per-variant override of the suites (BTM runs every expert on every request: E times the cost).
     variant_suites: dict[str, list[str]] | None = None
+    merged_dir: str = "outputs/merge/flexolmo"  # the merged FlexOlmo checkpoint every baseline derives from
+    anchor_dir: str | None = "outputs/anchor"   # the public model (else expert 0 of the merge, identical)
+    extra_variants: dict[str, str] | None = None  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...);
+    # a missing dir is reported as `not run`, so the training stages' outputs can be listed before they exist
 
 
 def suites_for(variant: str, cfg: "EvalConfig") -> list[str]:
@@ -57,10 +61,6 @@ def suites_for(variant: str, cfg: "EvalConfig") -> list[str]:
     else:
         names = cfg.suites if variant in cfg.full_variants else cfg.light_suites
     return [t for s in names for t in suite.resolve_suite(s)]
-    merged_dir: str = "outputs/merge/flexolmo"  # the merged FlexOlmo checkpoint every baseline derives from
-    anchor_dir: str | None = "outputs/anchor"   # the public model (else expert 0 of the merge, identical)
-    extra_variants: dict[str, str] | None = None  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...);
-    # a missing dir is reported as `not run`, so the training stages' outputs can be listed before they exist
 
 
 NOT_RUN = "not run"
