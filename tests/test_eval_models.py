@@ -174,3 +174,14 @@ def test_evaluate_stage_end_to_end(models, tmp_path, monkeypatch):
     assert set(light["tasks"]) == set(suite.SUITES["domains"])  # opt-out variants run the light suites
     assert (tmp_path / "reports/results.md").exists() and (tmp_path / "outputs/evaluate/metrics.json").exists()
     assert list((tmp_path / "outputs/evaluate/plots").glob("*.png"))
+
+
+def test_code_task_runs_only_when_allowed(models):
+    names = ["flexolmo_humaneval"]
+    base = dict(limit=1, gen_limit=1, max_gen_toks=8, batch_size=2)
+    lm = runner.hf_lm(models / "anchor", runner.EvalConfig(**base))
+    denied = runner.evaluate_lm(lm, names, runner.EvalConfig(**base))["tasks"]["flexolmo_humaneval"]
+    assert denied["status"] == "not run" and "not allowed" in denied["reason"]
+    allowed = runner.evaluate_lm(lm, names, runner.EvalConfig(**base, allow_code_execution=True))
+    rec = allowed["tasks"]["flexolmo_humaneval"]
+    assert rec["status"] == "ok" and rec["n"] == 1 and rec["value"] == 0.0  # random weights cannot pass
