@@ -59,6 +59,7 @@ class DomainEmbeddingConfig:
     documents: int = 1000  # documents sampled from the domain's train split
     max_chars: int = 4000  # each document is cut to this many characters before encoding
     seed: int = 0  # document sample (and the random mode's vector)
+    unit_norm: bool = False  # L2-normalise each row (per layer) before `scale` (anchor-hidden means are ~|h| large)
     scale: float = 1.0  # multiplies the final vector (router logit scale; METHOD.md 4: norms ~0.4-0.55)
     random_std: float = 0.02  # random mode: normal(0, std) per coordinate (the paper's ablation)
     batch_size: int = 32

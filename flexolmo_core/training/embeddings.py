@@ -111,6 +111,8 @@ def compute_embedding(mode: str, domain: str, texts: list[str], anchor_dir, cfg)
         rows = random_embedding(hf.hidden_size, cfg.random_std, cfg.seed, domain)
     else:
         raise ValueError(f"domain_embedding.mode must be encoder | anchor-hidden | random, got {mode!r}")
+    if cfg.unit_norm:
+        rows = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     return rows * cfg.scale
 
 
