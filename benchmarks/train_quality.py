@@ -23,7 +23,7 @@ def run(*args):
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_steps=None) -> None:
+def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_steps=None, embedding=None) -> None:
     """anchor, domain_embedding@*, expert@* with params.yaml's values, into `out` (skips finished ones)."""
     import dataclasses
 
@@ -40,9 +40,11 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
     for d in ["public", *domains]:
         if not (out / f"domain_embedding/{d}/embedding.safetensors").exists():
             _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=d)
+            cfg = dataclasses.replace(cfg, **(embedding or {}))
             rows = compute_embedding(cfg.mode, d, read_documents([ROOT / f"outputs/prepare/{d}/train"]),
                                      out / "anchor/model", cfg)
-            save_embedding(out / f"domain_embedding/{d}", rows, {"domain": d, "mode": cfg.mode})
+            save_embedding(out / f"domain_embedding/{d}", rows, {"domain": d, "mode": cfg.mode, "scale": cfg.scale,
+                                                                 "unit_norm": cfg.unit_norm})
     for d in domains:
         if not (out / f"expert/{d}/package/manifest.json").exists():
             _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d)
@@ -69,11 +71,17 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/flexolmo_quality", help="where this run's stage outputs go")
     ap.add_argument("--anchor-steps", type=int, default=None, help="override params.yaml (a shorter run)")
     ap.add_argument("--expert-steps", type=int, default=None)
+    ap.add_argument("--anchor-from", default=None, help="reuse this work dir's trained anchor (a variant run)")
+    ap.add_argument("--embedding", default=None, help="domain_embedding overrides as JSON, e.g. "
+                    '\'{"mode": "anchor-hidden", "unit_norm": true, "scale": 4}\'')
     args = ap.parse_args()
     domains = args.domains.split(",")
     out = Path(args.work)
     data = ROOT / "outputs/tokenizer"  # the tokenizer stage's packed splits (read only)
-    stages(out, data, domains, args.anchor_steps, args.expert_steps)
+    if args.anchor_from and not (out / "anchor").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "anchor").symlink_to(Path(args.anchor_from).resolve() / "anchor")
+    stages(out, data, domains, args.anchor_steps, args.expert_steps, json.loads(args.embedding or "{}"))
     merged = out / f"merged_k{args.top_k}"
     merge(out / "anchor/model", [out / f"expert/{d}/package" for d in domains], merged, top_k=args.top_k)
 
