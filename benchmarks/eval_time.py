@@ -42,17 +42,24 @@ def main() -> None:
         built = {v.name: v for v in variants.build_variants(root / "merged", root / "work", root / "anchor")}
         timings, cpu_s = {}, {}
         for name in args.variants.split(","):
-            start = time.perf_counter()
             tasks = full if args.suites else runner.suites_for(name, cfg)
+            start, cpu = time.perf_counter(), time.process_time()
             res = variants.evaluate_variant(built[name], tasks, cfg)
             timings[name] = round(time.perf_counter() - start, 1)
+            cpu_s[name] = round(time.process_time() - cpu, 1)  # both threads; less sensitive to a busy machine
             ran = sum(r["status"] == "ok" for r in res["tasks"].values())
-            print(f"{name}: {timings[name]} s ({ran}/{len(tasks)} tasks ran)", flush=True)
-        # Unmeasured variants are estimated from a measured one of the same role (light: dense/owner/optout).
-        light_names = [n for n in built if n not in cfg.full_variants]
-        light_t = [timings[n] for n in light_names if n in timings]
-        total = sum(timings.get(n, 0) for n in built if n in cfg.full_variants)
-        total += (sum(light_t) / len(light_t) if light_t else 0) * len(light_names)
+            print(f"{name}: {timings[name]} s wall, {cpu_s[name]} s CPU ({ran}/{len(tasks)} tasks ran; "
+                  f"load average {os.getloadavg()[0]:.1f})", flush=True)
+        # Unmeasured variants are estimated from a measured one of the same kind: soup ~ public (dense, same
+        # suites); dense_*/owner_*/optout_* from the measured one of that prefix.
+        def estimate(n):
+            if n in timings:
+                return timings[n]
+            if n == "soup":
+                return timings.get("public", 0)
+            same = [t for m, t in timings.items() if m.split("_")[0] == n.split("_")[0]]
+            return sum(same) / len(same) if same else 0
+        total = sum(estimate(n) for n in built)
         print(f"estimated all {len(built)} variants: {total:.0f} s")
         if args.out:
             Path(args.out).write_text(json.dumps({"per_variant_s": timings, "per_variant_cpu_s": cpu_s,
