@@ -92,7 +92,9 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
 def make_lm(variant: Variant, cfg: runner.EvalConfig):
     if variant.kind == "btm":
         from flexolmo_core.evaluation.btm import BTMLM
-        return BTMLM(variant.paths, top_k=cfg.btm_top_k, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        # Every expert's full log-distribution is held at once ([E, B, T, V]): shrink the batch by E.
+        batch = max(1, cfg.batch_size // len(variant.paths))
+        return BTMLM(variant.paths, top_k=cfg.btm_top_k, batch_size=batch, max_length=cfg.max_length)
     if variant.kind == "prompt_routing":
         from flexolmo_core.evaluation.routed import PromptRoutedLM
         return PromptRoutedLM(variant.paths[0], batch_size=cfg.batch_size, max_length=cfg.max_length)
