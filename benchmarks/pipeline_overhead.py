@@ -15,12 +15,14 @@ Each mode runs the whole pipeline from scratch in its own temporary clone of thi
 
 Writes benchmarks/results/pipeline_overhead_<preset>.json and prints a table. Per-stage times of the
 dvc mode come from timestamps of DVC's "Running stage" lines (so they include that stage's process start
-and DVC's own bookkeeping); prefect-mode per-stage times are the flow runs' command time and DVC time."""
+and DVC's own bookkeeping); prefect-mode per-stage times are the flow runs' command time and DVC time.
+On a shared machine compare CPU seconds (all child processes, `getrusage`): wall time follows other load."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import runpy
 import shlex
 import subprocess
@@ -75,11 +77,13 @@ def dvc_repro(root: Path, env: dict, *args: str) -> dict:
     marks: list[tuple[str, float]] = []
     proc = subprocess.Popen([dvc(), "repro", *args], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
     for line in proc.stdout:
+        tail = (tail + [line])[-40:]
         if line.startswith("Running stage '"):
             marks.append((line.split("'")[1], time.perf_counter()))
     if proc.wait():
-        raise RuntimeError(f"dvc repro failed in {root}")
+        raise RuntimeError(f"dvc repro failed in {root}:\n{''.join(tail)}")
     end = time.perf_counter()
     stages = {name: round((marks[i + 1][1] if i + 1 < len(marks) else end) - t, 2) for i, (name, t) in enumerate(marks)}
     return {"stages": stages, "total": round(end - start, 2)}
@@ -98,6 +102,13 @@ def prefect(root: Path, env: dict, workers: int) -> dict:
             "command_seconds": {n: round(r["seconds"], 2) for n, r in summary["stages"].items()},
             "dvc_seconds": {n: round(r["overhead_seconds"], 2) for n, r in summary["stages"].items()},
             "flow_wall": summary["wall_seconds"], "total": round(time.perf_counter() - start, 2), "workers": workers}
+
+
+def children_cpu() -> float:
+    """CPU seconds of every finished child process tree: robust to other load on a shared machine,
+    where wall time is not."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,41 +133,55 @@ def main(argv: list[str] | None = None) -> int:
             env = clone_env(root)
             env.pop("OMP_NUM_THREADS", None)  # every mode uses the library default threads
             print(f"[{mode}] running in {root}", flush=True)
+            cpu0 = children_cpu()
             if mode == "direct":
                 report["modes"][mode] = direct(root, env)
             elif mode == "dvc":
                 report["modes"][mode] = dvc_repro(root, env)
                 if args.add:
+                    report["modes"][mode]["cpu"] = round(children_cpu() - cpu0, 2)
                     params = yaml.safe_load((root / "params.yaml").read_text())
                     set_domains(root, {**params["domains"], args.add: {}})
-                    report["modes"]["add"] = {"domain": args.add, **dvc_repro(root, env)}
+                    cpu0 = children_cpu()
+                    report["modes"]["add"] = {"domain": args.add, **dvc_repro(root, env),
+                                              "cpu": round(children_cpu() - cpu0, 2)}
+                    cpu0 = None
             elif mode == "prefect":
                 report["modes"][mode] = prefect(root, env, args.workers)
-            print(f"[{mode}] {report['modes'][mode]['total']} s", flush=True)
+            if cpu0 is not None:
+                report["modes"][mode]["cpu"] = round(children_cpu() - cpu0, 2)
+            print(f"[{mode}] {report['modes'][mode]['total']} s wall, {report['modes'][mode]['cpu']} s CPU", flush=True)
     base = report["modes"].get("direct")
     if base:
         for mode in ("dvc", "prefect"):
             if mode in report["modes"]:
                 r = report["modes"][mode]
                 r["overhead_vs_direct"] = round(r["total"] / base["total"] - 1, 4)
+                r["cpu_overhead_vs_direct"] = round(r["cpu"] / base["cpu"] - 1, 4)
                 r["overhead_per_stage"] = {n: round(r["stages"].get(n, 0.0) - t, 2) for n, t in base["stages"].items()}
     if "add" in report["modes"] and "dvc" in report["modes"]:
-        report["modes"]["add"]["ratio_to_first_run"] = round(report["modes"]["add"]["total"] / report["modes"]["dvc"]["total"], 4)
+        add, first = report["modes"]["add"], report["modes"]["dvc"]
+        add["ratio_to_first_run"] = round(add["total"] / first["total"], 4)
+        add["cpu_ratio_to_first_run"] = round(add["cpu"] / first["cpu"], 4)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"pipeline_overhead_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    names = list((base or report["modes"][modes[0]])["stages"])
+    names = list(dict.fromkeys(n for m in report["modes"].values() for n in m["stages"]))
     header = ["stage"] + [m for m in ("direct", "dvc", "prefect", "add") if m in report["modes"]]
     print(" | ".join(f"{h:>24}" for h in header))
-    for n in names + ["TOTAL"]:
-        row = [n] + [str(report["modes"][m]["total"] if n == "TOTAL" else report["modes"][m]["stages"].get(n, "-"))
+    for n in names + ["TOTAL wall", "TOTAL CPU"]:
+        key = {"TOTAL wall": "total", "TOTAL CPU": "cpu"}.get(n)
+        row = [n] + [str(report["modes"][m][key] if key else report["modes"][m]["stages"].get(n, "-"))
                      for m in header[1:]]
         print(" | ".join(f"{c:>24}" for c in row))
     for mode in ("dvc", "prefect"):
         if "overhead_vs_direct" in report["modes"].get(mode, {}):
-            print(f"{mode}: {report['modes'][mode]['overhead_vs_direct']:+.1%} vs direct")
+            r = report["modes"][mode]
+            print(f"{mode}: {r['overhead_vs_direct']:+.1%} wall, {r['cpu_overhead_vs_direct']:+.1%} CPU vs direct")
     if "ratio_to_first_run" in report["modes"].get("add", {}):
-        print(f"adding one expert: {report['modes']['add']['ratio_to_first_run']:.1%} of the first full run")
+        add = report["modes"]["add"]
+        print(f"adding one expert: {add['ratio_to_first_run']:.1%} of the first full run's wall time, "
+              f"{add['cpu_ratio_to_first_run']:.1%} of its CPU time")
     print(f"written to {out}")
     return 0
 
