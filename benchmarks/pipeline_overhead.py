@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     domains = [d for d in args.domains.split(",") if d]
     modes = args.modes.split(",")
-    report: dict = {"preset": args.preset, "domains": domains, "cpus": os.cpu_count(), "modes": {}}
+    report: dict = {"preset": args.preset, "domains": domains, "cpus": os.cpu_count(),
+                    "loadavg_at_start": os.getloadavg(), "modes": {}}
     with tempfile.TemporaryDirectory(prefix="pipeline-overhead-") as tmp:
         for mode in modes:
             root = make_clone(Path(tmp) / mode / "repo", domains, preset=args.preset)
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         add, first = report["modes"]["add"], report["modes"]["dvc"]
         add["ratio_to_first_run"] = round(add["total"] / first["total"], 4)
         add["cpu_ratio_to_first_run"] = round(add["cpu"] / first["cpu"], 4)
+    report["loadavg_at_end"] = os.getloadavg()  # other work on the machine inflates wall times
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"pipeline_overhead_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
