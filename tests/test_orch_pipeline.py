@@ -171,7 +171,7 @@ def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
                        registry=str(registry), work_dir=str(tmp_path / "owner"), params=str(clone / "params.yaml"))
         assert result["published"]["event_emitted"]
         current = releases / "current.json"
-        release = wait_for(lambda: current.exists() and json.loads(current.read_text()), 150, "the triggered re-merge")
+        release = wait_for(lambda: current.exists() and json.loads(current.read_text()), 420, "the triggered re-merge")
         assert set(release["experts"]) == {"legal"}
         merged = json.loads((Path(release["path"]) / "flexolmo.json").read_text())
         assert [e["domain"] for e in merged["experts"]] == ["public", "legal"]
@@ -183,7 +183,7 @@ def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
             r = json.loads(current.read_text())
             return r if r["version"] == 2 else None
 
-        release = wait_for(v2, 150, "release v2")
+        release = wait_for(v2, 420, "release v2")
         assert set(release["experts"]) == {"code", "legal"}
         # idempotent: nothing new in the registry -> no new release
         again = remerge(str(registry), str(anchor), str(releases), evaluate=False)
