@@ -160,12 +160,13 @@ def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
     Registry(registry).init(anchor)
     data = tmp_path / "legal.jsonl"  # the owner's closed data: nothing else is passed to the flow
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_texts["public"][:60]))
+    server_log = tmp_path / "serve.log"
     env = {**clone_env(clone), "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(clone),
            "PREFECT_LOGGING_LEVEL": "WARNING"}
     server = subprocess.Popen([sys.executable, "-m", "flows.deploy", "serve", "--registry", str(registry),
                                "--anchor", str(anchor), "--releases", str(releases), "--cron", "",
-                               "--no-evaluate"], cwd=clone, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                               "--no-evaluate"], cwd=clone, env=env, stdout=server_log.open("w"),
+                              stderr=subprocess.STDOUT, text=True)  # a file, not a pipe: a full pipe blocks the server
     try:
         result = owner("legal", str(data), str(anchor), str(clone / "outputs/domain_embedding/public"),
                        registry=str(registry), work_dir=str(tmp_path / "owner"), params=str(clone / "params.yaml"))
@@ -195,6 +196,7 @@ def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+        print("---- flows.deploy serve output (tail) ----\n" + server_log.read_text()[-4000:])
 
 
 def test_transient_failures_are_retried_and_errors_are_not(tmp_path, harness):
