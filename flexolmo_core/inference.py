@@ -63,9 +63,9 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=(), top_k: int 
     manifest = read_manifest(model_dir)
     domains = [e["domain"] for e in manifest["experts"]]
     kept = resolve_experts(domains, exclude, only)
-    k = min(top_k or manifest["top_k"], len(kept))
-    if top_k is not None and not 1 <= top_k:
+    if top_k is not None and top_k < 1:  # checked before use: `0 or default` would hide it
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    k = min(top_k if top_k is not None else manifest["top_k"], len(kept))
     bias = [e.get("logit_bias") for e in manifest["experts"]] if use_bias else None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if strict:

@@ -66,6 +66,8 @@ def test_generate_cli(merged, capsys):
     assert "attribution" in capsys.readouterr().out
     assert main(["generate", "--model", str(merged), "--exclude", "poetry", PROMPT]) == 2
     assert "unknown expert(s) ['poetry']" in capsys.readouterr().err
+    assert main(["generate", "--model", str(merged), "--top-k", "0", PROMPT]) == 2
+    assert "top_k must be >= 1" in capsys.readouterr().err
 
 
 def test_use_bias_reapplies_the_learned_router_bias(smoke_anchor, tmp_path):
