@@ -148,6 +148,18 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def automation_exists(name: str) -> bool:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_automations_by_name(name)
+
+    return bool(asyncio.run(read()))
+
+
 def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
     """owner flow -> registry -> `flexolmo.expert.published` -> served remerge deployment -> new release."""
     from prefect.settings import PREFECT_API_URL
@@ -168,6 +180,8 @@ def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
                                "--no-evaluate"], cwd=clone, env=env, stdout=server_log.open("w"),
                               stderr=subprocess.STDOUT, text=True)  # a file, not a pipe: a full pipe blocks the server
     try:
+        # an event emitted before the served deployment's trigger exists matches nothing: wait for the automation
+        wait_for(lambda: automation_exists("expert-published"), 300, "the on-publish trigger to be registered")
         result = owner("legal", str(data), str(anchor), str(clone / "outputs/domain_embedding/public"),
                        registry=str(registry), work_dir=str(tmp_path / "owner"), params=str(clone / "params.yaml"))
         assert result["published"]["event_emitted"]
