@@ -23,7 +23,8 @@ def run(*args):
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_steps=None, embedding=None) -> None:
+def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_steps=None, embedding=None,
+           expert=None) -> None:
     """anchor, domain_embedding@*, expert@* with params.yaml's values, into `out` (skips finished ones)."""
     import dataclasses
 
@@ -36,7 +37,8 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
         preset, cfg, loop = load_stage(AnchorConfig, "anchor", params)
         loop = dataclasses.replace(loop, steps=anchor_steps or loop.steps)
         train_anchor(data / "tokenizer", data / "public/train", out / "anchor", preset, loop,
-                     val_data=data / "public/validation", init_seed=cfg.init_seed, projection_dim=cfg.projection_dim)
+                     val_data=data / "public/validation", init_seed=cfg.init_seed, projection_dim=cfg.projection_dim,
+                     replay_tokens=cfg.replay_tokens)
     for d in ["public", *domains]:
         if not (out / f"domain_embedding/{d}/embedding.safetensors").exists():
             _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=d)
@@ -48,10 +50,19 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
     for d in domains:
         if not (out / f"expert/{d}/package/manifest.json").exists():
             _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d)
+            cfg = dataclasses.replace(cfg, **(expert or {}))
             loop = dataclasses.replace(loop, steps=expert_steps or loop.steps)
+            if cfg.public_mix > 0 and not (out / "anchor/model/public_replay").exists():
+                from flexolmo_core.training.data import open_windows
+                from flexolmo_core.training.replay import write_public_replay
+
+                _, acfg, aloop = load_stage(AnchorConfig, "anchor", params)
+                write_public_replay(out / "anchor/model", open_windows(data / "public/train", aloop.seq_len),
+                                    acfg.replay_tokens or 1_000_000, acfg.projection_seed)
             train_expert(out / "anchor/model", d, data / f"{d}/train", out / f"expert/{d}", loop,
                          val_data=data / f"{d}/validation", public_rows=load_embedding(out / "domain_embedding/public"),
-                         domain_rows=load_embedding(out / f"domain_embedding/{d}"), use_bias=cfg.use_bias)
+                         domain_rows=load_embedding(out / f"domain_embedding/{d}"), use_bias=cfg.use_bias,
+                         public_mix=cfg.public_mix)
 
 
 def main() -> None:
@@ -72,6 +83,7 @@ def main() -> None:
     ap.add_argument("--anchor-steps", type=int, default=None, help="override params.yaml (a shorter run)")
     ap.add_argument("--expert-steps", type=int, default=None)
     ap.add_argument("--anchor-from", default=None, help="reuse this work dir's trained anchor (a variant run)")
+    ap.add_argument("--expert", default=None, help='expert overrides as JSON, e.g. \'{"public_mix": 0.25}\'')
     ap.add_argument("--embedding", default=None, help="domain_embedding overrides as JSON, e.g. "
                     '\'{"mode": "anchor-hidden", "unit_norm": true, "scale": 4}\'')
     args = ap.parse_args()
@@ -81,7 +93,8 @@ def main() -> None:
     if args.anchor_from and not (out / "anchor").exists():
         out.mkdir(parents=True, exist_ok=True)
         (out / "anchor").symlink_to(Path(args.anchor_from).resolve() / "anchor")
-    stages(out, data, domains, args.anchor_steps, args.expert_steps, json.loads(args.embedding or "{}"))
+    stages(out, data, domains, args.anchor_steps, args.expert_steps, json.loads(args.embedding or "{}"),
+           json.loads(args.expert or "{}"))
     merged = out / f"merged_k{args.top_k}"
     merge(out / "anchor/model", [out / f"expert/{d}/package" for d in domains], merged, top_k=args.top_k)
 

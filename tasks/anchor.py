@@ -19,7 +19,7 @@ def main(params: str = "params.yaml") -> dict:
     data = f"{TOKENIZER}/{cfg.data_domain}"
     return train_anchor(f"{TOKENIZER}/tokenizer", f"{data}/train", OUT, preset, loop, val_data=f"{data}/validation",
                         init_seed=cfg.init_seed, projection_dim=cfg.projection_dim,
-                        projection_seed=cfg.projection_seed)
+                        projection_seed=cfg.projection_seed, replay_tokens=cfg.replay_tokens)
 
 
 if __name__ == "__main__":

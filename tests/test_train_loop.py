@@ -102,7 +102,8 @@ def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path, smoke_tokenize
 
 
 def test_expert_stage_runs_with_only_its_own_domain(tmp_path, smoke_anchor, small_texts):
-    """tasks.expert in a folder holding the anchor and one domain's data, nothing else."""
+    """tasks.expert in a folder holding the anchor and one domain's data, nothing else; the public mix reads
+    the replay sample that ships inside the anchor folder."""
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -118,14 +119,20 @@ def test_expert_stage_runs_with_only_its_own_domain(tmp_path, smoke_anchor, smal
     write_packed(np.ascontiguousarray(stream[cut:]), out / "outputs/tokenizer/code/validation", 32, 1 << 20, {})
     for name in ("public", "code"):
         save_embedding(out / f"outputs/domain_embedding/{name}", torch.randn(64) * 0.3, {"domain": name})
+    from flexolmo_core.training.data import TokenWindows
+    from flexolmo_core.training.replay import write_public_replay
+
+    public = tokenize_documents(small_texts["public"][:40], tok, tok.token_to_id("<|endoftext|>"))
+    write_public_replay(out / "outputs/anchor/model", TokenWindows(public, 64), 2000, seed=0)
     (out / "params.yaml").write_text(
-        "preset: smoke\ndomains: {code: {steps: 3}}\nexpert:\n  use_bias: false\n"
+        "preset: smoke\ndomains: {code: {steps: 3}}\nexpert:\n  use_bias: false\n  public_mix: 0.25\n"
         "  loop: {global_batch: 2, micro_batch: 2, seq_len: 32, warmup: 1, eval_batches: 1, progress: false}\n")
     done = subprocess.run([sys.executable, "-m", "tasks.expert", "code"], cwd=out, env=env(), capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((out / "outputs/expert/code/package/manifest.json").read_text())
     assert manifest["domain"] == "code" and manifest["training"]["steps"] == 3
+    assert manifest["training"]["public_mix"] == 0.25
     assert sorted(p.name for p in (out / "outputs").iterdir()) == ["anchor", "domain_embedding", "expert", "tokenizer"]
 
 

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="stage folder: writes model/, run/, summary.json")
     p.add_argument("--init-seed", type=int, default=0)
     p.add_argument("--projection-dim", type=int, default=384, help="router-embedding encoder width")
+    p.add_argument("--replay-tokens", type=int, default=0,
+                   help="public tokens to ship with the anchor for the owners' --public-mix (default 0: none)")
     from ..training.cli_args import add_loop_args
 
     add_loop_args(p)
@@ -77,6 +79,8 @@ def add_expert_train_args(p) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bias", action="store_true", help="learn a non-positive router logit bias")
+    p.add_argument("--public-mix", type=float, default=0.0,
+                   help="fraction of training windows from the anchor's public replay sample (default 0)")
     p.add_argument("--val-data", nargs="+", default=None, help="the owner's validation data")
     p.add_argument("--public-embedding", default=None, help="router embedding dir for the public row (default zeros)")
     p.add_argument("--domain-embedding", default=None, help="router embedding dir for this domain's row")
@@ -110,7 +114,8 @@ def cmd_anchor_train(args) -> None:
 
     _, loop = loop_from_args(args, AnchorConfig, "anchor")
     summary = train_anchor(args.tokenizer, args.data, args.out, args.preset, loop, val_data=args.val_data,
-                           init_seed=args.init_seed, projection_dim=args.projection_dim)
+                           init_seed=args.init_seed, projection_dim=args.projection_dim,
+                           replay_tokens=args.replay_tokens)
     if summary.get("fingerprint") is None:  # not rank 0 of a torchrun job: rank 0 reports
         return
     print(json.dumps({"anchor": str(Path(args.out) / "model"), "fingerprint": summary.get("fingerprint"),
@@ -131,7 +136,7 @@ def cmd_expert_train(args) -> None:
     run_dir = Path(args.run_dir or f"{args.out}.run")
     summary = train_expert(args.anchor, args.domain, args.data, run_dir, loop, val_data=args.val_data,
                            public_rows=rows["public"], domain_rows=rows["domain"], use_bias=args.bias,
-                           package_dir=args.out)
+                           package_dir=args.out, public_mix=args.public_mix)
     print(json.dumps({"package": args.out, "domain": args.domain, "training": {
         k: summary[k] for k in ("steps", "train_loss", "val_loss", "tokens_per_s", "mfu")}}))
 

@@ -46,6 +46,7 @@ class AnchorConfig:
     init_seed: int = 0  # weight init
     projection_dim: int = 384  # encoder width the router projection accepts (all-MiniLM-L6-v2: 384)
     projection_seed: int = 0  # the projection is a fixed random map; it belongs to the anchor
+    replay_tokens: int = 0  # public tokens shipped with the anchor for owners' public mix (0: none)
     loop: dict = field(default_factory=dict)
     presets: dict = field(default_factory=dict)
 
@@ -71,6 +72,7 @@ class ExpertConfig:
     """`expert` stage: expert 1 of a 2-expert model, trained against the frozen anchor."""
 
     use_bias: bool = False  # learn a non-positive router logit bias (the paper's "learnbias")
+    public_mix: float = 0.0  # fraction of training windows drawn from the anchor's public replay sample
     loop: dict = field(default_factory=dict)
     presets: dict = field(default_factory=dict)
 

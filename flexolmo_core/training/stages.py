@@ -49,8 +49,10 @@ def _finish(out: Path, summary: dict) -> None:
 
 # ---- anchor ----------------------------------------------------------------------------------------------
 def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop: LoopConfig, val_data=None,
-                 init_seed: int = 0, projection_dim: int = 384, projection_seed: int = 0) -> dict:
-    """Pretrain the dense anchor on public data; writes out/model (Olmo2 + tokenizer + router projection)."""
+                 init_seed: int = 0, projection_dim: int = 384, projection_seed: int = 0,
+                 replay_tokens: int = 0) -> dict:
+    """Pretrain the dense anchor on public data; writes out/model (Olmo2 + tokenizer + router projection
+    + `replay_tokens` of public text for the owners' public mix)."""
     from transformers import AutoTokenizer, Olmo2ForCausalLM
 
     from ..anchor import olmo2_config, save_anchor
@@ -73,6 +75,10 @@ def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop
         fingerprint = save_anchor(hf, tokenizer_dir, out / "model", preset=summary["preset"],
                                   extra={"seed": init_seed, "training": summary})
         summary["projection_sha256"] = write_projection(out / "model", projection_dim, cfg.d_model, projection_seed)
+        if replay_tokens > 0:
+            from .replay import write_public_replay
+
+            summary["public_replay"] = write_public_replay(out / "model", windows, replay_tokens, projection_seed)
         summary["fingerprint"] = fingerprint
     _finish(out, summary)
     return summary
@@ -95,10 +101,11 @@ def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool):
 
 def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val_data=None,
                  public_rows=None, domain_rows=None, use_bias: bool = False, embedding_meta: dict | None = None,
-                 package_dir=None) -> dict:
+                 package_dir=None, public_mix: float = 0.0) -> dict:
     """Train one owner's expert against the frozen anchor; writes out/package (or `package_dir`).
 
-    Receives only the anchor and this domain's data (paths), nothing else."""
+    Receives only the anchor and this domain's data (paths), nothing else. With `public_mix` > 0 that
+    fraction of the training windows comes from the public replay sample inside the anchor folder."""
     from ..anchor import load_anchor, read_fingerprint
     from ..owner import frozen_differences, upcycle
     from ..package import check_domain_name, save_package
@@ -109,8 +116,13 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     model, initial = owner_fast_model(anchor, public_rows, domain_rows, use_bias)
     windows = open_windows(train_data, loop.seq_len, anchor_dir)
     val = open_windows(val_data, loop.seq_len, anchor_dir) if val_data else None
-    summary = train(model, windows, loop, out / "run", val, label=f"expert_{domain}")
-    summary.update(domain=domain, use_bias=use_bias, router_embedding=embedding_meta or {})
+    stream = windows
+    if public_mix > 0:
+        from .replay import read_public_replay, with_public_mix
+
+        stream = with_public_mix(windows, read_public_replay(anchor_dir, loop.seq_len), public_mix)
+    summary = train(model, stream, loop, out / "run", val, label=f"expert_{domain}")
+    summary.update(domain=domain, use_bias=use_bias, public_mix=public_mix, router_embedding=embedding_meta or {})
     trained = D.full_tensors(model)
     if D.setup().main:
         moved = [n for n, t in initial.items() if not n.endswith(("_1",)) and not torch.equal(trained[n], t.float())]
