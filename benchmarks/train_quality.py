@@ -43,10 +43,14 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
         if not (out / f"domain_embedding/{d}/embedding.safetensors").exists():
             _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=d)
             cfg = dataclasses.replace(cfg, **(embedding or {}))
-            rows = compute_embedding(cfg.mode, d, read_documents([ROOT / f"outputs/prepare/{d}/train"]),
-                                     out / "anchor/model", cfg)
+            from flexolmo_core.training.embeddings import load_reference
+
+            reference = load_reference(out / "domain_embedding/public") if cfg.center and d != "public" else None
+            rows, raw = compute_embedding(cfg.mode, d, read_documents([ROOT / f"outputs/prepare/{d}/train"]),
+                                          out / "anchor/model", cfg, reference)
             save_embedding(out / f"domain_embedding/{d}", rows, {"domain": d, "mode": cfg.mode, "scale": cfg.scale,
-                                                                 "unit_norm": cfg.unit_norm})
+                                                                 "unit_norm": cfg.unit_norm, "center": cfg.center},
+                           reference=raw if d == "public" else None)
     for d in domains:
         if not (out / f"expert/{d}/package/manifest.json").exists():
             _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d)

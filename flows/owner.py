@@ -25,13 +25,15 @@ PUBLISHED_EVENT = "flexolmo.expert.published"
 
 
 @task(task_run_name="embed-{domain}")
-def embed(domain: str, data: str, anchor: str, out: str, params: str, preset: str | None) -> str:
+def embed(domain: str, data: str, anchor: str, out: str, params: str, preset: str | None,
+          public_embedding: str | None = None) -> str:
     from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
-    from flexolmo_core.training.embeddings import compute_embedding, save_embedding
+    from flexolmo_core.training.embeddings import compute_embedding, load_reference, save_embedding
     from flexolmo_core.training.stages import read_documents
 
     _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=domain, preset=preset)
-    rows = compute_embedding(cfg.mode, domain, read_documents([data]), anchor, cfg)
+    reference = load_reference(public_embedding) if cfg.center else None
+    rows, _ = compute_embedding(cfg.mode, domain, read_documents([data]), anchor, cfg, reference)
     save_embedding(out, rows, {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}})
     return out
 
@@ -94,7 +96,7 @@ def owner(domain: str, data: str, anchor: str, public_embedding: str, registry: 
           val_data: str | None = None, replace: bool = False) -> dict:
     """Train `domain`'s expert on `data` (this owner's data only) and publish it to `registry`."""
     work = Path(work_dir) / domain
-    emb = embed(domain, data, anchor, str(work / "domain_embedding"), params, preset)
+    emb = embed(domain, data, anchor, str(work / "domain_embedding"), params, preset, public_embedding)
     summary = train(domain, data, anchor, public_embedding, emb, str(work / "expert"), params, preset, val_data)
     package = str(work / "expert" / "package")
     checked = validate(package, anchor)

@@ -9,12 +9,16 @@ export PATH="$PWD/.venv/bin:$PATH"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
        TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
+mkdir -p runs
+log=runs/last-run.log  # also read by `python benchmarks/pipeline_overhead.py --from-log runs/last-run.log`
 if [ "${RUNNER:-dvc}" = prefect ]; then
-  python -m flows.pipeline "$@"
+  python -m flows.pipeline "$@" 2>&1 | tee "$log"
 else
-  dvc repro "$@"
+  dvc repro "$@" 2>&1 | tee "$log"
 fi
-echo "[run] pipeline finished in $(( $(date +%s) - start )) s (preset: $(python -c 'import yaml; print(yaml.safe_load(open("params.yaml"))["preset"])'))"
+wall=$(( $(date +%s) - start ))
+echo "[run] pipeline finished in $wall s (preset: $(python -c 'import yaml; print(yaml.safe_load(open("params.yaml"))["preset"])'))"
+python benchmarks/pipeline_overhead.py --from-log "$log" --wall "$wall" | tail -1 || true
 [ -f reports/results.md ] && echo "results table: $PWD/reports/results.md"
 [ -d outputs/evaluate/plots ] && echo "plots: $PWD/outputs/evaluate/plots/ ($(ls outputs/evaluate/plots | tr '\n' ' '))"
 [ -f outputs/evaluate/metrics.json ] && echo "metrics: $PWD/outputs/evaluate/metrics.json (dvc metrics show)"

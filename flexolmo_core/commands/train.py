@@ -19,6 +19,10 @@ def register(subparsers) -> None:
     p.add_argument("--encoder", default="all-MiniLM-L6-v2")
     p.add_argument("--documents", type=int, default=1000)
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--unit-norm", action="store_true", help="L2-normalise each row before --scale")
+    p.add_argument("--center", nargs="?", const="", default=None, metavar="PUBLIC_EMBEDDING",
+                   help="subtract the public mean: for the public row give no value; for a domain give the "
+                        "public embedding folder (its saved reference mean)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_embedding)
 
@@ -53,14 +57,18 @@ def register(subparsers) -> None:
 
 def cmd_embedding(args) -> None:
     from ..training.config import DomainEmbeddingConfig
-    from ..training.embeddings import compute_embedding, save_embedding
+    from ..training.embeddings import compute_embedding, load_reference, save_embedding
     from ..training.stages import read_documents
 
     cfg = DomainEmbeddingConfig(mode=args.mode, encoder=args.encoder, documents=args.documents, scale=args.scale,
-                                seed=args.seed)
-    rows = compute_embedding(cfg.mode, args.domain, read_documents(args.data), args.anchor, cfg)
+                                seed=args.seed, center=args.center is not None, unit_norm=args.unit_norm)
+    public = args.domain == "public"
+    reference = load_reference(args.center) if cfg.center and not public else None
+    rows, raw = compute_embedding(cfg.mode, args.domain, read_documents(args.data), args.anchor, cfg, reference)
     save_embedding(args.out, rows, {"domain": args.domain, "mode": cfg.mode, "encoder": cfg.encoder,
-                                    "documents": cfg.documents, "scale": cfg.scale, "seed": cfg.seed})
+                                    "documents": cfg.documents, "scale": cfg.scale, "seed": cfg.seed,
+                                    "center": cfg.center, "unit_norm": cfg.unit_norm},
+                   reference=raw if public else None)
     print(json.dumps({"embedding": args.out, "shape": list(rows.shape)}))
 
 

@@ -60,6 +60,7 @@ class DomainEmbeddingConfig:
     documents: int = 1000  # documents sampled from the domain's train split
     max_chars: int = 4000  # each document is cut to this many characters before encoding
     seed: int = 0  # document sample (and the random mode's vector)
+    center: bool = False  # subtract the public mean first (the public row becomes 0): rows encode differences
     unit_norm: bool = False  # L2-normalise each row (per layer) before `scale` (anchor-hidden means are ~|h| large)
     scale: float = 1.0  # multiplies the final vector (router logit scale; METHOD.md 4: norms ~0.4-0.55)
     random_std: float = 0.02  # random mode: normal(0, std) per coordinate (the paper's ablation)
@@ -92,6 +93,7 @@ class UnrestrictedConfig:
     """The unrestricted-MoE baseline: the merged model's shape trained jointly on all data from scratch,
     with the training FLOPs of anchor + every expert."""
 
+    enabled: bool = True  # false: the stage records `not run` (it costs as much as anchor + all experts)
     top_k: int | None = None  # null = the merged model's default (half the experts, rounded up)
     init_seed: int = 0
     loop: dict = field(default_factory=dict)

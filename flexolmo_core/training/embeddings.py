@@ -6,7 +6,12 @@
 - anchor-hidden: the anchor's mean router input (post-attention residual) per layer over the documents:
   one row per layer, no embedder needed (in the spirit of mergekit's hidden-state MoE init).
 - random: normal(0, std) rows, the paper's ablation.
-The public row is computed the same way from public documents."""
+The public row is computed the same way from public documents.
+
+`center`: subtract the public mean (saved as `reference` with the public row) before normalising, so a row
+encodes how its domain differs from public text and the public row is 0. Softmax ignores what all rows share,
+but their raw means share a large common direction that, at our small scale, swamps the domain signal
+(routing came out near uniform). Differs from the paper (raw means); `center: false` restores it."""
 from __future__ import annotations
 
 import hashlib
@@ -98,7 +103,10 @@ def random_embedding(d_model: int, std: float, seed: int, domain: str) -> torch.
     return torch.randn(d_model, generator=torch.Generator().manual_seed(seed * 1_000_003 + mix)) * std
 
 
-def compute_embedding(mode: str, domain: str, texts: list[str], anchor_dir, cfg) -> torch.Tensor:
+def compute_embedding(mode: str, domain: str, texts: list[str], anchor_dir, cfg,
+                      reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(router rows, the raw mean before centering/normalising). With cfg.center, `reference` is the public
+    embedding's raw mean (None for the public row itself, which centers on its own mean)."""
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(anchor_dir)
@@ -111,17 +119,35 @@ def compute_embedding(mode: str, domain: str, texts: list[str], anchor_dir, cfg)
         rows = random_embedding(hf.hidden_size, cfg.random_std, cfg.seed, domain)
     else:
         raise ValueError(f"domain_embedding.mode must be encoder | anchor-hidden | random, got {mode!r}")
+    raw = rows
+    if getattr(cfg, "center", False):
+        if reference is None and domain != "public":
+            raise ValueError(f"domain_embedding.center needs the public embedding's reference mean for {domain!r} "
+                             "(compute the public row first; it is saved with it)")
+        rows = rows - (raw if reference is None else reference.to(rows.dtype))
     if cfg.unit_norm:
         rows = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return rows * cfg.scale
+    return rows * cfg.scale, raw
 
 
-def save_embedding(out, rows: torch.Tensor, meta: dict) -> None:
+def save_embedding(out, rows: torch.Tensor, meta: dict, reference: torch.Tensor | None = None) -> None:
+    """Rows (+ the raw mean other domains center on, for the public row) and a JSON description."""
+    tensors = {"rows": rows.float().contiguous()}
+    if reference is not None:
+        tensors["reference"] = reference.float().contiguous()
     with atomic_dir(out) as tmp:
-        save_file({"rows": rows.float().contiguous()}, str(tmp / EMBEDDING_FILE))
+        save_file(tensors, str(tmp / EMBEDDING_FILE))
         write_json(tmp / "embedding.json", {**meta, "shape": list(rows.shape),
                                             "norm": float(rows.float().norm(dim=-1).mean())})
 
 
 def load_embedding(path) -> torch.Tensor:
     return load_file(str(Path(path) / EMBEDDING_FILE))["rows"]
+
+
+def load_reference(path) -> torch.Tensor:
+    tensors = load_file(str(Path(path) / EMBEDDING_FILE))
+    if "reference" not in tensors:
+        raise ValueError(f"{path}: this public embedding has no reference mean (recompute it with the current "
+                         "code; domain_embedding.center needs it)")
+    return tensors["reference"]

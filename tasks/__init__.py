@@ -1,0 +1,23 @@
+"""Stage wrappers (`python -m tasks.<stage>`). Importing the package starts a clock: when a stage process
+exits it prints one `[stage-time]` line (wall clock, seconds spent before/inside the stage's module), which
+`benchmarks/pipeline_overhead.py --from-log` turns into the DVC/Prefect overhead of a real run."""
+from __future__ import annotations
+
+import atexit
+import sys
+import time
+
+_START = time.time()
+
+
+def _report() -> None:
+    module = sys.modules.get("__main__")
+    spec = getattr(module, "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    if not name.startswith("tasks."):
+        return  # imported by tests or flows, not run as a stage
+    end = time.time()
+    print(f"[stage-time] {name} start={_START:.3f} end={end:.3f} seconds={end - _START:.2f}", flush=True)
+
+
+atexit.register(_report)
