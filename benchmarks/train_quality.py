@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--expert", default=None, help='expert overrides as JSON, e.g. \'{"public_mix": 0.25}\'')
     ap.add_argument("--embedding", default=None, help="domain_embedding overrides as JSON, e.g. "
                     '\'{"mode": "anchor-hidden", "unit_norm": true, "scale": 4}\'')
+    ap.add_argument("--router-tune", action="store_true", help="also router-tune the merge (params' router_tune "
+                    "section; proxy = a sample of each domain's train split) and report it")
+    ap.add_argument("--rt-loop", default=None, help='router-tuning loop overrides as JSON, e.g. \'{"steps": 60}\'')
     args = ap.parse_args()
     domains = args.domains.split(",")
     out = Path(args.work)
@@ -111,10 +114,27 @@ def main() -> None:
     E = manifest["num_experts"]
     models["merged"] = build(mcfg, MoEShape(E, manifest["top_k"]), from_hf_moe(state, cfg.n_layers), lambda n: False,
                              torch.float32)
+    if args.router_tune:
+        import dataclasses
+
+        from flexolmo_core.training.config import RouterTuneConfig, load_stage
+        from flexolmo_core.training.stages import tune_router
+
+        tuned = out / f"router_tune_k{args.top_k}" if not args.rt_loop else out / f"router_tune_k{args.top_k}_{abs(hash(args.rt_loop))}"
+        if not (tuned / "model/config.json").exists():
+            _, rt, rt_loop = load_stage(RouterTuneConfig, "router_tune", ROOT / "params.yaml")
+            rt_loop = dataclasses.replace(rt_loop, **json.loads(args.rt_loop or "{}"))
+            tune_router(merged, data / "public/train", [data / d / "train" for d in domains], tuned, rt_loop,
+                        rt.public_windows, rt.proxy_windows)
+        _, rt_state, _ = read_merged(tuned / "model")
+        models["merged_rt"] = build(mcfg, MoEShape(E, manifest["top_k"]), from_hf_moe(rt_state, cfg.n_layers),
+                                    lambda n: False, torch.float32)
     rows = []
     for d in ["public", *domains]:
         val = open_windows(data / f"{d}/validation", loop.seq_len)
         row = {"domain": d, "anchor": evaluate(models["anchor"], val, loop), "merged": evaluate(models["merged"], val, loop)}
+        if "merged_rt" in models:
+            row["merged_rt"] = evaluate(models["merged_rt"], val, loop)
         if d != "public":
             from flexolmo_core.training.stages import owner_fast_model
             from flexolmo_core.package import load_package
@@ -129,13 +149,19 @@ def main() -> None:
                     getattr(owner.layers[i].w, name).data.copy_(pkg.tensor(f"layers.{i}.{key}"))
             row["owner"] = evaluate(owner, val, loop)
             row["merged_vs_owner"] = row["merged"] / row["owner"] - 1
+            if "merged_rt" in row:
+                row["rt_vs_owner"] = row["merged_rt"] / row["owner"] - 1
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n| domain | anchor | owner model | merged (top-{manifest['top_k']} of {E}) | merged vs owner |")
-    print("|---|---|---|---|---|")
+    rt = "merged_rt" in models
+    print(f"\n| domain | anchor | owner model | merged (top-{manifest['top_k']} of {E}) | merged vs owner |"
+          + (" merged-RT | RT vs owner |" if rt else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if rt else ""))
+    nan = float("nan")
     for r in rows:
-        print(f"| {r['domain']} | {r['anchor']:.3f} | {r.get('owner', float('nan')):.3f} | {r['merged']:.3f} | "
-              f"{100 * r.get('merged_vs_owner', float('nan')):+.1f}% |")
+        print(f"| {r['domain']} | {r['anchor']:.3f} | {r.get('owner', nan):.3f} | {r['merged']:.3f} | "
+              f"{100 * r.get('merged_vs_owner', nan):+.1f}% |"
+              + (f" {r['merged_rt']:.3f} | {100 * r.get('rt_vs_owner', nan):+.1f}% |" if rt else ""))
 
 
 if __name__ == "__main__":

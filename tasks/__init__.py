@@ -16,6 +16,10 @@ def _report() -> None:
     name = getattr(spec, "name", "") or ""
     if not name.startswith("tasks."):
         return  # imported by tests or flows, not run as a stage
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        return  # a worker the stage spawned (evaluate's variant workers): the stage process reports
     end = time.time()
     print(f"[stage-time] {name} start={_START:.3f} end={end:.3f} seconds={end - _START:.2f}", flush=True)
 

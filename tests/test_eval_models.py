@@ -175,6 +175,21 @@ def test_evaluate_stage_end_to_end(models, tmp_path, monkeypatch):
     assert (tmp_path / "reports/results.md").exists() and (tmp_path / "outputs/evaluate/metrics.json").exists()
     assert list((tmp_path / "outputs/evaluate/plots").glob("*.png"))
 
+    # the parallel path (variants in two spawned 1-thread workers) gives the same scores as the serial one
+    def values(name):
+        tasks = json.loads((tmp_path / f"outputs/evaluate/results/{name}").read_text())["tasks"]
+        return {t: r.get("value") for t, r in tasks.items()}
+
+    serial = {name: values(name) for name in results}
+    params["evaluate"]["workers"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert stage.main("params.yaml") == 0
+    for name, expected in serial.items():
+        got = values(name)
+        assert got.keys() == expected.keys()
+        for task, value in expected.items():
+            assert (value is None) == (got[task] is None) and (value is None or abs(got[task] - value) <= 1e-4 * max(1.0, abs(value))), (name, task)
+
 
 def test_code_task_runs_only_when_allowed(models):
     names = ["flexolmo_humaneval"]

@@ -38,6 +38,8 @@ class EvalConfig:
     allow_code_execution: bool = False  # HumanEval/MBPP run generated code (subprocess + timeout) only if true
     max_gen_toks: int | None = 32       # cap on generated tokens per doc (None = the task's own value)
     batch_size: int = 16
+    workers: int = 1                    # variants evaluated side by side, one process each
+    threads: int = 0                    # torch threads per worker (0 = torch's default; 1 when workers > 1)
     max_length: int | None = None       # context window for lm-eval (None = the model's)
     top_k: int | None = None            # FlexOlmo experts per token (None = the checkpoint's)
     btm_top_k: int = 2                  # BTM keeps this many experts per position
