@@ -21,6 +21,7 @@ import flows  # noqa: F401  (offline environment defaults, before prefect is imp
 from prefect import serve
 from prefect.events import DeploymentEventTrigger
 
+from flexolmo_core.remote_registry import registry_id
 from flows.owner import PUBLISHED_EVENT, owner
 from flows.remerge import remerge
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def remerge_deployments(registry: str, anchor: str, releases: str, cron: str | None, evaluate: bool = True,
                         params: str = "params.yaml") -> list:
-    parameters = {"registry": str(Path(registry).resolve()), "anchor": str(Path(anchor).resolve()),
+    parameters = {"registry": registry_id(registry), "anchor": str(Path(anchor).resolve()),
                   "releases": str(Path(releases).resolve()), "evaluate": evaluate,
                   "params": str(Path(params).resolve())}
     trigger = DeploymentEventTrigger(
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                    not args.no_evaluate, args.params))
     else:
         ids = deploy_owners([d for d in args.domains.split(",") if d], str(Path(args.anchor).resolve()),
-                            str(Path(args.public_embedding).resolve()), str(Path(args.registry).resolve()))
+                            str(Path(args.public_embedding).resolve()), registry_id(args.registry))
         print("\n".join(ids))
     return 0
 

@@ -65,17 +65,16 @@ def validate(package: str, anchor: str) -> dict:
 
 @task(task_run_name="publish-{package}")
 def publish_package(package: str, registry: str, replace: bool) -> dict:
-    from flexolmo_core.registry import Registry
+    from flexolmo_core.remote_registry import open_registry, registry_id, writable_registry
 
-    reg = Registry(registry)
-    before = reg.contents().get(json.loads((Path(package) / "manifest.json").read_text())["domain"])
-    entry = reg.publish(package, replace=replace)
+    before = open_registry(registry).contents().get(json.loads((Path(package) / "manifest.json").read_text())["domain"])
+    entry = writable_registry(registry).publish(package, replace=replace)
     changed = before != entry.sha256
     if changed:  # publishing the same package twice is a no-op and triggers nothing
         emit_event(event=PUBLISHED_EVENT,
                    resource={"prefect.resource.id": f"flexolmo.expert.{entry.domain}",
                              "flexolmo.domain": entry.domain, "flexolmo.sha256": entry.sha256,
-                             "flexolmo.registry": str(reg.root)},
+                             "flexolmo.registry": registry_id(registry)},
                    payload={"version": entry.version, "path": str(entry.path)})
     return {"domain": entry.domain, "sha256": entry.sha256, "version": entry.version, "path": str(entry.path),
             "event_emitted": changed}

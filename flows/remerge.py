@@ -80,10 +80,11 @@ def remerge(registry: str, anchor: str, releases: str = "runs/releases", top_k: 
     """Merge a new release if the registry differs from the current one; returns what happened."""
     from flexolmo_core.atomic import write_json
     from flexolmo_core.merge import read_manifest
-    from flexolmo_core.registry import Registry, merged_contents
+    from flexolmo_core.registry import merged_contents
+    from flexolmo_core.remote_registry import open_registry
 
     log = get_run_logger()
-    reg, rel = Registry(registry), Path(releases).resolve()
+    reg, rel = open_registry(registry), Path(releases).resolve()  # a URL is pulled into its local mirror
     with releases_lock(rel):
         wanted, current = reg.contents(), current_release(rel)
         if current is not None:

@@ -12,7 +12,7 @@ DEFAULT_REGISTRY = "runs/registry"
 def register(subparsers) -> None:
     p = subparsers.add_parser("publish", help="validate an expert package and add it to a registry (atomic)")
     p.add_argument("package", metavar="PKG", help="expert package directory")
-    p.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"registry directory (default {DEFAULT_REGISTRY})")
+    p.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"registry directory or fsspec URL, e.g. s3://bucket/registry (default {DEFAULT_REGISTRY})")
     p.add_argument("--replace", action="store_true", help="replace this domain's published package")
     p.set_defaults(func=cmd_publish)
 
@@ -35,25 +35,25 @@ def register(subparsers) -> None:
 
 
 def cmd_publish(args) -> None:
-    from ..registry import Registry
+    from ..remote_registry import writable_registry
 
-    entry = Registry(args.registry).publish(args.package, replace=args.replace)
+    entry = writable_registry(args.registry).publish(args.package, replace=args.replace)
     print(json.dumps({"registry": args.registry, "domain": entry.domain, "sha256": entry.sha256,
                       "path": str(entry.path), "version": entry.version}))
 
 
 def cmd_init(args) -> None:
-    from ..registry import Registry
+    from ..remote_registry import writable_registry
 
-    index = Registry(args.registry).init(args.anchor)
+    index = writable_registry(args.registry).init(args.anchor)
     print(json.dumps({"registry": args.registry, "anchor_fingerprint": index["anchor_fingerprint"],
                       "experts": sorted(index["experts"])}))
 
 
 def cmd_list(args) -> None:
-    from ..registry import Registry
+    from ..remote_registry import open_registry
 
-    registry = Registry(args.registry)
+    registry = open_registry(args.registry)
     index = registry.index()
     print(json.dumps({"anchor_fingerprint": index["anchor_fingerprint"], "version": index["version"],
                       "experts": {d: {"sha256": e.sha256, "path": str(e.path), "version": e.version}
@@ -61,15 +61,15 @@ def cmd_list(args) -> None:
 
 
 def cmd_verify(args) -> int:
-    from ..registry import Registry
+    from ..remote_registry import open_registry
 
-    report = Registry(args.registry).verify()
+    report = open_registry(args.registry).verify()
     print(json.dumps(report, indent=2))
     return 0 if all(v == "ok" for v in report.values()) else 1
 
 
 def cmd_remove(args) -> None:
-    from ..registry import Registry
+    from ..remote_registry import writable_registry
 
-    Registry(args.registry).remove(args.domain)
+    writable_registry(args.registry).remove(args.domain)
     print(json.dumps({"registry": args.registry, "removed": args.domain}))

@@ -1,0 +1,69 @@
+"""A registry behind an fsspec URL (memory:// and file:// here; s3://, gs://, ssh://... the same way)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from flexolmo_core.package import PackageError
+from flexolmo_core.registry import RegistryError
+from flexolmo_core.remote_registry import RemoteRegistry, open_registry
+
+
+@pytest.fixture(params=["memory", "file"])
+def url(request, tmp_path):
+    if request.param == "memory":
+        return f"memory://flexolmo-test/{tmp_path.name}/registry"
+    return (tmp_path / "remote").as_uri()
+
+
+def test_publish_pull_and_refusals_through_a_url(url, tmp_path, smoke_anchor, packages):
+    owner = RemoteRegistry(url, mirror=tmp_path / "owner_mirror")
+    owner.init(smoke_anchor)
+    entry = owner.publish(packages["code"])
+    assert entry.version == 1 and owner.remote_index()["version"] == 1
+    assert owner.publish(packages["code"]).version == 1 and owner.remote_index()["version"] == 1  # idempotent
+
+    # a second machine (its own mirror) sees the package, byte for byte, and it validates there
+    maintainer = RemoteRegistry(url, mirror=tmp_path / "maintainer_mirror")
+    local = maintainer.pull()
+    assert local.contents() == {"code": entry.sha256} and local.verify() == {"code": "ok"}
+    assert (local.package_paths()[0] / "expert.safetensors").read_bytes() == \
+        (packages["code"] / "expert.safetensors").read_bytes()
+
+    maintainer.publish(packages["news"])
+    assert set(owner.pull().contents()) == {"code", "news"}
+
+    # a corrupt package is refused and the remote index does not move
+    bad = tmp_path / "bad"
+    shutil.copytree(packages["news"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["domain"] = "legal"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    raw = bytearray((bad / "expert.safetensors").read_bytes())
+    raw[-5] ^= 0x40  # one bit inside the last tensor's data
+    (bad / "expert.safetensors").write_bytes(bytes(raw))
+    before = owner.remote_index()
+    with pytest.raises(PackageError, match="sha256|NaN|corrupt"):
+        owner.publish(bad)
+    assert owner.remote_index() == before
+
+    # a publish that raced another writer is refused, not merged over it
+    stale = RemoteRegistry(url, mirror=tmp_path / "stale_mirror")
+    stale.pull()
+    with pytest.raises(RegistryError, match="moved to version"):
+        stale._write_remote_index(stale.mirror.index(), expected_version=0)
+
+    owner.remove("news")
+    assert set(open_registry(url).contents()) == {"code"}
+
+
+def test_another_anchor_is_refused(url, tmp_path, smoke_anchor, smoke_tokenizer):
+    from flexolmo_core.anchor import init_anchor
+
+    RemoteRegistry(url, mirror=tmp_path / "a").init(smoke_anchor)
+    other = tmp_path / "other_anchor"
+    init_anchor("smoke", smoke_tokenizer, other, seed=1)
+    with pytest.raises(RegistryError, match="registry is for anchor"):
+        RemoteRegistry(url, mirror=tmp_path / "b").init(other)
