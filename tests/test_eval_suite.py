@@ -96,3 +96,18 @@ def test_code_tasks_pass_with_their_reference_solutions():
     mb = sources.load_docs("mbpp")[1]
     extra = _json.loads(mb["extra"])
     assert metrics.run_program(metrics.mbpp_program(extra, mb["gold_continuation"]))
+
+
+def test_gold_continuations_are_cut_at_a_space_to_fit_the_context():
+    import importlib.util
+
+    from flexolmo_core.evaluation import suite as suite_module
+
+    spec = importlib.util.spec_from_file_location("flexolmo_task_utils", suite_module.TASKS_DIR / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert utils.cut_at_space("short answer", 500) == "short answer"
+    text = " word" * 300  # 1500 characters
+    cut = utils.cut_at_space(text, 500)
+    assert len(cut) <= 500 and text.startswith(cut) and not cut.endswith(" ") and cut.endswith("word")
+    assert utils.cut_at_space("x" * 900, 500) == "x" * 500  # no space: a hard cut

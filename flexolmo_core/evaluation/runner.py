@@ -33,6 +33,7 @@ class EvalConfig:
     gen_limit: int | None = 3           # docs per generation task (greedy decoding is the costly part)
     domain_limit: int | None = 10       # docs per FlexMix domain for held-out bpb
     domain_max_chars: int | None = 2000  # characters per held-out doc (bounds rolling-bpb cost)
+    gold_max_chars: int | None = 500    # gold continuations scored for bpb are cut here (must fit the context)
     domains_dir: str | None = "outputs/prepare"  # <dir>/<domain>/test from the prepare stage
     eval_data_dir: str | None = None     # local <task>.jsonl for tasks whose data is not shipped
     allow_code_execution: bool = False  # HumanEval/MBPP run generated code (subprocess + timeout) only if true
@@ -101,7 +102,8 @@ def load_tasks(task_names: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
     limits = [cfg.limit, cfg.gen_limit]
     doc_limit = None if any(x is None for x in limits) else max(limits)
     metadata = {"eval_data_dir": cfg.eval_data_dir, "domains_dir": cfg.domains_dir,
-                "domain_max_chars": cfg.domain_max_chars, "doc_limit": doc_limit, "domain_limit": cfg.domain_limit}
+                "domain_max_chars": cfg.domain_max_chars, "doc_limit": doc_limit, "domain_limit": cfg.domain_limit,
+                "gold_max_chars": cfg.gold_max_chars}
     tm = _task_manager(metadata)
     loaded, skipped = {}, {}
     for name in task_names:

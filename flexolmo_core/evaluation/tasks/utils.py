@@ -10,10 +10,22 @@ import datasets
 from flexolmo_core.evaluation import metrics, sources, suite
 
 
-def load(flexolmo_task, eval_data_dir=None, doc_limit=None, **_metadata):
+def load(flexolmo_task, eval_data_dir=None, doc_limit=None, gold_max_chars=None, **_metadata):
     docs = sources.load_docs(flexolmo_task, eval_data_dir=eval_data_dir, source=suite.SPECS[flexolmo_task].source)
     docs = docs[:doc_limit] if doc_limit else docs  # lm-eval reads the first `limit` docs, in order
+    if gold_max_chars:  # a scored continuation must fit the context window (MATH solutions do not at 512)
+        for doc in docs:
+            doc["gold_continuation"] = cut_at_space(doc["gold_continuation"], gold_max_chars)
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
+def cut_at_space(text: str, max_chars: int) -> str:
+    """At most max_chars characters, ending at a whitespace when there is one (bpb is per byte scored)."""
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    space = max(head.rfind(" "), head.rfind("\n"))
+    return head[:space] if space > max_chars // 2 else head
 
 
 def load_domain(flexolmo_domain, domains_dir=None, domain_max_chars=None, domain_limit=None, **_metadata):
