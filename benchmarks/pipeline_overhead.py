@@ -113,17 +113,21 @@ def children_cpu() -> float:
 
 
 def from_log(path: Path, wall: float | None) -> dict:
-    """DVC's own share of a real run, from the `[stage-time]` lines every stage process prints at exit
-    (tasks/__init__.py): the time outside stage processes (hashing, cache, dvc.lock, process start) against
-    the time inside them. The stages' own imports count as work here; the `direct` mode measures them."""
+    """DVC's (or Prefect + DVC's) own share of a real run, from the `[stage-time]` lines every stage process
+    prints at exit (tasks/__init__.py): wall time when no stage process was running (hashing, cache, dvc.lock,
+    flow-run bookkeeping, process start) against the time some stage was running. The stages' own imports count as work here; the `direct` mode measures them."""
     import re
 
     pattern = re.compile(r"\[stage-time\] (\S+) start=([\d.]+) end=([\d.]+) seconds=([\d.]+)")
     runs = [(m[1], float(m[2]), float(m[3])) for m in pattern.finditer(Path(path).read_text(errors="replace"))]
     if not runs:
         raise SystemExit(f"{path}: no [stage-time] lines (was it written by `dvc repro` of this project?)")
-    inside = sum(end - start for _, start, end in runs)
-    span = runs[-1][2] - runs[0][1]
+    inside, covered_to = 0.0, float("-inf")  # the union of the stage intervals: stages may run side by side
+    for _, start, end in sorted(runs, key=lambda r: r[1]):
+        if end > covered_to:
+            inside += end - max(start, covered_to)
+            covered_to = end
+    span = max(r[2] for r in runs) - min(r[1] for r in runs)
     wall = wall or span
     stages = {}
     for name, start, end in runs:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, seconds in report["stages"].items():
             print(f"{name:>28} {seconds:>9.2f} s")
         print(f"inside {report['stage_processes']} stage processes: {report['inside_stages']} s; total "
-              f"{report['total']} s; outside (DVC bookkeeping, gaps): {report['outside_stages']} s = "
+              f"{report['total']} s; outside (orchestration: DVC, Prefect, process start): {report['outside_stages']} s = "
               f"{report['overhead_vs_inside']:+.1%}")
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
