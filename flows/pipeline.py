@@ -38,9 +38,11 @@ def retry_transient(task_, task_run, state) -> bool:
 
 
 @task(task_run_name="{stage.name}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def run_stage(stage: Stage, force: bool, threads: int | None) -> dict:
+def run_stage(stage: Stage, force: bool, threads: int | None, repo: str | None = None) -> dict:
     from prefect.runtime import task_run
 
+    if repo is not None:  # a Dask worker is another process: the repository must travel with the task
+        set_root(repo)
     return run_stage_flow(stage, force=force, threads=threads, retry=task_run.run_count > 1)
 
 
@@ -78,7 +80,7 @@ def pipeline(targets: list[str] | None = None, force: bool = False, workers: int
     log.info(f"{len(stages)} stages from {root() / 'dvc.yaml'}: {', '.join(s.name for s in stages)}")
     futures = {}
     for stage in stages:  # topological order, so every upstream future exists already
-        futures[stage.name] = run_stage.submit(stage, force, threads_per_stage(stage, workers),
+        futures[stage.name] = run_stage.submit(stage, force, threads_per_stage(stage, workers), str(root()),
                                                wait_for=[futures[u] for u in stage.upstream if u in futures])
     results = {}
     failed = []

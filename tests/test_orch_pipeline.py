@@ -263,3 +263,18 @@ def test_owner_deployments_use_one_work_pool_per_owner(tmp_path, harness):
     assert [d.work_pool_name for d in deployments] == ["owner-legal", "owner-med-notes"]
     assert [d.parameters["domain"] for d in deployments] == ["legal", "med_notes"]
     assert all("data" not in d.parameters for d in deployments)  # each owner supplies their own data path
+
+
+def test_dask_runner_runs_the_changed_stages(clone, harness):
+    """`python -m flows.pipeline --dask` (prefect-dask, a local cluster of worker processes), started from
+    another directory: the stages run in the given repository and DVC agrees afterwards."""
+    from prefect.settings import PREFECT_API_URL
+
+    set_domains(clone, {"code": {"steps": 3}, "math": {}, "news": {}, "reddit": {}})
+    env = {**clone_env(clone), "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(clone)}
+    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--dask", "--workers", "2", "--root", str(clone)],
+                          cwd=clone.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "Creating a new Dask cluster" in done.stdout + done.stderr
+    assert json.loads((clone / "outputs/expert/code/summary.json").read_text())["steps"] == 3
+    assert dvc_clean(clone) == "Data and pipelines are up to date."
