@@ -29,7 +29,7 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
     import dataclasses
 
     from flexolmo_core.training.config import AnchorConfig, DomainEmbeddingConfig, ExpertConfig, load_stage
-    from flexolmo_core.training.embeddings import compute_embedding, load_embedding, save_embedding
+    from flexolmo_core.training.embeddings import load_embedding, write_domain_embedding
     from flexolmo_core.training.stages import read_documents, train_anchor, train_expert
 
     params = ROOT / "params.yaml"
@@ -43,14 +43,10 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
         if not (out / f"domain_embedding/{d}/embedding.safetensors").exists():
             _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=d)
             cfg = dataclasses.replace(cfg, **(embedding or {}))
-            from flexolmo_core.training.embeddings import load_reference
-
-            reference = load_reference(out / "domain_embedding/public") if cfg.center and d != "public" else None
-            rows, raw = compute_embedding(cfg.mode, d, read_documents([ROOT / f"outputs/prepare/{d}/train"]),
-                                          out / "anchor/model", cfg, reference)
-            save_embedding(out / f"domain_embedding/{d}", rows, {"domain": d, "mode": cfg.mode, "scale": cfg.scale,
-                                                                 "unit_norm": cfg.unit_norm, "center": cfg.center},
-                           reference=raw if d == "public" else None)
+            write_domain_embedding(out / f"domain_embedding/{d}", d, read_documents([ROOT / f"outputs/prepare/{d}/train"]),
+                                   out / "anchor/model", cfg, {"domain": d, "mode": cfg.mode, "scale": cfg.scale,
+                                                               "unit_norm": cfg.unit_norm, "center": cfg.center},
+                                   out / "domain_embedding/public")
     for d in domains:
         if not (out / f"expert/{d}/package/manifest.json").exists():
             _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d)
@@ -120,7 +116,10 @@ def main() -> None:
         from flexolmo_core.training.config import RouterTuneConfig, load_stage
         from flexolmo_core.training.stages import tune_router
 
-        tuned = out / f"router_tune_k{args.top_k}" if not args.rt_loop else out / f"router_tune_k{args.top_k}_{abs(hash(args.rt_loop))}"
+        import hashlib
+
+        suffix = f"_{hashlib.sha256(args.rt_loop.encode()).hexdigest()[:8]}" if args.rt_loop else ""
+        tuned = out / f"router_tune_k{args.top_k}{suffix}"  # one folder per override set, reused across runs
         if not (tuned / "model/config.json").exists():
             _, rt, rt_loop = load_stage(RouterTuneConfig, "router_tune", ROOT / "params.yaml")
             rt_loop = dataclasses.replace(rt_loop, **json.loads(args.rt_loop or "{}"))

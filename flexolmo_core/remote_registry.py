@@ -22,6 +22,7 @@ import os
 import uuid
 from pathlib import Path
 
+from .atomic import write_json
 from .package import MANIFEST_FILE, WEIGHTS_FILE
 from .registry import INDEX_FILE, Entry, Registry, RegistryError
 
@@ -82,8 +83,6 @@ class RemoteRegistry:
                 for name in PACKAGE_FILES:  # file by file: fsspec's recursive copy rules vary by version
                     self.fs.get_file(self._remote(f"{entry['path']}/{name}"), str(part / name))
                 os.replace(part, local)
-        from .atomic import write_json
-
         write_json(self.mirror.index_path, index)
         return self.mirror
 

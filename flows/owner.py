@@ -28,13 +28,12 @@ PUBLISHED_EVENT = "flexolmo.expert.published"
 def embed(domain: str, data: str, anchor: str, out: str, params: str, preset: str | None,
           public_embedding: str | None = None) -> str:
     from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
-    from flexolmo_core.training.embeddings import compute_embedding, load_reference, save_embedding
+    from flexolmo_core.training.embeddings import write_domain_embedding
     from flexolmo_core.training.stages import read_documents
 
     _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=domain, preset=preset)
-    reference = load_reference(public_embedding) if cfg.center else None
-    rows, _ = compute_embedding(cfg.mode, domain, read_documents([data]), anchor, cfg, reference)
-    save_embedding(out, rows, {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}})
+    meta = {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
+    write_domain_embedding(out, domain, read_documents([data]), anchor, cfg, meta, public_embedding)
     return out
 
 

@@ -38,11 +38,10 @@ def retry_transient(task_, task_run, state) -> bool:
 
 
 @task(task_run_name="{stage.name}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def run_stage(stage: Stage, force: bool, threads: int | None, repo: str | None = None) -> dict:
+def run_stage(stage: Stage, force: bool, threads: int | None, repo: str) -> dict:
     from prefect.runtime import task_run
 
-    if repo is not None:  # a Dask worker is another process: the repository must travel with the task
-        set_root(repo)
+    set_root(repo)  # a Dask worker is another process: the repository must travel with the task
     return run_stage_flow(stage, force=force, threads=threads, retry=task_run.run_count > 1)
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import sys
 
 from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
-from flexolmo_core.training.embeddings import compute_embedding, load_reference, save_embedding
+from flexolmo_core.training.embeddings import write_domain_embedding
 from flexolmo_core.training.stages import read_documents
 
 ANCHOR = "outputs/anchor/model"
@@ -19,12 +19,9 @@ PUBLIC = "outputs/domain_embedding/public"
 
 def main(domain: str, params: str = "params.yaml"):
     _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=domain)
-    reference = load_reference(PUBLIC) if cfg.center and domain != "public" else None
-    rows, raw = compute_embedding(cfg.mode, domain, read_documents([f"outputs/prepare/{domain}/train"]), ANCHOR, cfg,
-                                  reference)
     meta = {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
-    save_embedding(f"outputs/domain_embedding/{domain}", rows, meta, reference=raw if domain == "public" else None)
-    return rows
+    return write_domain_embedding(f"outputs/domain_embedding/{domain}", domain,
+                                  read_documents([f"outputs/prepare/{domain}/train"]), ANCHOR, cfg, meta, PUBLIC)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ def test_centered_rows_encode_the_difference_from_public(tmp_path, smoke_anchor,
     assert not torch.allclose(plain, code)
     with pytest.raises(ValueError, match="reference"):
         compute_embedding("anchor-hidden", "code", small_texts["code"], smoke_anchor, cfg, None)
+    # the stage helper: the public row saves its raw mean, a centered domain reads it back
+    from flexolmo_core.training.embeddings import write_domain_embedding
+
+    write_domain_embedding(tmp_path / "pub2", "public", small_texts["public"], smoke_anchor, cfg, {})
+    assert torch.equal(load_reference(tmp_path / "pub2"), public_raw)
+    written = write_domain_embedding(tmp_path / "code2", "code", small_texts["code"], smoke_anchor, cfg, {},
+                                     public_embedding=tmp_path / "pub2")
+    assert torch.equal(written, code) and torch.equal(load_embedding(tmp_path / "code2"), code)
     with pytest.raises(ValueError, match="reference mean"):
         save_embedding(tmp_path / "old", public, {})
         load_reference(tmp_path / "old")

@@ -57,18 +57,15 @@ def register(subparsers) -> None:
 
 def cmd_embedding(args) -> None:
     from ..training.config import DomainEmbeddingConfig
-    from ..training.embeddings import compute_embedding, load_reference, save_embedding
+    from ..training.embeddings import write_domain_embedding
     from ..training.stages import read_documents
 
     cfg = DomainEmbeddingConfig(mode=args.mode, encoder=args.encoder, documents=args.documents, scale=args.scale,
                                 seed=args.seed, center=args.center is not None, unit_norm=args.unit_norm)
-    public = args.domain == "public"
-    reference = load_reference(args.center) if cfg.center and not public else None
-    rows, raw = compute_embedding(cfg.mode, args.domain, read_documents(args.data), args.anchor, cfg, reference)
-    save_embedding(args.out, rows, {"domain": args.domain, "mode": cfg.mode, "encoder": cfg.encoder,
-                                    "documents": cfg.documents, "scale": cfg.scale, "seed": cfg.seed,
-                                    "center": cfg.center, "unit_norm": cfg.unit_norm},
-                   reference=raw if public else None)
+    meta = {"domain": args.domain, "mode": cfg.mode, "encoder": cfg.encoder, "documents": cfg.documents,
+            "scale": cfg.scale, "seed": cfg.seed, "center": cfg.center, "unit_norm": cfg.unit_norm}
+    rows = write_domain_embedding(args.out, args.domain, read_documents(args.data), args.anchor, cfg, meta,
+                                  args.center or None)
     print(json.dumps({"embedding": args.out, "shape": list(rows.shape)}))
 
 

@@ -120,7 +120,7 @@ def compute_embedding(mode: str, domain: str, texts: list[str], anchor_dir, cfg,
     else:
         raise ValueError(f"domain_embedding.mode must be encoder | anchor-hidden | random, got {mode!r}")
     raw = rows
-    if getattr(cfg, "center", False):
+    if cfg.center:
         if reference is None and domain != "public":
             raise ValueError(f"domain_embedding.center needs the public embedding's reference mean for {domain!r} "
                              "(compute the public row first; it is saved with it)")
@@ -139,6 +139,17 @@ def save_embedding(out, rows: torch.Tensor, meta: dict, reference: torch.Tensor 
         save_file(tensors, str(tmp / EMBEDDING_FILE))
         write_json(tmp / "embedding.json", {**meta, "shape": list(rows.shape),
                                             "norm": float(rows.float().norm(dim=-1).mean())})
+
+
+def write_domain_embedding(out, domain: str, texts: list[str], anchor_dir, cfg, meta: dict,
+                           public_embedding=None) -> torch.Tensor:
+    """Compute and save one domain's rows. The public row also saves its raw mean as the reference that
+    domains center on; with cfg.center, a domain reads that reference from `public_embedding`."""
+    public = domain == "public"
+    reference = load_reference(public_embedding) if cfg.center and not public else None
+    rows, raw = compute_embedding(cfg.mode, domain, texts, anchor_dir, cfg, reference)
+    save_embedding(out, rows, meta, reference=raw if public else None)
+    return rows
 
 
 def load_embedding(path) -> torch.Tensor:
