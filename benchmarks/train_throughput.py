@@ -5,7 +5,11 @@ MFU = achieved matmul FLOPs/s (only the work a step must do: forward, input grad
 trainable tensor, weight gradients of trainable tensors) / the matmul peak of the same dtype, measured
 in this process. Random tokens (throughput does not depend on the text).
 
-    python benchmarks/train_throughput.py [--steps 6] [--batch 8] [--seq-len 256] [--threads 2]"""
+    python benchmarks/train_throughput.py [--steps 6] [--batch 8] [--seq-len 256] [--threads 2] [--kernels]
+
+--kernels also times, forward + backward at the same shapes, the two hand-written pieces of the fast path
+against what they replace: causal attention vs torch's scaled_dot_product_attention, and the chunked fused
+loss vs the plain fp32 cross-entropy + z-loss."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import machine  # noqa: E402
 
 
 def fake_anchor(cfg):
@@ -90,6 +95,44 @@ def reference(anchor, cfg, args, autocast: bool) -> dict:
             "dtype": "bfloat16 autocast" if autocast else "float32"}
 
 
+def time_fwd_bwd(make_inputs, fn, reps: int = 6) -> float:
+    """Median milliseconds of forward + backward of fn(*inputs) (one warm-up call first)."""
+    times = []
+    for i in range(reps + 1):
+        inputs = make_inputs()
+        start = time.perf_counter()
+        out = fn(*inputs)
+        (out if out.dim() == 0 else out.float().sum()).backward()
+        if i:
+            times.append(1000 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+def kernels(cfg, args) -> dict:
+    from flexolmo_core.training.model import causal_attention
+    from flexolmo_core.training.objective import objective, reference_objective
+
+    dt = torch.bfloat16
+    B, H, T, hd = args.batch, cfg.n_heads, args.seq_len, cfg.head_dim
+
+    def qkv():
+        return [torch.randn(B, H, T, hd, dtype=dt, requires_grad=True) for _ in range(3)]
+
+    def logits_targets():
+        return (torch.randn(B * T, cfg.vocab_size, dtype=dt, requires_grad=True),
+                torch.randint(0, cfg.vocab_size, (B * T,)))
+
+    zero = torch.zeros(())
+    return {
+        "attention, torch sdpa (ms)": time_fwd_bwd(
+            qkv, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        "attention, ours (ms)": time_fwd_bwd(qkv, causal_attention),
+        "loss, plain fp32 (ms)": time_fwd_bwd(
+            logits_targets, lambda x, t: reference_objective(x, t, zero, 0.0, 1e-5)[0]),
+        "loss, chunked fused (ms)": time_fwd_bwd(logits_targets, lambda x, t: objective(x, t, zero, 0.0, 1e-5)[0]),
+    }
+
+
 def main() -> None:
     from flexolmo_core.config import get_preset
 
@@ -101,21 +144,27 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="also time attention and loss, ours vs plain torch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
     anchor = fake_anchor(cfg)
+    m = machine()  # load average before this benchmark's own work
     results = {"anchor (ours)": ours("anchor", anchor, cfg, args), "expert (ours)": ours("expert", anchor, cfg, args),
                "expert (transformers, fp32)": reference(anchor, cfg, args, False),
                "expert (transformers, bf16 autocast)": reference(anchor, cfg, args, True)}
     best_ref = max(results["expert (transformers, fp32)"]["tokens_per_s"],
                    results["expert (transformers, bf16 autocast)"]["tokens_per_s"])
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {args.threads} threads, load {m['loadavg'][0]:.2f}")
     print(f"{'run':38s} {'tokens/s':>9s} {'MFU':>6s}  dtype (peak GFLOP/s)")
     for name, r in results.items():
         print(f"{name:38s} {r['tokens_per_s']:9.0f} {100 * r['mfu']:5.1f}%  {r['dtype']} ({r['peak_gflops']:.0f})")
     ratio = results["expert (ours)"]["tokens_per_s"] / best_ref
     print(f"expert training speed-up over the best reference: {ratio:.2f}x")
-    print(json.dumps({"results": results, "expert_speedup": ratio, "args": vars(args)}))
+    timings = kernels(cfg, args) if args.kernels else {}
+    for name, ms in timings.items():
+        print(f"{name:38s} {ms:9.1f}")
+    print(json.dumps({"results": results, "expert_speedup": ratio, "kernels_ms": timings, "args": vars(args), "machine": m}))
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def test_top_k_routing_matches_transformers():
 
 
 def test_objective_terms():
-    logits = torch.randn(2, 5, 11)
-    targets = torch.randint(0, 11, (2, 5))
+    logits = torch.randn(3, 50, 11)  # 150 rows: crosses the fused loss's row chunks, last one partial
+    targets = torch.randint(0, 11, (3, 50))
     total, ce = objective(logits, targets, torch.tensor(3.0), 1e-3, 1e-5)
     ref_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
     z = torch.logsumexp(logits, -1).pow(2).mean()

@@ -46,7 +46,10 @@ def make_optimizer(model, cfg: LoopConfig) -> torch.optim.AdamW:
             (no_decay if ("norm" in name or "bias_" in name) else decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # The fused kernel is one pass per tensor (at tiny: 10 -> 4 ms per anchor step); FSDP's sharded DTensor
+    # parameters keep the default implementation.
+    fused = cfg.distributed != "fsdp"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 @torch.no_grad()

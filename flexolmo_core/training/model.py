@@ -49,6 +49,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v, as transformers' eager attention computes it under autocast
+    (scores in the compute dtype, softmax in fp32). Written out rather than F.scaled_dot_product_attention:
+    at tiny shapes (T 256, head_dim 64) torch's CPU flash kernel takes about twice as long for forward +
+    backward (`python benchmarks/train_throughput.py --kernels`)."""
+    T = q.shape[-2]
+    mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class Slots(nn.Module):
     """Named tensors, each a Parameter (trainable) or a buffer (frozen), with a cached compute-dtype copy
     of the frozen ones."""
@@ -94,7 +105,7 @@ class Block(nn.Module):
         v = F.linear(xc, w.get("v", dt))
         q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # in the compute dtype, as HF under autocast
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5)
+        out = causal_attention(q, k, v)
         return F.linear(out.transpose(1, 2).reshape(B, T, d), w.get("o", dt))
 
     def expert(self, e: int, x: torch.Tensor, dt) -> torch.Tensor:
