@@ -24,7 +24,7 @@ def run(*args):
 
 
 def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_steps=None, embedding=None,
-           expert=None) -> None:
+           expert=None, expert_loop=None) -> None:
     """anchor, domain_embedding@*, expert@* with params.yaml's values, into `out` (skips finished ones)."""
     import dataclasses
 
@@ -51,7 +51,7 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
         if not (out / f"expert/{d}/package/manifest.json").exists():
             _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d)
             cfg = dataclasses.replace(cfg, **(expert or {}))
-            loop = dataclasses.replace(loop, steps=expert_steps or loop.steps)
+            loop = dataclasses.replace(loop, steps=expert_steps or loop.steps, **(expert_loop or {}))
             if cfg.public_mix > 0 and not (out / "anchor/model/public_replay").exists():
                 from flexolmo_core.training.data import open_windows
                 from flexolmo_core.training.replay import write_public_replay
@@ -84,10 +84,12 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, default=None)
     ap.add_argument("--anchor-from", default=None, help="reuse this work dir's trained anchor (a variant run)")
     ap.add_argument("--expert", default=None, help='expert overrides as JSON, e.g. \'{"public_mix": 0.25}\'')
+    ap.add_argument("--expert-loop", default=None, help='expert loop overrides as JSON, e.g. \'{"router_lr_scale": 10}\'')
     ap.add_argument("--embedding", default=None, help="domain_embedding overrides as JSON, e.g. "
                     '\'{"mode": "anchor-hidden", "unit_norm": true, "scale": 4}\'')
     ap.add_argument("--router-tune", action="store_true", help="also router-tune the merge (params' router_tune "
                     "section; proxy = a sample of each domain's train split) and report it")
+    ap.add_argument("--rt", default=None, help='router_tune overrides as JSON, e.g. \'{"top_k": 4}\'')
     ap.add_argument("--rt-loop", default=None, help='router-tuning loop overrides as JSON, e.g. \'{"steps": 60}\'')
     args = ap.parse_args()
     domains = args.domains.split(",")
@@ -97,7 +99,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "anchor").symlink_to(Path(args.anchor_from).resolve() / "anchor")
     stages(out, data, domains, args.anchor_steps, args.expert_steps, json.loads(args.embedding or "{}"),
-           json.loads(args.expert or "{}"))
+           json.loads(args.expert or "{}"), json.loads(args.expert_loop or "{}"))
     merged = out / f"merged_k{args.top_k}"
     merge(out / "anchor/model", [out / f"expert/{d}/package" for d in domains], merged, top_k=args.top_k)
 
@@ -118,13 +120,15 @@ def main() -> None:
 
         import hashlib
 
-        suffix = f"_{hashlib.sha256(args.rt_loop.encode()).hexdigest()[:8]}" if args.rt_loop else ""
+        overrides = (args.rt_loop or "") + (args.rt or "")
+        suffix = f"_{hashlib.sha256(overrides.encode()).hexdigest()[:8]}" if overrides else ""
         tuned = out / f"router_tune_k{args.top_k}{suffix}"  # one folder per override set, reused across runs
         if not (tuned / "model/config.json").exists():
             _, rt, rt_loop = load_stage(RouterTuneConfig, "router_tune", ROOT / "params.yaml")
             rt_loop = dataclasses.replace(rt_loop, **json.loads(args.rt_loop or "{}"))
+            rt = dataclasses.replace(rt, **json.loads(args.rt or "{}"))
             tune_router(merged, data / "public/train", [data / d / "train" for d in domains], tuned, rt_loop,
-                        rt.public_windows, rt.proxy_windows)
+                        rt.public_windows, rt.proxy_windows, top_k=rt.top_k)
         _, rt_state, _ = read_merged(tuned / "model")
         models["merged_rt"] = build(mcfg, MoEShape(E, manifest["top_k"]), from_hf_moe(rt_state, cfg.n_layers),
                                     lambda n: False, torch.float32)

@@ -23,7 +23,7 @@ def main(params: str = "params.yaml") -> dict:
     domains = list((read_params(params).get("domains") or {}))
     return tune_router(MERGED, TOKENS / "public/train", [TOKENS / d / "train" for d in domains], OUT, loop,
                        public_windows=cfg.public_windows, proxy_windows=cfg.proxy_windows,
-                       val_data=TOKENS / "public/validation")
+                       val_data=TOKENS / "public/validation", top_k=cfg.top_k)
 
 
 if __name__ == "__main__":

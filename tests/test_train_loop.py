@@ -148,6 +148,27 @@ def test_router_tuning_moves_only_router_rows(tmp_path, merged, owner_data, smal
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
     assert load_flexolmo(tmp_path / "rt/model").manifest["router_tuned"]["steps"] == LOOP.steps
+    assert summary["top_k"] == 3  # all experts by default (the paper)
+
+
+def test_router_rows_get_their_own_learning_rate(smoke_anchor):
+    import dataclasses
+
+    from flexolmo_core.anchor import load_anchor
+    from flexolmo_core.training.loop import make_optimizer
+    from flexolmo_core.training.stages import owner_fast_model
+
+    anchor = load_anchor(smoke_anchor)
+    d, L = anchor.config.hidden_size, anchor.config.num_hidden_layers
+    model, _ = owner_fast_model(anchor, torch.zeros(L, d), torch.ones(L, d), True)
+    optimizer = make_optimizer(model, dataclasses.replace(LOOP, router_lr_scale=10.0, weight_decay=0.1))
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        local = name.rsplit(".", 1)[-1]
+        assert scale[id(p)] == (10.0 if local.startswith(("router_", "bias_")) else 1.0), name
+        assert decay[id(p)] == (0.0 if local.startswith("bias_") else 0.1), name
+    assert len(scale) == sum(1 for _ in model.parameters())  # every trainable tensor in exactly one group
 
 
 def test_unrestricted_moe_matches_flop_budget_and_loads(tmp_path, smoke_tokenizer, owner_data):

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="stage folder: writes model/, run/, summary.json")
     p.add_argument("--public-windows", type=int, default=64)
     p.add_argument("--proxy-windows", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=None, help="experts per token while tuning (default: all)")
     add_loop_args(p)
     p.set_defaults(func=cmd_router_tune)
 
@@ -76,7 +77,7 @@ def cmd_router_tune(args) -> None:
 
     _, loop = loop_from_args(args, RouterTuneConfig, "router_tune")
     summary = tune_router(args.model, args.public_data, args.proxy_data, args.out, loop, args.public_windows,
-                          args.proxy_windows, val_data=args.val_data)
+                          args.proxy_windows, val_data=args.val_data, top_k=args.top_k)
     print(json.dumps({k: summary[k] for k in ("steps", "train_loss", "val_loss", "experts")}))
 
 

@@ -20,6 +20,7 @@ class LoopConfig:
     warmup: int = 10  # linear warmup steps
     final_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak (METHOD.md 3)
     weight_decay: float = 0.0  # AdamW decay on matrices and router rows (never on norms or biases)
+    router_lr_scale: float = 1.0  # router rows and biases train at lr x this (1 = the paper: one lr for all)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -84,6 +85,7 @@ class RouterTuneConfig:
 
     public_windows: int = 64  # windows sampled from public data for the proxy mix
     proxy_windows: int = 64  # windows per owner proxy set (what owners chose to share)
+    top_k: int | None = None  # experts per token while tuning; null = all (the paper), k = the merged model's
     loop: dict = field(default_factory=dict)
     presets: dict = field(default_factory=dict)
 

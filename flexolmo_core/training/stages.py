@@ -194,19 +194,19 @@ def read_merged(model_dir) -> tuple[ModelConfig, dict, dict]:
 
 
 def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig, public_windows: int = 64,
-                proxy_windows: int = 64, val_data=None) -> dict:
-    """Router tuning (METHOD.md 6): only the router rows (public included) move, all experts active.
-    Writes out/model: the merged checkpoint with tuned rows, flexolmo.json noting it."""
+                proxy_windows: int = 64, val_data=None, top_k: int | None = None) -> dict:
+    """Router tuning (METHOD.md 6): only the router rows (public included) move, all experts active
+    (or the top `top_k`). Writes out/model: the merged checkpoint with tuned rows, flexolmo.json noting it."""
     merged_dir, out = Path(merged_dir), Path(out)
     cfg, state, manifest = read_merged(merged_dir)
     E = manifest["num_experts"]
     tensors = from_hf_moe(state, cfg.n_layers)
-    model = build(cfg, MoEShape(E, E), tensors, lambda n: ".router_" in n, torch.float32)
+    model = build(cfg, MoEShape(E, top_k or E), tensors, lambda n: ".router_" in n, torch.float32)
     parts = [Take(open_windows(public_data, loop.seq_len, merged_dir), public_windows, loop.seed)]
     parts += [Take(open_windows(p, loop.seq_len, merged_dir), proxy_windows, loop.seed) for p in proxy_data]
     val = open_windows(val_data, loop.seq_len, merged_dir) if val_data else None
     summary = train(model, Mixture(parts), loop, out / "run", val, label="router_tune")
-    summary.update(proxy_sets=len(proxy_data), experts=[e["domain"] for e in manifest["experts"]])
+    summary.update(proxy_sets=len(proxy_data), experts=[e["domain"] for e in manifest["experts"]], top_k=top_k or E)
     trained = D.full_tensors(model)
     if D.setup().main:
         tuned = to_hf_moe(trained, cfg.n_layers, E)
