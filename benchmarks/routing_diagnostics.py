@@ -37,14 +37,9 @@ def routing(merged: Path, data: Path, batches: int) -> list[dict]:
     model = build(cfg, MoEShape(len(names), k), from_hf_moe(state, cfg.n_layers), lambda n: False, torch.float32).eval()
     rows = []
     for own, domain in enumerate(names):
-        logits = []
-        originals = [layer.router_logits for layer in model.layers]
-        for layer, original in zip(model.layers, originals):
-            layer.router_logits = lambda x, f=original: logits.append(f(x)) or logits[-1]
-        with torch.no_grad():
-            model(token_batch(data, domain, "validation", batches)[:, :-1])
-        for layer, original in zip(model.layers, originals):
-            layer.router_logits = original
+        with torch.no_grad():  # hidden_states returns each layer's router input
+            hidden = model.hidden_states(token_batch(data, domain, "validation", batches)[:, :-1])
+            logits = [layer.router_logits(h.reshape(-1, h.shape[-1])) for layer, h in zip(model.layers, hidden)]
         for i, lg in enumerate(logits):
             p = torch.softmax(lg, -1)
             top = p.topk(k, -1).indices

@@ -155,14 +155,15 @@ def test_router_rows_get_their_own_learning_rate(smoke_anchor):
     import dataclasses
 
     from flexolmo_core.anchor import load_anchor
-    from flexolmo_core.training.loop import make_optimizer
+    from flexolmo_core.training.loop import group_lr, make_optimizer
     from flexolmo_core.training.stages import owner_fast_model
 
     anchor = load_anchor(smoke_anchor)
     d, L = anchor.config.hidden_size, anchor.config.num_hidden_layers
     model, _ = owner_fast_model(anchor, torch.zeros(L, d), torch.ones(L, d), True)
-    optimizer = make_optimizer(model, dataclasses.replace(LOOP, router_lr_scale=10.0, weight_decay=0.1))
-    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    cfg = dataclasses.replace(LOOP, router_lr_scale=10.0, weight_decay=0.1)
+    optimizer = make_optimizer(model, cfg)
+    scale = {id(p): group_lr(g, 1.0, cfg) for g in optimizer.param_groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         local = name.rsplit(".", 1)[-1]
