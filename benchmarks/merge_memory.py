@@ -30,17 +30,12 @@ print(json.dumps({"baseline_kb": base, "peak_kb": hwm_kb(), "seconds": time.time
 
 def make_inputs(root: Path, preset: str, n_experts: int) -> tuple[Path, list[Path]]:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from flexolmo_core.anchor import init_anchor, load_anchor, read_fingerprint
+    from flexolmo_core.data.tokenizer import train_tokenizer
     from flexolmo_core.owner import upcycle
     from flexolmo_core.package import save_package
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["memory benchmark text"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(root / "tok")
+    train_tokenizer(["memory benchmark text"] * 10, 300, root / "tok")
     init_anchor(preset, root / "tok", root / "anchor")
     anchor = load_anchor(root / "anchor")
     fingerprint = read_fingerprint(root / "anchor")

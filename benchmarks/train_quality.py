@@ -30,7 +30,8 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
 
     from flexolmo_core.training.config import AnchorConfig, DomainEmbeddingConfig, ExpertConfig, load_stage
     from flexolmo_core.training.embeddings import load_embedding, write_domain_embedding
-    from flexolmo_core.training.stages import read_documents, train_anchor, train_expert
+    from flexolmo_core.data.readers import read_texts
+    from flexolmo_core.training.stages import train_anchor, train_expert
 
     params = ROOT / "params.yaml"
     if not (out / "anchor/model/config.json").exists():
@@ -43,7 +44,7 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
         if not (out / f"domain_embedding/{d}/embedding.safetensors").exists():
             _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=d)
             cfg = dataclasses.replace(cfg, **(embedding or {}))
-            write_domain_embedding(out / f"domain_embedding/{d}", d, read_documents([ROOT / f"outputs/prepare/{d}/train"]),
+            write_domain_embedding(out / f"domain_embedding/{d}", d, read_texts([ROOT / f"outputs/prepare/{d}/train"]),
                                    out / "anchor/model", cfg, {"domain": d, "mode": cfg.mode, "scale": cfg.scale,
                                                                "unit_norm": cfg.unit_norm, "center": cfg.center},
                                    out / "domain_embedding/public")
@@ -71,7 +72,8 @@ def main() -> None:
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.data import open_windows
     from flexolmo_core.training.loop import evaluate
-    from flexolmo_core.training.model import MoEShape, build, from_hf_dense, from_hf_moe
+    from flexolmo_core.layout import from_hf_dense, from_hf_moe
+    from flexolmo_core.training.model import MoEShape, build
     from flexolmo_core.training.stages import read_merged
     from flexolmo_core.moe import hf_state_dict
 

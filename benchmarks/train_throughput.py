@@ -40,7 +40,8 @@ def ours(kind: str, anchor, cfg, args) -> dict:
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.data import TokenWindows
     from flexolmo_core.training.loop import train
-    from flexolmo_core.training.model import MoEShape, build, from_hf_dense
+    from flexolmo_core.layout import from_hf_dense
+    from flexolmo_core.training.model import MoEShape, build
     from flexolmo_core.training.stages import owner_fast_model
 
     if kind == "anchor":

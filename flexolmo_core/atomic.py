@@ -1,4 +1,7 @@
-"""Never leave a half-written artifact: write into a temporary sibling, then rename into place."""
+"""Never leave a half-written artifact: write into a temporary sibling, then rename into place.
+
+Artifacts follow the process umask (as `open` and `mkdir` do), so a team sharing a filesystem with
+umask 002 can read each other's models and registries; `tempfile` alone would make them 0700/0600."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +12,30 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from filelock import FileLock
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A fresh directory under `parent`, with the permissions `mkdir` would give it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
+@contextlib.contextmanager
+def locked(lock_path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on `lock_path` (created if missing) for the block."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_path), mode=0o666 & ~current_umask()):
+        yield
+
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
@@ -17,11 +44,11 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = temp_dir(final.parent, f".{final.name}.tmp-")
     try:
         yield tmp
         if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            trash = temp_dir(final.parent, f".{final.name}.old-")
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -39,6 +66,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

@@ -1,22 +1,29 @@
-"""Baselines of the paper that need only HF checkpoints (safetensors), built without the model core:
+"""Baselines of the paper built from a merged checkpoint's safetensors, through the one layout converter
+(`flexolmo_core.layout`):
 
 - `extract_dense_expert`: one expert of a merged FlexOlmo checkpoint as a dense Olmo2 model ("expert alone").
-- `slice_experts`: a FlexOlmo checkpoint keeping only some experts (opt-out variants, owners' 2-expert models).
 - `model_soup`: average the FFNs of dense experts whose shared weights are identical.
 - `prompt_route`: pick one expert per input by cosine similarity of the input's embedding to the domain
   embeddings (stand-in: the layer-0 router rows and the mean hidden state entering layer 0's MoE).
+Opt-out variants and the owners' 2-expert models are `merge.opt_out`.
+
+A dense baseline's flexolmo.json records `shared_sha256`, the hash of its non-FFN weights; `inspect` recomputes
+it, so a baseline is checked against the anchor its merged model was verified against.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "generation_config.json", "chat_template.jinja")
+from . import layout
+from .anchor import copy_tokenizer
+from .atomic import atomic_dir, write_json
+from .merge import MERGED_MANIFEST, WEIGHTS_FILE, expert_domains, read_manifest
+
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits", "router_aux_loss_coef",
             "num_local_experts")
 
@@ -35,83 +42,29 @@ def _config(model_dir) -> dict:
     return json.loads((Path(model_dir) / "config.json").read_text())
 
 
-def _copy_tokenizer(src, dst) -> None:
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).exists():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+def shared_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash of every non-FFN tensor (names sorted): equal for all dense baselines of one anchor."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in state if ".mlp." not in n):
+        t = state[name].detach().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def _write(out_dir, state: dict, config: dict, src_dir, manifest: dict | None = None) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    _copy_tokenizer(src_dir, out)
-    if manifest is not None:
-        (out / "flexolmo.json").write_text(json.dumps(manifest, indent=2))
-    return out
-
-
-def read_manifest(model_dir) -> dict:
-    path = Path(model_dir) / "flexolmo.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def expert_domains(model_dir) -> list[str]:
-    """Domain of each expert, in index order (from flexolmo.json; `expert<i>` when absent)."""
-    experts = read_manifest(model_dir).get("experts")
-    if experts:
-        return [e["domain"] for e in sorted(experts, key=lambda e: e["index"])]
-    return [f"expert{i}" for i in range(_config(model_dir)["num_experts"])]
-
-
-def split_state(state: dict[str, torch.Tensor]):
-    """(shared tensors, {layer prefix "model.layers.i.mlp.": {"gate","up","down"} stacked over experts},
-    {layer prefix: router [E, d]}). Reads both on-disk layouts: fused `experts.gate_up_proj [E, 2I, d]` /
-    `experts.down_proj [E, d, I]`, and the per-expert `experts.<e>.{gate,up,down}_proj.weight` that
-    transformers' save_pretrained writes."""
-    shared, per_expert, fused, router = {}, {}, {}, {}
-    for name, tensor in state.items():
-        if ".mlp.experts." not in name and not name.endswith(".mlp.gate.weight"):
-            shared[name] = tensor
-            continue
-        prefix = name[: name.index(".mlp.") + len(".mlp.")]
-        rest = name[len(prefix):]
-        if rest == "gate.weight":
-            router[prefix] = tensor
-        elif rest == "experts.gate_up_proj":
-            gate, up = tensor.chunk(2, dim=1)  # first half gate, second half up
-            fused.setdefault(prefix, {}).update(gate=gate, up=up)
-        elif rest == "experts.down_proj":
-            fused.setdefault(prefix, {})["down"] = tensor
-        else:  # experts.<e>.<gate|up|down>_proj.weight
-            _, e, proj, _ = rest.split(".")
-            per_expert.setdefault(prefix, {}).setdefault(proj.removesuffix("_proj"), {})[int(e)] = tensor
-    for prefix, parts in per_expert.items():
-        fused[prefix] = {k: torch.stack([v[e] for e in sorted(v)]) for k, v in parts.items()}
-    return shared, fused, router
-
-
-def join_state(shared, experts, router) -> dict[str, torch.Tensor]:
-    """Inverse of split_state, in the per-expert layout (what transformers itself saves and reloads)."""
-    out = dict(shared)
-    for prefix, parts in experts.items():
-        for kind in ("gate", "up", "down"):
-            for e, w in enumerate(parts[kind]):
-                out[f"{prefix}experts.{e}.{kind}_proj.weight"] = w.clone()
-    for prefix, w in router.items():
-        out[prefix + "gate.weight"] = w.clone()
-    return out
+def _write_dense(out_dir, state: dict, config: dict, src_dir, manifest: dict) -> Path:
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in sorted(state.items())}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_tokenizer(src_dir, tmp)
+        write_json(tmp / MERGED_MANIFEST, {**manifest, "shared_sha256": shared_sha256(state)})
+    return Path(out_dir)
 
 
 def dense_expert_state(merged: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     """Shared weights + expert `index`'s FFN as Olmo2 `mlp.{gate,up,down}_proj`; router dropped."""
-    shared, experts, _router = split_state(merged)
-    out = dict(shared)
-    for prefix, parts in experts.items():
-        for kind in ("gate", "up", "down"):
-            out[f"{prefix}{kind}_proj.weight"] = parts[kind][index].clone()
-    return out
+    return layout.to_hf_dense(layout.from_hf_moe(merged), expert=index)
 
 
 def dense_config(flex_config: dict) -> dict:
@@ -124,43 +77,27 @@ def extract_dense_expert(merged_dir, index: int, out_dir) -> Path:
     """Expert `index` of a merged FlexOlmoForCausalLM as a dense Olmo2ForCausalLM checkpoint."""
     state = dense_expert_state(load_state(merged_dir), index)
     domain = expert_domains(merged_dir)[index]
-    return _write(out_dir, state, dense_config(_config(merged_dir)), merged_dir,
-                  {"baseline": "dense_expert", "expert_index": index, "domain": domain, "source": str(merged_dir)})
-
-
-def slice_experts(merged_dir, keep: list[int], out_dir, top_k: int | None = None) -> Path:
-    """A FlexOlmo checkpoint with only experts `keep` (their FFNs and router rows), in that order. The
-    router softmax over the kept rows equals masking the others to -inf, so this is exact opt-out."""
-    shared, experts, router = split_state(load_state(merged_dir))
-    idx = torch.tensor(keep)
-    experts = {p: {k: v.index_select(0, idx) for k, v in parts.items()} for p, parts in experts.items()}
-    router = {p: w.index_select(0, idx) for p, w in router.items()}
-    out = join_state(shared, experts, router)
-    config = dict(_config(merged_dir))
-    config["num_experts"] = len(keep)
-    config["num_experts_per_tok"] = min(top_k or config["num_experts_per_tok"], len(keep))
-    domains = expert_domains(merged_dir)
-    manifest = dict(read_manifest(merged_dir))
-    manifest["experts"] = [{"index": i, "domain": domains[k], "source_index": k} for i, k in enumerate(keep)]
-    manifest["sliced_from"] = str(merged_dir)
-    return _write(out_dir, out, config, merged_dir, manifest)
+    return _write_dense(out_dir, state, dense_config(_config(merged_dir)), merged_dir,
+                        {"baseline": "dense_expert", "expert_index": index, "domain": domain, "source": str(merged_dir),
+                         "anchor_fingerprint": read_manifest(merged_dir).get("anchor_fingerprint")})
 
 
 def model_soup(dense_dirs: list, out_dir, weights: list[float] | None = None) -> Path:
     """Average the FFNs of dense experts; every other tensor must be bit-identical across them."""
-    states = [load_state(d) for d in dense_dirs]
+    states = [layout.from_hf_dense(load_state(d)) for d in dense_dirs]
     weights = weights or [1.0 / len(states)] * len(states)
     out = {}
     for name, first in states[0].items():
-        if ".mlp." in name:
+        if name.endswith(("gate_up_0", "down_0")):
             out[name] = sum(w * s[name].float() for w, s in zip(weights, states)).to(first.dtype)
         else:
             for d, s in zip(dense_dirs[1:], states[1:]):
                 if not torch.equal(s[name], first):
                     raise ValueError(f"model soup: shared tensor {name} differs between {dense_dirs[0]} and {d}")
             out[name] = first
-    return _write(out_dir, out, _config(dense_dirs[0]), dense_dirs[0],
-                  {"baseline": "model_soup", "sources": [str(d) for d in dense_dirs], "weights": weights})
+    return _write_dense(out_dir, layout.to_hf_dense(out), _config(dense_dirs[0]), dense_dirs[0],
+                        {"baseline": "model_soup", "sources": [str(d) for d in dense_dirs], "weights": weights,
+                         "anchor_fingerprint": read_manifest(dense_dirs[0]).get("anchor_fingerprint")})
 
 
 # ---- prompt-based routing -------------------------------------------------------------------------------------

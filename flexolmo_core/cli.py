@@ -2,9 +2,10 @@
 exposes `register(subparsers)`; add a group by listing its module here."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from .cli_config import FlexParser, build_parser_for
 
 COMMAND_MODULES = (
     "flexolmo_core.commands.core",
@@ -19,8 +20,8 @@ class UserError(Exception):
     """An error caused by input the user can fix; printed without a traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _build():
+    parser = FlexParser(
         prog="flexolmo",
         description="FlexOlmo: train experts apart on closed data, merge them without joint training, opt out at inference.",
     )
@@ -30,13 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_parser(argv: list[str] | None = None):
+    """The whole command tree; stage flags default to what `argv`'s --params gives (see cli_config)."""
+    return build_parser_for(list(sys.argv[1:] if argv is None else argv), _build)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
         result = args.func(args)
     except (UserError, FileNotFoundError, ValueError) as err:
-        print(f"flexolmo {args.command}: error: {err}", file=sys.stderr)
+        print(f"flexolmo {' '.join(argv[:1])}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .anchor import anchor_fingerprint, checkpoint_getter, checkpoint_meta, copy_tokenizer
+from . import layout
 from .atomic import atomic_dir, write_json
 from .stream_safetensors import write_streaming
 from .package import ExpertPackage, PackageError, load_package
@@ -110,13 +111,18 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
         "excluded_at_merge": sorted(exclude),
         **(extra_manifest or {}),
     }
+    write_merged(out, specs, config, anchor_dir, manifest)
+    return manifest
+
+
+def write_merged(out, specs, config, tokenizer_dir, manifest: dict) -> None:
+    """A merged model folder, atomically: streamed weights, config.json, the anchor's tokenizer, flexolmo.json."""
     with atomic_dir(out) as tmp:
         write_streaming(tmp / WEIGHTS_FILE, specs, metadata={"format": "pt"})
         config.save_pretrained(tmp)
         _strip_volatile(tmp / "config.json")
-        copy_tokenizer(anchor_dir, tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
         write_json(tmp / MERGED_MANIFEST, manifest)
-    return manifest
 
 
 def _expert_tensor(package: ExpertPackage, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -151,7 +157,67 @@ def _strip_volatile(config_path: Path) -> None:
 
 
 def read_manifest(model_dir: str | os.PathLike) -> dict:
+    """The one reader of flexolmo.json (merged models, opt-outs, router-tuned and baseline models)."""
     path = Path(model_dir) / MERGED_MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; {model_dir} is not a merged FlexOlmo model")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"{path}: missing; {model_dir} is not a model this project wrote")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def expert_domains(model_dir: str | os.PathLike) -> list[str]:
+    """Domain of each expert of a merged model, in index order."""
+    return [e["domain"] for e in sorted(read_manifest(model_dir)["experts"], key=lambda e: e["index"])]
+
+
+FUSED_EXPERT_TENSORS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj", ".mlp.gate.weight")
+
+
+def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_k: int | None = None) -> dict:
+    """The one opt-out: `merged_dir` without the experts of the `exclude` domains, written as a merged
+    model (fused experts, flexolmo.json). It equals `merge(..., exclude=...)` tensor for tensor (a softmax
+    over the kept router rows is the softmax with the others masked to -inf), and needs no package.
+    top_k None = merge's default for the kept count. Returns the new manifest."""
+    from transformers import AutoConfig
+
+    merged_dir, exclude = Path(merged_dir), sorted(set(exclude))
+    manifest = read_manifest(merged_dir)
+    experts = sorted(manifest["experts"], key=lambda e: e["index"])
+    domains = [e["domain"] for e in experts]
+    unknown = sorted(set(exclude) - set(domains))
+    if unknown:
+        raise ValueError(f"opt-out names unknown expert(s) {unknown}; {merged_dir} has {domains}")
+    if domains[0] in exclude:
+        raise ValueError(f"expert 0 ({domains[0]}) is the anchor's FFN and cannot be removed from a model file; "
+                         "mask it at inference instead (flexolmo generate --exclude)")
+    keep = [i for i, d in enumerate(domains) if d not in exclude]
+    top_k = default_top_k(len(keep)) if top_k is None else top_k
+    if not 1 <= top_k <= len(keep):
+        raise ValueError(f"top_k must be between 1 and the number of kept experts ({len(keep)}), got {top_k}")
+    names, get = checkpoint_getter(merged_dir)
+    meta = checkpoint_meta(merged_dir)
+    specs = []
+    if any(".mlp.experts." in n and not n.endswith(FUSED_EXPERT_TENSORS) for n in names):
+        # transformers' save_pretrained writes one tensor per expert: convert in memory, write fused
+        from .baselines import load_state
+
+        state = layout.to_hf_moe(layout.from_hf_moe(load_state(merged_dir)), experts=keep)
+        specs = [(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in state.items()]
+    for name in names if not specs else ():  # fused: stream one tensor at a time
+        dtype, shape = meta[name]
+        if name.endswith(FUSED_EXPERT_TENSORS):
+            specs.append((name, dtype, (len(keep), *shape[1:]),
+                          lambda name=name: torch.stack([get(name, e) for e in keep])))
+        else:
+            specs.append((name, dtype, shape, lambda name=name: get(name, None)))
+    config = AutoConfig.from_pretrained(merged_dir)
+    config.num_experts, config.num_experts_per_tok = len(keep), top_k
+    kept = [dict(experts[i], index=j) for j, i in enumerate(keep)]
+    new = dict(manifest, num_experts=len(keep), top_k=top_k, experts=kept,
+               router_bias="dropped" if any(e.get("logit_bias") for e in kept) else "none",
+               excluded_at_merge=sorted(set(manifest.get("excluded_at_merge", [])) | set(exclude)),
+               opted_out_of=str(merged_dir))
+    write_merged(out, specs, config, merged_dir, new)
+    return new

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,22 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir, write_json
+from .data.config import check_domain_name
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "expert.safetensors"
 MANIFEST_FILE = "manifest.json"
-DOMAIN_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 class PackageError(ValueError):
     """A package that must not be used; the message names the file and the problem."""
-
-
-def check_domain_name(domain: str) -> str:
-    if not isinstance(domain, str) or not DOMAIN_PATTERN.match(domain) or domain == "public":
-        raise PackageError(f"domain name {domain!r} is not a safe identifier (lowercase letters, digits, _; "
-                           "starts with a letter; 'public' is reserved for the anchor's expert)")
-    return domain
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -70,7 +62,7 @@ def package_tensors(owner_model) -> dict[str, torch.Tensor]:
 def save_package(owner_model, out: str | os.PathLike, domain: str, anchor_fingerprint: str,
                  training: dict | None = None, data: dict | None = None) -> dict:
     """Write a package atomically; returns the manifest."""
-    check_domain_name(domain)
+    check_domain_name(domain, expert=True)
     tensors = package_tensors(owner_model)
     cfg = owner_model.config
     manifest = {
@@ -156,8 +148,8 @@ def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
         if key not in manifest:
             raise PackageError(f"{manifest_path}: missing field '{key}'")
     try:
-        check_domain_name(manifest["domain"])
-    except PackageError as err:
+        check_domain_name(manifest["domain"], expert=True)
+    except ValueError as err:
         raise PackageError(f"{manifest_path}: {err}") from None
     if anchor_fingerprint is not None and manifest["anchor_fingerprint"] != anchor_fingerprint:
         raise PackageError(f"{path}: trained against anchor {manifest['anchor_fingerprint']}, but the anchor here is "

@@ -17,6 +17,9 @@ class ParamsError(ValueError):
     pass
 
 
+NO_FLAG = {"cmd": False}  # dataclass field metadata: params.yaml structure, not a command-line flag
+
+
 def read_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():

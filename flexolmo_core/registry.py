@@ -3,7 +3,7 @@
     <registry>/
       registry.json                 anchor fingerprint + shapes, and the published experts (the index)
       packages/<domain>/<sha16>/    expert.safetensors + manifest.json, exactly as the owner wrote them
-      .lock                         fcntl lock serialising writers
+      .lock                         file lock serialising writers (atomic.locked)
       .staging/                     copies being validated (never visible in the index)
 
 A package is visible only once `registry.json` names it, and `registry.json` is replaced in one rename,
@@ -17,18 +17,15 @@ This is a local directory; in production it is synced through a DVC remote (`dvc
 fsspec mount. Two machines must not write the same registry directory without a shared lock."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_json
+from .atomic import locked, temp_dir, write_json
 from .package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
 
 INDEX_FILE = "registry.json"
@@ -93,15 +90,8 @@ class Registry:
         return hashlib.sha256(json.dumps(self.contents(), sort_keys=True).encode()).hexdigest()[:16]
 
     # ---- writing ------------------------------------------------------------------------------------
-    @contextlib.contextmanager
     def _locked(self):
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return locked(self.root / ".lock")
 
     def init(self, anchor_dir: str | os.PathLike) -> dict:
         """Create the registry for this anchor. Idempotent for the same anchor; refused for another."""
@@ -127,7 +117,7 @@ class Registry:
         source = Path(package_dir)
         staging = self.root / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="pkg-", dir=staging))
+        tmp = temp_dir(staging, "pkg-")
         try:
             for name in (MANIFEST_FILE, WEIGHTS_FILE):
                 if not (source / name).is_file():

@@ -29,11 +29,11 @@ def embed(domain: str, data: str, anchor: str, out: str, params: str, preset: st
           public_embedding: str | None = None) -> str:
     from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
     from flexolmo_core.training.embeddings import write_domain_embedding
-    from flexolmo_core.training.stages import read_documents
+    from flexolmo_core.data.readers import read_texts
 
     _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=domain, preset=preset)
     meta = {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
-    write_domain_embedding(out, domain, read_documents([data]), anchor, cfg, meta, public_embedding)
+    write_domain_embedding(out, domain, read_texts([data]), anchor, cfg, meta, public_embedding)
     return out
 
 

@@ -9,8 +9,6 @@ make it current. Idempotent: with nothing new it does nothing, and concurrent ru
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import sys
 from pathlib import Path
@@ -23,15 +21,10 @@ from flows import artifacts
 CURRENT = "current.json"
 
 
-@contextlib.contextmanager
 def releases_lock(releases: Path):
-    releases.mkdir(parents=True, exist_ok=True)
-    with open(releases / ".lock", "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    from flexolmo_core.atomic import locked
+
+    return locked(releases / ".lock")
 
 
 def current_release(releases: Path) -> dict | None:

@@ -11,7 +11,7 @@ import sys
 
 from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
 from flexolmo_core.training.embeddings import write_domain_embedding
-from flexolmo_core.training.stages import read_documents
+from flexolmo_core.data.readers import read_texts
 
 ANCHOR = "outputs/anchor/model"
 PUBLIC = "outputs/domain_embedding/public"
@@ -21,7 +21,7 @@ def main(domain: str, params: str = "params.yaml"):
     _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=domain)
     meta = {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
     return write_domain_embedding(f"outputs/domain_embedding/{domain}", domain,
-                                  read_documents([f"outputs/prepare/{domain}/train"]), ANCHOR, cfg, meta, PUBLIC)
+                                  read_texts([f"outputs/prepare/{domain}/train"]), ANCHOR, cfg, meta, PUBLIC)
 
 
 if __name__ == "__main__":

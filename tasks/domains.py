@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from flexolmo_core.atomic import write_json
-from flexolmo_core.package import check_domain_name
+from flexolmo_core.data.config import check_domain_name
 from flexolmo_core.params import ParamsError, read_params
 
 OUT = "outputs/domains/domains.json"
@@ -18,7 +18,7 @@ def main(params: str = "params.yaml") -> int:
     raw = read_params(params).get("domains")
     if not isinstance(raw, (dict, list)) or not raw:
         raise ParamsError(f"{params}: `domains` must be a non-empty mapping (domain -> overrides), got {raw!r}")
-    names = sorted(check_domain_name(d) for d in raw)
+    names = sorted(check_domain_name(d, expert=True) for d in raw)
     write_json(OUT, {"domains": names})
     print(f"domains: {', '.join(names)}")
     return 0

@@ -1,7 +1,7 @@
 """DVC stage `merge`: outputs/anchor + outputs/expert/<d> -> outputs/merge/<variant>/ (no training).
 
 Variants: `flexolmo` (every domain in params.yaml), `optout_<d>` (merged without d: the exact opt-out
-model), and the baselines from flexolmo_core/baselines.py: `dense_<d>` (one expert alone as a dense
+model, `merge.opt_out` of the full merge), and the baselines from flexolmo_core/baselines.py: `dense_<d>` (one expert alone as a dense
 model, public included) and `soup` (mean FFN of the dense experts). `outputs/merge/index.json` lists
 them with the experts each contains. The whole folder is replaced in one rename."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexolmo_core.atomic import atomic_dir, write_json
-from flexolmo_core.merge import merge
+from flexolmo_core.merge import merge, opt_out
 from flexolmo_core.params import load_section, read_params
 
 ANCHOR = Path("outputs/anchor")
@@ -59,13 +59,10 @@ def build_variants(cfg: MergeConfig, anchor: Path, packages: dict[str, Path], ou
         for d in sorted(packages):
             # top_k is re-derived for the smaller model unless fixed in params (clipped to its expert count)
             top_k = None if cfg.top_k is None else min(cfg.top_k, len(packages))
-            timed(f"optout_{d}", lambda o, d=d, k=top_k: domains_of(merge(anchor, paths, o, top_k=k, exclude=[d])))
+            timed(f"optout_{d}", lambda o, d=d, k=top_k: domains_of(opt_out(out / "flexolmo", [d], o, top_k=k)))
     if cfg.dense_experts or cfg.soup:
-        try:
-            from flexolmo_core import baselines
-        except ImportError as err:  # the evaluation engineer's module; the FlexOlmo variants do not need it
-            print(f"merge: baselines skipped ({err})", file=sys.stderr)
-            return index
+        from flexolmo_core import baselines
+
         names = ["public", *sorted(packages)]
         for i, d in enumerate(names):
             timed(f"dense_{d}", lambda o, i=i, d=d: baselines.extract_dense_expert(out / "flexolmo", i, o) and [d])

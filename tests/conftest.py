@@ -39,18 +39,10 @@ def small_texts() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="session")
 def smoke_tokenizer(tmp_path_factory, small_texts) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from flexolmo_core.data.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(small_texts["public"] + small_texts["code"], trainer)
-    out = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>").save_pretrained(out)
-    return out
+    out = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
+    return train_tokenizer(small_texts["public"] + small_texts["code"], 1000, out)
 
 
 @pytest.fixture(scope="session")
@@ -77,13 +69,17 @@ def owner_data(tmp_path_factory, small_texts) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory, smoke_anchor, owner_data) -> dict[str, Path]:
     """Two expert packages trained briefly against the smoke anchor (the code one with a router bias)."""
-    from flexolmo_core.plain_train import train_expert_plain
+    from flexolmo_core.training.config import LoopConfig
+    from flexolmo_core.training.stages import train_expert
 
     root = tmp_path_factory.mktemp("packages")
+    loop = LoopConfig(steps=8, lr=3e-3, warmup=1, global_batch=4, micro_batch=4, seq_len=64, checkpoint_every=8,
+                      eval_batches=1, progress=False)
     out = {}
     for domain, bias in (("code", True), ("news", False)):
         out[domain] = root / domain
-        train_expert_plain(smoke_anchor, domain, [owner_data[domain]], out[domain], steps=8, lr=3e-3, use_bias=bias)
+        train_expert(smoke_anchor, domain, [owner_data[domain]], root / f"{domain}.run", loop, use_bias=bias,
+                     package_dir=out[domain])
     return out
 
 

@@ -68,6 +68,15 @@ def test_expert_train_cli_keeps_shared_weights_bit_identical(smoke_anchor, owner
     anchor = load_anchor(smoke_anchor)
     gate_up0 = torch.cat([anchor.model.layers[0].mlp.gate_proj.weight, anchor.model.layers[0].mlp.up_proj.weight])
     assert not torch.equal(weights["layers.0.gate_up_proj"], gate_up0)  # the expert did train
+    # Bit-identical: the anchor + this package merged holds every anchor tensor unchanged (expert 0 = its FFN).
+    from flexolmo_core import layout
+    from flexolmo_core.baselines import load_state
+    from flexolmo_core.merge import merge
+
+    merge(smoke_anchor, [pkg], tmp_path / "merged")
+    merged, base = layout.from_hf_moe(load_state(tmp_path / "merged")), layout.from_hf_dense(load_state(smoke_anchor))
+    assert all(torch.equal(merged[name], tensor) for name, tensor in base.items())
+    assert torch.equal(weights["layers.0.public_router"], torch.zeros_like(weights["layers.0.public_router"]))
 
 
 def test_router_rows_must_have_a_known_shape(smoke_anchor):

@@ -50,8 +50,10 @@ def test_expert_training_keeps_contract_and_reports(trained_expert, smoke_anchor
     assert (out / "run/dvclive/plots/metrics/expert_code/loss.tsv").exists()
     assert [p.name for p in sorted((out / "run/checkpoints").iterdir())] == ["step-00000004", "step-00000006"]
     # expert 1 moved; the public expert and shared weights are checked bit-identical inside train_expert
-    assert not torch.equal(package.tensor("layers.0.gate_up_proj"), load_file(str(smoke_anchor / "model.safetensors"))[
-        "model.layers.0.mlp.gate_proj.weight"].repeat(2, 1))
+    anchor = load_file(str(smoke_anchor / "model.safetensors"))
+    start = torch.cat([anchor["model.layers.0.mlp.gate_proj.weight"], anchor["model.layers.0.mlp.up_proj.weight"]])
+    assert package.tensor("layers.0.gate_up_proj").shape == start.shape
+    assert not torch.equal(package.tensor("layers.0.gate_up_proj"), start)  # upcycled from the anchor FFN, then trained
 
 
 def test_resume_in_process_is_bit_identical(tmp_path, smoke_anchor, owner_data):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from flexolmo_core.config import get_preset
-from flexolmo_core.training.model import (MoEShape, build, count_matmul_flops, from_hf_dense, from_hf_moe, to_hf_dense,
-                                          to_hf_moe)
+from flexolmo_core.layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe
+from flexolmo_core.training.model import MoEShape, build, count_matmul_flops
 from flexolmo_core.training.objective import objective
 from flexolmo_core.training.schedule import lr_at
 
@@ -80,7 +80,7 @@ def test_top_k_routing_matches_transformers():
             layer.mlp.experts.down_proj.normal_(0, 0.05)
     fast = build(CFG, MoEShape(4, 2), from_hf_moe(hf.state_dict(), CFG.n_layers), lambda n: True, torch.float32)
     assert torch.allclose(fast(IDS)[0], hf(IDS).logits, atol=1e-5, rtol=0)
-    back = to_hf_moe(fast.tensors(), CFG.n_layers, 4)
+    back = to_hf_moe(fast.tensors(), CFG.n_layers)
     assert all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..cli_config import add_stage_args
+from ..training.config import AnchorConfig, ExpertConfig
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("params", help="parameter and FLOP counts of a preset, without allocating weights")
@@ -22,18 +25,12 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_anchor_init)
     p = anchor_sub.add_parser("train", help="pretrain the dense anchor on public data (resumes from its run dir)")
-    p.add_argument("--preset", required=True)
+    p.add_argument("--preset", default=None, help="model scale (default: --params' top-level preset)")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
     p.add_argument("--data", nargs="+", required=True, help="a packed split directory, or .txt/.jsonl files/folders")
     p.add_argument("--val-data", nargs="+", default=None)
     p.add_argument("--out", required=True, help="stage folder: writes model/, run/, summary.json")
-    p.add_argument("--init-seed", type=int, default=0)
-    p.add_argument("--projection-dim", type=int, default=384, help="router-embedding encoder width")
-    p.add_argument("--replay-tokens", type=int, default=0,
-                   help="public tokens to ship with the anchor for the owners' --public-mix (default 0: none)")
-    from ..training.cli_args import add_loop_args
-
-    add_loop_args(p)
+    add_stage_args(p, ("anchor", "train"), AnchorConfig, "anchor", loop=True)
     p.set_defaults(func=cmd_anchor_train)
 
     expert = subparsers.add_parser("expert", help="train an owner's expert against the anchor")
@@ -68,26 +65,16 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def add_expert_train_args(p) -> None:
+def add_expert_train_args(p, command=("expert", "train")) -> None:
     p.add_argument("--anchor", required=True)
     p.add_argument("--domain", required=True)
-    p.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or folders of the owner's data")
+    p.add_argument("--data", nargs="+", required=True, help="the owner's data: a `datasets` split, .parquet, .jsonl or .txt")
     p.add_argument("--out", required=True, help="expert package directory to write")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bias", action="store_true", help="learn a non-positive router logit bias")
-    p.add_argument("--public-mix", type=float, default=0.0,
-                   help="fraction of training windows from the anchor's public replay sample (default 0)")
     p.add_argument("--val-data", nargs="+", default=None, help="the owner's validation data")
     p.add_argument("--public-embedding", default=None, help="router embedding dir for the public row (default zeros)")
     p.add_argument("--domain-embedding", default=None, help="router embedding dir for this domain's row")
     p.add_argument("--run-dir", default=None, help="checkpoints + dvclive (default: <out>.run); resumes from it")
-    from ..training.cli_args import add_loop_args
-
-    add_loop_args(p, skip=("steps", "seq_len", "lr", "seed", "global_batch"))
+    add_stage_args(p, command, ExpertConfig, "expert", loop=True, per_domain=True)
 
 
 def cmd_params(args) -> None:
@@ -107,15 +94,24 @@ def cmd_anchor_init(args) -> None:
     print(json.dumps({"anchor": args.out, "fingerprint": fingerprint}))
 
 
+def model_preset(args) -> str:
+    """--preset, else the top-level `preset` of --params."""
+    from ..params import read_params
+
+    if args.preset:
+        return args.preset
+    if not args.params:
+        raise ValueError("give --preset (smoke | tiny | small | olmo2-7b) or --params with a top-level `preset`")
+    return read_params(args.params).get("preset", "tiny")
+
+
 def cmd_anchor_train(args) -> None:
-    from ..training.cli_args import loop_from_args
-    from ..training.config import AnchorConfig
     from ..training.stages import train_anchor
 
-    _, loop = loop_from_args(args, AnchorConfig, "anchor")
-    summary = train_anchor(args.tokenizer, args.data, args.out, args.preset, loop, val_data=args.val_data,
-                           init_seed=args.init_seed, projection_dim=args.projection_dim,
-                           replay_tokens=args.replay_tokens)
+    stage = args.stage
+    summary = train_anchor(args.tokenizer, args.data, args.out, model_preset(args), args.loop, val_data=args.val_data,
+                           init_seed=stage.init_seed, projection_dim=stage.projection_dim,
+                           projection_seed=stage.projection_seed, replay_tokens=stage.replay_tokens)
     if summary.get("fingerprint") is None:  # not rank 0 of a torchrun job: rank 0 reports
         return
     print(json.dumps({"anchor": str(Path(args.out) / "model"), "fingerprint": summary.get("fingerprint"),
@@ -123,20 +119,16 @@ def cmd_anchor_train(args) -> None:
 
 
 def cmd_expert_train(args) -> None:
-    from ..training.cli_args import loop_from_args
-    from ..training.config import ExpertConfig
     from ..training.embeddings import load_embedding
     from ..training.stages import train_expert
 
-    base = {"steps": args.steps, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
-            "global_batch": args.batch_size, "micro_batch": args.batch_size, "warmup": min(10, args.steps // 10)}
-    _, loop = loop_from_args(args, ExpertConfig, "expert", base)
+    loop = args.loop
     rows = {k: load_embedding(v) if v else None
             for k, v in (("public", args.public_embedding), ("domain", args.domain_embedding))}
     run_dir = Path(args.run_dir or f"{args.out}.run")
     summary = train_expert(args.anchor, args.domain, args.data, run_dir, loop, val_data=args.val_data,
-                           public_rows=rows["public"], domain_rows=rows["domain"], use_bias=args.bias,
-                           package_dir=args.out, public_mix=args.public_mix)
+                           public_rows=rows["public"], domain_rows=rows["domain"], use_bias=args.stage.use_bias,
+                           package_dir=args.out, public_mix=args.stage.public_mix)
     print(json.dumps({"package": args.out, "domain": args.domain, "training": {
         k: summary[k] for k in ("steps", "train_loss", "val_loss", "tokens_per_s", "mfu")}}))
 

@@ -1,29 +1,25 @@
 """Training commands beyond `anchor train` / `expert train`: router embeddings, router tuning, and the
-unrestricted-MoE baseline."""
+unrestricted-MoE baseline. Each takes its flags from its stage's config (flexolmo_core/cli_config.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+
+from ..cli_config import add_stage_args
+from ..training.config import DomainEmbeddingConfig, RouterTuneConfig, UnrestrictedConfig
 
 
 def register(subparsers) -> None:
-    from ..training.cli_args import add_loop_args
-
     emb = subparsers.add_parser("embedding", help="router embeddings for a domain (the domain_embedding stage)")
     emb_sub = emb.add_subparsers(dest="embedding_command", required=True, metavar="ACTION")
     p = emb_sub.add_parser("compute", help="a domain's router embedding from its documents")
     p.add_argument("--anchor", required=True)
     p.add_argument("--domain", required=True, help="a domain name, or 'public' for the public row")
-    p.add_argument("--data", nargs="+", required=True, help=".parquet split or .txt/.jsonl files/folders")
+    p.add_argument("--data", nargs="+", required=True, help="a `datasets` split, .parquet, .jsonl or .txt files/folders")
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", default="encoder", choices=["encoder", "anchor-hidden", "random"])
-    p.add_argument("--encoder", default="all-MiniLM-L6-v2")
-    p.add_argument("--documents", type=int, default=1000)
-    p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--unit-norm", action="store_true", help="L2-normalise each row before --scale")
-    p.add_argument("--center", nargs="?", const="", default=None, metavar="PUBLIC_EMBEDDING",
-                   help="subtract the public mean: for the public row give no value; for a domain give the "
-                        "public embedding folder (its saved reference mean)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--public-embedding", default=None, metavar="DIR",
+                   help="with --center, a domain row subtracts this public embedding's saved reference mean")
+    add_stage_args(p, ("embedding", "compute"), DomainEmbeddingConfig, "domain_embedding", per_domain=True)
     p.set_defaults(func=cmd_embedding)
 
     router = subparsers.add_parser("router", help="router tuning of a merged model")
@@ -34,62 +30,53 @@ def register(subparsers) -> None:
     p.add_argument("--proxy-data", action="append", default=[], metavar="PATH", help="an owner's shared proxy set")
     p.add_argument("--val-data", nargs="+", default=None)
     p.add_argument("--out", required=True, help="stage folder: writes model/, run/, summary.json")
-    p.add_argument("--public-windows", type=int, default=64)
-    p.add_argument("--proxy-windows", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=None, help="experts per token while tuning (default: all)")
-    add_loop_args(p)
+    add_stage_args(p, ("router", "tune"), RouterTuneConfig, "router_tune", loop=True)
     p.set_defaults(func=cmd_router_tune)
 
     base = subparsers.add_parser("baseline", help="train baselines")
     base_sub = base.add_subparsers(dest="baseline_command", required=True, metavar="ACTION")
     p = base_sub.add_parser("unrestricted", help="the MoE trained jointly on all data with the FlexOlmo FLOPs")
-    p.add_argument("--preset", required=True)
+    p.add_argument("--preset", default=None, help="model scale (default: --params' top-level preset)")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--data", action="append", required=True, metavar="PATH", help="one per domain, public included")
     p.add_argument("--val-data", nargs="+", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--experts", type=int, required=True)
-    p.add_argument("--top-k", type=int, required=True)
     p.add_argument("--budget-from", nargs="*", default=[], metavar="SUMMARY",
                    help="summary.json files of the anchor and experts: match their total training FLOPs")
-    add_loop_args(p)
+    add_stage_args(p, ("baseline", "unrestricted"), UnrestrictedConfig, "unrestricted_moe", loop=True)
     p.set_defaults(func=cmd_unrestricted)
 
 
 def cmd_embedding(args) -> None:
-    from ..training.config import DomainEmbeddingConfig
+    from ..data.readers import read_texts
     from ..training.embeddings import write_domain_embedding
-    from ..training.stages import read_documents
 
-    cfg = DomainEmbeddingConfig(mode=args.mode, encoder=args.encoder, documents=args.documents, scale=args.scale,
-                                seed=args.seed, center=args.center is not None, unit_norm=args.unit_norm)
-    meta = {"domain": args.domain, "mode": cfg.mode, "encoder": cfg.encoder, "documents": cfg.documents,
-            "scale": cfg.scale, "seed": cfg.seed, "center": cfg.center, "unit_norm": cfg.unit_norm}
-    rows = write_domain_embedding(args.out, args.domain, read_documents(args.data), args.anchor, cfg, meta,
-                                  args.center or None)
+    cfg = args.stage
+    meta = {"domain": args.domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
+    rows = write_domain_embedding(args.out, args.domain, read_texts(args.data), args.anchor, cfg, meta,
+                                  args.public_embedding)
     print(json.dumps({"embedding": args.out, "shape": list(rows.shape)}))
 
 
 def cmd_router_tune(args) -> None:
-    from ..training.cli_args import loop_from_args
-    from ..training.config import RouterTuneConfig
     from ..training.stages import tune_router
 
-    _, loop = loop_from_args(args, RouterTuneConfig, "router_tune")
-    summary = tune_router(args.model, args.public_data, args.proxy_data, args.out, loop, args.public_windows,
-                          args.proxy_windows, val_data=args.val_data, top_k=args.top_k)
+    cfg = args.stage
+    summary = tune_router(args.model, args.public_data, args.proxy_data, args.out, args.loop, cfg.public_windows,
+                          cfg.proxy_windows, val_data=args.val_data, top_k=cfg.top_k)
     print(json.dumps({k: summary[k] for k in ("steps", "train_loss", "val_loss", "experts")}))
 
 
 def cmd_unrestricted(args) -> None:
     from pathlib import Path
 
-    from ..training.cli_args import loop_from_args
-    from ..training.config import UnrestrictedConfig
+    from ..merge import default_top_k
     from ..training.stages import flops_budget, train_unrestricted
+    from .core import model_preset
 
-    _, loop = loop_from_args(args, UnrestrictedConfig, "unrestricted_moe")
+    top_k = args.stage.top_k or default_top_k(args.experts)
     budget = flops_budget([json.loads(Path(s).read_text()) for s in args.budget_from]) if args.budget_from else None
-    summary = train_unrestricted(args.tokenizer, args.data, args.out, args.preset, args.experts, args.top_k, loop,
-                                 budget, val_data=args.val_data)
+    summary = train_unrestricted(args.tokenizer, args.data, args.out, model_preset(args), args.experts, top_k,
+                                 args.loop, budget, val_data=args.val_data, init_seed=args.stage.init_seed)
     print(json.dumps({k: summary[k] for k in ("steps", "train_loss", "val_loss", "budget_flops")}))

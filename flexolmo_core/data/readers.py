@@ -139,3 +139,46 @@ def read_source(spec: SourceSpec) -> list[Document]:
         seen.add(doc_id)
         docs.append(Document(doc_id, normalize_paragraphs(text), label))
     return docs
+
+
+# ---- plain document texts for training, embeddings and tokenizers -----------------------------------------
+
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+def is_datasets_folder(path: Path) -> bool:
+    """A `datasets` save_to_disk folder: one split (state.json) or a DatasetDict (dataset_dict.json)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def read_texts(paths, text_field: str = "text", split: str = "train") -> list[str]:
+    """Document texts from `datasets` folders (what the prepare stage writes), .parquet, .jsonl(.gz) and
+    .txt files (one document each), or folders of those. Empty documents are dropped; finding no text,
+    a missing path or a file of another type is an error naming the path."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    texts: list[str] = []
+    for path in paths:
+        texts += [t for _, t in _text_pairs(path, text_field, split) if t and t.strip()]
+    if not texts:
+        raise ValueError(f"no text found in {[str(p) for p in paths]}")
+    return texts
+
+
+def _text_pairs(path: Path, text_field: str, split: str) -> list[tuple[str, str]]:
+    if is_datasets_folder(path):
+        return read_hf(SourceSpec(kind="hf", name=str(path), text_field=text_field, split=split))
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(TEXT_FILE_SUFFIXES))
+        if not files:
+            raise FileNotFoundError(f"{path}: no {'/'.join(TEXT_FILE_SUFFIXES)} files found")
+        return [pair for f in files for pair in _text_pairs(f, text_field, split)]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    spec = SourceSpec(path=str(path), text_field=text_field)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        return read_jsonl(spec)
+    if path.suffix == ".parquet":
+        return read_parquet(spec)
+    if path.suffix == ".txt":
+        return [(path.name, read_utf8(path))]
+    raise ValueError(f"{path}: unsupported file type (use a `datasets` folder, .parquet, .jsonl or .txt)")

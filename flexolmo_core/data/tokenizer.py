@@ -3,12 +3,10 @@ saved as a Hugging Face tokenizer that `AutoTokenizer.from_pretrained(dir)` load
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterable
 
 from ..atomic import atomic_dir
-from .builtin_sources import read_utf8
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2,
@@ -34,36 +32,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(str(tmp))
     return Path(out_dir)
-
-
-def read_training_texts(paths: list[str | Path]) -> list[str]:
-    """Texts from parquet splits (text column), .jsonl (text field), .txt files or folders of them."""
-    import pyarrow.parquet as pq
-
-    texts: list[str] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file or directory")
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        for f in files:
-            if f.suffix == ".parquet":
-                table = pq.read_table(f)
-                if "text" not in table.column_names:
-                    raise ValueError(f"{f}: no 'text' column; columns are {table.column_names}")
-                texts += table.column("text").to_pylist()
-            elif f.name.endswith((".jsonl", ".jsonl.gz")):
-                for number, line in enumerate(read_utf8(f).splitlines(), 1):
-                    if line.strip():
-                        try:
-                            texts.append(json.loads(line)["text"])
-                        except (json.JSONDecodeError, KeyError, TypeError) as err:
-                            raise ValueError(f"{f}:{number}: expected a JSON object with a 'text' field") from err
-            elif f.suffix == ".txt":
-                texts.append(read_utf8(f))
-            elif not path.is_dir():
-                raise ValueError(f"{f}: unsupported file type (use .parquet, .jsonl or .txt)")
-    return texts
 
 
 def load_tokenizer(path: str | Path):

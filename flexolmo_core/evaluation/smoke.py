@@ -15,20 +15,12 @@ SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 512):
     """Byte-level BPE trained on a few stdlib modules, saved as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from ..data import tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     text = [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "string.py", "calendar.py")]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    fast.save_pretrained(out_dir)
-    return fast
+    tokenizer.train_tokenizer(text, vocab_size, out_dir)
+    return tokenizer.load_tokenizer(out_dir)
 
 
 def _shape(tokenizer, shape: dict | None = None) -> dict:

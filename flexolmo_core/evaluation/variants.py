@@ -15,6 +15,7 @@ from pathlib import Path
 from flexolmo_core import baselines
 from flexolmo_core.atomic import write_json
 from flexolmo_core.evaluation import runner, sources, suite
+from flexolmo_core.merge import expert_domains, opt_out, read_manifest
 
 
 @dataclasses.dataclass
@@ -49,9 +50,10 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
                    btm_top_k: int = 2) -> list[Variant]:
     """List every variant to evaluate; baselines the merge stage did not write are built under `work_dir`."""
     merged_dir, work_dir = Path(merged_dir), Path(work_dir)
-    domains = baselines.expert_domains(merged_dir)
+    domains = expert_domains(merged_dir)
     n = len(domains)
     existing = merge_index(merged_dir)
+    merged_k = read_manifest(merged_dir)["top_k"]
 
     def build(name, fn):
         if name in existing:
@@ -69,7 +71,8 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
                    "(bit-identical to the anchor by construction)")]
     for i, d in enumerate(domains[1:], start=1):
         out.append(Variant(f"dense_{d}", "hf", [dense[i]], note="domain FFN alone in a dense model"))
-        owner = build(f"owner_{d}", lambda o, i=i: baselines.slice_experts(merged_dir, [0, i], o, top_k=2))
+        others = [x for x in domains[1:] if x != d]
+        owner = build(f"owner_{d}", lambda o, others=others: opt_out(merged_dir, others, o, top_k=2))
         out.append(Variant(f"owner_{d}", "hf", [owner], flexolmo=True, note="public + this expert, top-2"))
     # Soup over every expert FFN, public included (all share the anchor's non-FFN weights).
     out.append(Variant("soup", "hf", [build("soup", lambda o: baselines.model_soup(dense, o))], note="mean FFN"))
@@ -78,8 +81,7 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
                        note="one expert per input by cosine to layer-0 router rows"))
     out.append(Variant("flexolmo", "hf", [str(merged_dir)], flexolmo=True, note="all experts"))
     for i, d in enumerate(domains[1:], start=1):
-        keep = [j for j in range(n) if j != i]
-        path = build(f"optout_{d}", lambda o, keep=keep: baselines.slice_experts(merged_dir, keep, o))
+        path = build(f"optout_{d}", lambda o, d=d: opt_out(merged_dir, [d], o, top_k=min(merged_k, n - 1)))
         out.append(Variant(f"optout_{d}", "hf", [path], flexolmo=True, note=f"merged without the {d} expert"))
     for name, path in (extra or {}).items():
         path = checkpoint_dir(path) or Path(path)  # missing -> evaluated as `not run` with the reason
@@ -134,4 +136,4 @@ def _routing_share(lm, model_dir, cfg: runner.EvalConfig) -> dict | None:
     if not texts:
         return None
     shares = routing_share(lm.model, lm.tokenizer, texts)
-    return {"experts": baselines.expert_domains(model_dir), "domains": shares}
+    return {"experts": expert_domains(model_dir), "domains": shares}

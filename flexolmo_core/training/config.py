@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..params import ParamsError, from_dict, read_params
+from ..params import NO_FLAG, ParamsError, from_dict, read_params
 
 
 @dataclass
@@ -48,8 +48,8 @@ class AnchorConfig:
     projection_dim: int = 384  # encoder width the router projection accepts (all-MiniLM-L6-v2: 384)
     projection_seed: int = 0  # the projection is a fixed random map; it belongs to the anchor
     replay_tokens: int = 0  # public tokens shipped with the anchor for owners' public mix (0: none)
-    loop: dict = field(default_factory=dict)
-    presets: dict = field(default_factory=dict)
+    loop: dict = field(default_factory=dict, metadata=NO_FLAG)  # LoopConfig values (flags: LoopConfig's)
+    presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 
 
 @dataclass
@@ -66,7 +66,7 @@ class DomainEmbeddingConfig:
     scale: float = 1.0  # multiplies the final vector (router logit scale; METHOD.md 4: norms ~0.4-0.55)
     random_std: float = 0.02  # random mode: normal(0, std) per coordinate (the paper's ablation)
     batch_size: int = 32
-    presets: dict = field(default_factory=dict)
+    presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 
 
 @dataclass
@@ -75,8 +75,8 @@ class ExpertConfig:
 
     use_bias: bool = False  # learn a non-positive router logit bias (the paper's "learnbias")
     public_mix: float = 0.0  # fraction of training windows drawn from the anchor's public replay sample
-    loop: dict = field(default_factory=dict)
-    presets: dict = field(default_factory=dict)
+    loop: dict = field(default_factory=dict, metadata=NO_FLAG)  # LoopConfig values (flags: LoopConfig's)
+    presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 
 
 @dataclass
@@ -86,8 +86,8 @@ class RouterTuneConfig:
     public_windows: int = 64  # windows sampled from public data for the proxy mix
     proxy_windows: int = 64  # windows per owner proxy set (what owners chose to share)
     top_k: int | None = None  # experts per token while tuning; null = all (the paper), k = the merged model's
-    loop: dict = field(default_factory=dict)
-    presets: dict = field(default_factory=dict)
+    loop: dict = field(default_factory=dict, metadata=NO_FLAG)  # LoopConfig values (flags: LoopConfig's)
+    presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 
 
 @dataclass
@@ -98,13 +98,13 @@ class UnrestrictedConfig:
     enabled: bool = True  # false: the stage records `not run` (it costs as much as anchor + all experts)
     top_k: int | None = None  # null = the merged model's default (half the experts, rounded up)
     init_seed: int = 0
-    loop: dict = field(default_factory=dict)
-    presets: dict = field(default_factory=dict)
+    loop: dict = field(default_factory=dict, metadata=NO_FLAG)  # LoopConfig values (flags: LoopConfig's)
+    presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 
 
 def resolve(section_cfg, preset: str, domain_overrides: dict | None = None, where: str = "params.yaml"):
     """(stage config with the preset's overrides applied, LoopConfig or None)."""
-    overrides = dict((section_cfg.presets or {}).get(preset, {}) or {})
+    overrides = dict((getattr(section_cfg, "presets", None) or {}).get(preset, {}) or {})
     overrides.update(domain_overrides or {})
     own = {f.name for f in dataclasses.fields(section_cfg)} - {"loop", "presets"}
     stage_over = {k: v for k, v in overrides.items() if k in own}

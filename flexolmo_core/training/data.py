@@ -44,7 +44,7 @@ def open_windows(sources, seq_len: int, tokenizer_dir: str | os.PathLike | None 
         raise ValueError("text data needs a tokenizer directory (the anchor's)")
     from transformers import AutoTokenizer
 
-    from ..plain_train import read_texts
+    from ..data.readers import read_texts
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return TokenWindows(tokenize(read_texts(sources), tokenizer), seq_len)

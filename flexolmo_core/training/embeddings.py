@@ -81,7 +81,8 @@ def anchor_hidden_embedding(texts: list[str], anchor_dir, seq_len: int, batch_si
     from transformers import AutoTokenizer
 
     from ..anchor import load_anchor, model_config_from_hf
-    from .model import MoEShape, build, from_hf_dense
+    from ..layout import from_hf_dense
+    from .model import MoEShape, build
 
     anchor = load_anchor(anchor_dir)
     cfg = model_config_from_hf(anchor.config)

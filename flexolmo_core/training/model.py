@@ -264,61 +264,6 @@ def init_tensors(cfg: ModelConfig, moe: MoEShape, seed: int) -> dict[str, torch.
     return out
 
 
-# ---- HF name mapping ----------------------------------------------------------------------------------------
-_SHARED = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
-           "o": "self_attn.o_proj.weight", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
-           "attn_norm": "post_attention_layernorm.weight", "ffn_norm": "post_feedforward_layernorm.weight"}
-
-
-def from_hf_dense(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """Olmo2ForCausalLM state dict -> internal names (one expert)."""
-    out = {"embed": state["model.embed_tokens.weight"], "norm": state["model.norm.weight"],
-           "lm_head": state["lm_head.weight"]}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        out.update({f"layers.{i}.{k}": state[p + v] for k, v in _SHARED.items()})
-        out[f"layers.{i}.gate_up_0"] = torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]])
-        out[f"layers.{i}.down_0"] = state[p + "mlp.down_proj.weight"]
-    return out
-
-
-def to_hf_dense(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": tensors["embed"], "model.norm.weight": tensors["norm"],
-           "lm_head.weight": tensors["lm_head"]}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        out.update({p + v: tensors[f"layers.{i}.{k}"] for k, v in _SHARED.items()})
-        gate, up = tensors[f"layers.{i}.gate_up_0"].chunk(2)
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-        out[p + "mlp.down_proj.weight"] = tensors[f"layers.{i}.down_0"]
-    return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-def from_hf_moe(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """FlexOlmoForCausalLM state dict (fused experts) -> internal names."""
-    out = {"embed": state["model.embed_tokens.weight"], "norm": state["model.norm.weight"],
-           "lm_head": state["lm_head.weight"]}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        out.update({f"layers.{i}.{k}": state[p + v] for k, v in _SHARED.items()})
-        for e, (gu, dn, row) in enumerate(zip(state[p + "mlp.experts.gate_up_proj"], state[p + "mlp.experts.down_proj"],
-                                               state[p + "mlp.gate.weight"])):
-            out[f"layers.{i}.gate_up_{e}"], out[f"layers.{i}.down_{e}"], out[f"layers.{i}.router_{e}"] = gu, dn, row
-    return out
-
-
-def to_hf_moe(tensors: dict[str, torch.Tensor], n_layers: int, num_experts: int) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": tensors["embed"], "model.norm.weight": tensors["norm"],
-           "lm_head.weight": tensors["lm_head"]}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        out.update({p + v: tensors[f"layers.{i}.{k}"] for k, v in _SHARED.items()})
-        out[p + "mlp.experts.gate_up_proj"] = torch.stack([tensors[f"layers.{i}.gate_up_{e}"] for e in range(num_experts)])
-        out[p + "mlp.experts.down_proj"] = torch.stack([tensors[f"layers.{i}.down_{e}"] for e in range(num_experts)])
-        out[p + "mlp.gate.weight"] = torch.stack([tensors[f"layers.{i}.router_{e}"] for e in range(num_experts)])
-    return {k: v.detach().contiguous() for k, v in out.items()}
-
-
 def upcycle_tensors(dense: dict[str, torch.Tensor], n_layers: int, public_rows: torch.Tensor,
                     domain_rows: torch.Tensor, use_bias: bool) -> dict[str, torch.Tensor]:
     """The owner model (METHOD 3) in internal names: expert 1 = copy of the anchor FFN; rows are [L, d]."""

@@ -19,27 +19,8 @@ from . import distributed as D
 from .config import LoopConfig
 from .data import Mixture, open_windows
 from .loop import train
-from .model import MoEShape, build, from_hf_dense, from_hf_moe, init_tensors, to_hf_dense, to_hf_moe, upcycle_tensors
-
-
-def read_documents(paths) -> list[str]:
-    """Texts from `datasets` split folders or .parquet files (column `text`), or .txt/.jsonl files/folders."""
-    from ..plain_train import read_texts
-
-    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    texts, others = [], []
-    for p in paths:
-        if (p / "dataset_info.json").exists():  # a `datasets` save_to_disk split (the prepare stage)
-            import datasets
-
-            texts += [t for t in datasets.load_from_disk(str(p))["text"] if t and t.strip()]
-        elif p.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            texts += [t for t in pq.read_table(p, columns=["text"]).column("text").to_pylist() if t and t.strip()]
-        else:
-            others.append(p)
-    return texts + (read_texts(others) if others else [])
+from ..layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe
+from .model import MoEShape, build, init_tensors, upcycle_tensors
 
 
 def _finish(out: Path, summary: dict) -> None:
@@ -108,9 +89,10 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     fraction of the training windows comes from the public replay sample inside the anchor folder."""
     from ..anchor import load_anchor, read_fingerprint
     from ..owner import frozen_differences, upcycle
-    from ..package import check_domain_name, save_package
+    from ..data.config import check_domain_name
+    from ..package import save_package
 
-    check_domain_name(domain)
+    check_domain_name(domain, expert=True)
     out = Path(out)
     anchor = load_anchor(anchor_dir)
     model, initial = owner_fast_model(anchor, public_rows, domain_rows, use_bias)
@@ -209,7 +191,7 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
     summary.update(proxy_sets=len(proxy_data), experts=[e["domain"] for e in manifest["experts"]], top_k=top_k or E)
     trained = D.full_tensors(model)
     if D.setup().main:
-        tuned = to_hf_moe(trained, cfg.n_layers, E)
+        tuned = to_hf_moe(trained, cfg.n_layers)
         _write_moe(merged_dir, out / "model", {k: tuned[k] if k.endswith("gate.weight") else v for k, v in state.items()},
                    {**manifest, "router_tuned": summary})
     _finish(out, summary)
@@ -271,6 +253,6 @@ def train_unrestricted(tokenizer_dir, data: list, out, preset: str | ModelConfig
                     "experts": [{"index": e, "domain": n, "package_sha256": None, "logit_bias": None}
                                 for e, n in enumerate(names)], "training": summary}
         tok_dir = Path(tokenizer_dir)
-        _write_moe(tok_dir, out / "model", to_hf_moe(trained, cfg.n_layers, num_experts), manifest, config)
+        _write_moe(tok_dir, out / "model", to_hf_moe(trained, cfg.n_layers), manifest, config)
     _finish(out, summary)
     return summary

@@ -1,0 +1,122 @@
+"""The one tensor-layout converter: our internal tensor names <-> transformers' on-disk layouts.
+
+Internal names (what training, merge, opt-out, soup and the dense baselines work in), per layer i:
+  layers.i.{q,k,v,o,q_norm,k_norm,attn_norm,ffn_norm}   shared weights
+  layers.i.gate_up_<e> [2I, d], layers.i.down_<e> [d, I]             expert e's FFN (expert 0 = public)
+  layers.i.router_<e> [d]                                            router row e (MoE only)
+plus embed, norm and lm_head. transformers' layouts:
+  dense Olmo2:    model.layers.i.mlp.{gate,up,down}_proj.weight
+  fused FlexOlmo: model.layers.i.mlp.experts.gate_up_proj [E, 2I, d] (gate rows first, then up),
+                  model.layers.i.mlp.experts.down_proj [E, d, I], model.layers.i.mlp.gate.weight [E, d]
+Reading also accepts the per-expert `mlp.experts.<e>.{gate,up,down}_proj.weight` form; writing is always
+fused, the form transformers 5 loads strictly."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+SHARED = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+          "o": "self_attn.o_proj.weight", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+          "attn_norm": "post_attention_layernorm.weight", "ffn_norm": "post_feedforward_layernorm.weight"}
+TOP = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def n_layers_of(state: dict) -> int:
+    return 1 + max(int(name.split(".")[2]) for name in state if name.startswith("model.layers."))
+
+
+def num_experts_of(tensors: dict) -> int:
+    return sum(1 for name in tensors if name.startswith("layers.0.down_"))
+
+
+def _shared_from_hf(state: dict, n_layers: int) -> dict:
+    out = {k: state[v] for k, v in TOP.items()}
+    for i in range(n_layers):
+        out.update({f"layers.{i}.{k}": state[f"model.layers.{i}.{v}"] for k, v in SHARED.items()})
+    return out
+
+
+def _shared_to_hf(tensors: dict, n_layers: int) -> dict:
+    out = {v: tensors[k] for k, v in TOP.items()}
+    for i in range(n_layers):
+        out.update({f"model.layers.{i}.{v}": tensors[f"layers.{i}.{k}"] for k, v in SHARED.items()})
+    return out
+
+
+def from_hf_dense(state: dict[str, torch.Tensor], n_layers: int | None = None) -> dict[str, torch.Tensor]:
+    """Olmo2ForCausalLM state dict -> internal names (one expert: index 0)."""
+    n_layers = n_layers or n_layers_of(state)
+    out = _shared_from_hf(state, n_layers)
+    for i in range(n_layers):
+        p = f"model.layers.{i}.mlp."
+        out[f"layers.{i}.gate_up_0"] = torch.cat([state[p + "gate_proj.weight"], state[p + "up_proj.weight"]])
+        out[f"layers.{i}.down_0"] = state[p + "down_proj.weight"]
+    return out
+
+
+def to_hf_dense(tensors: dict[str, torch.Tensor], n_layers: int | None = None, expert: int = 0) -> dict[str, torch.Tensor]:
+    """Internal names -> Olmo2ForCausalLM state dict, with `expert`'s FFN as the dense FFN."""
+    n_layers = n_layers or _internal_layers(tensors)
+    out = _shared_to_hf(tensors, n_layers)
+    for i in range(n_layers):
+        p = f"model.layers.{i}.mlp."
+        gate, up = tensors[f"layers.{i}.gate_up_{expert}"].chunk(2)
+        out[p + "gate_proj.weight"], out[p + "up_proj.weight"] = gate, up
+        out[p + "down_proj.weight"] = tensors[f"layers.{i}.down_{expert}"]
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def from_hf_moe(state: dict[str, torch.Tensor], n_layers: int | None = None) -> dict[str, torch.Tensor]:
+    """FlexOlmoForCausalLM state dict (fused or per-expert experts) -> internal names."""
+    n_layers = n_layers or n_layers_of(state)
+    out = _shared_from_hf(state, n_layers)
+    per_expert: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        match = _PER_EXPERT.match(name)
+        if match:
+            per_expert.setdefault((int(match[1]), int(match[2])), {})[match[3]] = tensor
+    for i in range(n_layers):
+        p = f"model.layers.{i}.mlp."
+        rows = state[p + "gate.weight"]
+        if p + "experts.gate_up_proj" in state:
+            gate_up, down = state[p + "experts.gate_up_proj"], state[p + "experts.down_proj"]
+        else:
+            parts = [per_expert[(i, e)] for e in range(len(rows))]
+            gate_up = [torch.cat([x["gate"], x["up"]]) for x in parts]
+            down = [x["down"] for x in parts]
+        for e in range(len(rows)):
+            out[f"layers.{i}.gate_up_{e}"], out[f"layers.{i}.down_{e}"] = gate_up[e], down[e]
+            out[f"layers.{i}.router_{e}"] = rows[e]
+    return out
+
+
+def to_hf_moe(tensors: dict[str, torch.Tensor], n_layers: int | None = None,
+              experts: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Internal names -> fused FlexOlmoForCausalLM state dict with `experts` (default all), in that order."""
+    n_layers = n_layers or _internal_layers(tensors)
+    experts = list(range(num_experts_of(tensors))) if experts is None else experts
+    out = _shared_to_hf(tensors, n_layers)
+    for i in range(n_layers):
+        p = f"model.layers.{i}.mlp."
+        out[p + "experts.gate_up_proj"] = torch.stack([tensors[f"layers.{i}.gate_up_{e}"] for e in experts])
+        out[p + "experts.down_proj"] = torch.stack([tensors[f"layers.{i}.down_{e}"] for e in experts])
+        out[p + "gate.weight"] = torch.stack([tensors[f"layers.{i}.router_{e}"] for e in experts])
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def fused_moe_names(layer: int) -> tuple[str, str, str]:
+    """(gate_up, down, router) names of one layer in the fused FlexOlmo layout (the streaming merge)."""
+    p = f"model.layers.{layer}.mlp."
+    return p + "experts.gate_up_proj", p + "experts.down_proj", p + "gate.weight"
+
+
+def dense_ffn_names(layer: int) -> tuple[str, str, str]:
+    """(gate, up, down) names of one layer's dense Olmo2 FFN."""
+    p = f"model.layers.{layer}.mlp."
+    return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
+
+
+def _internal_layers(tensors: dict) -> int:
+    return 1 + max(int(name.split(".")[1]) for name in tensors if name.startswith("layers."))

@@ -1,0 +1,85 @@
+"""The CLI is the config: `--params params.yaml` gives exactly the config the DVC stage builds (tasks/*.py
+call `load_stage` / `load_section` on the same section), and a flag overrides only the field it names."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flexolmo_core.cli import build_parser
+from flexolmo_core.cli_config import field_names
+from flexolmo_core.data.config import PrepareConfig, TokenizerConfig
+from flexolmo_core.params import load_section
+from flexolmo_core.training.config import (AnchorConfig, DomainEmbeddingConfig, ExpertConfig, RouterTuneConfig,
+                                           UnrestrictedConfig, load_stage)
+
+PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
+# (command words + required non-config arguments, config class, params section, per-domain stage)
+STAGE_COMMANDS = [
+    (["anchor", "train", "--tokenizer", "t", "--data", "d", "--out", "o"], AnchorConfig, "anchor", False),
+    (["expert", "train", "--anchor", "a", "--domain", "code", "--data", "d", "--out", "o"], ExpertConfig, "expert", True),
+    (["embedding", "compute", "--anchor", "a", "--domain", "code", "--data", "d", "--out", "o"],
+     DomainEmbeddingConfig, "domain_embedding", True),
+    (["router", "tune", "--model", "m", "--public-data", "p", "--out", "o"], RouterTuneConfig, "router_tune", False),
+    (["baseline", "unrestricted", "--tokenizer", "t", "--data", "d", "--out", "o", "--experts", "8"],
+     UnrestrictedConfig, "unrestricted_moe", False),
+    (["prepare"], PrepareConfig, "prepare", False),
+    (["tokenizer", "train", "--data", "d", "--out", "o"], TokenizerConfig, "tokenizer", False),
+    (["tokenizer", "pack"], TokenizerConfig, "tokenizer", False),
+]
+
+
+def parse(argv):
+    return build_parser(argv).parse_args(argv)
+
+
+def flags(cfg) -> dict:
+    """The fields a command line sets (`loop` / `presets` are params.yaml structure, already resolved)."""
+    return {name: getattr(cfg, name) for name in field_names(type(cfg))}
+
+
+@pytest.mark.parametrize("argv,cls,section,per_domain", STAGE_COMMANDS, ids=lambda x: " ".join(x[:2]) if isinstance(x, list) else None)
+def test_params_give_the_dvc_stage_config(argv, cls, section, per_domain):
+    _, stage, loop = load_stage(cls, section, PARAMS, domain="code" if per_domain else None)
+    if cls in (PrepareConfig, TokenizerConfig):  # tasks/prepare.py and tasks/tokenizer.py use load_section
+        assert stage == load_section(cls, section, PARAMS)
+    args = parse(argv + ["--params", PARAMS])
+    assert args.stage == stage  # flags and the params tables without flags (loop, presets, sources)
+    assert getattr(args, "loop", None) == loop
+
+
+@pytest.mark.parametrize("argv,cls,section,per_domain", STAGE_COMMANDS, ids=lambda x: " ".join(x[:2]) if isinstance(x, list) else None)
+def test_a_flag_overrides_only_what_it_names(argv, cls, section, per_domain):
+    _, stage, loop = load_stage(cls, section, PARAMS, domain="code" if per_domain else None)
+    if loop is not None:
+        args = parse(argv + ["--params", PARAMS, "--steps", "3"])
+        assert args.loop == dataclasses.replace(loop, steps=3) and flags(args.stage) == flags(stage)
+    field = next(f for f in dataclasses.fields(cls) if f.type in ("int", "float", int, float) and f.metadata.get("cmd", True))
+    value = getattr(stage, field.name) + 1
+    args = parse(argv + ["--" + field.name.replace("_", "-"), str(value), "--params", PARAMS])  # order-free
+    assert flags(args.stage) == flags(dataclasses.replace(stage, **{field.name: value}))
+    assert getattr(args, "loop", None) == loop
+
+
+def test_expert_train_runs_what_the_section_says():
+    """The bug this replaces: argparse defaults (20 steps, seq 64, lr 1e-3, no public mix) beat params.yaml."""
+    args = parse(STAGE_COMMANDS[1][0] + ["--params", PARAMS])
+    assert (args.loop.steps, args.loop.seq_len, args.loop.lr, args.stage.public_mix) == (100, 256, 2e-3, 0.25)
+    args = parse(STAGE_COMMANDS[0][0] + ["--params", PARAMS])
+    assert args.stage.replay_tokens == 262144 and args.loop.steps == 300
+
+
+def test_domain_overrides_and_preset_choice(tmp_path):
+    params = yaml.safe_load(Path(PARAMS).read_text())
+    params["domains"]["code"] = {"steps": 7, "public_mix": 0.5}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    args = parse(STAGE_COMMANDS[1][0] + ["--params", str(path)])
+    assert (args.loop.steps, args.stage.public_mix, args.loop.seq_len) == (7, 0.5, 256)
+    args = parse(STAGE_COMMANDS[1][0] + ["--params", str(path), "--preset-params", "smoke"])
+    assert (args.loop.steps, args.loop.seq_len) == (7, 64)  # the domain's own override beats the preset's
+
+
+def test_without_params_the_dataclass_defaults_apply():
+    args = parse(STAGE_COMMANDS[1][0])
+    assert args.stage == ExpertConfig() and args.loop.steps == 100
