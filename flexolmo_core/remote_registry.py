@@ -8,21 +8,23 @@ mirror that is an ordinary `Registry` directory.
   the package folder to its content-addressed path, then writes the remote index as one object (a temporary
   name, then a move: one PUT on object stores). Package paths never collide, so a failed upload leaves the
   remote index as it was.
-- Writers: a local registry serialises them with a file lock. Object stores have no lock, so the remote
-  index is re-read just before it is replaced and the publish is refused if its version moved (someone
-  else published meanwhile); run again to retry. Two writers racing inside that window can still lose one
-  publication (never corrupt the index): give each remote registry one writer, or put a lock service in front.
+- Writers: the remote index is re-read just before it is replaced and the publish is refused if its version
+  moved (someone else published meanwhile); run again to retry. On a `file://` URL (a shared filesystem)
+  that check and the move happen under a file lock, so racing writers never lose a publication. Object
+  stores have no lock: two writers racing inside that window can still lose one publication (never corrupt
+  the index): give each remote registry one writer, or put a lock service in front.
 
 `open_registry(location)` returns a `Registry` for a local path, and the pulled mirror for a URL."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
 from pathlib import Path
 
-from .atomic import write_json
+from .atomic import locked, write_json
 from .package import MANIFEST_FILE, WEIGHTS_FILE
 from .registry import INDEX_FILE, Entry, Registry, RegistryError
 
@@ -58,16 +60,23 @@ class RemoteRegistry:
         with self.fs.open(path, "r") as handle:
             return json.load(handle)
 
+    def _index_lock(self):
+        """A real lock where the filesystem is shared (file://); none on object stores (see above)."""
+        if "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            return locked(Path(self.root) / ".lock")
+        return contextlib.nullcontext()
+
     def _write_remote_index(self, index: dict, expected_version: int | None) -> None:
-        current = self.remote_index()
-        now = None if current is None else current["version"]
-        if now != expected_version:
-            raise RegistryError(f"{self.url}: the registry moved to version {now} while this publish ran "
-                                f"(expected {expected_version}); run it again")
-        tmp = self._remote(f".{INDEX_FILE}.{uuid.uuid4().hex}")
-        with self.fs.open(tmp, "w") as handle:
-            json.dump(index, handle, indent=2, sort_keys=True)
-        self.fs.mv(tmp, self._remote(INDEX_FILE))
+        with self._index_lock():
+            current = self.remote_index()
+            now = None if current is None else current["version"]
+            if now != expected_version:
+                raise RegistryError(f"{self.url}: the registry moved to version {now} while this publish ran "
+                                    f"(expected {expected_version}); run it again")
+            tmp = self._remote(f".{INDEX_FILE}.{uuid.uuid4().hex}")
+            with self.fs.open(tmp, "w") as handle:
+                json.dump(index, handle, indent=2, sort_keys=True)
+            self.fs.mv(tmp, self._remote(INDEX_FILE))
 
     def pull(self) -> Registry:
         """Bring the mirror up to the remote index; returns the mirror."""

@@ -105,13 +105,25 @@ def test_btm_class_equals_bayesian_mixture_when_keeping_all(models, tmp_path):
     assert got == pytest.approx(expected.item(), abs=1e-3)
 
 
-def test_prompt_routing_picks_the_closest_domain_embedding(models):
+def test_prompt_routing_picks_the_closest_domain_embedding(models, small_texts):
+    """Domain embeddings come from each domain's *training* documents (not the prompt): the mean layer-0
+    MoE input over code files and over encyclopedia leads. Held-out code files must route to the code row
+    wherever it sits, through the model's own router rows when those hold the embeddings. (Only code
+    prompts: with random weights and a tokenizer trained on code, prose prompts sit closer to the code mean.)"""
     merged = _load(models / "merged")
-    ids = _ids(models / "anchor", "for i in range(10):\n    print(i)\n")
-    h = baselines.prompt_embedding(merged, ids)[0]
-    emb = torch.stack([-h, torch.randn_like(h), h])
-    assert baselines.prompt_route(merged, ids, emb) == [2]
-    assert baselines.prompt_route(merged, ids, -emb) == [0]
+
+    def mean_input(texts):
+        return torch.stack([baselines.prompt_embedding(merged, _ids(models / "anchor", t[:1500]))[0] for t in texts]).mean(0)
+
+    code, prose = mean_input(small_texts["code"][:6]), mean_input(small_texts["public"][:20])
+    zero = torch.zeros_like(code)  # cosine 0: never the closest
+    for held_out in small_texts["code"][8:10]:
+        ids = _ids(models / "anchor", held_out[:1500])
+        assert baselines.prompt_route(merged, ids, torch.stack([zero, prose, code])) == [2]
+        assert baselines.prompt_route(merged, ids, torch.stack([code, zero, prose])) == [0]
+    with torch.no_grad():  # the default embeddings are the layer-0 router rows
+        merged.model.layers[0].mlp.gate.weight.copy_(torch.stack([zero, prose, code]))
+    assert baselines.prompt_route(merged, ids) == [2]
 
 
 def test_variants_report_and_cli(models, tmp_path):
