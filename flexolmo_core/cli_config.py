@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from simple_parsing import ArgumentParser, DashVariant
 
@@ -87,6 +88,8 @@ def stage_defaults(command: tuple[str, ...], cls, section: str, loop: bool, per_
     from .training.config import LoopConfig, load_stage
 
     params = _scan.params or params_default
+    if not _scan.params and params and not Path(params).exists():
+        params = None  # a default params.yaml that is not here: the dataclass defaults (a given one must exist)
     if _scan.command[: len(command)] == command and params:
         _, stage, loop_cfg = load_stage(cls, section, params, domain=_scan.domain if per_domain else None,
                                         preset=_scan.preset_params)

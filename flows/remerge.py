@@ -62,7 +62,9 @@ def evaluate_release(model: str, out_json: str, params: str, suites: list[str]) 
     if cfg.domains_dir and not Path(cfg.domains_dir).exists() and "domains" in suites:
         get_run_logger().warning(f"evaluation not run: held-out data {cfg.domains_dir} is not here")
         return None
-    tasks_ = [t for s in suites for t in suite.resolve_suite(s)]
+    from flexolmo_core.merge import expert_domains
+
+    tasks_ = [t for s in suites for t in suite.resolve_suite(s, cfg.domains or expert_domains(model))]
     variant = variants.Variant("flexolmo", "hf", [model], flexolmo=True, note="release")
     return variants.evaluate_variant(variant, tasks_, cfg, out_json=out_json)
 

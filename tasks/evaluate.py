@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flexolmo_core.atomic import atomic_dir
 from flexolmo_core.evaluation import report, runner, variants
+from flexolmo_core.merge import expert_domains
 from flexolmo_core.params import load_section
 
 OUT = Path("outputs/evaluate")
@@ -56,6 +57,8 @@ def main(params: str = "params.yaml") -> int:
     if not (merged / "config.json").exists():
         print(f"evaluate: no merged checkpoint at {merged} (run the merge stage)", file=sys.stderr)
         return 2
+    if cfg.domains is None:  # the held-out domains are the merged model's experts: public + params.yaml's domains
+        cfg.domains = expert_domains(merged)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flexolmo-variants-") as work, atomic_dir(OUT / "results") as results:
         chosen = [v for v in variants.build_variants(merged, work, cfg.anchor_dir, cfg.extra_variants, cfg.btm_top_k)

@@ -9,6 +9,7 @@ import yaml
 from flexolmo_core.cli import build_parser
 from flexolmo_core.cli_config import field_names
 from flexolmo_core.data.config import PrepareConfig, TokenizerConfig
+from flexolmo_core.evaluation.runner import EvalConfig
 from flexolmo_core.params import load_section
 from flexolmo_core.training.config import (AnchorConfig, DomainEmbeddingConfig, ExpertConfig, RouterTuneConfig,
                                            UnrestrictedConfig, load_stage)
@@ -26,6 +27,7 @@ STAGE_COMMANDS = [
     (["prepare"], PrepareConfig, "prepare", False),
     (["tokenizer", "train", "--data", "d", "--out", "o"], TokenizerConfig, "tokenizer", False),
     (["tokenizer", "pack"], TokenizerConfig, "tokenizer", False),
+    (["evaluate", "--model", "m"], EvalConfig, "evaluate", False),
 ]
 
 
@@ -41,7 +43,7 @@ def flags(cfg) -> dict:
 @pytest.mark.parametrize("argv,cls,section,per_domain", STAGE_COMMANDS, ids=lambda x: " ".join(x[:2]) if isinstance(x, list) else None)
 def test_params_give_the_dvc_stage_config(argv, cls, section, per_domain):
     _, stage, loop = load_stage(cls, section, PARAMS, domain="code" if per_domain else None)
-    if cls in (PrepareConfig, TokenizerConfig):  # tasks/prepare.py and tasks/tokenizer.py use load_section
+    if cls in (PrepareConfig, TokenizerConfig, EvalConfig):  # their tasks/*.py use load_section
         assert stage == load_section(cls, section, PARAMS)
     args = parse(argv + ["--params", PARAMS])
     assert args.stage == stage  # flags and the params tables without flags (loop, presets, sources)
@@ -83,3 +85,14 @@ def test_domain_overrides_and_preset_choice(tmp_path):
 def test_without_params_the_dataclass_defaults_apply():
     args = parse(STAGE_COMMANDS[1][0])
     assert args.stage == ExpertConfig() and args.loop.steps == 100
+
+
+@pytest.mark.parametrize("argv,cls,section,per_domain", STAGE_COMMANDS, ids=lambda x: " ".join(x[:2]) if isinstance(x, list) else None)
+def test_every_field_has_a_flag_with_its_one_line_doc(argv, cls, section, per_domain, capsys):
+    with pytest.raises(SystemExit):
+        parse([w for w in argv[:2] if not w.startswith("-")] + ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "__TEMP__" not in text  # simple-parsing's placeholder for a field without a comment
+    for name in field_names(cls):
+        assert "--" + name.replace("_", "-") + " " in text, name
+    assert "optimiser steps" in text or cls not in (AnchorConfig, ExpertConfig)  # LoopConfig.steps' comment

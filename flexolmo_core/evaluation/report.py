@@ -40,6 +40,15 @@ def _pct(x):
     return "–" if x is None else f"{100 * x:+.1f}%"
 
 
+def domains_in(summary: dict) -> list[str]:
+    """Every domain some result scored, in first-seen order (public first when present): the report's
+    columns come from the results, so a ninth domain in params.yaml shows up with no code change."""
+    seen: dict[str, None] = {}
+    for s in summary.values():
+        seen.update(dict.fromkeys(s["domains_bpb"]))
+    return sorted(seen, key=lambda d: (d != "public", list(seen).index(d)))
+
+
 def summarize(results: dict[str, dict]) -> dict:
     """Everything the report shows, as numbers (also the metrics JSON)."""
     summary = {}
@@ -143,8 +152,9 @@ def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
                            [[n, *[_fmt(s["groups_bpb"][g]["score"], 3) for g in suite.GROUPS], _fmt(s["avg_bpb"]["avg"], 3)]
                             for n, s in summary.items()]))
     parts += ["", "## Held-out bits per byte per FlexMix domain (lower is better)", ""]
-    parts.append(_md_table(["model", *suite.DOMAINS, "mean"],
-                           [[n, *[_fmt(s["domains_bpb"].get(d), 4) for d in suite.DOMAINS], _fmt(s["domains_bpb_avg"], 4)]
+    domains = domains_in(summary)
+    parts.append(_md_table(["model", *domains, "mean"],
+                           [[n, *[_fmt(s["domains_bpb"].get(d), 4) for d in domains], _fmt(s["domains_bpb_avg"], 4)]
                             for n, s in summary.items()]))
     parts += ["", "## Relative improvement", "",
               "Two averagings (the paper does not spell out which it uses): **of Avg.** = (Avg_model - Avg_ref) / "
@@ -172,7 +182,7 @@ def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
                              f"{_pct(e['max_other_change'])} ({e['max_other_domain']})"]
                             for e in effects]) if effects else "(needs flexolmo, public and optout_<domain> results)")
     if effects:
-        doms = [d for d in suite.DOMAINS if any(d in e["other_changes"] or d == e["domain"] for e in effects)]
+        doms = [d for d in domains_in(summary) if any(d in e["other_changes"] or d == e["domain"] for e in effects)]
         parts += ["", "Relative bpb change per domain (column) when one expert (row) is removed:", ""]
         rows = []
         for e in effects:
@@ -243,7 +253,7 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
     effects = opt_out_effects(summary)
     if effects:
         removed = [e["domain"] for e in effects]
-        domains = [d for d in suite.DOMAINS if summary["flexolmo"]["domains_bpb"].get(d) is not None]
+        domains = [d for d in domains_in(summary) if summary["flexolmo"]["domains_bpb"].get(d) is not None]
         full = summary["flexolmo"]["domains_bpb"]
         mat = np.array([[((summary[f"optout_{r}"]["domains_bpb"].get(d) or np.nan) - (full.get(d) or np.nan))
                          / (full.get(d) or np.nan) * 100 for d in domains] for r in removed])

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built-in hub tasks must fail fas
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from flexolmo_core.evaluation import suite  # noqa: E402
+from flexolmo_core.params import NO_FLAG  # noqa: E402
 
 log = logging.getLogger(__name__)
 # Two lm-eval loggers warn once per request/task about expected things here: left truncation of 5-shot
@@ -28,17 +29,18 @@ for _name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
 @dataclasses.dataclass
 class EvalConfig:
     """The `evaluate` section of params.yaml (also the `flexolmo evaluate` options)."""
-    suites: list[str] = dataclasses.field(default_factory=lambda: ["flexolmo31", "flexolmo31_bpb", "domains"])
+    suites: list[str] = dataclasses.field(default_factory=lambda: ["flexolmo31", "flexolmo31_bpb", "domains"])  # what full variants run
     limit: int | None = 5               # docs per task (the paper: 1000); None = all
     gen_limit: int | None = 3           # docs per generation task (greedy decoding is the costly part)
     domain_limit: int | None = 10       # docs per FlexMix domain for held-out bpb
     domain_max_chars: int | None = 2000  # characters per held-out doc (bounds rolling-bpb cost)
     gold_max_chars: int | None = 500    # gold continuations scored for bpb are cut here (must fit the context)
     domains_dir: str | None = "outputs/prepare"  # <dir>/<domain>/test from the prepare stage
+    domains: list[str] | None = None    # the `domains` suite's domains; None = the merged model's experts
     eval_data_dir: str | None = None     # local <task>.jsonl for tasks whose data is not shipped
     allow_code_execution: bool = False  # HumanEval/MBPP run generated code (subprocess + timeout) only if true
     max_gen_toks: int | None = 32       # cap on generated tokens per doc (None = the task's own value)
-    batch_size: int = 16
+    batch_size: int = 16                # lm-eval batch size
     workers: int = 1                    # variants evaluated side by side, one process each
     threads: int = 0                    # torch threads per worker (0 = torch's default; 1 when workers > 1)
     max_length: int | None = None       # context window for lm-eval (None = the model's)
@@ -48,12 +50,12 @@ class EvalConfig:
     # Variants outside `full_variants` (dense_*, owner_*, optout_*) run `light_suites` only, to fit the budget.
     full_variants: list[str] = dataclasses.field(default_factory=lambda: [
         "public", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "unrestricted"])
-    light_suites: list[str] = dataclasses.field(default_factory=lambda: ["domains"])
+    light_suites: list[str] = dataclasses.field(default_factory=lambda: ["domains"])  # what the other variants run
     # Per-variant override of the suites (BTM runs every expert on every request: E times the cost).
-    variant_suites: dict[str, list[str]] | None = None
+    variant_suites: dict[str, list[str]] | None = dataclasses.field(default=None, metadata=NO_FLAG)
     merged_dir: str = "outputs/merge/flexolmo"  # the merged FlexOlmo checkpoint every baseline derives from
     anchor_dir: str | None = "outputs/anchor"   # the public model (else expert 0 of the merge, identical)
-    extra_variants: dict[str, str] | None = None  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...);
+    extra_variants: dict[str, str] | None = dataclasses.field(default=None, metadata=NO_FLAG)  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...);
     # a missing dir is reported as `not run`, so the training stages' outputs can be listed before they exist
 
 
@@ -63,7 +65,7 @@ def suites_for(variant: str, cfg: "EvalConfig") -> list[str]:
         names = cfg.variant_suites[variant]
     else:
         names = cfg.suites if variant in cfg.full_variants else cfg.light_suites
-    return [t for s in names for t in suite.resolve_suite(s)]
+    return [t for s in names for t in suite.resolve_suite(s, cfg.domains or ())]
 
 
 NOT_RUN = "not run"
@@ -110,7 +112,8 @@ def load_tasks(task_names: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
         reason = _policy_reason(name, cfg)
         if reason is None:
             try:
-                loaded.update(tm.load([name])["tasks"])
+                domain = suite.domain_of(name)
+                loaded.update(tm.load([suite.domain_config(domain) if domain else name])["tasks"])
                 continue
             except Exception as err:  # DataUnavailable, or whatever lm-eval raised while loading data
                 reason = f"{type(err).__name__}: {err}".splitlines()[0]
@@ -125,7 +128,7 @@ def load_tasks(task_names: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
 
 
 def _limit_for(name: str, task, cfg: EvalConfig) -> int | None:
-    if name.startswith("flexolmo_domain_"):
+    if suite.domain_of(name) is not None:
         return cfg.domain_limit
     return cfg.gen_limit if task.OUTPUT_TYPE == "generate_until" else cfg.limit
 

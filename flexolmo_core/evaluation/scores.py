@@ -59,9 +59,9 @@ def relative_improvements(groups_new: dict, groups_base: dict, higher_is_better:
 
 def domain_bpb(result: dict) -> dict[str, float | None]:
     out = {}
-    for d in suite.DOMAINS:
-        rec = result.get("tasks", {}).get(suite.domain_task(d))
-        if rec is not None:
+    for name, rec in result.get("tasks", {}).items():
+        d = suite.domain_of(name)
+        if d is not None:
             out[d] = rec.get("value") if rec.get("status") == "ok" else None
     return out
 

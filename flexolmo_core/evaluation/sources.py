@@ -199,18 +199,12 @@ def domain_texts(domains_dir: str | os.PathLike | None, domain: str, max_chars: 
         raise DataUnavailable("no domains directory given (evaluate.domains_dir)")
     base = Path(domains_dir)
     candidates = [base / domain / "test", base / domain / "test.jsonl", base / f"{domain}.jsonl"]
-    texts = None
-    for path in candidates:
-        if path.is_dir():
-            import datasets
-            texts = list(datasets.load_from_disk(str(path))["text"])
-            break
-        if path.is_file():
-            with open(path, encoding="utf-8") as handle:
-                texts = [json.loads(line)["text"] for line in handle if line.strip()]
-            break
-    if texts is None:
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
         raise DataUnavailable(f"no test split for domain '{domain}' under {base}")
+    from flexolmo_core.data.readers import read_texts
+
+    texts = read_texts([found])  # the one text reader: a `datasets` split or .jsonl
     # Why truncate: rolling bpb costs grow with document length; a fixed character cap keeps it bounded.
     return [{"id": str(i), "text": t[:max_chars] if max_chars else t} for i, t in enumerate(texts) if t.strip()]
 

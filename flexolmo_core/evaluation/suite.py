@@ -70,8 +70,9 @@ TASKS: tuple[TaskSpec, ...] = (
 )
 SPECS = {t.name: t for t in TASKS}
 
-# FlexMix domains (DATA.md); the `domains` suite reports held-out bits per byte for each.
-DOMAINS = ("public", "news", "creative", "code", "academic", "educational", "math", "reddit")
+# The `domains` suite reports held-out bits per byte for each FlexMix domain. Domains come from params.yaml
+# (through the merged model's experts or `evaluate.domains`), never from here: its tasks are built per run.
+DOMAIN_PREFIX = "flexolmo_domain_"
 
 
 def task_name(spec: TaskSpec) -> str:
@@ -83,7 +84,12 @@ def bpb_name(spec: TaskSpec) -> str:
 
 
 def domain_task(domain: str) -> str:
-    return f"flexolmo_domain_{domain}"
+    return DOMAIN_PREFIX + domain
+
+
+def domain_of(lm_eval_name: str) -> str | None:
+    """The domain a `domains`-suite task scores, or None for every other task."""
+    return lm_eval_name[len(DOMAIN_PREFIX):] if lm_eval_name.startswith(DOMAIN_PREFIX) else None
 
 
 def group_name(group: str) -> str:
@@ -93,28 +99,36 @@ def group_name(group: str) -> str:
 SUITES = {
     "flexolmo31": [task_name(t) for t in TASKS],
     "flexolmo31_bpb": [bpb_name(t) for t in TASKS],
-    "domains": [domain_task(d) for d in DOMAINS],
 }
-SUITES["all"] = SUITES["flexolmo31"] + SUITES["flexolmo31_bpb"] + SUITES["domains"]
+SUITES["all"] = SUITES["flexolmo31"] + SUITES["flexolmo31_bpb"]  # + the domains suite, per run
 # `smoke`: a cheap subset for tests and `--suite smoke`.
 SUITES["smoke"] = ["flexolmo_arc_easy", "flexolmo_arc_easy_bpb", "flexolmo_winogrande_bpb"]
+SUITE_NAMES = sorted([*SUITES, "domains"])
 
 
-def resolve_suite(name: str) -> list[str]:
-    """Suite name -> lm-eval task names; a comma list of task names is accepted too."""
+def resolve_suite(name: str, domains=()) -> list[str]:
+    """Suite name -> lm-eval task names (`domains` and `all` need the domain list); a comma list of task
+    names is accepted too."""
+    from ..data.config import check_domain_name
+
+    if name == "domains":
+        if not domains:
+            raise ValueError("the `domains` suite needs the domain list (evaluate.domains, or a merged model's experts)")
+        return [domain_task(check_domain_name(d)) for d in domains]
+    if name == "all":
+        return SUITES["all"] + (resolve_suite("domains", domains) if domains else [])
     if name in SUITES:
         return list(SUITES[name])
     names = [n.strip() for n in name.split(",") if n.strip()]
-    known = set(SUITES["all"])
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in set(SUITES["all"]) and not (domain_of(n) and domain_of(n) in domains)]
     if unknown:
-        raise ValueError(f"unknown suite or task(s) {unknown}; suites: {sorted(SUITES)}")
+        raise ValueError(f"unknown suite or task(s) {unknown}; suites: {SUITE_NAMES}; domains: {list(domains)}")
     return names
 
 
 def spec_of(lm_eval_name: str) -> tuple[TaskSpec | None, str]:
     """lm-eval task name -> (spec, variant) with variant in primary | bpb | domain."""
-    if lm_eval_name.startswith("flexolmo_domain_"):
+    if domain_of(lm_eval_name) is not None:
         return None, "domain"
     short = lm_eval_name.removeprefix("flexolmo_")
     if short.endswith("_bpb") and short[:-4] in SPECS:
@@ -163,9 +177,12 @@ def bpb_yaml(spec: TaskSpec) -> dict:
             "metric_list": [{"metric": "bpb", "aggregation": "mean", "higher_is_better": False}]}
 
 
-def domain_yaml(domain: str) -> dict:
+def domain_config(domain: str) -> dict:
+    """The lm-eval task config of one domain's held-out bpb, built per run (an inline config, not a file)."""
+    from .tasks.utils import load_domain
+
     return {"task": domain_task(domain), "tag": ["flexolmo_domains"], "dataset_path": "json",
-            "custom_dataset": "!function utils.load_domain", "dataset_kwargs": {"flexolmo_domain": domain},
+            "custom_dataset": load_domain, "dataset_kwargs": {"flexolmo_domain": domain},
             "test_split": "test", "num_fewshot": 0, "output_type": "loglikelihood_rolling",
             "doc_to_text": "", "doc_to_target": "{{text}}",
             "metric_list": [{"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
@@ -189,8 +206,6 @@ def render_all() -> dict[str, str]:
     for spec in TASKS:
         files[f"{task_name(spec)}.yaml"] = _dump(primary_yaml(spec))
         files[f"{bpb_name(spec)}.yaml"] = _dump(bpb_yaml(spec))
-    for domain in DOMAINS:
-        files[f"{domain_task(domain)}.yaml"] = _dump(domain_yaml(domain))
     for name, cfg in group_yamls().items():
         files[f"_{name}.yaml"] = _dump(cfg)
     return files

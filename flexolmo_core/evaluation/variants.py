@@ -127,7 +127,7 @@ def _routing_share(lm, model_dir, cfg: runner.EvalConfig) -> dict | None:
     from flexolmo_core.evaluation.routing import routing_share
 
     texts = {}
-    for d in suite.DOMAINS:
+    for d in cfg.domains or expert_domains(model_dir):
         try:
             docs = sources.domain_texts(cfg.domains_dir, d, max_chars=cfg.domain_max_chars)
         except sources.DataUnavailable:

@@ -21,9 +21,9 @@ class LoopConfig:
     final_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak (METHOD.md 3)
     weight_decay: float = 0.0  # AdamW decay on matrices and router rows (never on norms or biases)
     router_lr_scale: float = 1.0  # router rows and biases train at lr x this (1 = the paper: one lr for all)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # global gradient-norm clip
     router_z_loss: float = 1e-3  # x mean logsumexp(router logits)^2, summed over layers
     logit_z_loss: float = 1e-5  # x mean logsumexp(output logits)^2
@@ -65,7 +65,7 @@ class DomainEmbeddingConfig:
     unit_norm: bool = False  # L2-normalise each row (per layer) before `scale` (anchor-hidden means are ~|h| large)
     scale: float = 1.0  # multiplies the final vector (router logit scale; METHOD.md 4: norms ~0.4-0.55)
     random_std: float = 0.02  # random mode: normal(0, std) per coordinate (the paper's ablation)
-    batch_size: int = 32
+    batch_size: int = 32  # documents per encoder / anchor forward pass
     presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 
 
@@ -97,7 +97,7 @@ class UnrestrictedConfig:
 
     enabled: bool = True  # false: the stage records `not run` (it costs as much as anchor + all experts)
     top_k: int | None = None  # null = the merged model's default (half the experts, rounded up)
-    init_seed: int = 0
+    init_seed: int = 0  # weight init of the jointly trained model
     loop: dict = field(default_factory=dict, metadata=NO_FLAG)  # LoopConfig values (flags: LoopConfig's)
     presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -79,8 +80,64 @@ def evaluate(model, windows, cfg: LoopConfig) -> float | None:
     return total / n
 
 
+@dataclass
+class Run:
+    """What one training run holds between steps (built by `setup`)."""
+
+    cfg: LoopConfig
+    dist: object
+    run_dir: Path
+    label: str
+    inner: FastOlmo  # the model itself (for casts, projections and parameter counts)
+    wrapped: object  # DDP / FSDP around it, or the model
+    forward: object  # `wrapped`, compiled or not
+    optimizer: torch.optim.AdamW
+    windows: object
+    order: Order
+    accum: int
+    flops: dict
+    peak: float
+    start_step: int = 0
+    resumed_from: str | None = None
+    meta: dict = field(default_factory=dict)
+    live: object = None
+    bar: object = None
+    losses: list = field(default_factory=list)
+    val_history: list = field(default_factory=list)
+    timed_steps: int = 0
+    timed_seconds: float = 0.0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.global_batch * self.cfg.seq_len
+
+
 def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, label: str = "train") -> dict:
     """Train `model` in place (resuming from run_dir/checkpoints if there are any); returns the summary."""
+    run = setup(model, windows, cfg, run_dir, label)
+    run.wrapped.train()
+    for step in range(run.start_step, cfg.steps):
+        t0 = time.perf_counter()
+        lr, step_ce, grad_norm = train_step(run, step)
+        seconds = time.perf_counter() - t0
+        if step > run.start_step or cfg.steps - run.start_step == 1:  # the first step pays for warm-up/compilation
+            run.timed_steps, run.timed_seconds = run.timed_steps + 1, run.timed_seconds + seconds
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            run.val_history.append((done, evaluate(run.wrapped, val_windows, cfg)))
+        log_step(run, done, lr, step_ce, grad_norm, seconds)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(run.run_dir, done, run.wrapped, run.optimizer, {"label": label, "last_loss": step_ce},
+                            cfg.keep_checkpoints, run.dist.main)
+            D.barrier(run.dist)
+    if run.bar is not None:
+        run.bar.close()
+    return summarize(run, evaluate(run.wrapped, val_windows, cfg))
+
+
+def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str) -> Run:
+    """Check the batch arithmetic, place and wrap the model, build the optimiser, resume from the latest
+    checkpoint, measure the matmul peak and open the dvclive log and progress bar."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = D.setup()
@@ -90,7 +147,6 @@ def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, 
     per_rank = cfg.micro_batch * dist.world
     if cfg.global_batch % per_rank:
         raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x ranks = {per_rank}")
-    accum = cfg.global_batch // per_rank
     if len(windows) == 0:
         raise ValueError("no training windows")
 
@@ -100,100 +156,91 @@ def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, 
                                lambda name: name in trainable or f"w.{name}" in trainable
                                or _slot_param(name) in trainable)
     wrapped = D.wrap(inner, dist, cfg.distributed)
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
-    optimizer = make_optimizer(wrapped, cfg)
-
-    start_step, resumed_from, meta = 0, None, {}
+    run = Run(cfg, dist, run_dir, label, inner, wrapped, torch.compile(wrapped) if cfg.compile else wrapped,
+              make_optimizer(wrapped, cfg), windows, Order(len(windows), cfg.seed), cfg.global_batch // per_rank,
+              flops, 0.0)
     found = latest_checkpoint(run_dir)
     if found is not None:
-        meta = load_checkpoint(found, wrapped, optimizer)
-        start_step, resumed_from = int(meta["step"]), found.name
+        run.meta = load_checkpoint(found, wrapped, run.optimizer)
+        run.start_step, run.resumed_from = int(run.meta["step"]), found.name
         inner.clear_cast_cache()
-
-    peak = measure_matmul_peak(dtype)
-    order = Order(len(windows), cfg.seed)
-    tokens_per_step = cfg.global_batch * cfg.seq_len
-    live = bar = None
+    run.peak = measure_matmul_peak(dtype)
     if dist.main:
         from dvclive import Live
 
-        live = Live(dir=str(run_dir / "dvclive"), resume=start_step > 0, save_dvc_exp=False, dvcyaml=False)
+        run.live = Live(dir=str(run_dir / "dvclive"), resume=run.start_step > 0, save_dvc_exp=False, dvcyaml=False)
         if cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=start_step, desc=label, unit="step", dynamic_ncols=True)
+            run.bar = tqdm(total=cfg.steps, initial=run.start_step, desc=label, unit="step", dynamic_ncols=True)
+    return run
 
-    wrapped.train()
-    losses: list[float] = []
-    timed_steps, timed_seconds = 0, 0.0
-    val_history = []
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = group_lr(group, lr, cfg)
-        step_ce = 0.0
-        for m in range(accum):
-            rows = batch(windows, order, step * cfg.global_batch + (m * dist.world + dist.rank) * cfg.micro_batch,
-                         cfg.micro_batch)
-            sync = m == accum - 1 or not hasattr(wrapped, "no_sync")
-            with (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                logits, router_z = forward(rows[:, :-1])
-                loss, ce = objective(logits, rows[:, 1:], router_z, cfg.router_z_loss, cfg.logit_z_loss)
-                (loss / accum).backward()
-            step_ce += float(ce) / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad],
-                                                   cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        inner.project_after_step()
-        step_ce = D.mean(step_ce, dist)
-        losses.append(step_ce)
-        seconds = time.perf_counter() - t0
-        if step > start_step or cfg.steps - start_step == 1:  # the first step pays for warm-up/compilation
-            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
-        done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            val_history.append((done, evaluate(wrapped, val_windows, cfg)))
-        if live is not None:
-            live.step = done
-            live.log_metric(f"{label}/loss", step_ce)
-            live.log_metric(f"{label}/lr", lr)
-            live.log_metric(f"{label}/tokens_per_s", tokens_per_step / seconds)
-            live.log_metric(f"{label}/grad_norm", float(grad_norm))
-            if val_history and val_history[-1][0] == done and val_history[-1][1] is not None:
-                live.log_metric(f"{label}/val_loss", val_history[-1][1])
-            live.next_step()
-        if bar is not None:
-            bar.set_postfix(loss=f"{step_ce:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}", lr=f"{lr:.2e}")
-            bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(run_dir, done, wrapped, optimizer, {"label": label, "last_loss": step_ce},
-                            cfg.keep_checkpoints, dist.main)
-            D.barrier(dist)
-    if bar is not None:
-        bar.close()
 
-    val_loss = evaluate(wrapped, val_windows, cfg)
-    tokens_per_s = tokens_per_step * timed_steps / timed_seconds if timed_seconds else None
-    achieved = flops["train_step"] * tokens_per_s if tokens_per_s else None
+def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor]:
+    """One optimiser step (micro-batches accumulated, gradients clipped, router biases projected);
+    returns (lr, mean cross-entropy over ranks, gradient norm)."""
+    cfg, dist, wrapped = run.cfg, run.dist, run.wrapped
+    lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = group_lr(group, lr, cfg)
+    step_ce = 0.0
+    for m in range(run.accum):
+        rows = batch(run.windows, run.order, step * cfg.global_batch + (m * dist.world + dist.rank) * cfg.micro_batch,
+                     cfg.micro_batch)
+        sync = m == run.accum - 1 or not hasattr(wrapped, "no_sync")
+        with (contextlib.nullcontext() if sync else wrapped.no_sync()):
+            logits, router_z = run.forward(rows[:, :-1])
+            loss, ce = objective(logits, rows[:, 1:], router_z, cfg.router_z_loss, cfg.logit_z_loss)
+            (loss / run.accum).backward()
+        step_ce += float(ce) / run.accum
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad], cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.inner.project_after_step()
+    step_ce = D.mean(step_ce, dist)
+    run.losses.append(step_ce)
+    return lr, step_ce, grad_norm
+
+
+def log_step(run: Run, done: int, lr: float, step_ce: float, grad_norm, seconds: float) -> None:
+    """dvclive metrics and the progress bar (rank 0 only)."""
+    label, tokens_per_s = run.label, run.tokens_per_step / seconds
+    if run.live is not None:
+        run.live.step = done
+        run.live.log_metric(f"{label}/loss", step_ce)
+        run.live.log_metric(f"{label}/lr", lr)
+        run.live.log_metric(f"{label}/tokens_per_s", tokens_per_s)
+        run.live.log_metric(f"{label}/grad_norm", float(grad_norm))
+        if run.val_history and run.val_history[-1][0] == done and run.val_history[-1][1] is not None:
+            run.live.log_metric(f"{label}/val_loss", run.val_history[-1][1])
+        run.live.next_step()
+    if run.bar is not None:
+        run.bar.set_postfix(loss=f"{step_ce:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+        run.bar.update(1)
+
+
+def summarize(run: Run, val_loss: float | None) -> dict:
+    """The run's summary (what summary.json and the package manifest record); closes the dvclive log."""
+    cfg, losses = run.cfg, run.losses
+    tokens_per_s = run.tokens_per_step * run.timed_steps / run.timed_seconds if run.timed_seconds else None
+    achieved = run.flops["train_step"] * tokens_per_s if tokens_per_s else None
     summary = {
-        "label": label, "steps": cfg.steps, "resumed_from": resumed_from, "world_size": dist.world,
-        "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "accumulation": accum,
-        "seq_len": cfg.seq_len, "tokens": cfg.steps * tokens_per_step, "lr": cfg.lr, "warmup": cfg.warmup,
+        "label": run.label, "steps": cfg.steps, "resumed_from": run.resumed_from, "world_size": run.dist.world,
+        "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "accumulation": run.accum,
+        "seq_len": cfg.seq_len, "tokens": cfg.steps * run.tokens_per_step, "lr": cfg.lr, "warmup": cfg.warmup,
         "weight_decay": cfg.weight_decay, "dtype": cfg.dtype, "seed": cfg.seed,
-        "train_loss": (sum(losses[-10:]) / len(losses[-10:])) if losses else meta.get("last_loss"),
-        "first_loss": losses[0] if losses and start_step == 0 else None,
-        "val_loss": val_loss, "val_history": val_history,
-        "wall_seconds": round(timed_seconds, 3), "tokens_per_s": tokens_per_s,
-        "train_flops_per_token": flops["train_step"], "matmul_peak_flops": peak,
-        "mfu": (achieved / peak) if achieved else None,
-        "trainable_params": sum(p.numel() for p in inner.parameters() if p.requires_grad),
+        "train_loss": (sum(losses[-10:]) / len(losses[-10:])) if losses else run.meta.get("last_loss"),
+        "first_loss": losses[0] if losses and run.start_step == 0 else None,
+        "val_loss": val_loss, "val_history": run.val_history,
+        "wall_seconds": round(run.timed_seconds, 3), "tokens_per_s": tokens_per_s,
+        "train_flops_per_token": run.flops["train_step"], "matmul_peak_flops": run.peak,
+        "mfu": (achieved / run.peak) if achieved else None,
+        "trainable_params": sum(p.numel() for p in run.inner.parameters() if p.requires_grad),
     }
-    if live is not None:
+    if run.live is not None:
         if val_loss is not None:
-            live.summary[f"{label}/val_loss"] = val_loss
-        live.end()
+            run.live.summary[f"{run.label}/val_loss"] = val_loss
+        run.live.end()
     return summary
 
 
