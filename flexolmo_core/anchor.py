@@ -38,13 +38,36 @@ def olmo2_config(cfg: ModelConfig, tokenizer):
     )
 
 
+# transformers model types per family: dense and MoE forms (DESIGN.md: two families, one code path)
+MODEL_TYPES = {"olmo2": ("olmo2", "flex_olmo"), "llama": ("llama", "mistral", "mixtral")}
+
+
 def model_config_from_hf(hf_config) -> ModelConfig:
-    """The ModelConfig that an HF Olmo2/FlexOlmo config describes."""
+    """The ModelConfig that an HF Olmo2 / FlexOlmo / Llama / Mistral / Mixtral config describes; anything
+    else is refused, naming the supported types."""
+    family = next((f for f, types in MODEL_TYPES.items() if hf_config.model_type in types), None)
+    if family is None:
+        supported = ", ".join(t for types in MODEL_TYPES.values() for t in types)
+        raise ValueError(f"unsupported architecture {hf_config.model_type!r}: supported model types are {supported} "
+                         "(the OLMo-2 and Llama families)")
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"unsupported RoPE scaling {rope.get('rope_type')!r} (only the default RoPE is implemented)")
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
+        raise ValueError(f"head_dim {head_dim} x {hf_config.num_attention_heads} heads != hidden_size "
+                         f"{hf_config.hidden_size}: decoupled head widths are not supported")
+    if family == "llama" and (getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)
+                              or getattr(hf_config, "sliding_window", None)):
+        raise ValueError("unsupported Llama-family options: attention/MLP biases or sliding-window attention")
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     return ModelConfig(
         vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size, n_layers=hf_config.num_hidden_layers,
         n_heads=hf_config.num_attention_heads, ffn_hidden=hf_config.intermediate_size,
-        max_seq_len=hf_config.max_position_embeddings, rope_theta=float(hf_config.rope_parameters["rope_theta"]),
-        norm_eps=hf_config.rms_norm_eps, init_std=hf_config.initializer_range,
+        max_seq_len=hf_config.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 10000.0)),
+        norm_eps=hf_config.rms_norm_eps, init_std=hf_config.initializer_range, family=family,
+        n_kv_heads=None if kv_heads == hf_config.num_attention_heads else kv_heads,
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
     )
 
 
@@ -90,6 +113,10 @@ def load_anchor(path: str | os.PathLike):
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not an anchor checkpoint (no config.json)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "olmo2":  # imported Llama-family anchors: the model core reads them, owners not yet
+        raise ValueError(f"{path}: a {model_type!r} anchor; owner training, packages and merges support OLMo-2 "
+                         "anchors so far (Llama-family anchors load in the model core and `anchor import` only)")
     return Olmo2ForCausalLM.from_pretrained(path, use_safetensors=True)
 
 

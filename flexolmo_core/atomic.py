@@ -28,6 +28,15 @@ def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     return path
 
 
+def follow_umask(root: Path) -> None:
+    """Give everything under `root` the mode `open`/`mkdir` would: some writers (safetensors' save_file,
+    tempfile) create files 0600, which a team on a shared filesystem cannot read."""
+    mask = current_umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def locked(lock_path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive inter-process lock on `lock_path` (created if missing) for the block."""
@@ -47,6 +56,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     tmp = temp_dir(final.parent, f".{final.name}.tmp-")
     try:
         yield tmp
+        follow_umask(tmp)
         if final.exists():
             trash = temp_dir(final.parent, f".{final.name}.old-")
             os.replace(final, trash / final.name)

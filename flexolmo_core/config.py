@@ -5,38 +5,72 @@ import dataclasses
 from dataclasses import dataclass
 
 
+FAMILIES = {"olmo2": "post", "llama": "pre"}  # architecture family -> where the RMSNorms sit
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """An OLMo-2-style decoder; with `num_experts > 1` its FFN becomes FlexOlmo experts."""
+    """A decoder of one of two families, one code path: `olmo2` (the paper's: norm after each sublayer,
+    QK-norm, untied LM head) or `llama` (Llama / Mistral / SmolLM2: norm before each sublayer, no QK-norm,
+    grouped-query attention and tied embeddings allowed). With `num_experts > 1` the FFN becomes experts
+    (FlexOlmo for olmo2, Mixtral for llama)."""
 
     vocab_size: int  # embedding rows (>= the tokenizer's size; padded for fast matmuls)
     d_model: int  # hidden width
     n_layers: int  # decoder blocks
-    n_heads: int  # attention heads (key/value heads equal: OLMo-2 7B has no GQA)
+    n_heads: int  # attention heads
     ffn_hidden: int  # SwiGLU intermediate width of one FFN / one expert
     max_seq_len: int = 4096  # RoPE positions the model is configured for
-    rope_theta: float = 500000.0  # OLMo-2 RoPE base
+    rope_theta: float = 500000.0  # RoPE base (OLMo-2: 500000)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.02  # weight init for a freshly initialised anchor
+    family: str = "olmo2"  # olmo2 | llama (see the class docstring)
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads (OLMo-2 7B)
+    tie_embeddings: bool = False  # the LM head is the input embedding (SmolLM2); OLMo-2 unties them
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown architecture family {self.family!r}; supported: {sorted(FAMILIES)}")
+        if self.n_heads % self.kv_heads or self.d_model % self.n_heads:
+            raise ValueError(f"n_heads {self.n_heads} must divide d_model {self.d_model} and be a multiple of "
+                             f"n_kv_heads {self.kv_heads}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def pre_norm(self) -> bool:
+        return FAMILIES[self.family] == "pre"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family == "olmo2"
+
     # Parameter counts, by part (no allocation).
     def embedding_params(self) -> int:
-        return self.vocab_size * self.d_model  # input embeddings; the LM head is untied and the same size
+        return self.vocab_size * self.d_model  # input embeddings; an untied LM head is the same size
 
     def attention_params_per_layer(self) -> int:
-        # q, k, v, o projections + QK-norm over the whole q and k + the two post-sublayer norms
-        return 4 * self.d_model * self.d_model + 2 * self.d_model + 2 * self.d_model
+        # q, o (d x d) and k, v (d x kv_dim) projections + QK-norm over the whole q and k (olmo2) + 2 norms
+        qk_norm = self.d_model + self.kv_dim if self.qk_norm else 0
+        return 2 * self.d_model * self.d_model + 2 * self.d_model * self.kv_dim + qk_norm + 2 * self.d_model
 
     def ffn_params_per_layer(self) -> int:
         return 3 * self.d_model * self.ffn_hidden
 
     def shared_params(self) -> int:
         """Everything every expert shares: embeddings, attention, norms, final norm, LM head."""
-        return 2 * self.embedding_params() + self.n_layers * self.attention_params_per_layer() + self.d_model
+        heads = 1 if self.tie_embeddings else 2
+        return heads * self.embedding_params() + self.n_layers * self.attention_params_per_layer() + self.d_model
 
     def expert_params(self) -> int:
         """One expert = the FFN of every layer."""
@@ -54,7 +88,7 @@ class ModelConfig:
     def flops_per_token(self, num_experts: int = 1, top_k: int = 1, seq_len: int | None = None) -> dict[str, int]:
         """Forward matmul FLOPs per token (2 per multiply-add); training = 3x forward when all weights train."""
         seq_len = seq_len or self.max_seq_len
-        attn_proj = 4 * self.d_model * self.d_model
+        attn_proj = 2 * self.d_model * self.d_model + 2 * self.d_model * self.kv_dim
         # causal attention scores and weighted sum: 2 matmuls of width d_model over (on average) seq_len/2 keys
         attn_mix = 2 * self.d_model * seq_len
         router = self.d_model * num_experts if num_experts > 1 else 0

@@ -1,13 +1,16 @@
 """The one tensor-layout converter: our internal tensor names <-> transformers' on-disk layouts.
 
 Internal names (what training, merge, opt-out, soup and the dense baselines work in), per layer i:
-  layers.i.{q,k,v,o,q_norm,k_norm,attn_norm,ffn_norm}   shared weights
-  layers.i.gate_up_<e> [2I, d], layers.i.down_<e> [d, I]             expert e's FFN (expert 0 = public)
-  layers.i.router_<e> [d]                                            router row e (MoE only)
-plus embed, norm and lm_head. transformers' layouts:
-  dense Olmo2:    model.layers.i.mlp.{gate,up,down}_proj.weight
-  fused FlexOlmo: model.layers.i.mlp.experts.gate_up_proj [E, 2I, d] (gate rows first, then up),
-                  model.layers.i.mlp.experts.down_proj [E, d, I], model.layers.i.mlp.gate.weight [E, d]
+  layers.i.{q,k,v,o,attn_norm,ffn_norm}                  shared weights (+ q_norm, k_norm: olmo2)
+  layers.i.gate_up_<e> [2I, d], layers.i.down_<e> [d, I]  expert e's FFN (expert 0 = public)
+  layers.i.router_<e> [d]                                 router row e (MoE only)
+plus embed, norm and lm_head (absent when the LM head is tied to the embedding). attn_norm / ffn_norm are
+the norms of the attention / FFN sublayer: after it in OLMo-2 (post_attention_layernorm /
+post_feedforward_layernorm), before it in the Llama family (input_layernorm / post_attention_layernorm).
+transformers' layouts, the same for both families apart from those norms:
+  dense (Olmo2, Llama): model.layers.i.mlp.{gate,up,down}_proj.weight
+  fused MoE (FlexOlmo, Mixtral): model.layers.i.mlp.experts.gate_up_proj [E, 2I, d] (gate rows first, then
+                  up), model.layers.i.mlp.experts.down_proj [E, d, I], model.layers.i.mlp.gate.weight [E, d]
 Reading also accepts the per-expert `mlp.experts.<e>.{gate,up,down}_proj.weight` form; writing is always
 fused, the form transformers 5 loads strictly."""
 from __future__ import annotations
@@ -16,9 +19,13 @@ import re
 
 import torch
 
-SHARED = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
-          "o": "self_attn.o_proj.weight", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
-          "attn_norm": "post_attention_layernorm.weight", "ffn_norm": "post_feedforward_layernorm.weight"}
+PROJECTIONS = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+               "o": "self_attn.o_proj.weight"}
+SHARED = {  # per family: internal name -> per-layer HF name
+    "olmo2": {**PROJECTIONS, "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+              "attn_norm": "post_attention_layernorm.weight", "ffn_norm": "post_feedforward_layernorm.weight"},
+    "llama": {**PROJECTIONS, "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight"},
+}
 TOP = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -31,24 +38,38 @@ def num_experts_of(tensors: dict) -> int:
     return sum(1 for name in tensors if name.startswith("layers.0.down_"))
 
 
-def _shared_from_hf(state: dict, n_layers: int) -> dict:
-    out = {k: state[v] for k, v in TOP.items()}
+def hf_family(state: dict) -> str:
+    """olmo2 or llama, from a transformers state dict's names."""
+    return "llama" if "model.layers.0.input_layernorm.weight" in state else "olmo2"
+
+
+def family_of(tensors: dict) -> str:
+    """olmo2 or llama, from internal names (only OLMo-2 has QK-norm)."""
+    return "olmo2" if "layers.0.q_norm" in tensors else "llama"
+
+
+def _shared_from_hf(state: dict, n_layers: int, tied: bool) -> dict:
+    shared = SHARED[hf_family(state)]
+    out = {k: state[v] for k, v in TOP.items() if not (tied and k == "lm_head")}
     for i in range(n_layers):
-        out.update({f"layers.{i}.{k}": state[f"model.layers.{i}.{v}"] for k, v in SHARED.items()})
+        out.update({f"layers.{i}.{k}": state[f"model.layers.{i}.{v}"] for k, v in shared.items()})
     return out
 
 
 def _shared_to_hf(tensors: dict, n_layers: int) -> dict:
-    out = {v: tensors[k] for k, v in TOP.items()}
+    shared = SHARED[family_of(tensors)]
+    out = {v: tensors[k] for k, v in TOP.items() if k in tensors}  # a tied LM head is not stored
     for i in range(n_layers):
-        out.update({f"model.layers.{i}.{v}": tensors[f"layers.{i}.{k}"] for k, v in SHARED.items()})
+        out.update({f"model.layers.{i}.{v}": tensors[f"layers.{i}.{k}"] for k, v in shared.items()})
     return out
 
 
-def from_hf_dense(state: dict[str, torch.Tensor], n_layers: int | None = None) -> dict[str, torch.Tensor]:
-    """Olmo2ForCausalLM state dict -> internal names (one expert: index 0)."""
+def from_hf_dense(state: dict[str, torch.Tensor], n_layers: int | None = None,
+                  tied: bool = False) -> dict[str, torch.Tensor]:
+    """Olmo2ForCausalLM / LlamaForCausalLM state dict -> internal names (one expert: index 0). With `tied`,
+    the LM head is the embedding and is left out (transformers' state_dict lists it anyway)."""
     n_layers = n_layers or n_layers_of(state)
-    out = _shared_from_hf(state, n_layers)
+    out = _shared_from_hf(state, n_layers, tied)
     for i in range(n_layers):
         p = f"model.layers.{i}.mlp."
         out[f"layers.{i}.gate_up_0"] = torch.cat([state[p + "gate_proj.weight"], state[p + "up_proj.weight"]])
@@ -57,7 +78,7 @@ def from_hf_dense(state: dict[str, torch.Tensor], n_layers: int | None = None) -
 
 
 def to_hf_dense(tensors: dict[str, torch.Tensor], n_layers: int | None = None, expert: int = 0) -> dict[str, torch.Tensor]:
-    """Internal names -> Olmo2ForCausalLM state dict, with `expert`'s FFN as the dense FFN."""
+    """Internal names -> Olmo2ForCausalLM / LlamaForCausalLM state dict, with `expert`'s FFN as the dense FFN."""
     n_layers = n_layers or _internal_layers(tensors)
     out = _shared_to_hf(tensors, n_layers)
     for i in range(n_layers):
@@ -68,10 +89,11 @@ def to_hf_dense(tensors: dict[str, torch.Tensor], n_layers: int | None = None, e
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def from_hf_moe(state: dict[str, torch.Tensor], n_layers: int | None = None) -> dict[str, torch.Tensor]:
-    """FlexOlmoForCausalLM state dict (fused or per-expert experts) -> internal names."""
+def from_hf_moe(state: dict[str, torch.Tensor], n_layers: int | None = None,
+                tied: bool = False) -> dict[str, torch.Tensor]:
+    """FlexOlmoForCausalLM / MixtralForCausalLM state dict (fused or per-expert experts) -> internal names."""
     n_layers = n_layers or n_layers_of(state)
-    out = _shared_from_hf(state, n_layers)
+    out = _shared_from_hf(state, n_layers, tied)
     per_expert: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
         match = _PER_EXPERT.match(name)
@@ -94,7 +116,7 @@ def from_hf_moe(state: dict[str, torch.Tensor], n_layers: int | None = None) -> 
 
 def to_hf_moe(tensors: dict[str, torch.Tensor], n_layers: int | None = None,
               experts: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Internal names -> fused FlexOlmoForCausalLM state dict with `experts` (default all), in that order."""
+    """Internal names -> fused FlexOlmo / Mixtral state dict with `experts` (default all), in that order."""
     n_layers = n_layers or _internal_layers(tensors)
     experts = list(range(num_experts_of(tensors))) if experts is None else experts
     out = _shared_to_hf(tensors, n_layers)

@@ -5,6 +5,9 @@ import os
 import stat
 import time
 
+import torch
+from safetensors.torch import save_file
+
 from flexolmo_core.atomic import atomic_dir, atomic_file, locked, write_json
 
 
@@ -17,6 +20,8 @@ def test_artifacts_follow_the_umask(tmp_path):
     try:
         with atomic_dir(tmp_path / "model") as tmp:
             (tmp / "weights.bin").write_bytes(b"x")
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # safetensors writes 0600
+            (tmp / "sub").mkdir()
         write_json(tmp_path / "model" / "meta.json", {"a": 1})
         with atomic_file(tmp_path / "notes.txt") as handle:
             handle.write("hello")
@@ -26,6 +31,7 @@ def test_artifacts_follow_the_umask(tmp_path):
     assert _mode(tmp_path / "model" / "meta.json") == 0o664
     assert _mode(tmp_path / "notes.txt") == 0o664
     assert _mode(tmp_path / "model" / "weights.bin") & stat.S_IRGRP
+    assert _mode(tmp_path / "model" / "model.safetensors") == 0o664 and _mode(tmp_path / "model" / "sub") == 0o775
 
 
 def test_a_registry_is_group_readable_under_umask_002(tmp_path, smoke_anchor, packages):

@@ -122,3 +122,49 @@ def test_flops_count_only_needed_work():
     # + 16384, plus expert 1's weights 98304; bottom layer: expert 1's weights 98304 and only the gradient
     # that reaches them (down_proj's input, 2*64*256 = 32768), nothing below it.
     assert owner == {"forward": 606720, "backward": 131072 + (246016 + 98304) + (98304 + 32768), "train_step": 1213184}
+
+
+def family_models():
+    """Each family's unusual shapes at smoke size, built by transformers itself: Llama with grouped-query
+    attention and tied embeddings, Olmo2 with GQA, and Mixtral (3 experts, top-2, renormalised weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, \
+        Olmo2ForCausalLM
+
+    shape = dict(vocab_size=CFG.vocab_size, hidden_size=CFG.d_model, intermediate_size=CFG.ffn_hidden,
+                 num_hidden_layers=CFG.n_layers, num_attention_heads=CFG.n_heads, num_key_value_heads=2,
+                 max_position_embeddings=CFG.max_seq_len, pad_token_id=0, eos_token_id=0)
+    return {
+        "llama_gqa_tied": (LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True,
+                                                        rope_parameters={"rope_type": "default", "rope_theta": 1e5})),
+                           MoEShape()),
+        "olmo2_gqa": (Olmo2ForCausalLM(Olmo2Config(**shape)), MoEShape()),
+        "mixtral_3x_top2": (MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=3, num_experts_per_tok=2,
+                                                             tie_word_embeddings=True)),
+                            MoEShape(3, 2, renormalize=True)),
+    }
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "olmo2_gqa", "mixtral_3x_top2"])
+def test_both_families_match_transformers_and_round_trip(name):
+    from flexolmo_core.anchor import model_config_from_hf
+
+    torch.manual_seed(3)
+    hf, moe = family_models()[name]
+    hf.eval()
+    with torch.no_grad():  # non-trivial norms and router rows, so a wrong placement or weighting shows
+        for pname, p in hf.named_parameters():
+            if "norm" in pname or pname.endswith("mlp.gate.weight"):
+                p.normal_(1.0 if "norm" in pname else 0.0, 0.3)
+    cfg = model_config_from_hf(hf.config)
+    assert cfg.family == ("olmo2" if name.startswith("olmo2") else "llama") and cfg.kv_heads == 2
+    read, write = (from_hf_moe, to_hf_moe) if moe.num_experts > 1 else (from_hf_dense, to_hf_dense)
+    fast = build(cfg, moe, read(hf.state_dict(), tied=cfg.tie_embeddings), lambda n: True, torch.float32)
+    ref = hf(IDS).logits
+    assert torch.allclose(fast(IDS)[0], ref, atol=1e-5, rtol=0)
+    back = write(fast.tensors())  # the tied LM head is not written; transformers ties it on load
+    _, info = type(hf).from_pretrained(None, config=hf.config, state_dict=back, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    state = hf.state_dict()
+    assert all(torch.equal(back[k], state[k]) for k in back)
+    counts = cfg.counts(moe.num_experts, moe.top_k)
+    assert counts["total_params"] == sum(p.numel() for p in hf.parameters())  # tied: counted once

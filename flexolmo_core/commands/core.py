@@ -33,6 +33,18 @@ def register(subparsers) -> None:
     add_stage_args(p, ("anchor", "train"), AnchorConfig, "anchor", loop=True)
     p.set_defaults(func=cmd_anchor_train)
 
+    p = anchor_sub.add_parser("import", help="a published OLMo-2 or Llama-family checkpoint (safetensors or GGUF) "
+                                             "as the anchor folder owners receive")
+    p.add_argument("--from", dest="source", required=True, metavar="PATH_OR_HUB_ID",
+                   help="a checkpoint folder (safetensors, one file or sharded) or a hub id (needs network)")
+    p.add_argument("--gguf-file", default=None, help="a GGUF file inside --from (de-quantised on load)")
+    p.add_argument("--out", required=True, help="the anchor folder to write (replaced atomically)")
+    p.add_argument("--replay-data", nargs="+", default=None,
+                   help="public text for the replay sample owners mix in (anchor.replay_tokens of it)")
+    p.add_argument("--seq-len", type=int, default=256, help="window length of the replay sample")
+    add_stage_args(p, ("anchor", "import"), AnchorConfig, "anchor")
+    p.set_defaults(func=cmd_anchor_import)
+
     expert = subparsers.add_parser("expert", help="train an owner's expert against the anchor")
     expert_sub = expert.add_subparsers(dest="expert_command", required=True, metavar="ACTION")
     p = expert_sub.add_parser("train", help="train expert 1 of a 2-expert model; write an expert package")
@@ -116,6 +128,16 @@ def cmd_anchor_train(args) -> None:
         return
     print(json.dumps({"anchor": str(Path(args.out) / "model"), "fingerprint": summary.get("fingerprint"),
                       "train_loss": summary["train_loss"], "val_loss": summary["val_loss"]}))
+
+
+def cmd_anchor_import(args) -> None:
+    from ..anchor_import import import_anchor
+
+    stage = args.stage
+    manifest = import_anchor(args.source, args.out, gguf_file=args.gguf_file, projection_dim=stage.projection_dim,
+                             projection_seed=stage.projection_seed, replay_data=args.replay_data,
+                             replay_tokens=stage.replay_tokens, seq_len=args.seq_len)
+    print(json.dumps({"anchor": args.out, **{k: manifest[k] for k in ("fingerprint", "family", "model_type", "dtype")}}))
 
 
 def cmd_expert_train(args) -> None:

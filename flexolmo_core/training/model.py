@@ -1,8 +1,10 @@
-"""A compact OLMo-2 / FlexOlmo forward in plain torch: the training fast path.
+"""A compact decoder forward in plain torch, for both families: the training fast path.
 
-It computes the same function as transformers' `Olmo2ForCausalLM` (one expert) and `FlexOlmoForCausalLM`
-(E experts, top-k of a softmax over all E, raw probabilities as weights), and reads/writes their weights
-under HF names. The readable reference is transformers itself; tests/test_train_model.py checks agreement.
+It computes the same function as transformers' `Olmo2ForCausalLM` / `LlamaForCausalLM` (one expert),
+`FlexOlmoForCausalLM` (E experts, top-k of a softmax over all E, raw probabilities as weights) and
+`MixtralForCausalLM` (the same, top-k weights renormalised to sum 1), reading and writing their weights through
+`flexolmo_core.layout`. The readable reference is transformers itself; tests/test_train_model.py checks
+agreement for each.
 
 Why a separate path: every tensor is either a trainable Parameter or a frozen buffer, chosen per tensor
 (per expert, per router row), so autograd does no weight-gradient work for frozen weights and the public
@@ -26,13 +28,17 @@ class MoEShape:
     num_experts: int = 1  # 1 = dense anchor (no router)
     top_k: int = 1
     use_bias: bool = False  # a non-positive logit bias per expert (only trainable experts' move)
+    # FlexOlmo weights the top-k experts by their raw softmax probabilities (norm_topk_prob false, as released);
+    # Mixtral always renormalises them to sum 1. Equal when top_k == num_experts (owner training, tuning).
+    renormalize: bool = False
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Olmo2RMSNorm: normalise in fp32, scale by the weight, return in the input dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_first: bool = False) -> torch.Tensor:
+    """Olmo2RMSNorm: normalise in fp32, scale by the weight, return in the input dtype. LlamaRMSNorm
+    (`cast_first`) casts back to the input dtype before scaling; the two agree in fp32."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf).to(x.dtype)
+    return weight * xf.to(x.dtype) if cast_first else (weight * xf).to(x.dtype)
 
 
 def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,15 +102,21 @@ class Block(nn.Module):
         self.cfg, self.moe = cfg, moe
         self.w = Slots()
 
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return rms_norm(x, self.w.get(name, torch.float32), self.cfg.norm_eps, cast_first=self.cfg.pre_norm)
+
     def attention(self, x: torch.Tensor, cos, sin, dt) -> torch.Tensor:
         B, T, d = x.shape
-        H, hd, w, eps = self.cfg.n_heads, self.cfg.head_dim, self.w, self.cfg.norm_eps
+        H, KV, hd, w = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim, self.w
         xc = x.to(dt)
-        q = rms_norm(F.linear(xc, w.get("q", dt)), w.get("q_norm", torch.float32), eps)
-        k = rms_norm(F.linear(xc, w.get("k", dt)), w.get("k_norm", torch.float32), eps)
-        v = F.linear(xc, w.get("v", dt))
-        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (F.linear(xc, w.get(n, dt)) for n in ("q", "k", "v"))
+        if self.cfg.qk_norm:  # OLMo-2: RMSNorm over the whole q and k projections
+            q, k = self.norm(q, "q_norm"), self.norm(k, "k_norm")
+        q = q.view(B, T, H, hd).transpose(1, 2)
+        k, v = (t.view(B, T, KV, hd).transpose(1, 2) for t in (k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # in the compute dtype, as HF under autocast
+        if KV != H:  # grouped-query attention: each key/value head serves H/KV consecutive query heads
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         out = causal_attention(q, k, v)
         return F.linear(out.transpose(1, 2).reshape(B, T, d), w.get("o", dt))
 
@@ -135,6 +147,8 @@ class Block(nn.Module):
             out = sum(self.expert(e, xc, dt) * probs[:, e:e + 1].to(dt) for e in range(E))
             return out.view(B, T, d)
         weights, index = torch.topk(probs, k, dim=-1)
+        if self.moe.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(xc)
         for e in range(E):
             token, slot = torch.where(index == e)
@@ -143,10 +157,20 @@ class Block(nn.Module):
                 out = out.index_add(0, token, y)
         return out.view(B, T, d)
 
+    def after_attention(self, x, cos, sin, dt) -> torch.Tensor:
+        """The residual stream after the attention sublayer (fp32)."""
+        if self.cfg.pre_norm:  # Llama family: x + attn(norm(x))
+            return x + self.attention(self.norm(x, "attn_norm"), cos, sin, dt).float()
+        return x + self.norm(self.attention(x, cos, sin, dt), "attn_norm").float()  # OLMo-2: x + norm(attn(x))
+
+    def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the FFN (and so the router) reads: h itself (OLMo-2) or norm(h) (Llama family)."""
+        return self.norm(h, "ffn_norm") if self.cfg.pre_norm else h
+
     def forward(self, x, cos, sin, dt, router_z):
-        w, eps = self.w, self.cfg.norm_eps
-        h = x + rms_norm(self.attention(x, cos, sin, dt), w.get("attn_norm", torch.float32), eps).float()
-        return h + rms_norm(self.ffn(h, dt, router_z), w.get("ffn_norm", torch.float32), eps).float()
+        h = self.after_attention(x, cos, sin, dt)
+        out = self.ffn(self.ffn_input(h), dt, router_z)
+        return h + (out.float() if self.cfg.pre_norm else self.norm(out, "ffn_norm").float())
 
 
 class FastOlmo(nn.Module):
@@ -167,8 +191,8 @@ class FastOlmo(nn.Module):
         router_z: list[torch.Tensor] = []
         for layer in self.layers:
             x = layer(x, cos, sin, dt, router_z)
-        x = rms_norm(x, self.w.get("norm", torch.float32), self.cfg.norm_eps)
-        logits = F.linear(x.to(dt), self.w.get("lm_head", dt))
+        x = rms_norm(x, self.w.get("norm", torch.float32), self.cfg.norm_eps, cast_first=self.cfg.pre_norm)
+        logits = F.linear(x.to(dt), self.w.get("embed" if self.cfg.tie_embeddings else "lm_head", dt))
         zero = logits.new_zeros((), dtype=torch.float32)
         return logits, (torch.stack(router_z).sum() if router_z else zero)
 
@@ -179,10 +203,10 @@ class FastOlmo(nn.Module):
         x = F.embedding(ids, self.w.get("embed", torch.float32))
         out = []
         for layer in self.layers:
-            h = x + rms_norm(layer.attention(x, cos, sin, dt), layer.w.get("attn_norm", torch.float32),
-                             self.cfg.norm_eps).float()
-            out.append(h)
-            x = h + rms_norm(layer.ffn(h, dt, []), layer.w.get("ffn_norm", torch.float32), self.cfg.norm_eps).float()
+            h = layer.after_attention(x, cos, sin, dt)
+            out.append(layer.ffn_input(h).float())
+            ffn = layer.ffn(out[-1], dt, [])
+            x = h + (ffn.float() if self.cfg.pre_norm else layer.norm(ffn, "ffn_norm").float())
         return out
 
     # ---- weights ------------------------------------------------------------------------------------------
@@ -230,10 +254,11 @@ def build(cfg: ModelConfig, moe: MoEShape, tensors: dict[str, torch.Tensor], tra
 
 
 def expected_names(cfg: ModelConfig, moe: MoEShape) -> list[str]:
-    names = ["embed", "norm", "lm_head"]
+    names = ["embed", "norm"] + ([] if cfg.tie_embeddings else ["lm_head"])
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        names += [p + n for n in ("q", "k", "v", "o", "q_norm", "k_norm", "attn_norm", "ffn_norm")]
+        names += [p + n for n in ("q", "k", "v", "o", "attn_norm", "ffn_norm")]
+        names += [p + n for n in ("q_norm", "k_norm") if cfg.qk_norm]
         for e in range(moe.num_experts):
             names += [f"{p}gate_up_{e}", f"{p}down_{e}"]
             if moe.num_experts > 1:
@@ -249,7 +274,7 @@ def init_tensors(cfg: ModelConfig, moe: MoEShape, seed: int) -> dict[str, torch.
     g = torch.Generator().manual_seed(seed)
     out = {}
     shapes = {"embed": (cfg.vocab_size, cfg.d_model), "lm_head": (cfg.vocab_size, cfg.d_model),
-              "q": (cfg.d_model, cfg.d_model), "k": (cfg.d_model, cfg.d_model), "v": (cfg.d_model, cfg.d_model),
+              "q": (cfg.d_model, cfg.d_model), "k": (cfg.kv_dim, cfg.d_model), "v": (cfg.kv_dim, cfg.d_model),
               "o": (cfg.d_model, cfg.d_model), "gate_up": (2 * cfg.ffn_hidden, cfg.d_model),
               "down": (cfg.d_model, cfg.ffn_hidden)}
     for name in expected_names(cfg, moe):
@@ -260,7 +285,7 @@ def init_tensors(cfg: ModelConfig, moe: MoEShape, seed: int) -> dict[str, torch.
         elif base in ("router", "bias"):
             out[name] = torch.zeros(cfg.d_model) if base == "router" else torch.zeros(())
         else:
-            out[name] = torch.ones(cfg.d_model)
+            out[name] = torch.ones(cfg.kv_dim if local == "k_norm" else cfg.d_model)
     return out
 
 
@@ -287,13 +312,15 @@ def count_matmul_flops(cfg: ModelConfig, moe: MoEShape, seq_len: int, trainable)
     d, I, V, L = cfg.d_model, cfg.ffn_hidden, cfg.vocab_size, cfg.n_layers
     E, k = moe.num_experts, moe.top_k
     ffn = 2 * 3 * d * I  # one expert's forward, per token routed to it
-    proj = 2 * d * d  # one attention projection
+    proj = {"q": 2 * d * d, "k": 2 * d * cfg.kv_dim, "v": 2 * d * cfg.kv_dim, "o": 2 * d * d}  # per projection
+    attn = sum(proj.values())
     mix = 2 * 2 * d * (seq_len / 2)  # scores + weighted sum
     router = 2 * d * E if E > 1 else 0
-    forward = L * (4 * proj + mix + k * ffn + router) + 2 * V * d
+    forward = L * (attn + mix + k * ffn + router) + 2 * V * d
     share = k / E  # fraction of tokens each expert sees
     names = expected_names(cfg, moe)
-    backward = 2 * V * d if trainable("lm_head") else 0
+    head = "embed" if cfg.tie_embeddings else "lm_head"
+    backward = 2 * V * d if trainable(head) else 0
     # walk from the bottom to find the lowest trainable tensor; backward runs from the top down to it
     lowest = next((i for i in range(L) if any(trainable(n) for n in names if n.startswith(f"layers.{i}."))), None)
     if trainable("embed"):
@@ -305,11 +332,11 @@ def count_matmul_flops(cfg: ModelConfig, moe: MoEShape, seq_len: int, trainable)
         p = f"layers.{i}."
         attn_trainable = [n for n in ("q", "k", "v", "o") if trainable(p + n)]
         expert_trainable = [e for e in range(E) if trainable(f"{p}gate_up_{e}")]
-        backward += len(attn_trainable) * proj + len(expert_trainable) * ffn * share  # weight gradients
+        backward += sum(proj[n] for n in attn_trainable) + len(expert_trainable) * ffn * share  # weight gradients
         below_needs = i > lowest or lowest == -1 or bool(attn_trainable) or trainable(p + "q_norm") \
             or trainable(p + "k_norm")
         if below_needs:  # full input gradient through this block
-            backward += k * ffn + router + 4 * proj + 2 * mix
+            backward += k * ffn + router + attn + 2 * mix
         else:  # lowest block, only its experts/router train: reach the expert weights, no further
             backward += len(expert_trainable) * (2 * d * I) * share
     return {"forward": forward, "backward": backward, "train_step": forward + backward}

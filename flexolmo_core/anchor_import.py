@@ -1,0 +1,163 @@
+"""Bring your own anchor: a published dense checkpoint (OLMo-2 or Llama family) becomes the anchor folder
+owners receive: the weights in the checkpoint's own dtype, its tokenizer, the fingerprint, the router
+projection and (with `replay_data`) the public replay sample.
+
+Sources: a local folder with safetensors (one file, or shards with `model.safetensors.index.json`) or a GGUF
+file (read through transformers' GGUF loader, which de-quantises to torch tensors). Weights are never
+unpickled: a folder with only `.bin` / `.pt` weights is refused. Every refusal names the file and what was
+expected, and nothing is written unless the whole import succeeds."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .anchor import ANCHOR_MANIFEST, MODEL_TYPES, anchor_fingerprint, copy_tokenizer, model_config_from_hf
+from .atomic import atomic_dir, write_json
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+DENSE_TYPES = ("olmo2", "llama", "mistral")
+
+
+class AnchorImportError(ValueError):
+    """An anchor that cannot be imported; the message names the file and the problem."""
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local folder (or a GGUF file's folder); a hub id is fetched with huggingface_hub when online."""
+    path = Path(source)
+    if path.exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.gguf", "tokenizer*"]))
+    except Exception as err:  # offline, unknown id, no permission: say what was tried
+        raise AnchorImportError(f"{source}: not a local path, and the hub could not provide it ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0]})") from None
+
+
+def check_safetensors_folder(folder: Path) -> list[Path]:
+    """The weight files, after refusing pickle-only folders and inconsistent shards."""
+    shards = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not shards:
+        if pickles:
+            raise AnchorImportError(f"{pickles[0]}: pickle weights are never loaded (they can run code); convert the "
+                               "checkpoint to safetensors or GGUF first")
+        raise AnchorImportError(f"{folder}: no *.safetensors weights (and no --gguf-file given)")
+    if not (folder / "config.json").is_file():
+        raise AnchorImportError(f"{folder / 'config.json'}: missing; a safetensors checkpoint needs its config.json")
+    index_path = folder / INDEX_FILE
+    if len(shards) > 1 or index_path.exists():
+        check_shards(folder, index_path, shards)
+    return shards
+
+
+def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
+    """Every shard the index names exists, holds exactly the tensors the index says, and no tensor twice."""
+    from safetensors import safe_open
+
+    if not index_path.is_file():
+        raise AnchorImportError(f"{index_path}: missing; {len(shards)} safetensors shards need their index")
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise AnchorImportError(f"{index_path}: expected JSON with a `weight_map` ({err})") from None
+    found: dict[str, str] = {}
+    for name in sorted(set(weight_map.values())):
+        shard = folder / name
+        if not shard.is_file():
+            raise AnchorImportError(f"{index_path}: names shard {name}, which is missing")
+        with safe_open(str(shard), framework="pt") as handle:
+            for tensor in handle.keys():
+                if tensor in found:
+                    raise AnchorImportError(f"{shard}: tensor {tensor} is also in {found[tensor]}")
+                found[tensor] = name
+    wrong = sorted(t for t in set(weight_map) | set(found) if weight_map.get(t) != found.get(t))
+    if wrong:
+        t = wrong[0]
+        raise AnchorImportError(f"{index_path}: tensor {t} is mapped to {weight_map.get(t)} but found in "
+                           f"{found.get(t)} ({len(wrong)} such tensors): inconsistent shards")
+
+
+def load_checkpoint(folder: Path, gguf_file: str | None):
+    """(model, tokenizer, dtype name) in the checkpoint's dtype; refusals name what is wrong."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if gguf_file:
+        if not (folder / gguf_file).is_file():
+            raise AnchorImportError(f"{folder / gguf_file}: no such GGUF file")
+        kwargs["gguf_file"] = gguf_file
+    else:
+        check_safetensors_folder(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise AnchorImportError(f"{folder / 'tokenizer.json'}: missing; the anchor's tokenizer travels with it "
+                               "(owners tokenize with it)")
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        model_config_from_hf(config)  # refuses unsupported families, naming the supported ones
+    except ValueError as err:
+        raise AnchorImportError(f"{folder / (gguf_file or 'config.json')}: {str(err).splitlines()[0]}") from None
+    if config.model_type not in DENSE_TYPES:
+        supported = ", ".join(t for types in MODEL_TYPES.values() for t in types)
+        raise AnchorImportError(f"{folder}: model type {config.model_type!r} is a mixture of experts; an anchor is a dense "
+                           f"model ({', '.join(DENSE_TYPES)}); import experts with `flexolmo package import` "
+                           f"(supported types: {supported})")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=None if gguf_file else True,
+                                                 **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tokenizer.eos_token_id is None:
+        raise AnchorImportError(f"{folder}: the tokenizer has no EOS token; documents are separated by EOS in training")
+    return model, tokenizer, str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def write_weights(model, folder: Path) -> None:
+    """model.safetensors + config.json. Written directly: transformers refuses to re-save a model loaded from
+    GGUF (it marks it quantised, though the tensors are already de-quantised), and a tied LM head is one tensor."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(dict(sorted(state.items())), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+
+
+def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int = 384, projection_seed: int = 0,
+                  replay_data=None, replay_tokens: int = 0, seq_len: int = 256) -> dict:
+    """Write the anchor folder `out` from `source`; returns its manifest."""
+    from .training.embeddings import write_projection
+
+    folder = resolve_source(source)
+    if folder.is_file() and folder.suffix == ".gguf":
+        folder, gguf_file = folder.parent, folder.name
+    out = Path(out)
+    if out.resolve() == folder.resolve():
+        raise AnchorImportError(f"{out}: the output would overwrite the source checkpoint; choose another --out")
+    model, tokenizer, dtype = load_checkpoint(folder, gguf_file)
+    cfg = model_config_from_hf(model.config)
+    with atomic_dir(out) as tmp:
+        write_weights(model, tmp)
+        if gguf_file:
+            tokenizer.save_pretrained(tmp)
+        else:
+            copy_tokenizer(folder, tmp)  # byte for byte: the fingerprint hashes the tokenizer
+        manifest = {"fingerprint": anchor_fingerprint(tmp), "imported_from": str(source), "gguf_file": gguf_file,
+                    "family": cfg.family, "model_type": model.config.model_type, "dtype": dtype,
+                    "projection_sha256": write_projection(tmp, projection_dim, cfg.d_model, projection_seed)}
+        if replay_data and replay_tokens > 0:
+            from .training.data import open_windows
+            from .training.replay import write_public_replay
+
+            manifest["public_replay"] = write_public_replay(tmp, open_windows(replay_data, seq_len, tmp),
+                                                            replay_tokens, projection_seed)
+        write_json(tmp / ANCHOR_MANIFEST, manifest)
+    return manifest

