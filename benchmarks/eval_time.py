@@ -14,16 +14,17 @@ import time
 from pathlib import Path
 
 from flexolmo_core.evaluation import runner, smoke, suite, variants
-from flexolmo_core.params import load_section
+from flexolmo_core.params import load_section, read_params
 
 TINY = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=512, vocab_size=8192)
-DOMAINS = ["news", "creative", "code", "academic", "educational", "math", "reddit"]
+DOMAINS = sorted(read_params("params.yaml")["domains"])  # the closed domains of params.yaml (7 at tiny)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="public,dense_code,owner_code,soup,btm,prompt_routing,flexolmo,optout_code")
+    d = DOMAINS[0]
+    ap.add_argument("--variants", default=f"public,dense_{d},owner_{d},soup,btm,prompt_routing,flexolmo,optout_{d}")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--suites", default=None)
     ap.add_argument("--out", default=None, help="write the timings JSON here")
@@ -32,7 +33,8 @@ def main() -> None:
     if args.limit is not None:
         cfg.limit = cfg.domain_limit = args.limit
     suites = args.suites.split(",") if args.suites else cfg.suites
-    full = [t for s in suites for t in suite.resolve_suite(s)]
+    cfg.domains = ["public", *DOMAINS]
+    full = [t for s in suites for t in suite.resolve_suite(s, cfg.domains)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok = smoke.train_tokenizer(root / "tok", vocab_size=2048)

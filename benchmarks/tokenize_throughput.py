@@ -20,10 +20,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", default="outputs/prepare")
     parser.add_argument("--tokenizer", default="outputs/tokenizer/tokenizer")
-    parser.add_argument("--domains", nargs="+", default=["public", "news", "creative", "code", "academic",
-                                                         "educational", "math", "reddit"])
+    parser.add_argument("--domains", nargs="+", default=None, help="default: public + params.yaml's domains")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.domains is None:
+        from flexolmo_core.data.config import flexmix_domains
+        from flexolmo_core.params import read_params
+
+        args.domains = flexmix_domains(read_params("params.yaml")["domains"])
     tok = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json")
     eos = tok.token_to_id("<|endoftext|>")
     texts = [t for d in args.domains for s in SPLITS for t in load_split(args.prepared, d, s)["text"]]

@@ -79,7 +79,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--top-k", type=int, default=None, help="merged model's k (default: half, rounded up)")
-    ap.add_argument("--domains", default="news,creative,code,academic,educational,math,reddit")
+    ap.add_argument("--domains", default=None, help="comma-separated (default: params.yaml's domains, in order)")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--work", default="/tmp/flexolmo_quality", help="where this run's stage outputs go")
     ap.add_argument("--anchor-steps", type=int, default=None, help="override params.yaml (a shorter run)")
@@ -94,7 +94,9 @@ def main() -> None:
     ap.add_argument("--rt", default=None, help='router_tune overrides as JSON, e.g. \'{"top_k": 4}\'')
     ap.add_argument("--rt-loop", default=None, help='router-tuning loop overrides as JSON, e.g. \'{"steps": 60}\'')
     args = ap.parse_args()
-    domains = args.domains.split(",")
+    from flexolmo_core.params import read_params
+
+    domains = args.domains.split(",") if args.domains else list(read_params(ROOT / "params.yaml")["domains"])
     out = Path(args.work)
     data = ROOT / "outputs/tokenizer"  # the tokenizer stage's packed splits (read only)
     if args.anchor_from and not (out / "anchor").exists():
