@@ -35,7 +35,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
         return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.gguf", "tokenizer*"]))
     except Exception as err:  # offline, unknown id, no permission: say what was tried
         raise AnchorImportError(f"{source}: not a local path, and the hub could not provide it ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0]})") from None
+                                f"{str(err).splitlines()[0]})") from None
 
 
 def check_safetensors_folder(folder: Path) -> list[Path]:
@@ -45,7 +45,7 @@ def check_safetensors_folder(folder: Path) -> list[Path]:
     if not shards:
         if pickles:
             raise AnchorImportError(f"{pickles[0]}: pickle weights are never loaded (they can run code); convert the "
-                               "checkpoint to safetensors or GGUF first")
+                                    "checkpoint to safetensors or GGUF first")
         raise AnchorImportError(f"{folder}: no *.safetensors weights (and no --gguf-file given)")
     if not (folder / "config.json").is_file():
         raise AnchorImportError(f"{folder / 'config.json'}: missing; a safetensors checkpoint needs its config.json")
@@ -79,7 +79,7 @@ def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
     if wrong:
         t = wrong[0]
         raise AnchorImportError(f"{index_path}: tensor {t} is mapped to {weight_map.get(t)} but found in "
-                           f"{found.get(t)} ({len(wrong)} such tensors): inconsistent shards")
+                                f"{found.get(t)} ({len(wrong)} such tensors): inconsistent shards")
 
 
 def load_checkpoint(folder: Path, gguf_file: str | None):
@@ -95,7 +95,7 @@ def load_checkpoint(folder: Path, gguf_file: str | None):
         check_safetensors_folder(folder)
         if not (folder / "tokenizer.json").is_file():
             raise AnchorImportError(f"{folder / 'tokenizer.json'}: missing; the anchor's tokenizer travels with it "
-                               "(owners tokenize with it)")
+                                    "(owners tokenize with it)")
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
         model_config_from_hf(config)  # refuses unsupported families, naming the supported ones
@@ -103,9 +103,9 @@ def load_checkpoint(folder: Path, gguf_file: str | None):
         raise AnchorImportError(f"{folder / (gguf_file or 'config.json')}: {str(err).splitlines()[0]}") from None
     if config.model_type not in DENSE_TYPES:
         supported = ", ".join(t for types in MODEL_TYPES.values() for t in types)
-        raise AnchorImportError(f"{folder}: model type {config.model_type!r} is a mixture of experts; an anchor is a dense "
-                           f"model ({', '.join(DENSE_TYPES)}); import experts with `flexolmo package import` "
-                           f"(supported types: {supported})")
+        raise AnchorImportError(f"{folder}: model type {config.model_type!r} is a mixture of experts; an anchor is a "
+                                f"dense model ({', '.join(DENSE_TYPES)}; supported types: {supported}). Importing "
+                                "published experts as packages is not implemented yet")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=None if gguf_file else True,
                                                  **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

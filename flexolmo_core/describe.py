@@ -28,20 +28,18 @@ def describe(path: Path) -> dict:
     info = {"path": str(path), "model_type": config.model_type, "fingerprint": anchor_fingerprint(path),
             "shape": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                       "ffn_hidden": cfg.ffn_hidden, "vocab_size": cfg.vocab_size}}
-    if (path / MERGED_MANIFEST).exists() and read_manifest(path).get("baseline") in DENSE_BASELINES:
+    m = read_manifest(path) if (path / MERGED_MANIFEST).exists() else None
+    if m is not None and m.get("baseline") in DENSE_BASELINES:
         from .baselines import load_state, shared_sha256
 
-        m = read_manifest(path)
         # A dense baseline's FFN is not the anchor's, so its fingerprint differs by design; its shared weights
         # must still be the ones recorded when it was cut from a merged model of this anchor.
         info.update(kind=f"baseline ({m['baseline']})", recorded_anchor_fingerprint=m.get("anchor_fingerprint"),
                     anchor_matches=shared_sha256(load_state(path)) == m.get("shared_sha256"), **cfg.counts(1, 1))
-    elif (path / MERGED_MANIFEST).exists() and read_manifest(path).get("anchor_fingerprint") is None:
-        m = read_manifest(path)  # the unrestricted MoE: trained from scratch, there is no anchor to match
+    elif m is not None and m.get("anchor_fingerprint") is None:  # the unrestricted MoE: no anchor to match
         info.update(kind=f"baseline ({m.get('baseline', 'no anchor')})", experts=[e["domain"] for e in m["experts"]],
                     top_k=m["top_k"], anchor_matches=None, **cfg.counts(m["num_experts"], m["top_k"]))
-    elif (path / MERGED_MANIFEST).exists():
-        m = read_manifest(path)
+    elif m is not None:
         info.update(kind="merged model", experts=[e["domain"] for e in m["experts"]], top_k=m["top_k"],
                     router_bias=m["router_bias"], recorded_anchor_fingerprint=m["anchor_fingerprint"],
                     **cfg.counts(m["num_experts"], m["top_k"]))

@@ -197,21 +197,16 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
     if not 1 <= top_k <= len(keep):
         raise ValueError(f"top_k must be between 1 and the number of kept experts ({len(keep)}), got {top_k}")
     names, get = checkpoint_getter(merged_dir)
-    meta = checkpoint_meta(merged_dir)
-    specs = []
     if any(".mlp.experts." in n and not n.endswith(FUSED_EXPERT_TENSORS) for n in names):
         # transformers' save_pretrained writes one tensor per expert: convert in memory, write fused
         from .baselines import load_state
 
         state = layout.to_hf_moe(layout.from_hf_moe(load_state(merged_dir)), experts=keep)
         specs = [(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in state.items()]
-    for name in names if not specs else ():  # fused: stream one tensor at a time
-        dtype, shape = meta[name]
-        if name.endswith(FUSED_EXPERT_TENSORS):
-            specs.append((name, dtype, (len(keep), *shape[1:]),
-                          lambda name=name: torch.stack([get(name, e) for e in keep])))
-        else:
-            specs.append((name, dtype, shape, lambda name=name: get(name, None)))
+    else:  # fused: stream one tensor at a time
+        meta = checkpoint_meta(merged_dir)
+        specs = [(n, meta[n][0], (len(keep), *meta[n][1][1:]), lambda n=n: torch.stack([get(n, e) for e in keep]))
+                 if n.endswith(FUSED_EXPERT_TENSORS) else (n, *meta[n], lambda n=n: get(n, None)) for n in names]
     config = AutoConfig.from_pretrained(merged_dir)
     config.num_experts, config.num_experts_per_tok = len(keep), top_k
     kept = [dict(experts[i], index=j) for j, i in enumerate(keep)]

@@ -48,7 +48,10 @@ def test_a_registry_is_group_readable_under_umask_002(tmp_path, smoke_anchor, pa
         assert _mode(path) & stat.S_IRGRP, path
 
 
-def _hold(lock_path, log_path, hold: float) -> None:
+def _hold(lock_path, log_path, hold: float, ready_dir, n: int) -> None:
+    (ready_dir / str(os.getpid())).touch()
+    while len(list(ready_dir.iterdir())) < n:  # both processes are up before either asks for the lock
+        time.sleep(0.01)
     with locked(lock_path):
         with open(log_path, "a") as log:
             log.write(f"in {time.monotonic()}\n")
@@ -59,7 +62,9 @@ def _hold(lock_path, log_path, hold: float) -> None:
 
 def test_lock_serialises_two_processes(tmp_path):
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_hold, args=(tmp_path / ".lock", tmp_path / "log", 0.5)) for _ in range(2)]
+    (tmp_path / "ready").mkdir()
+    procs = [ctx.Process(target=_hold, args=(tmp_path / ".lock", tmp_path / "log", 1.0, tmp_path / "ready", 2))
+             for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def add_expert_train_args(p, command=("expert", "train")) -> None:
+def add_expert_train_args(p) -> None:
     p.add_argument("--anchor", required=True)
     p.add_argument("--domain", required=True)
     p.add_argument("--data", nargs="+", required=True, help="the owner's data: a `datasets` split, .parquet, .jsonl or .txt")
@@ -86,7 +86,7 @@ def add_expert_train_args(p, command=("expert", "train")) -> None:
     p.add_argument("--public-embedding", default=None, help="router embedding dir for the public row (default zeros)")
     p.add_argument("--domain-embedding", default=None, help="router embedding dir for this domain's row")
     p.add_argument("--run-dir", default=None, help="checkpoints + dvclive (default: <out>.run); resumes from it")
-    add_stage_args(p, command, ExpertConfig, "expert", loop=True, per_domain=True)
+    add_stage_args(p, ("expert", "train"), ExpertConfig, "expert", loop=True, per_domain=True)
 
 
 def cmd_params(args) -> None:

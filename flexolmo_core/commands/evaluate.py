@@ -54,11 +54,12 @@ def cmd_evaluate(args) -> int:
 def _domains(model: str, params: str) -> list[str]:
     """The `domains` suite's domains: a merged model's experts, else public + params.yaml's domains."""
     from flexolmo_core.data.config import flexmix_domains
-    from flexolmo_core.merge import MERGED_MANIFEST, expert_domains
+    from flexolmo_core.merge import MERGED_MANIFEST, read_manifest
     from flexolmo_core.params import read_params
 
-    if (Path(model) / MERGED_MANIFEST).exists() and "experts" in json.loads((Path(model) / MERGED_MANIFEST).read_text()):
-        return expert_domains(model)
+    experts = read_manifest(model).get("experts") if (Path(model) / MERGED_MANIFEST).exists() else None
+    if experts:
+        return [e["domain"] for e in sorted(experts, key=lambda e: e["index"])]
     if Path(params).exists() and read_params(params).get("domains"):
         return flexmix_domains(read_params(params)["domains"])
     return []

@@ -46,7 +46,7 @@ def domains_in(summary: dict) -> list[str]:
     seen: dict[str, None] = {}
     for s in summary.values():
         seen.update(dict.fromkeys(s["domains_bpb"]))
-    return sorted(seen, key=lambda d: (d != "public", list(seen).index(d)))
+    return sorted(seen, key=lambda d: d != "public")  # stable: the rest keep their first-seen order
 
 
 def summarize(results: dict[str, dict]) -> dict:

@@ -80,7 +80,7 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
     out.append(Variant("prompt_routing", "prompt_routing", [str(merged_dir)],
                        note="one expert per input by cosine to layer-0 router rows"))
     out.append(Variant("flexolmo", "hf", [str(merged_dir)], flexolmo=True, note="all experts"))
-    for i, d in enumerate(domains[1:], start=1):
+    for d in domains[1:]:
         path = build(f"optout_{d}", lambda o, d=d: opt_out(merged_dir, [d], o, top_k=min(merged_k, n - 1)))
         out.append(Variant(f"optout_{d}", "hf", [path], flexolmo=True, note=f"merged without the {d} expert"))
     for name, path in (extra or {}).items():
