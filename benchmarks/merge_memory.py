@@ -33,7 +33,7 @@ def make_inputs(root: Path, preset: str, n_experts: int) -> tuple[Path, list[Pat
     from flexolmo_core.anchor import init_anchor, load_anchor, read_fingerprint
     from flexolmo_core.data.tokenizer import train_tokenizer
     from flexolmo_core.owner import upcycle
-    from flexolmo_core.package import save_package
+    from flexolmo_core.package import package_tensors, save_package
 
     train_tokenizer(["memory benchmark text"] * 10, 300, root / "tok")
     init_anchor(preset, root / "tok", root / "anchor")
@@ -46,7 +46,7 @@ def make_inputs(root: Path, preset: str, n_experts: int) -> tuple[Path, list[Pat
             for layer in owner.model.layers:
                 layer.mlp.experts.trainable_gate_up_proj.add_(torch.randn_like(layer.mlp.experts.trainable_gate_up_proj) * 1e-3)
         packages.append(root / f"pkg{j}")
-        save_package(owner, packages[-1], f"domain{j}", fingerprint)
+        save_package(package_tensors(owner), packages[-1], f"domain{j}", fingerprint)
         del owner
     return root / "anchor", packages
 

@@ -59,7 +59,7 @@ def separability(anchor_dir: Path, data: Path, domains: list[str], batches: int)
 
     anchor = load_anchor(anchor_dir)
     cfg = model_config_from_hf(anchor.config)
-    model = build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers), lambda n: False, torch.float32).eval()
+    model = build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers, tied=cfg.tie_embeddings), lambda n: False, torch.float32).eval()
 
     def hidden(split, n):
         with torch.no_grad():

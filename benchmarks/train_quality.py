@@ -110,7 +110,7 @@ def main() -> None:
     anchor = load_anchor(out / "anchor/model")
     cfg = model_config_from_hf(anchor.config)
     loop = LoopConfig(micro_batch=8, seq_len=256, eval_batches=args.eval_batches)
-    models = {"anchor": build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers), lambda n: False,
+    models = {"anchor": build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers, tied=cfg.tie_embeddings), lambda n: False,
                               torch.float32)}
     mcfg, state, manifest = read_merged(merged)
     E = manifest["num_experts"]

@@ -45,7 +45,7 @@ def ours(kind: str, anchor, cfg, args) -> dict:
     from flexolmo_core.training.stages import owner_fast_model
 
     if kind == "anchor":
-        model = build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers), lambda n: True, torch.float32)
+        model = build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers, tied=cfg.tie_embeddings), lambda n: True, torch.float32)
     else:
         model, _ = owner_fast_model(anchor, torch.randn(cfg.d_model) * 0.3, torch.randn(cfg.d_model) * 0.3, False)
     tokens = torch.randint(0, cfg.vocab_size, ((args.steps + 1) * args.batch * (args.seq_len + 1) + 1,))
@@ -64,9 +64,9 @@ def reference(anchor, cfg, args, autocast: bool) -> dict:
     from flexolmo_core.training.objective import objective
     from transformers import FlexOlmoForCausalLM
 
-    from flexolmo_core.owner import flexolmo_config
+    from flexolmo_core.families import moe_config
 
-    model = FlexOlmoForCausalLM(flexolmo_config(anchor.config, num_experts=2, top_k=2))
+    model = FlexOlmoForCausalLM(moe_config(anchor.config, num_experts=2, top_k=2))
     for p in model.parameters():
         p.requires_grad_(False)
     params = []

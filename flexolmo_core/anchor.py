@@ -38,18 +38,12 @@ def olmo2_config(cfg: ModelConfig, tokenizer):
     )
 
 
-# transformers model types per family: dense and MoE forms (DESIGN.md: two families, one code path)
-MODEL_TYPES = {"olmo2": ("olmo2", "flex_olmo"), "llama": ("llama", "mistral", "mixtral")}
-
-
 def model_config_from_hf(hf_config) -> ModelConfig:
     """The ModelConfig that an HF Olmo2 / FlexOlmo / Llama / Mistral / Mixtral config describes; anything
     else is refused, naming the supported types."""
-    family = next((f for f, types in MODEL_TYPES.items() if hf_config.model_type in types), None)
-    if family is None:
-        supported = ", ".join(t for types in MODEL_TYPES.values() for t in types)
-        raise ValueError(f"unsupported architecture {hf_config.model_type!r}: supported model types are {supported} "
-                         "(the OLMo-2 and Llama families)")
+    from .families import family_of_type
+
+    family = family_of_type(hf_config.model_type)  # refuses anything else, naming the supported types
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"unsupported RoPE scaling {rope.get('rope_type')!r} (only the default RoPE is implemented)")
@@ -108,16 +102,20 @@ def init_anchor(preset: str | ModelConfig, tokenizer_dir: str | os.PathLike, out
 
 
 def load_anchor(path: str | os.PathLike):
-    from transformers import Olmo2ForCausalLM
+    """The dense anchor (Olmo2ForCausalLM, or LlamaForCausalLM / MistralForCausalLM) in its own dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from .families import DENSE_TYPE, FAMILY_OF
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not an anchor checkpoint (no config.json)")
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type != "olmo2":  # imported Llama-family anchors: the model core reads them, owners not yet
-        raise ValueError(f"{path}: a {model_type!r} anchor; owner training, packages and merges support OLMo-2 "
-                         "anchors so far (Llama-family anchors load in the model core and `anchor import` only)")
-    return Olmo2ForCausalLM.from_pretrained(path, use_safetensors=True)
+    dense = sorted(t for t in FAMILY_OF if t not in DENSE_TYPE)
+    if model_type not in dense:
+        raise ValueError(f"{path / 'config.json'}: model_type {model_type!r}; an anchor is a dense model of type "
+                         f"{', '.join(dense)}")
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="auto")
 
 
 # ---- fingerprint -------------------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ import json
 import os
 from pathlib import Path
 
-from .anchor import ANCHOR_MANIFEST, MODEL_TYPES, anchor_fingerprint, copy_tokenizer, model_config_from_hf
+from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_config_from_hf
+from .families import DENSE_TYPE, FAMILY_OF
 from .atomic import atomic_dir, write_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
-DENSE_TYPES = ("olmo2", "llama", "mistral")
+DENSE_TYPES = tuple(t for t in FAMILY_OF if t not in DENSE_TYPE)
 
 
 class AnchorImportError(ValueError):
@@ -102,10 +103,9 @@ def load_checkpoint(folder: Path, gguf_file: str | None):
     except ValueError as err:
         raise AnchorImportError(f"{folder / (gguf_file or 'config.json')}: {str(err).splitlines()[0]}") from None
     if config.model_type not in DENSE_TYPES:
-        supported = ", ".join(t for types in MODEL_TYPES.values() for t in types)
         raise AnchorImportError(f"{folder}: model type {config.model_type!r} is a mixture of experts; an anchor is a "
-                                f"dense model ({', '.join(DENSE_TYPES)}; supported types: {supported}). Importing "
-                                "published experts as packages is not implemented yet")
+                                f"dense model ({', '.join(DENSE_TYPES)}). A published 2-expert model becomes a "
+                                "package with `flexolmo package import`")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=None if gguf_file else True,
                                                  **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

@@ -1,7 +1,7 @@
 """Baselines of the paper built from a merged checkpoint's safetensors, through the one layout converter
 (`flexolmo_core.layout`):
 
-- `extract_dense_expert`: one expert of a merged FlexOlmo checkpoint as a dense Olmo2 model ("expert alone").
+- `extract_dense_expert`: one expert of a merged checkpoint as a dense model of the anchor's family ("expert alone").
 - `model_soup`: average the FFNs of dense experts whose shared weights are identical.
 - `prompt_route`: pick one expert per input by cosine similarity of the input's embedding to the domain
   embeddings (stand-in: the layer-0 router rows and the mean hidden state entering layer 0's MoE).
@@ -22,10 +22,9 @@ from safetensors.torch import load_file, save_file
 from . import layout
 from .anchor import copy_tokenizer
 from .atomic import atomic_dir, write_json
+from .families import dense_config_dict
 from .merge import MERGED_MANIFEST, WEIGHTS_FILE, expert_domains, read_manifest
 
-MOE_KEYS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits", "router_aux_loss_coef",
-            "num_local_experts")
 
 
 def load_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -63,21 +62,15 @@ def _write_dense(out_dir, state: dict, config: dict, src_dir, manifest: dict) ->
 
 
 def dense_expert_state(merged: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
-    """Shared weights + expert `index`'s FFN as Olmo2 `mlp.{gate,up,down}_proj`; router dropped."""
+    """Shared weights + expert `index`'s FFN as a dense `mlp.{gate,up,down}_proj`; router dropped."""
     return layout.to_hf_dense(layout.from_hf_moe(merged), expert=index)
 
 
-def dense_config(flex_config: dict) -> dict:
-    cfg = {k: v for k, v in flex_config.items() if k not in MOE_KEYS}
-    cfg.update(model_type="olmo2", architectures=["Olmo2ForCausalLM"])
-    return cfg
-
-
 def extract_dense_expert(merged_dir, index: int, out_dir) -> Path:
-    """Expert `index` of a merged FlexOlmoForCausalLM as a dense Olmo2ForCausalLM checkpoint."""
+    """Expert `index` of a merged FlexOlmo (Mixtral) checkpoint as a dense Olmo2 (Llama) checkpoint."""
     state = dense_expert_state(load_state(merged_dir), index)
     domain = expert_domains(merged_dir)[index]
-    return _write_dense(out_dir, state, dense_config(_config(merged_dir)), merged_dir,
+    return _write_dense(out_dir, state, dense_config_dict(_config(merged_dir)), merged_dir,
                         {"baseline": "dense_expert", "expert_index": index, "domain": domain, "source": str(merged_dir),
                          "anchor_fingerprint": read_manifest(merged_dir).get("anchor_fingerprint")})
 

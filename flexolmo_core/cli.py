@@ -9,6 +9,7 @@ from .cli_config import FlexParser, build_parser_for
 
 COMMAND_MODULES = (
     "flexolmo_core.commands.core",
+    "flexolmo_core.commands.package",
     "flexolmo_core.commands.train",
     "flexolmo_core.commands.data",
     "flexolmo_core.commands.registry",

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, model_config_from_hf
+from .families import is_moe
 from .merge import MERGED_MANIFEST, read_manifest
 from .package import MANIFEST_FILE, load_package
 
@@ -44,7 +45,7 @@ def describe(path: Path) -> dict:
                     router_bias=m["router_bias"], recorded_anchor_fingerprint=m["anchor_fingerprint"],
                     **cfg.counts(m["num_experts"], m["top_k"]))
         info["anchor_matches"] = info["fingerprint"] == m["anchor_fingerprint"]
-    elif (path / ANCHOR_MANIFEST).exists() or config.model_type == "olmo2":
+    elif (path / ANCHOR_MANIFEST).exists() or not is_moe(config):
         info.update(kind="anchor", **cfg.counts(1, 1))
     else:
         info.update(kind=f"{config.model_type} checkpoint")

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from .merge import MERGED_MANIFEST, read_manifest
+from .families import expert_count, load_weights, renormalizes, set_expert_count
 from .moe import FlexRouter, routers
 
 
@@ -39,10 +40,10 @@ def resolve_experts(domains: list[str], exclude=(), only=()) -> list[str]:
 
 
 def _install_inference_routers(model, top_k: int, masked: list[int], bias: list[list[float] | None] | None) -> None:
-    num_experts = model.config.num_experts
+    num_experts, renormalize = expert_count(model.config), renormalizes(model.config)
     for i, layer in enumerate(model.model.layers):
         weight = layer.mlp.gate.weight.detach()
-        router = FlexRouter(weight, weight.new_zeros(0, weight.shape[1]), top_k, model.config.norm_topk_prob)
+        router = FlexRouter(weight, weight.new_zeros(0, weight.shape[1]), top_k, renormalize)
         offset = torch.zeros(num_experts)
         if bias is not None:
             offset += torch.tensor([0.0 if b is None else min(b[i], 0.0) for b in bias])
@@ -57,7 +58,7 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=(), top_k: int 
 
     top_k defaults to the merged model's k, capped at the number of kept experts.
     use_bias re-applies learned router biases that the HF checkpoint cannot hold."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -71,9 +72,9 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=(), top_k: int 
     if strict:
         keep_idx = [domains.index(d) for d in kept]
         config = AutoConfig.from_pretrained(model_dir)
-        config.num_experts, config.num_experts_per_tok = len(kept), k
-        model = FlexOlmoForCausalLM(config)
-        model.load_state_dict(_read_kept(model_dir, keep_idx), strict=True)
+        set_expert_count(config, len(kept), k)
+        model = AutoModelForCausalLM.from_config(config)
+        load_weights(model, _read_kept(model_dir, keep_idx), model_dir)
         model = model.to(dtype)
         _install_inference_routers(model, k, [], [bias[j] for j in keep_idx] if bias else None)
     else:

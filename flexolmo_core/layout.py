@@ -11,8 +11,9 @@ transformers' layouts, the same for both families apart from those norms:
   dense (Olmo2, Llama): model.layers.i.mlp.{gate,up,down}_proj.weight
   fused MoE (FlexOlmo, Mixtral): model.layers.i.mlp.experts.gate_up_proj [E, 2I, d] (gate rows first, then
                   up), model.layers.i.mlp.experts.down_proj [E, d, I], model.layers.i.mlp.gate.weight [E, d]
-Reading also accepts the per-expert `mlp.experts.<e>.{gate,up,down}_proj.weight` form; writing is always
-fused, the form transformers 5 loads strictly."""
+Reading also accepts the per-expert forms transformers' save_pretrained writes (FlexOlmo's
+`mlp.experts.<e>.{gate,up,down}_proj.weight`, Mixtral's hub `block_sparse_moe.experts.<e>.w1|w3|w2.weight`);
+writing is always fused, which transformers 5 loads for both."""
 from __future__ import annotations
 
 import re
@@ -27,11 +28,20 @@ SHARED = {  # per family: internal name -> per-layer HF name
     "llama": {**PROJECTIONS, "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight"},
 }
 TOP = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+# per-expert forms, as transformers' save_pretrained writes them: FlexOlmo (mlp.experts.<e>.{gate,up,down}_proj)
+# and Mixtral's hub layout (block_sparse_moe.experts.<e>.w1 / w3 / w2 = gate / up / down)
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                         r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_PART = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+ROUTER_NAMES = ("mlp.gate.weight", "block_sparse_moe.gate.weight")
 
 
 def n_layers_of(state: dict) -> int:
     return 1 + max(int(name.split(".")[2]) for name in state if name.startswith("model.layers."))
+
+
+def is_moe_state(names) -> bool:
+    return any(n.endswith(ROUTER_NAMES) for n in names)
 
 
 def num_experts_of(tensors: dict) -> int:
@@ -50,6 +60,7 @@ def family_of(tensors: dict) -> str:
 
 def _shared_from_hf(state: dict, n_layers: int, tied: bool) -> dict:
     shared = SHARED[hf_family(state)]
+    tied = tied or TOP["lm_head"] not in state  # a file of a tied model has no LM head
     out = {k: state[v] for k, v in TOP.items() if not (tied and k == "lm_head")}
     for i in range(n_layers):
         out.update({f"layers.{i}.{k}": state[f"model.layers.{i}.{v}"] for k, v in shared.items()})
@@ -98,10 +109,10 @@ def from_hf_moe(state: dict[str, torch.Tensor], n_layers: int | None = None,
     for name, tensor in state.items():
         match = _PER_EXPERT.match(name)
         if match:
-            per_expert.setdefault((int(match[1]), int(match[2])), {})[match[3]] = tensor
+            per_expert.setdefault((int(match[1]), int(match[2])), {})[_PART[match[3]]] = tensor
     for i in range(n_layers):
         p = f"model.layers.{i}.mlp."
-        rows = state[p + "gate.weight"]
+        rows = next(state[n] for n in (f"model.layers.{i}.{r}" for r in ROUTER_NAMES) if n in state)
         if p + "experts.gate_up_proj" in state:
             gate_up, down = state[p + "experts.gate_up_proj"], state[p + "experts.down_proj"]
         else:
@@ -125,6 +136,20 @@ def to_hf_moe(tensors: dict[str, torch.Tensor], n_layers: int | None = None,
         out[p + "experts.gate_up_proj"] = torch.stack([tensors[f"layers.{i}.gate_up_{e}"] for e in experts])
         out[p + "experts.down_proj"] = torch.stack([tensors[f"layers.{i}.down_{e}"] for e in experts])
         out[p + "gate.weight"] = torch.stack([tensors[f"layers.{i}.router_{e}"] for e in experts])
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def to_package(tensors: dict[str, torch.Tensor], expert: int = 1) -> dict[str, torch.Tensor]:
+    """Internal names -> an expert package's names: `expert`'s FFN and router row, the public router row
+    (row 0) every owner trains against, and the expert's logit bias (kept <= 0) when the model has one."""
+    out = {}
+    for i in range(_internal_layers(tensors)):
+        out[f"layers.{i}.gate_up_proj"] = tensors[f"layers.{i}.gate_up_{expert}"]
+        out[f"layers.{i}.down_proj"] = tensors[f"layers.{i}.down_{expert}"]
+        out[f"layers.{i}.router"] = tensors[f"layers.{i}.router_{expert}"]
+        out[f"layers.{i}.public_router"] = tensors[f"layers.{i}.router_0"]
+        if f"layers.{i}.bias_{expert}" in tensors:
+            out[f"layers.{i}.logit_bias"] = tensors[f"layers.{i}.bias_{expert}"].clamp(max=0.0)
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 

@@ -1,4 +1,5 @@
-"""Merge an anchor and N expert packages into one FlexOlmoForCausalLM checkpoint, with no training.
+"""Merge an anchor and N expert packages into one FlexOlmoForCausalLM checkpoint (MixtralForCausalLM for a
+Llama-family anchor), with no training.
 
 Per layer: experts [FFN_public, FFN_1, ..., FFN_N], router [r_public; r_1; ...; r_N]; everything else
 from the anchor. Deterministic (sorted names, fixed metadata), atomic (temp dir + rename), and lean:
@@ -53,15 +54,17 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     """Write the merged checkpoint to `out`; returns its flexolmo.json manifest."""
     from transformers import AutoConfig
 
-    from .owner import flexolmo_config
+    from .families import DENSE_TYPE, moe_config
 
     anchor_dir = Path(anchor_dir)
     anchor_cfg = AutoConfig.from_pretrained(anchor_dir)
-    if anchor_cfg.model_type != "olmo2":
-        raise ValueError(f"{anchor_dir}: expected an Olmo2 anchor checkpoint, found model_type '{anchor_cfg.model_type}'")
+    if anchor_cfg.model_type in DENSE_TYPE:
+        raise ValueError(f"{anchor_dir}: a {anchor_cfg.model_type!r} model is a mixture of experts; merge needs the "
+                         "dense anchor the packages were trained against")
     fingerprint = anchor_fingerprint(anchor_dir)  # computed from the weights, not trusted from a file
     names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
-    anchor_dtype = str(checkpoint_meta(anchor_dir)["lm_head.weight"][0]).removeprefix("torch.")
+    meta = checkpoint_meta(anchor_dir)  # dtypes and shapes from the headers, nothing loaded yet
+    anchor_dtype = str(meta["model.embed_tokens.weight"][0]).removeprefix("torch.")
     packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude, anchor_dtype)
     public_rows = _agreed_public_rows(packages, anchor_cfg.num_hidden_layers, anchor_cfg.hidden_size)
     num_experts = 1 + len(packages)
@@ -69,7 +72,6 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
 
-    meta = checkpoint_meta(anchor_dir)  # dtypes and shapes from the headers, nothing loaded yet
     specs = [(name, *meta[name], (lambda name=name: get(name, None))) for name in names if ".mlp." not in name]
     width = 1 + len(packages)
     for i in range(anchor_cfg.num_hidden_layers):
@@ -93,8 +95,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
                   (f"{prefix}.experts.down_proj", dtype, (width, d, inter), down_proj),
                   (f"{prefix}.gate.weight", dtype, (width, d), router)]
 
-    config = flexolmo_config(anchor_cfg, num_experts=num_experts, top_k=top_k)
-    config.architectures = ["FlexOlmoForCausalLM"]
+    config = moe_config(anchor_cfg, num_experts=num_experts, top_k=top_k)  # FlexOlmo or Mixtral, by family
     manifest = {
         "format_version": 1,
         "anchor_fingerprint": fingerprint,
@@ -182,6 +183,8 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
     top_k None = merge's default for the kept count. Returns the new manifest."""
     from transformers import AutoConfig
 
+    from .families import set_expert_count
+
     merged_dir, exclude = Path(merged_dir), sorted(set(exclude))
     manifest = read_manifest(merged_dir)
     experts = sorted(manifest["experts"], key=lambda e: e["index"])
@@ -208,7 +211,7 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
         specs = [(n, meta[n][0], (len(keep), *meta[n][1][1:]), lambda n=n: torch.stack([get(n, e) for e in keep]))
                  if n.endswith(FUSED_EXPERT_TENSORS) else (n, *meta[n], lambda n=n: get(n, None)) for n in names]
     config = AutoConfig.from_pretrained(merged_dir)
-    config.num_experts, config.num_experts_per_tok = len(keep), top_k
+    set_expert_count(config, len(keep), top_k)
     kept = [dict(experts[i], index=j) for j, i in enumerate(keep)]
     new = dict(manifest, num_experts=len(keep), top_k=top_k, experts=kept,
                router_bias="dropped" if any(e.get("logit_bias") for e in kept) else "none",

@@ -10,24 +10,6 @@ import torch
 from .moe import FlexRouter, SplitExperts, hf_state_dict, install_routers
 
 
-def flexolmo_config(anchor_config, num_experts: int, top_k: int):
-    """A FlexOlmoConfig with the anchor's shapes."""
-    from transformers import FlexOlmoConfig
-
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-    return FlexOlmoConfig(
-        vocab_size=anchor_config.vocab_size, hidden_size=anchor_config.hidden_size,
-        intermediate_size=anchor_config.intermediate_size, num_hidden_layers=anchor_config.num_hidden_layers,
-        num_attention_heads=anchor_config.num_attention_heads, num_key_value_heads=anchor_config.num_key_value_heads,
-        max_position_embeddings=anchor_config.max_position_embeddings, rope_parameters=anchor_config.rope_parameters,
-        rms_norm_eps=anchor_config.rms_norm_eps, initializer_range=anchor_config.initializer_range,
-        tie_word_embeddings=False, eos_token_id=anchor_config.eos_token_id, pad_token_id=anchor_config.pad_token_id,
-        bos_token_id=anchor_config.bos_token_id, num_experts=num_experts, num_experts_per_tok=top_k,
-        norm_topk_prob=False,
-    )
-
-
 def rows_per_layer(rows: torch.Tensor | None, n_layers: int, d_model: int) -> list[torch.Tensor]:
     """One router vector per layer from a single vector [d], per-layer vectors [L, d], or None (zeros)."""
     if rows is None:
@@ -49,11 +31,18 @@ def anchor_ffn(anchor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def upcycle(anchor, public_rows: torch.Tensor | None = None, domain_rows: torch.Tensor | None = None,
             use_bias: bool = False):
-    """Build the owner's 2-expert FlexOlmoForCausalLM from an Olmo2ForCausalLM anchor (top-2 of 2)."""
+    """Build the owner's 2-expert FlexOlmoForCausalLM from an Olmo2ForCausalLM anchor (top-2 of 2).
+    Owner training itself runs on the training model (training.stages.owner_fast_model, both families); this
+    HF module form, with its frozen/trainable split, is kept for OLMo-2 anchors."""
     from transformers import FlexOlmoForCausalLM
 
+    from .families import moe_config
+
     cfg = anchor.config
-    model = FlexOlmoForCausalLM(flexolmo_config(cfg, num_experts=2, top_k=2))
+    if cfg.model_type != "olmo2":
+        raise ValueError(f"upcycle builds FlexOlmo owner models from OLMo-2 anchors, not {cfg.model_type!r}; the "
+                         "owner model of any anchor is the merge of the anchor and its package (flexolmo merge)")
+    model = FlexOlmoForCausalLM(moe_config(cfg, num_experts=2, top_k=2))
     shared = {k: v for k, v in anchor.state_dict().items() if ".mlp." not in k}
     missing, unexpected = model.load_state_dict(shared, strict=False)
     if unexpected:

@@ -59,17 +59,18 @@ def package_tensors(owner_model) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_package(owner_model, out: str | os.PathLike, domain: str, anchor_fingerprint: str,
+def save_package(tensors: dict[str, torch.Tensor], out: str | os.PathLike, domain: str, anchor_fingerprint: str,
                  training: dict | None = None, data: dict | None = None) -> dict:
-    """Write a package atomically; returns the manifest."""
+    """Write a package atomically from its tensors (package names: `package_tensors` of an HF owner model,
+    or `layout.to_package` of internal tensors); returns the manifest."""
     check_domain_name(domain, expert=True)
-    tensors = package_tensors(owner_model)
-    cfg = owner_model.config
+    n_layers = sum(1 for name in tensors if name.endswith(".down_proj"))
+    d_model, ffn_hidden = tensors["layers.0.down_proj"].shape
     manifest = {
         "format_version": FORMAT_VERSION,
         "domain": domain,
         "anchor_fingerprint": anchor_fingerprint,
-        "shapes": {"n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size, "ffn_hidden": cfg.intermediate_size},
+        "shapes": {"n_layers": n_layers, "d_model": d_model, "ffn_hidden": ffn_hidden},
         "uses_bias": any(k.endswith("logit_bias") for k in tensors),
         "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                            "sha256": tensor_sha256(t)} for name, t in sorted(tensors.items())},

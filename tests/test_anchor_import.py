@@ -13,24 +13,15 @@ import torch
 from flexolmo_core.anchor import ANCHOR_MANIFEST, anchor_fingerprint
 from flexolmo_core.anchor_import import AnchorImportError, import_anchor
 from flexolmo_core.cli import main
-
-SHAPE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
-
-
-def save(model, tokenizer_dir, out: Path, **kwargs) -> Path:
-    model.save_pretrained(out, **kwargs)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(Path(tokenizer_dir) / name, out / name)
-    return out
+from published import SHAPE, save, token_ids
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, smoke_tokenizer):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, \
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, \
         Olmo2Config, Olmo2ForCausalLM
 
-    ids = {k: getattr(AutoTokenizer.from_pretrained(smoke_tokenizer), k) for k in ("eos_token_id", "pad_token_id")}
+    ids = token_ids(smoke_tokenizer)
     root = tmp_path_factory.mktemp("published")
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(**SHAPE, **ids, tie_word_embeddings=True)).to(torch.bfloat16)

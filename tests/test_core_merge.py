@@ -11,7 +11,7 @@ from flexolmo_core.anchor import anchor_fingerprint, load_anchor, read_fingerpri
 from flexolmo_core.cli import main
 from flexolmo_core.merge import merge
 from flexolmo_core.owner import project_after_step, trainable_parameters, upcycle
-from flexolmo_core.package import save_package
+from flexolmo_core.package import package_tensors, save_package
 
 X = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
 
@@ -28,7 +28,7 @@ def test_anchor_plus_one_package_at_k2_equals_the_owner_model(smoke_anchor, tmp_
         opt.step()
         opt.zero_grad()
         project_after_step(owner)
-    save_package(owner, tmp_path / "pkg", "math", read_fingerprint(smoke_anchor))
+    save_package(package_tensors(owner), tmp_path / "pkg", "math", read_fingerprint(smoke_anchor))
     merge(smoke_anchor, [tmp_path / "pkg"], tmp_path / "merged", top_k=2)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", use_safetensors=True).eval()
     assert type(merged).__name__ == "FlexOlmoForCausalLM"

@@ -70,9 +70,9 @@ def test_owner_model_matches_transformers_and_freezes_structurally():
 def test_top_k_routing_matches_transformers():
     from transformers import FlexOlmoForCausalLM
 
-    from flexolmo_core.owner import flexolmo_config
+    from flexolmo_core.families import moe_config
 
-    hf = FlexOlmoForCausalLM(flexolmo_config(hf_anchor().config, num_experts=4, top_k=2)).eval()
+    hf = FlexOlmoForCausalLM(moe_config(hf_anchor().config, num_experts=4, top_k=2)).eval()
     with torch.no_grad():
         for layer in hf.model.layers:
             layer.mlp.gate.weight.normal_()

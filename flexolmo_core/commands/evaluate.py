@@ -6,11 +6,12 @@ from pathlib import Path
 
 from ..cli_config import add_stage_args
 from ..evaluation import runner
+from ..families import is_moe
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate one model dir on a suite (offline lm-eval); or --report")
-    p.add_argument("--model", help="HF checkpoint dir (Olmo2ForCausalLM or FlexOlmoForCausalLM)")
+    p.add_argument("--model", help="HF checkpoint dir (a dense Olmo2/Llama model or a FlexOlmo/Mixtral MoE)")
     p.add_argument("--kind", default="hf", choices=["hf", "btm", "prompt_routing"],
                    help="hf: the model itself; btm: --model and --expert dirs are dense experts; "
                         "prompt_routing: --model is a merged FlexOlmo dir")
@@ -41,7 +42,7 @@ def cmd_evaluate(args) -> int:
     if missing:
         raise FileNotFoundError(f"not an HF checkpoint dir (no config.json): {missing}")
     variant = variants.Variant(args.name or Path(args.model).name, args.kind, paths,
-                               flexolmo="num_experts" in json.loads((Path(args.model) / "config.json").read_text()))
+                               flexolmo=is_moe(json.loads((Path(args.model) / "config.json").read_text())))
     result = variants.evaluate_variant(variant, suite.resolve_suite(args.suite, cfg.domains), cfg, out_json=args.out)
     if not args.out:
         print(json.dumps(result, indent=2))

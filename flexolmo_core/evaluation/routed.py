@@ -9,21 +9,22 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from flexolmo_core import baselines
+from flexolmo_core.families import dense_config_dict, expert_count, load_weights
 
 
 def dense_experts_from_merged(merged_dir) -> tuple[object, list]:
-    """(merged FlexOlmo model, [dense Olmo2 model per expert]) built in memory from the safetensors."""
+    """(merged model, [dense model per expert]) built in memory from the safetensors."""
     import transformers
 
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), use_safetensors=True,
                                                                dtype="float32").eval()
     state = baselines.load_state(merged_dir)
-    cfg = transformers.Olmo2Config(**{k: v for k, v in baselines.dense_config(merged.config.to_dict()).items()
-                                      if k not in ("model_type", "architectures", "transformers_version")})
+    dense = dense_config_dict(merged.config.to_dict())
+    cfg = transformers.AutoConfig.for_model(dense.pop("model_type"), **dense)
     experts = []
-    for e in range(merged.config.num_experts):
-        model = transformers.Olmo2ForCausalLM(cfg)
-        model.load_state_dict(baselines.dense_expert_state(state, e), strict=True)
+    for e in range(expert_count(merged.config)):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        load_weights(model, baselines.dense_expert_state(state, e), f"{merged_dir} expert {e}")
         experts.append(model.eval())
     return merged, experts
 

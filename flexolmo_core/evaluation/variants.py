@@ -15,6 +15,7 @@ from pathlib import Path
 from flexolmo_core import baselines
 from flexolmo_core.atomic import write_json
 from flexolmo_core.evaluation import runner, sources, suite
+from flexolmo_core.families import is_moe
 from flexolmo_core.merge import expert_domains, opt_out, read_manifest
 
 
@@ -86,8 +87,8 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
     for name, path in (extra or {}).items():
         path = checkpoint_dir(path) or Path(path)  # missing -> evaluated as `not run` with the reason
         cfg = Path(path) / "config.json"
-        is_moe = cfg.exists() and "num_experts" in json.loads(cfg.read_text())
-        out.append(Variant(name, "hf", [str(path)], flexolmo=is_moe, note="given in params"))
+        moe = cfg.exists() and is_moe(json.loads(cfg.read_text()))
+        out.append(Variant(name, "hf", [str(path)], flexolmo=moe, note="given in params"))
     return out
 
 

@@ -86,7 +86,7 @@ def anchor_hidden_embedding(texts: list[str], anchor_dir, seq_len: int, batch_si
 
     anchor = load_anchor(anchor_dir)
     cfg = model_config_from_hf(anchor.config)
-    model = build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers), lambda n: False, torch.float32)
+    model = build(cfg, MoEShape(), from_hf_dense(anchor.state_dict(), cfg.n_layers, tied=cfg.tie_embeddings), lambda n: False, torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     sums, count = torch.zeros(cfg.n_layers, cfg.d_model), 0
     for text in texts:

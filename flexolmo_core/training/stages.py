@@ -69,27 +69,29 @@ def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop
 def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool):
     """The owner's 2-expert model as a FastOlmo: only expert 1, router row 1 and bias 1 are Parameters."""
     from ..anchor import model_config_from_hf
+    from ..families import RENORMALIZES
     from ..owner import rows_per_layer
 
     cfg = model_config_from_hf(anchor.config)
     L, d = cfg.n_layers, cfg.d_model
     pub = torch.stack([r[0] for r in rows_per_layer(public_rows, L, d)])
     dom = torch.stack([r[0] for r in rows_per_layer(domain_rows, L, d)])
-    tensors = upcycle_tensors(from_hf_dense(anchor.state_dict(), L), L, pub, dom, use_bias)
+    tensors = upcycle_tensors(from_hf_dense(anchor.state_dict(), L, tied=cfg.tie_embeddings), L, pub, dom, use_bias)
     trainable = lambda name: name.endswith(("gate_up_1", "down_1", "router_1", "bias_1"))  # noqa: E731
-    return build(cfg, MoEShape(2, 2, use_bias), tensors, trainable, torch.float32), tensors
+    moe = MoEShape(2, 2, use_bias, renormalize=RENORMALIZES[cfg.family])
+    return build(cfg, moe, tensors, trainable, torch.float32), tensors
 
 
 def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val_data=None,
                  public_rows=None, domain_rows=None, use_bias: bool = False, embedding_meta: dict | None = None,
                  package_dir=None, public_mix: float = 0.0) -> dict:
-    """Train one owner's expert against the frozen anchor; writes out/package (or `package_dir`).
+    """Train one owner's expert against the frozen anchor (either family); writes out/package (or `package_dir`).
 
     Receives only the anchor and this domain's data (paths), nothing else. With `public_mix` > 0 that
     fraction of the training windows comes from the public replay sample inside the anchor folder."""
     from ..anchor import load_anchor, read_fingerprint
-    from ..owner import frozen_differences, upcycle
     from ..data.config import check_domain_name
+    from ..layout import to_package
     from ..package import save_package
 
     check_domain_name(domain, expert=True)
@@ -107,21 +109,16 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     summary.update(domain=domain, use_bias=use_bias, public_mix=public_mix, router_embedding=embedding_meta or {})
     trained = D.full_tensors(model)
     if D.setup().main:
-        moved = [n for n, t in initial.items() if not n.endswith(("_1",)) and not torch.equal(trained[n], t.float())]
-        owner = upcycle(anchor, public_rows, domain_rows, use_bias=use_bias)
-        with torch.no_grad():
-            for i, layer in enumerate(owner.model.layers):
-                layer.mlp.experts.trainable_gate_up_proj[0].copy_(trained[f"layers.{i}.gate_up_1"])
-                layer.mlp.experts.trainable_down_proj[0].copy_(trained[f"layers.{i}.down_1"])
-                layer.mlp.gate.trainable_rows[0].copy_(trained[f"layers.{i}.router_1"])
-                if use_bias:
-                    layer.mlp.gate.logit_bias[0].copy_(trained[f"layers.{i}.bias_1"].clamp(max=0.0))
-        moved += frozen_differences(owner, anchor, public_rows)
-        if moved:  # structurally impossible; this guards against regressions
+        # the contract: everything but expert 1 (anchor weights, public FFN, public router row) is bit-identical
+        moved = [n for n, t in initial.items() if not n.endswith("_1") and not torch.equal(trained[n], t.float())]
+        if moved:  # structurally impossible (they are buffers); this guards against regressions
             raise RuntimeError(f"training changed frozen tensors: {moved[:5]}")
+        anchor_dtype = anchor.model.embed_tokens.weight.dtype
+        tensors = {k: v.to(anchor_dtype) for k, v in to_package(trained).items()}
         data = {"documents": _count_documents(windows, anchor.config.eos_token_id), "windows": len(windows),
                 "seq_len": loop.seq_len, "sha256": _data_hash(train_data)}
-        save_package(owner, package_dir or out / "package", domain, read_fingerprint(anchor_dir), training=summary, data=data)
+        save_package(tensors, package_dir or out / "package", domain, read_fingerprint(anchor_dir), training=summary,
+                     data=data)
     _finish(out, summary)
     return summary
 
@@ -179,11 +176,14 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
                 proxy_windows: int = 64, val_data=None, top_k: int | None = None) -> dict:
     """Router tuning (METHOD.md 6): only the router rows (public included) move, all experts active
     (or the top `top_k`). Writes out/model: the merged checkpoint with tuned rows, flexolmo.json noting it."""
+    from ..families import RENORMALIZES
+
     merged_dir, out = Path(merged_dir), Path(out)
     cfg, state, manifest = read_merged(merged_dir)
     E = manifest["num_experts"]
     tensors = from_hf_moe(state, cfg.n_layers)
-    model = build(cfg, MoEShape(E, top_k or E), tensors, lambda n: ".router_" in n, torch.float32)
+    moe = MoEShape(E, top_k or E, renormalize=RENORMALIZES[cfg.family])
+    model = build(cfg, moe, tensors, lambda n: ".router_" in n, torch.float32)
     parts = [Take(open_windows(public_data, loop.seq_len, merged_dir), public_windows, loop.seed)]
     parts += [Take(open_windows(p, loop.seq_len, merged_dir), proxy_windows, loop.seed) for p in proxy_data]
     val = open_windows(val_data, loop.seq_len, merged_dir) if val_data else None
@@ -228,7 +228,7 @@ def train_unrestricted(tokenizer_dir, data: list, out, preset: str | ModelConfig
     from transformers import AutoTokenizer
 
     from ..anchor import copy_tokenizer, olmo2_config
-    from ..owner import flexolmo_config
+    from ..families import moe_config
     from .model import count_matmul_flops
 
     out = Path(out)
@@ -245,8 +245,7 @@ def train_unrestricted(tokenizer_dir, data: list, out, preset: str | ModelConfig
     trained = D.full_tensors(model)
     if D.setup().main:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        config = flexolmo_config(olmo2_config(cfg, tokenizer), num_experts, top_k)
-        config.architectures = ["FlexOlmoForCausalLM"]
+        config = moe_config(olmo2_config(cfg, tokenizer), num_experts, top_k)
         names = ["public"] + [f"joint_{e}" for e in range(1, num_experts)]
         manifest = {"format_version": 1, "anchor_fingerprint": None, "num_experts": num_experts, "top_k": top_k,
                     "router_bias": "none", "baseline": "unrestricted_moe", "excluded_at_merge": [],

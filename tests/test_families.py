@@ -1,0 +1,153 @@
+"""The whole path on both architecture families, with checkpoints built by transformers at smoke size:
+an OLMo-2 anchor with GQA saved sharded (-> FlexOlmo) and a Llama anchor with GQA and tied embeddings
+(-> Mixtral). Each: import the anchor, train an owner expert, import a released-style 2-expert model,
+merge, load with AutoModelForCausalLM, and check the method's guarantees."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexolmo_core import layout
+from flexolmo_core.anchor_import import import_anchor
+from flexolmo_core.merge import merge, opt_out
+from flexolmo_core.package import PackageError, load_package
+from flexolmo_core.package_convert import export_package, import_package, read_internal, split_merged
+from published import SHAPE, released_style_expert, save, token_ids
+
+FAMILIES = {"olmo2_gqa_sharded": "FlexOlmoForCausalLM", "llama_gqa_tied": "MixtralForCausalLM"}
+
+
+def published_anchor(name: str, tokenizer_dir, out):
+    from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    if name == "olmo2_gqa_sharded":
+        return save(Olmo2ForCausalLM(Olmo2Config(**SHAPE, **token_ids(tokenizer_dir))), tokenizer_dir, out,
+                    max_shard_size="100KB")
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE, **token_ids(tokenizer_dir), tie_word_embeddings=True))
+    return save(model, tokenizer_dir, out)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def world(request, tmp_path_factory, smoke_tokenizer, owner_data):
+    from flexolmo_core.training.config import LoopConfig
+    from flexolmo_core.training.stages import train_expert
+
+    root = tmp_path_factory.mktemp(request.param)
+    published = published_anchor(request.param, smoke_tokenizer, root / "published")
+    anchor = root / "anchor"
+    import_anchor(published, anchor, replay_data=[owner_data["news"]], replay_tokens=1024, seq_len=32)
+    L, d = SHAPE["num_hidden_layers"], SHAPE["hidden_size"]
+    torch.manual_seed(3)
+    public, domain = torch.randn(L, d) * 0.1, torch.randn(L, d) * 0.1
+    loop = LoopConfig(steps=4, lr=3e-3, warmup=1, global_batch=2, micro_batch=2, seq_len=32, checkpoint_every=4,
+                      eval_batches=1, progress=False)
+    train_expert(anchor, "code", [owner_data["code"]], root / "code.run", loop, public_rows=public,
+                 domain_rows=domain, package_dir=root / "code", public_mix=0.25)
+    released = released_style_expert(anchor, public, root / "released_model")
+    import_package(released, anchor, root / "released", domain="released")
+    merge(anchor, [root / "code", root / "released"], root / "merged", top_k=2)
+    return {"root": root, "anchor": anchor, "published": published, "public": public, "domain": domain,
+            "architecture": FAMILIES[request.param], "released_model": released}
+
+
+def logits(model_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return type(model).__name__, model(ids).logits
+
+
+def sample_ids(seed: int = 0):
+    return torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def test_public_parts_stay_bit_identical(world):
+    anchor, merged = read_internal(world["anchor"]), read_internal(world["root"] / "merged")
+    assert all(torch.equal(merged[name], tensor) for name, tensor in anchor.items())
+    code = load_package(world["root"] / "code")
+    for i in range(SHAPE["num_hidden_layers"]):
+        assert torch.equal(code.tensor(f"layers.{i}.public_router"), world["public"][i])
+        assert torch.equal(merged[f"layers.{i}.router_0"], world["public"][i])
+        assert not torch.equal(code.tensor(f"layers.{i}.router"), world["domain"][i])  # the domain row trained
+
+
+def test_anchor_plus_one_package_at_k2_is_the_owner_model(world, tmp_path):
+    """The exported 2-expert model (transformers' own class) computes what the owner trained (FastOlmo)."""
+    from transformers import AutoModelForCausalLM
+
+    from flexolmo_core.training.model import build
+    from flexolmo_core.training.stages import owner_fast_model
+
+    export_package(world["root"] / "code", world["anchor"], tmp_path / "owner")
+    name, hf = logits(tmp_path / "owner", ids := sample_ids())
+    assert name == world["architecture"]
+    owner, tensors = owner_fast_model(AutoModelForCausalLM.from_pretrained(world["anchor"]), world["public"],
+                                      world["domain"], False)
+    package = load_package(world["root"] / "code")
+    for i in range(SHAPE["num_hidden_layers"]):
+        tensors[f"layers.{i}.gate_up_1"] = package.tensor(f"layers.{i}.gate_up_proj")
+        tensors[f"layers.{i}.down_1"] = package.tensor(f"layers.{i}.down_proj")
+        tensors[f"layers.{i}.router_1"] = package.tensor(f"layers.{i}.router")
+    fast = build(owner.cfg, owner.moe, tensors, lambda n: False, torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(fast(ids)[0], hf, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])  # at k=1 of 2, Mixtral's renormalised weight (1) differs from FlexOlmo's
+def test_masking_an_expert_equals_the_merge_without_it(world, tmp_path, top_k):
+    from flexolmo_core.inference import load_flexolmo
+
+    root = world["root"]
+    merge(world["anchor"], [root / "code"], tmp_path / "without", top_k=top_k)
+    opt_out(root / "merged", ["released"], tmp_path / "opted_out", top_k=top_k)
+    without, opted = read_internal(tmp_path / "without"), read_internal(tmp_path / "opted_out")
+    assert without.keys() == opted.keys() and all(torch.equal(without[k], opted[k]) for k in without)
+    name, expected = logits(tmp_path / "without", ids := sample_ids(1))
+    assert name == world["architecture"]
+    masked = load_flexolmo(root / "merged", exclude=["released"], top_k=top_k)
+    with torch.no_grad():
+        got = masked.model(ids).logits
+        _, full = logits(root / "merged", ids)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(full, expected, atol=1e-3)  # the released expert did contribute before
+
+
+def test_released_expert_round_trip_and_split(world, tmp_path):
+    root = world["root"]
+    export_package(root / "released", world["anchor"], tmp_path / "exported")
+    import_package(tmp_path / "exported", world["anchor"], tmp_path / "again")
+    a, b = load_package(root / "released"), load_package(tmp_path / "again")
+    assert b.domain == "released" and a.tensor_names == b.tensor_names
+    assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.tensor_names)
+    released = read_internal(world["released_model"])
+    assert torch.equal(a.tensor("layers.1.gate_up_proj"), released["layers.1.gate_up_1"])
+    split = split_merged(root / "merged", world["anchor"], tmp_path / "split")
+    assert sorted(split) == ["code", "released"]
+    for domain in split:
+        ours, back = load_package(root / domain), load_package(split[domain])
+        assert all(torch.equal(ours.tensor(n), back.tensor(n)) for n in ours.tensor_names)
+
+
+def test_import_checks_the_anchor_within_bf16_rounding(world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = world["released_model"]
+    rounded, shifted = tmp_path / "rounded", tmp_path / "shifted"
+    for out, change in ((rounded, lambda t: t.to(torch.bfloat16).float()), (shifted, lambda t: t + 0.02)):
+        out.mkdir()
+        for f in source.iterdir():
+            if f.suffix == ".safetensors":
+                state = load_file(str(f))
+                norm = "model.norm.weight"
+                state = {k: change(v) if k == norm else v for k, v in state.items()}
+                save_file(state, str(out / f.name), metadata={"format": "pt"})
+            else:
+                (out / f.name).write_bytes(f.read_bytes())
+    import_package(rounded, world["anchor"], tmp_path / "ok", domain="released")  # bf16 noise passes
+    with pytest.raises(PackageError, match=r"tensor norm differs from the anchor's by 0\.0\d+"):
+        import_package(shifted, world["anchor"], tmp_path / "bad", domain="released")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(PackageError, match=r"model_type '(olmo2|llama)' is dense"):
+        import_package(world["published"], world["anchor"], tmp_path / "dense", domain="x")
