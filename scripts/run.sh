@@ -3,6 +3,8 @@
 # mini FlexMix with `dvc repro`, then the paths of the results table and plots. Offline by construction.
 #   RUNNER=prefect bash scripts/run.sh   runs the same DAG as Prefect flow runs (experts concurrently)
 #   bash scripts/run.sh expert@code      any `dvc repro` arguments (a target, --force, ...)
+#   EXP="-S preset=smollm2 ..." bash scripts/run.sh   a variant: `dvc exp run` with those params overrides (DVC
+#                                        writes them into params.yaml; `git checkout params.yaml` undoes that)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -13,6 +15,9 @@ mkdir -p runs
 log=runs/last-run.log  # also read by `python benchmarks/pipeline_overhead.py --from-log runs/last-run.log`
 if [ "${RUNNER:-dvc}" = prefect ]; then
   python -m flows.pipeline "$@" 2>&1 | tee "$log"
+elif [ -n "${EXP:-}" ]; then
+  # shellcheck disable=SC2086  # EXP is a list of -S flags
+  dvc exp run $EXP "$@" 2>&1 | tee "$log"
 else
   dvc repro "$@" 2>&1 | tee "$log"
 fi

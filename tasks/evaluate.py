@@ -14,7 +14,7 @@ from pathlib import Path
 from flexolmo_core.atomic import atomic_dir
 from flexolmo_core.evaluation import report, runner, variants
 from flexolmo_core.merge import expert_domains
-from flexolmo_core.params import load_section
+from flexolmo_core.training.config import load_stage
 
 OUT = Path("outputs/evaluate")
 REPORTS = Path("reports")
@@ -52,7 +52,7 @@ def run_jobs(jobs: list, cfg: runner.EvalConfig):
 
 
 def main(params: str = "params.yaml") -> int:
-    cfg = load_section(runner.EvalConfig, "evaluate", params)
+    _, cfg, _ = load_stage(runner.EvalConfig, "evaluate", params)  # with the preset's overrides
     merged = Path(cfg.merged_dir)
     if not (merged / "config.json").exists():
         print(f"evaluate: no merged checkpoint at {merged} (run the merge stage)", file=sys.stderr)

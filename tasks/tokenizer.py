@@ -1,5 +1,6 @@
-"""DVC stage `tokenizer`: outputs/prepare -> outputs/tokenizer/tokenizer (the anchor's HF tokenizer, trained on
-public/train only) and outputs/tokenizer/<domain>/<split>/ (packed token shards + index.json) + card."""
+"""DVC stage `tokenizer`: outputs/prepare -> outputs/tokenizer/tokenizer (the anchor's HF tokenizer: trained on
+public/train only, or the imported anchor's own when `anchor.source` is a checkpoint) and
+outputs/tokenizer/<domain>/<split>/ (packed token shards + index.json) + card."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import json
 from flexolmo_core.data.config import TokenizerConfig, flexmix_domains
 from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
 from flexolmo_core.params import load_section, read_params
+from flexolmo_core.training.config import AnchorConfig, load_stage
 
 PREPARED = "outputs/prepare"
 OUT = "outputs/tokenizer"
@@ -14,7 +16,10 @@ OUT = "outputs/tokenizer"
 
 def main(params: str = "params.yaml") -> None:
     config = load_section(TokenizerConfig, "tokenizer", params)
-    card = build_tokenizer_and_pack(config, PREPARED, flexmix_domains(read_params(params).get("domains")), OUT)
+    _, anchor, _ = load_stage(AnchorConfig, "anchor", params)  # with the preset's overrides
+    source = None if anchor.source == "train" else (anchor.source, anchor.gguf_file)
+    card = build_tokenizer_and_pack(config, PREPARED, flexmix_domains(read_params(params).get("domains")), OUT,
+                                    anchor_source=source)
     print(json.dumps({"tokenizer_sha256": card["tokenizer_sha256"], "pack_tokens_per_second": card["pack_tokens_per_second"],
                       "tokens": {d: r["train"]["tokens"] for d, r in card["domains"].items()}}, indent=2))
 

@@ -333,3 +333,36 @@ def test_a_ninth_domain_flows_through_every_stage(clone, harness):
     assert any(line.startswith("| legal ") for line in opt_out_table.splitlines()), opt_out_table
     assert (clone / "outputs/evaluate/plots/opt_out.png").exists()
     baseline(clone)
+
+
+def test_an_imported_llama_anchor_runs_every_stage(clone, harness):
+    """`anchor.source` = a published Llama-family checkpoint (GQA, tied embeddings): the tokenizer stage packs
+    with its tokenizer, the anchor stage imports it, and the experts merge into a Mixtral model."""
+    import torch
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from published import SHAPE, save, token_ids
+
+    baseline(clone)
+    tokenizer = clone / "outputs/tokenizer/tokenizer"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE, **token_ids(tokenizer), tie_word_embeddings=True))
+    published = save(model, tokenizer, clone.parent / "published_llama")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["anchor"]["source"] = str(published)
+    params["evaluate"]["variants"] = ["public", "flexolmo", "optout_code"]
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran_now, log = repro(clone)
+    assert {"tokenizer", "anchor", "expert@code", "expert@math", "merge", "router_tune", "evaluate"} <= set(ran_now), log[-2000:]
+    card = json.loads((clone / "outputs/tokenizer/card.json").read_text())
+    assert card["origin"].startswith("the imported anchor's own tokenizer")
+    summary = json.loads((clone / "outputs/anchor/summary.json").read_text())
+    assert (summary["family"], summary["imported_from"]) == ("llama", str(published))
+    for model_dir in ("outputs/merge/flexolmo", "outputs/merge/optout_code", "outputs/router_tune/model"):
+        config = json.loads((clone / model_dir / "config.json").read_text())
+        assert (config["model_type"], config["architectures"]) == ("mixtral", ["MixtralForCausalLM"]), model_dir
+    for variant in ("public", "flexolmo", "optout_code"):
+        result = json.loads((clone / f"outputs/evaluate/results/{variant}.json").read_text())
+        assert result["tasks"]["flexolmo_domain_code"]["status"] == "ok", variant
+    baseline(clone)

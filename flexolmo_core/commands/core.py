@@ -35,9 +35,9 @@ def register(subparsers) -> None:
 
     p = anchor_sub.add_parser("import", help="a published OLMo-2 or Llama-family checkpoint (safetensors or GGUF) "
                                              "as the anchor folder owners receive")
-    p.add_argument("--from", dest="source", required=True, metavar="PATH_OR_HUB_ID",
-                   help="a checkpoint folder (safetensors, one file or sharded) or a hub id (needs network)")
-    p.add_argument("--gguf-file", default=None, help="a GGUF file inside --from (de-quantised on load)")
+    p.add_argument("--from", dest="source", default=None, metavar="PATH_OR_HUB_ID",
+                   help="a checkpoint folder (safetensors, one file or sharded), a .gguf file, "
+                        "pkg:<package>/<file> or a hub id (needs network); default: --source (anchor.source)")
     p.add_argument("--out", required=True, help="the anchor folder to write (replaced atomically)")
     p.add_argument("--replay-data", nargs="+", default=None,
                    help="public text for the replay sample owners mix in (anchor.replay_tokens of it)")
@@ -121,6 +121,9 @@ def cmd_anchor_train(args) -> None:
     from ..training.stages import train_anchor
 
     stage = args.stage
+    if stage.source != "train":
+        raise ValueError(f"anchor.source is {stage.source!r}: that anchor is imported, not trained "
+                         "(flexolmo anchor import)")
     summary = train_anchor(args.tokenizer, args.data, args.out, model_preset(args), args.loop, val_data=args.val_data,
                            init_seed=stage.init_seed, projection_dim=stage.projection_dim,
                            projection_seed=stage.projection_seed, replay_tokens=stage.replay_tokens)
@@ -134,7 +137,10 @@ def cmd_anchor_import(args) -> None:
     from ..anchor_import import import_anchor
 
     stage = args.stage
-    manifest = import_anchor(args.source, args.out, gguf_file=args.gguf_file, projection_dim=stage.projection_dim,
+    source = args.source or (stage.source if stage.source != "train" else None)
+    if source is None:
+        raise ValueError("give --from (or --params with an anchor.source that names a checkpoint)")
+    manifest = import_anchor(source, args.out, gguf_file=stage.gguf_file, projection_dim=stage.projection_dim,
                              projection_seed=stage.projection_seed, replay_data=args.replay_data,
                              replay_tokens=stage.replay_tokens, seq_len=args.seq_len)
     print(json.dumps({"anchor": args.out, **{k: manifest[k] for k in ("fingerprint", "family", "model_type", "dtype")}}))

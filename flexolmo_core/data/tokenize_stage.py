@@ -15,11 +15,14 @@ from .tokenizer import tokenizer_sha256, train_tokenizer
 
 
 def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, domains: list[str],
-                             out_dir: str | Path) -> dict:
+                             out_dir: str | Path, anchor_source: tuple[str, str | None] | None = None) -> dict:
     """out_dir/tokenizer (HF tokenizer), out_dir/<domain>/<split>/ (shards + index.json), card.json/.md.
 
-    Each domain's packed data sits in its own folder so an expert stage can depend on that folder alone."""
+    The tokenizer is trained on `config.train_domain`'s train split, or, with `anchor_source` = (source,
+    gguf_file) of an imported anchor, is that checkpoint's own. Each domain's packed data sits in its own
+    folder so an expert stage can depend on that folder alone."""
     from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
 
     for d in domains:
         check_domain_name(d)
@@ -31,11 +34,21 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
     texts = {(d, s): load_split(prepare_dir, d, s)["text"] for d in domains for s in SPLITS}  # fail before writing
     with atomic_dir(out_dir) as tmp:
         t0 = time.perf_counter()
-        train_tokenizer(texts[(config.train_domain, "train")], config.vocab_size, tmp / "tokenizer",
-                        config.min_frequency, config.eos_token, config.pad_token)
+        if anchor_source is None:
+            train_tokenizer(texts[(config.train_domain, "train")], config.vocab_size, tmp / "tokenizer",
+                            config.min_frequency, config.eos_token, config.pad_token)
+            origin = f"byte-level BPE trained on `{config.train_domain}/train` only"
+        else:
+            from ..anchor_import import locate, write_tokenizer
+
+            (tmp / "tokenizer").mkdir()
+            write_tokenizer(*locate(*anchor_source), tmp / "tokenizer")
+            origin = f"the imported anchor's own tokenizer ({anchor_source[0]})"
         train_seconds = time.perf_counter() - t0
         tok = Tokenizer.from_file(str(tmp / "tokenizer" / "tokenizer.json"))
-        eos_id = tok.token_to_id(config.eos_token)
+        eos_id = AutoTokenizer.from_pretrained(tmp / "tokenizer").eos_token_id
+        if eos_id is None:
+            raise ValueError(f"{tmp / 'tokenizer'}: the tokenizer has no EOS token; documents are separated by EOS")
         meta = {"tokenizer_sha256": tokenizer_sha256(tmp / "tokenizer"), "eos_token_id": eos_id,
                 "vocab_size": tok.get_vocab_size()}
         rows, total_tokens, t0 = {}, 0, time.perf_counter()
@@ -47,12 +60,12 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
                                                   "samples": index["num_samples"]}
             total_tokens += len(stream)
         pack_seconds = time.perf_counter() - t0
-        card = {**meta, "seq_len": config.seq_len, "trained_on": f"{config.train_domain}/train",
+        card = {**meta, "seq_len": config.seq_len, "origin": origin,
                 "train_seconds": round(train_seconds, 2), "pack_seconds": round(pack_seconds, 2),
                 "pack_tokens_per_second": round(total_tokens / max(pack_seconds, 1e-9)), "domains": rows}
         write_json(tmp / "card.json", card)
         lines = ["# Anchor tokenizer and packed data", "",
-                 f"Byte-level BPE, vocab {meta['vocab_size']:,}, trained on `{config.train_domain}/train` only "
+                 f"{origin[0].upper() + origin[1:]}, vocab {meta['vocab_size']:,} "
                  f"(sha256 `{meta['tokenizer_sha256'][:16]}`). Packed at {card['pack_tokens_per_second']:,} tokens/s.",
                  "", "| domain | train tokens | validation tokens | test tokens |", "|---|---|---|---|"]
         lines += [f"| {d} | " + " | ".join(f"{r[s]['tokens']:,}" for s in SPLITS) + " |" for d, r in rows.items()]

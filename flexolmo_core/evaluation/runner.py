@@ -57,6 +57,7 @@ class EvalConfig:
     anchor_dir: str | None = "outputs/anchor"   # the public model (else expert 0 of the merge, identical)
     extra_variants: dict[str, str] | None = dataclasses.field(default=None, metadata=NO_FLAG)  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...);
     # a missing dir is reported as `not run`, so the training stages' outputs can be listed before they exist
+    presets: dict = dataclasses.field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 
 
 def suites_for(variant: str, cfg: "EvalConfig") -> list[str]:

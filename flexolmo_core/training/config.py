@@ -43,6 +43,11 @@ class LoopConfig:
 class AnchorConfig:
     """`anchor` stage: a dense model pretrained on public data only; also fixes the router projection."""
 
+    # train (pretrain here), or a published dense checkpoint to import: a folder, a GGUF file,
+    # pkg:<python package>/<file> (offline model packages) or a hub id. Imported, the tokenizer stage packs with
+    # the checkpoint's tokenizer and the anchor stage imports instead of pretraining.
+    source: str = "train"
+    gguf_file: str | None = None  # with a folder source: the GGUF file in it
     data_domain: str = "public"  # the anchor's only data
     init_seed: int = 0  # weight init
     projection_dim: int = 384  # encoder width the router projection accepts (all-MiniLM-L6-v2: 384)
