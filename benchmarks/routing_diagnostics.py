@@ -107,6 +107,13 @@ def main() -> None:
         owner = "-" if r["owner_p_own"] is None else f"{r['owner_p_own']:.2f}"
         print(f"| {r['domain']} | {r['layer']} | {owner} | {r['merged_p_own']:.2f} | {r['top1_rate']:.2f} | "
               f"{r['in_top_k_rate']:.2f} | {r['most_probability']} |")
+    print("\n| domain | owner p(own), mean over layers | merged p(own), mean over layers | own top-1 | own in top-k |")
+    print("|---|---|---|---|---|")
+    for domain in dict.fromkeys(r["domain"] for r in report["routing"]):
+        rows = [r for r in report["routing"] if r["domain"] == domain]
+        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        owner = "-" if rows[0]["owner_p_own"] is None else f"{mean('owner_p_own'):.3f}"
+        print(f"| {domain} | {owner} | {mean('merged_p_own'):.3f} | {mean('top1_rate'):.3f} | {mean('in_top_k_rate'):.3f} |")
     if args.anchor:
         domains = sorted({r["domain"] for r in report["routing"]}, key=[r["domain"] for r in report["routing"]].index)
         report["separability"] = separability(args.anchor, args.data, domains, args.batches)

@@ -114,10 +114,16 @@ def test_masking_an_expert_equals_the_merge_without_it(world, tmp_path, top_k):
     assert not torch.allclose(full, expected, atol=1e-3)  # the released expert did contribute before
 
 
-def test_released_expert_round_trip_and_split(world, tmp_path):
-    root = world["root"]
-    export_package(root / "released", world["anchor"], tmp_path / "exported")
-    import_package(tmp_path / "exported", world["anchor"], tmp_path / "again")
+def test_released_expert_round_trip_and_split(world, tmp_path, capsys):
+    from flexolmo_core.cli import main
+
+    root, anchor = world["root"], str(world["anchor"])
+    assert main(["package", "export", str(root / "released"), "--anchor", anchor, "--out", str(tmp_path / "exported")]) == 0
+    assert main(["package", "import", "--from", str(tmp_path / "exported"), "--anchor", anchor,
+                 "--out", str(tmp_path / "again")]) == 0
+    assert main(["package", "import", "--from", str(tmp_path / "exported"), "--anchor", anchor, "--expert", "2",
+                 "--out", str(tmp_path / "none")]) == 2
+    assert "has experts 0..1; expert 2 cannot be imported" in capsys.readouterr().err
     a, b = load_package(root / "released"), load_package(tmp_path / "again")
     assert b.domain == "released" and a.tensor_names == b.tensor_names
     assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.tensor_names)
