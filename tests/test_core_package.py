@@ -90,9 +90,10 @@ def test_a_pickle_is_never_unpickled(packages, tmp_path, monkeypatch):
         load_package(pkg)
 
 
-def test_unsafe_domain_name_is_refused(packages, tmp_path):
+@pytest.mark.parametrize("name", ["../etc", "news\n"])  # a trailing newline once passed and dodged --exclude news
+def test_unsafe_domain_name_is_refused(packages, tmp_path, name):
     pkg, _, manifest = copy_package(packages["news"], tmp_path / "pkg")
-    manifest["domain"] = "../etc"
+    manifest["domain"] = name
     write(pkg, manifest=manifest)
     with pytest.raises(PackageError, match="not a safe identifier"):
         load_package(pkg)

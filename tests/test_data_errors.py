@@ -91,7 +91,7 @@ def test_unknown_text_field_lists_the_fields(tmp_path, previous_output):
     assert_untouched(tmp_path, previous_output)
 
 
-@pytest.mark.parametrize("name", ["../etc", "Bad-Name", "1st", "a b", ""])
+@pytest.mark.parametrize("name", ["../etc", "Bad-Name", "1st", "a b", "", "code\n"])  # "$" matches before a final \n
 def test_unsafe_domain_names_are_refused(tmp_path, previous_output, name):
     with pytest.raises(ValueError, match="not a safe identifier"):
         build(tmp_path, {}, domains=("public", name))

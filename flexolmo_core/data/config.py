@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from ..params import NO_FLAG
 
 # Domain names become folder names, DVC foreach keys and expert names: keep them boring.
-SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # used with fullmatch: "$" would accept a final newline
 ANCHOR_DOMAIN = "public"  # the anchor's data and expert 0; every other domain comes from params.yaml
 
 
 def check_domain_name(name: str, expert: bool = False) -> str:
     """The one domain-name check. `expert=True` also reserves `public` (expert 0 is the anchor's FFN)."""
-    if not isinstance(name, str) or not SAFE_NAME.match(name):
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
         raise ValueError(
             f"domain name {name!r} is not a safe identifier: use lowercase letters, digits and '_', "
             "starting with a letter (at most 64 characters)"

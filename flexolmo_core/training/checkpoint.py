@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir, write_json
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
+STEP_DIR = re.compile(r"step-(\d{8})")  # fullmatch
 HYPER = ("lr", "betas", "eps", "weight_decay")
 
 
@@ -56,8 +56,8 @@ def list_checkpoints(run_dir) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").exists()]
-    return sorted(done, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    done = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / "state.json").exists()]
+    return sorted(done, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
 
 
 def latest_checkpoint(run_dir) -> Path | None:
