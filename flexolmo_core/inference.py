@@ -25,9 +25,13 @@ class LoadedModel:
     kept: list[str]  # domains whose experts may be used, in the model's expert order
 
 
-def resolve_experts(domains: list[str], exclude=(), only=()) -> list[str]:
-    """The kept domains, in model order; errors name unknown domains."""
-    exclude, only = list(exclude or ()), list(only or ())
+def resolve_experts(domains: list[str], exclude=(), only=None) -> list[str]:
+    """The kept domains, in model order; errors name unknown domains. `only` None = not given; an `only` that
+    names nothing is refused (opt-in must fail closed, not keep everything)."""
+    exclude = list(exclude or ())
+    if only is not None and not list(only):
+        raise ValueError("--only names no expert; list the experts to keep (e.g. --only public,code)")
+    only = list(only or ())
     if exclude and only:
         raise ValueError("use either exclude or only, not both")
     unknown = sorted(set(exclude + only) - set(domains))
@@ -52,7 +56,7 @@ def _install_inference_routers(model, top_k: int, masked: list[int], bias: list[
         layer.mlp.gate = router
 
 
-def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=(), top_k: int | None = None,
+def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: int | None = None,
                   strict: bool = False, use_bias: bool = False, dtype=torch.float32) -> LoadedModel:
     """Load a merged model with some experts switched off.
 

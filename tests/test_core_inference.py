@@ -68,6 +68,9 @@ def test_generate_cli(merged, capsys):
     assert "unknown expert(s) ['poetry']" in capsys.readouterr().err
     assert main(["generate", "--model", str(merged), "--top-k", "0", PROMPT]) == 2
     assert "top_k must be >= 1" in capsys.readouterr().err
+    for empty in ("", ",", " "):  # opt-in that names nothing fails closed (it once kept every expert)
+        assert main(["generate", "--model", str(merged), "--only", empty, PROMPT]) == 2
+        assert "--only names no expert" in capsys.readouterr().err
 
 
 def test_use_bias_reapplies_the_learned_router_bias(smoke_anchor, tmp_path):

@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--exclude", default="", help="comma-separated experts to switch off")
-    group.add_argument("--only", default="", help="comma-separated experts to keep (public must be named to keep it)")
+    group.add_argument("--only", default=None, help="comma-separated experts to keep (public must be named to keep it)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--strict", action="store_true", help="load only the kept experts' weights")
@@ -176,7 +176,7 @@ def _names(text: str) -> list[str]:
 def cmd_generate(args) -> None:
     from ..inference import generate, load_flexolmo
 
-    loaded = load_flexolmo(args.model, exclude=_names(args.exclude), only=_names(args.only), top_k=args.top_k,
+    loaded = load_flexolmo(args.model, exclude=_names(args.exclude), only=None if args.only is None else _names(args.only), top_k=args.top_k,
                            strict=args.strict, use_bias=args.use_bias)
     result = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens)
     if args.json:
