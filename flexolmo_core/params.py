@@ -81,7 +81,7 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
     kwargs = {name: _check_type(value, hints[name], f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # ValueError: a dataclass's own range checks
         raise ParamsError(f"{where}: {err}") from err
 
 

@@ -96,3 +96,25 @@ def test_every_field_has_a_flag_with_its_one_line_doc(argv, cls, section, per_do
     for name in field_names(cls):
         assert "--" + name.replace("_", "-") + " " in text, name
     assert "optimiser steps" in text or cls not in (AnchorConfig, ExpertConfig)  # LoopConfig.steps' comment
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "0", "loop.steps must be >= 1, got 0"), ("--steps", "-5", "loop.steps must be >= 1, got -5"),
+    ("--seq-len", "0", "loop.seq_len must be >= 1, got 0"), ("--micro-batch", "0", "loop.micro_batch must be >= 1"),
+    ("--lr", "nan", "loop.lr must be a positive number, got nan"), ("--dtype", "int8", "loop.dtype must be one of")])
+def test_loop_values_that_train_on_nothing_are_refused(flag, value, message, tmp_path, capsys):
+    """--steps -5 once wrote an untrained package (manifest steps: -5); --seq-len 0 wrote NaN into manifest.json."""
+    from flexolmo_core.cli import main
+
+    argv = ["expert", "train", "--anchor", "a", "--domain", "code", "--data", "d", "--out", str(tmp_path / "o")]
+    assert main(argv + [flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_loop_values_in_params_are_refused_naming_the_file(tmp_path):
+    data = yaml.safe_load(Path(PARAMS).read_text())
+    data["expert"]["presets"]["tiny"]["steps"] = -5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"params.yaml:expert.loop: loop.steps must be >= 1, got -5"):
+        load_stage(ExpertConfig, "expert", tmp_path / "params.yaml", domain="code")

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from ..params import NO_FLAG, ParamsError, from_dict, read_params
 
 
+DTYPE_NAMES = ("bfloat16", "float32", "float16")  # compute dtypes the loop accepts (torch names)
+
+
 @dataclass
 class LoopConfig:
     """One training run's hyper-parameters (the same loop for every stage)."""
@@ -37,6 +40,23 @@ class LoopConfig:
     distributed: str = "ddp"  # under torchrun: ddp | fsdp (fsdp shards params, grads and optimiser state)
     threads: int = 0  # torch intra-op threads (0: torch's default)
     progress: bool = True  # tqdm progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        """Refuse values that would train on nothing or write NaN (checked wherever a LoopConfig is made: params
+        files and command-line flags alike)."""
+        at_least = {"steps": 1, "global_batch": 1, "micro_batch": 1, "seq_len": 1, "checkpoint_every": 1,
+                    "keep_checkpoints": 1, "warmup": 0, "eval_batches": 0, "eval_every": 0, "threads": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"loop.{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"loop.lr must be a positive number, got {self.lr}")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise ValueError(f"loop.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"loop.dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"loop.distributed must be ddp or fsdp, got {self.distributed!r}")
 
 
 @dataclass

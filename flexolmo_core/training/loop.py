@@ -17,13 +17,13 @@ import torch
 
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LoopConfig
+from .config import DTYPE_NAMES, LoopConfig
 from .data import Order, batch, fixed_batches
 from .model import FastOlmo, count_matmul_flops
 from .objective import objective
 from .schedule import lr_at
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def measure_matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
