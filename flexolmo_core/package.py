@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .atomic import atomic_dir, write_json
+from .stream_safetensors import save_tensors
 from .data.config import check_domain_name
 
 FORMAT_VERSION = 1
@@ -78,7 +78,7 @@ def save_package(tensors: dict[str, torch.Tensor], out: str | os.PathLike, domai
         "data": data or {},
     }
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "domain": domain})
+        save_tensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "domain": domain})
         write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
 

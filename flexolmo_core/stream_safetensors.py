@@ -1,9 +1,11 @@
-"""Write a safetensors file one tensor at a time.
+"""Write a safetensors file one tensor at a time, deterministically.
 
 safetensors' own `save_file` needs every tensor in memory and copies each to bytes first (peak ~2x the
 file). A merge of a large model should not: the header is computed from shapes alone, then each tensor is
 produced, written and dropped. The format (8-byte header length, JSON header, raw little-endian data) is
-the published safetensors layout; files load with `safetensors.safe_open` / `load_file`."""
+the published safetensors layout; files load with `safetensors.safe_open` / `load_file`. Tensors and metadata
+keys are written in sorted order, so identical tensors give identical bytes (safetensors' `save_file` writes
+`__metadata__` keys in a per-process order)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +24,7 @@ TensorSpec = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]
 def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> None:
     """`specs`: (name, dtype, shape, produce) per tensor; `produce()` is called once, in name order."""
     specs = sorted(specs, key=lambda s: s[0])
-    header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name, dtype, shape, _ in specs:
         size = torch.empty((), dtype=dtype).element_size()
@@ -43,3 +45,8 @@ def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec], metada
             del tensor
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, but byte-identical for identical tensors and metadata."""
+    write_streaming(path, [(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()], metadata)

@@ -111,3 +111,25 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PackageError, match="manifest.json: missing"):
         load_package(tmp_path / "empty")
+
+
+def test_identical_tensors_give_identical_package_bytes(tmp_path):
+    """safetensors' save_file writes __metadata__ keys in a per-process order, so the same package written twice
+    was refused on republish as a different one. Six processes write it (the old writer passed this 1 time in 64)."""
+    import hashlib
+    import struct
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from flexolmo_core.package import save_package; torch.manual_seed(0); "
+              "t = {f'layers.0.{n}': torch.randn(*s) for n, s in (('gate_up_proj', (8, 4)), ('down_proj', (4, 4)), "
+              "('router', (4,)), ('public_router', (4,)))}; save_package(t, sys.argv[1], 'code', 'anchor-x')")
+    digests = set()
+    for i in range(6):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"p{i}")], check=True)
+        raw = (tmp_path / f"p{i}" / "expert.safetensors").read_bytes()
+        digests.add(hashlib.sha256(raw).hexdigest())
+        header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+        assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert len(digests) == 1
+    assert load_package(tmp_path / "p0").domain == "code"
