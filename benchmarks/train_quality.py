@@ -73,6 +73,7 @@ def main() -> None:
     from flexolmo_core.training.data import open_windows
     from flexolmo_core.training.loop import evaluate
     from flexolmo_core.layout import from_hf_dense, from_hf_moe
+    from flexolmo_core.families import RENORMALIZES
     from flexolmo_core.training.model import MoEShape, build
     from flexolmo_core.training.stages import read_merged
     from flexolmo_core.moe import hf_state_dict
@@ -114,7 +115,7 @@ def main() -> None:
                               torch.float32)}
     mcfg, state, manifest = read_merged(merged)
     E = manifest["num_experts"]
-    models["merged"] = build(mcfg, MoEShape(E, manifest["top_k"]), from_hf_moe(state, cfg.n_layers), lambda n: False,
+    models["merged"] = build(mcfg, MoEShape(E, manifest["top_k"], renormalize=RENORMALIZES[mcfg.family]), from_hf_moe(state, cfg.n_layers), lambda n: False,
                              torch.float32)
     if args.router_tune:
         import dataclasses
@@ -134,7 +135,7 @@ def main() -> None:
             tune_router(merged, data / "public/train", [data / d / "train" for d in domains], tuned, rt_loop,
                         rt.public_windows, rt.proxy_windows, top_k=rt.top_k)
         _, rt_state, _ = read_merged(tuned / "model")
-        models["merged_rt"] = build(mcfg, MoEShape(E, manifest["top_k"]), from_hf_moe(rt_state, cfg.n_layers),
+        models["merged_rt"] = build(mcfg, MoEShape(E, manifest["top_k"], renormalize=RENORMALIZES[mcfg.family]), from_hf_moe(rt_state, cfg.n_layers),
                                     lambda n: False, torch.float32)
     rows = []
     for d in ["public", *domains]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_config_from_hf
 from .families import DENSE_TYPE, FAMILY_OF
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
@@ -176,8 +176,10 @@ def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int
 
     folder, gguf_file = locate(source, gguf_file)
     out = Path(out)
-    if out.resolve() == folder.resolve():
-        raise AnchorImportError(f"{out}: the output would overwrite the source checkpoint; choose another --out")
+    try:
+        refuse_overwriting_inputs(out, folder)
+    except ValueError as err:
+        raise AnchorImportError(str(err)) from None
     model, tokenizer, dtype = load_checkpoint(folder, gguf_file)
     cfg = model_config_from_hf(model.config)
     with atomic_dir(out) as tmp:

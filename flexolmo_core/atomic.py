@@ -88,6 +88,16 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
         raise
 
 
+def refuse_overwriting_inputs(out: str | os.PathLike, *inputs: str | os.PathLike) -> None:
+    """An output folder that is, contains or lies inside an input would destroy it when replaced: refuse."""
+    target = Path(out).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise ValueError(f"{out}: the output would overwrite the source {source} (an input); "
+                             "choose another output folder")
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_file(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)

@@ -15,7 +15,7 @@ import torch
 
 from .anchor import anchor_fingerprint, checkpoint_getter, checkpoint_meta, copy_tokenizer
 from . import layout
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from .stream_safetensors import write_streaming
 from .package import ExpertPackage, PackageError, load_package
 
@@ -56,7 +56,10 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
 
     from .families import DENSE_TYPE, moe_config
 
-    anchor_dir = Path(anchor_dir)
+    anchor_dir, package_paths = Path(anchor_dir), list(package_paths)
+    refuse_overwriting_inputs(out, anchor_dir, *package_paths)
+    if not (anchor_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{anchor_dir / 'config.json'}: missing; expected the anchor checkpoint folder")
     anchor_cfg = AutoConfig.from_pretrained(anchor_dir)
     if anchor_cfg.model_type in DENSE_TYPE:
         raise ValueError(f"{anchor_dir}: a {anchor_cfg.model_type!r} model is a mixture of experts; merge needs the "
@@ -186,6 +189,7 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
     from .families import set_expert_count
 
     merged_dir, exclude = Path(merged_dir), sorted(set(exclude))
+    refuse_overwriting_inputs(out, merged_dir)
     manifest = read_manifest(merged_dir)
     experts = sorted(manifest["experts"], key=lambda e: e["index"])
     domains = [e["domain"] for e in experts]

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from . import layout
-from .anchor import anchor_fingerprint, checkpoint_getter
+from .anchor import anchor_fingerprint
+from .atomic import atomic_dir, refuse_overwriting_inputs
+from .baselines import load_state
 from .families import expert_count, family_of_type, is_moe
 from .merge import MERGED_MANIFEST, merge, read_manifest
 from .package import PackageError, save_package
@@ -28,9 +30,8 @@ RTOL, ATOL = 2.0 ** -8, 1e-3
 
 def read_internal(folder: Path) -> dict[str, torch.Tensor]:
     """A checkpoint folder's tensors (dense or MoE, fused or per-expert) under internal names."""
-    names, get = checkpoint_getter(folder)
-    state = {n: get(n, None) for n in names}
-    return layout.from_hf_moe(state) if layout.is_moe_state(names) else layout.from_hf_dense(state)
+    state = load_state(folder)
+    return layout.from_hf_moe(state) if layout.is_moe_state(state) else layout.from_hf_dense(state)
 
 
 def check_against_anchor(source: dict, anchor: dict, source_dir: Path, anchor_dir: Path) -> float:
@@ -62,10 +63,10 @@ def import_package(source: str | os.PathLike, anchor_dir: str | os.PathLike, out
     from transformers import AutoConfig
 
     source, anchor_dir, out = Path(source), Path(anchor_dir), Path(out)
-    if out.resolve() in (source.resolve(), anchor_dir.resolve()):
-        raise PackageError(f"{out}: would overwrite an input; choose another --out")
-    if not (source / "config.json").is_file():
-        raise PackageError(f"{source / 'config.json'}: missing; expected a FlexOlmo or Mixtral checkpoint folder")
+    refuse_overwriting_inputs(out, source, anchor_dir)
+    for folder, what in ((source, "a FlexOlmo or Mixtral checkpoint folder"), (anchor_dir, "the anchor folder")):
+        if not (folder / "config.json").is_file():
+            raise PackageError(f"{folder / 'config.json'}: missing; expected {what}")
     config, anchor_config = AutoConfig.from_pretrained(source), AutoConfig.from_pretrained(anchor_dir)
     if not is_moe(config):
         raise PackageError(f"{source / 'config.json'}: model_type {config.model_type!r} is dense; expected a "
@@ -78,7 +79,7 @@ def import_package(source: str | os.PathLike, anchor_dir: str | os.PathLike, out
         raise PackageError(f"{source}: has experts 0..{n_experts - 1}; expert {expert} cannot be imported "
                            "(expert 0 is the public FFN)")
     ours = read_manifest(source) if (source / MERGED_MANIFEST).exists() else None
-    recorded = ours["experts"][expert] if ours else {}
+    recorded = sorted(ours["experts"], key=lambda e: e["index"])[expert] if ours else {}
     domain = domain or recorded.get("domain")
     if not domain:
         raise PackageError(f"{source}: no {MERGED_MANIFEST} names expert {expert}'s domain; give --domain")
@@ -98,8 +99,7 @@ def import_package(source: str | os.PathLike, anchor_dir: str | os.PathLike, out
 
 def split_merged(merged_dir: str | os.PathLike, anchor_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Every expert 1..N-1 of a merged model of ours as a package under out/<domain>; returns domain -> path."""
-    from .atomic import atomic_dir
-
+    refuse_overwriting_inputs(out, merged_dir, anchor_dir)
     domains = [e["domain"] for e in sorted(read_manifest(merged_dir)["experts"], key=lambda e: e["index"])]
     with atomic_dir(out) as tmp:
         for e, domain in enumerate(domains[1:], start=1):

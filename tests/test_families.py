@@ -124,6 +124,18 @@ def test_released_expert_round_trip_and_split(world, tmp_path, capsys):
     assert main(["package", "import", "--from", str(tmp_path / "exported"), "--anchor", anchor, "--expert", "2",
                  "--out", str(tmp_path / "none")]) == 2
     assert "has experts 0..1; expert 2 cannot be imported" in capsys.readouterr().err
+    before = read_internal(world["anchor"])
+    for argv in (["merge", "--anchor", anchor, "--expert", str(root / "code"), "--out", anchor],  # onto the anchor
+                 ["merge", "--anchor", anchor, "--expert", str(root / "code"), "--out", str(root)],  # around it
+                 ["package", "export", str(root / "code"), "--anchor", anchor, "--out", str(root / "code")],
+                 ["package", "split", str(root / "merged"), "--anchor", anchor, "--out", str(root / "merged")]):
+        assert main(argv) == 2, argv
+        assert "would overwrite the source" in capsys.readouterr().err
+    assert all(torch.equal(before[k], t) for k, t in read_internal(world["anchor"]).items())
+    assert load_package(root / "code").domain == "code" and (root / "merged" / "flexolmo.json").exists()
+    assert main(["package", "import", "--from", str(tmp_path / "exported"), "--anchor", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "none")]) == 2
+    assert "nowhere/config.json: missing; expected the anchor folder" in capsys.readouterr().err
     a, b = load_package(root / "released"), load_package(tmp_path / "again")
     assert b.domain == "released" and a.tensor_names == b.tensor_names
     assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.tensor_names)
