@@ -15,6 +15,8 @@ from safetensors import safe_open
 
 from .atomic import atomic_dir, write_json
 from .config import ModelConfig, get_preset
+from .errors import InputError, MissingInput, require, read_json
+from .stream_safetensors import check_safetensors_file
 
 ANCHOR_MANIFEST = "flexolmo_anchor.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -24,10 +26,10 @@ def olmo2_config(cfg: ModelConfig, tokenizer):
     from transformers import Olmo2Config
 
     if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the preset's vocab_size is {cfg.vocab_size}")
+        raise InputError(f"tokenizer has {len(tokenizer)} tokens but the preset's vocab_size is {cfg.vocab_size}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token; documents are separated by EOS in training")
+        raise InputError("the tokenizer has no EOS token; documents are separated by EOS in training")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return Olmo2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
@@ -46,14 +48,14 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     family = family_of_type(hf_config.model_type)  # refuses anything else, naming the supported types
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"unsupported RoPE scaling {rope.get('rope_type')!r} (only the default RoPE is implemented)")
+        raise InputError(f"unsupported RoPE scaling {rope.get('rope_type')!r} (only the default RoPE is implemented)")
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-        raise ValueError(f"head_dim {head_dim} x {hf_config.num_attention_heads} heads != hidden_size "
+        raise InputError(f"head_dim {head_dim} x {hf_config.num_attention_heads} heads != hidden_size "
                          f"{hf_config.hidden_size}: decoupled head widths are not supported")
     if family == "llama" and (getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)
                               or getattr(hf_config, "sliding_window", None)):
-        raise ValueError("unsupported Llama-family options: attention/MLP biases or sliding-window attention")
+        raise InputError("unsupported Llama-family options: attention/MLP biases or sliding-window attention")
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     return ModelConfig(
         vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size, n_layers=hf_config.num_hidden_layers,
@@ -69,7 +71,7 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy the tokenizer files byte for byte (re-saving could reformat them and change the fingerprint)."""
     src, dst = Path(src), Path(dst)
     if not (src / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{src}: no tokenizer.json (expected a Hugging Face tokenizer directory)")
+        raise MissingInput(f"{src}: no tokenizer.json (expected a Hugging Face tokenizer directory)")
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)
@@ -78,7 +80,7 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def save_anchor(model, tokenizer_dir: str | os.PathLike, out: str | os.PathLike, preset: str | None = None,
                 extra: dict | None = None) -> str:
     """Save an Olmo2ForCausalLM anchor with its tokenizer atomically; returns the fingerprint."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, signature=("config.json", ANCHOR_MANIFEST)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         copy_tokenizer(tokenizer_dir, tmp)
         fingerprint = anchor_fingerprint(tmp)
@@ -93,7 +95,7 @@ def init_anchor(preset: str | ModelConfig, tokenizer_dir: str | os.PathLike, out
 
     cfg = get_preset(preset) if isinstance(preset, str) else preset
     if not (Path(tokenizer_dir) / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (expected a Hugging Face tokenizer directory)")
+        raise MissingInput(f"{tokenizer_dir}: no tokenizer.json (expected a Hugging Face tokenizer directory)")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     model = Olmo2ForCausalLM(olmo2_config(cfg, tokenizer))
@@ -109,11 +111,11 @@ def load_anchor(path: str | os.PathLike):
 
     path = Path(path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: not an anchor checkpoint (no config.json)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        raise MissingInput(f"{path}: not an anchor checkpoint (no config.json)")
+    model_type = check_checkpoint(path).get("model_type")
     dense = sorted(t for t in FAMILY_OF if t not in DENSE_TYPE)
     if model_type not in dense:
-        raise ValueError(f"{path / 'config.json'}: model_type {model_type!r}; an anchor is a dense model of type "
+        raise InputError(f"{path / 'config.json'}: model_type {model_type!r}; an anchor is a dense model of type "
                          f"{', '.join(dense)}")
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="auto")
 
@@ -127,7 +129,7 @@ def _hash_tensor(h, name: str, tensor: torch.Tensor) -> None:
 
 
 def tokenizer_hash(model_dir: str | os.PathLike) -> str:
-    data = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    data = read_json(Path(model_dir) / "tokenizer.json", what="tokenizer")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -164,13 +166,31 @@ def shared_tensors(names, get):
         yield name, tensor
 
 
+def check_checkpoint(model_dir: str | os.PathLike) -> dict:
+    """A transformers checkpoint folder's config.json (a JSON object) after checking that every safetensors
+    file in it is whole: bad files are refused by name before transformers or safetensors parse them."""
+    model_dir = Path(model_dir)
+    config = read_json(model_dir / "config.json", what="model config")
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise MissingInput(f"{model_dir}: no .safetensors weights")
+    for file in files:
+        check_safetensors_file(file)
+    return config
+
+
+def _open_checked(file: Path):
+    check_safetensors_file(file)  # a truncated or foreign file is refused by name, before safetensors reads it
+    return safe_open(str(file), framework="pt")
+
+
 def checkpoint_getter(model_dir: str | os.PathLike):
     """(names, get) over a checkpoint's safetensors files; reads lazily, one expert slice at a time."""
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no .safetensors weights")
-    handles = [safe_open(str(f), framework="pt") for f in files]
+        raise MissingInput(f"{model_dir}: no .safetensors weights")
+    handles = [_open_checked(f) for f in files]
     where = {name: h for h in handles for name in h.keys()}
 
     def get(name: str, expert: int | None):
@@ -186,7 +206,7 @@ def checkpoint_meta(model_dir: str | os.PathLike) -> dict[str, tuple[torch.dtype
     """dtype and shape of every tensor, read from the safetensors headers only."""
     meta = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
+        with _open_checked(f) as handle:
             for name in handle.keys():
                 sliced = handle.get_slice(name)
                 meta[name] = (_SAFETENSORS_DTYPES[sliced.get_dtype()], tuple(sliced.get_shape()))
@@ -215,5 +235,5 @@ def read_fingerprint(model_dir: str | os.PathLike) -> str:
     """The recorded fingerprint if present (cheap), else computed from the weights."""
     manifest = Path(model_dir) / ANCHOR_MANIFEST
     if manifest.exists():
-        return json.loads(manifest.read_text())["fingerprint"]
+        return require(read_json(manifest, what="anchor manifest"), "fingerprint", str, manifest)
     return anchor_fingerprint(model_dir)

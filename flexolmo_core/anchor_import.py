@@ -15,13 +15,14 @@ from pathlib import Path
 from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_config_from_hf
 from .families import DENSE_TYPE, FAMILY_OF
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
+from .errors import InputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 DENSE_TYPES = tuple(t for t in FAMILY_OF if t not in DENSE_TYPE)
 
 
-class AnchorImportError(ValueError):
+class AnchorImportError(InputError):
     """An anchor that cannot be imported; the message names the file and the problem."""
 
 
@@ -182,7 +183,7 @@ def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int
         raise AnchorImportError(str(err)) from None
     model, tokenizer, dtype = load_checkpoint(folder, gguf_file)
     cfg = model_config_from_hf(model.config)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, signature=("config.json", ANCHOR_MANIFEST)) as tmp:
         write_weights(model, tmp)
         write_tokenizer(folder, gguf_file, tmp, tokenizer)
         manifest = {"fingerprint": anchor_fingerprint(tmp), "imported_from": str(source), "gguf_file": gguf_file,

@@ -1,18 +1,42 @@
 """Never leave a half-written artifact: write into a temporary sibling, then rename into place.
 
+Replacing a folder commits in one step: Linux's renameat2(RENAME_EXCHANGE) swaps the new folder and the old
+one atomically, so the output path always names a whole folder (old or new), whatever is killed when; the
+old one is then deleted from where the new one was written. Where the filesystem cannot exchange (non-Linux,
+some network filesystems), two renames are used and a kill between them is repaired by the next writer: it
+restores the old folder. Temporary and old folders carry the host and pid of their writer, and the next
+writer of the same output sweeps those whose process is gone.
+
+An output folder that exists, is not empty and is not a previous output of the same kind (it lacks the
+files that kind always has) is refused, unless the command runs under `replacing_allowed()` (--force).
+
 Artifacts follow the process umask (as `open` and `mkdir` do), so a team sharing a filesystem with
 umask 002 can read each other's models and registries; `tempfile` alone would make them 0700/0600."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock
+
+from .errors import InputError, OutputExists
+
+_FORCE = contextvars.ContextVar("flexolmo_replacing_allowed", default=False)
+
+
+def _writer() -> str:
+    """Names a temporary folder's writer (host and pid, read now: a forked child has its own), for the sweep."""
+    return f"{socket.gethostname()}.{os.getpid()}."
 
 
 def current_umask() -> int:
@@ -47,23 +71,96 @@ def locked(lock_path: str | os.PathLike) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory next to `final`; on success it replaces `final` in one rename."""
+def replacing_allowed() -> Iterator[None]:
+    """Within the block, outputs replace whatever folder is at their path (the CLI's --force)."""
+    token = _FORCE.set(True)
+    try:
+        yield
+    finally:
+        _FORCE.reset(token)
+
+
+def check_replaceable(final: Path, signature: tuple[str, ...]) -> None:
+    """Refuse to replace `final` unless it is missing, empty, or a previous output of this kind (it has
+    every file of `signature`); --force (replacing_allowed) lifts the refusal."""
+    if not signature or _FORCE.get() or not (final.exists() or final.is_symlink()):
+        return
+    if not final.is_dir():
+        raise OutputExists(f"{final}: exists and is not a folder; choose another output path (or --force to replace it)")
+    if any(final.iterdir()) and not all((final / name).exists() for name in signature):
+        raise OutputExists(f"{final}: exists and is not a previous output of this command (it lacks "
+                           f"{', '.join(signature)}); choose another output path, or --force to replace what it holds")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where the OS or filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _dead_writer(name: str, prefix: str) -> bool:
+    match = re.fullmatch(re.escape(prefix) + r"(?P<host>.+)\.(?P<pid>\d+)\.[^.]+", name)
+    if match is None or match["host"] != socket.gethostname():
+        return False  # another host's writer may still be running: never sweep what we cannot check
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
+
+
+def sweep_stale(final: Path) -> list[Path]:
+    """Remove temporary and old siblings of `final` left by killed writers on this host; if a kill between
+    two renames left `final` missing, put the old folder back first. Returns what was removed."""
+    removed = []
+    tmp_prefix, old_prefix = f".{final.name}.tmp-", f".{final.name}.old-"
+    for sibling in sorted(final.parent.glob(f".{glob_escape(final.name)}.*-*")):
+        for prefix in (old_prefix, tmp_prefix):
+            if sibling.name.startswith(prefix) and _dead_writer(sibling.name, prefix):
+                if prefix == old_prefix and not final.exists() and (sibling / final.name).exists():
+                    os.replace(sibling / final.name, final)
+                shutil.rmtree(sibling, ignore_errors=True)
+                removed.append(sibling)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = True, signature: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory next to `final`; on success it replaces `final` in one atomic step.
+    `signature`: the files every output of this kind has (see check_replaceable); empty = replace anything."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(final)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists")
-    tmp = temp_dir(final.parent, f".{final.name}.tmp-")
+        raise OutputExists(f"{final} already exists")
+    check_replaceable(final, signature)
+    tmp = temp_dir(final.parent, f".{final.name}.tmp-{_writer()}")
     try:
         yield tmp
         follow_umask(tmp)
-        if final.exists():
-            trash = temp_dir(final.parent, f".{final.name}.old-")
+        if not final.exists():
+            os.replace(tmp, final)
+        elif _exchange(tmp, final):  # the commit point: `final` is now the new folder, `tmp` the old one
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # two renames; a kill between them is repaired by sweep_stale at the next write
+            trash = temp_dir(final.parent, f".{final.name}.old-{_writer()}")
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -94,7 +191,7 @@ def refuse_overwriting_inputs(out: str | os.PathLike, *inputs: str | os.PathLike
     for source in inputs:
         source = Path(source).resolve()
         if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            raise ValueError(f"{out}: the output would overwrite the source {source} (an input); "
+            raise InputError(f"{out}: the output would overwrite the source {source} (an input); "
                              "choose another output folder")
 
 

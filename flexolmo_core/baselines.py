@@ -17,28 +17,31 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import layout
 from .anchor import copy_tokenizer
 from .atomic import atomic_dir, write_json
 from .families import dense_config_dict
-from .merge import MERGED_MANIFEST, WEIGHTS_FILE, expert_domains, read_manifest
+from .merge import MERGED_MANIFEST, MODEL_SIGNATURE, WEIGHTS_FILE, expert_domains, read_manifest
+from .errors import InputError, MissingInput, read_json
+from .stream_safetensors import check_safetensors_file, save_tensors
 
 
 
 def load_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+        raise MissingInput(f"{model_dir}: no *.safetensors files")
     state: dict[str, torch.Tensor] = {}
     for f in files:
+        check_safetensors_file(f)
         state.update(load_file(str(f)))
     return state
 
 
 def _config(model_dir) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
+    return read_json(Path(model_dir) / "config.json", what="model config")
 
 
 def shared_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -52,9 +55,8 @@ def shared_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def _write_dense(out_dir, state: dict, config: dict, src_dir, manifest: dict) -> Path:
-    with atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in sorted(state.items())}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+    with atomic_dir(out_dir, signature=MODEL_SIGNATURE) as tmp:
+        save_tensors({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer(src_dir, tmp)
         write_json(tmp / MERGED_MANIFEST, {**manifest, "shared_sha256": shared_sha256(state)})
@@ -86,7 +88,7 @@ def model_soup(dense_dirs: list, out_dir, weights: list[float] | None = None) ->
         else:
             for d, s in zip(dense_dirs[1:], states[1:]):
                 if not torch.equal(s[name], first):
-                    raise ValueError(f"model soup: shared tensor {name} differs between {dense_dirs[0]} and {d}")
+                    raise InputError(f"model soup: shared tensor {name} differs between {dense_dirs[0]} and {d}")
             out[name] = first
     return _write_dense(out_dir, layout.to_hf_dense(out), _config(dense_dirs[0]), dense_dirs[0],
                         {"baseline": "model_soup", "sources": [str(d) for d in dense_dirs], "weights": weights,

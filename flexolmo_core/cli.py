@@ -2,10 +2,15 @@
 exposes `register(subparsers)`; add a group by listing its module here."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
 import sys
+import traceback
 
 from .cli_config import FlexParser, build_parser_for
+from .atomic import replacing_allowed
+from .errors import FlexError
 
 COMMAND_MODULES = (
     "flexolmo_core.commands.core",
@@ -17,10 +22,6 @@ COMMAND_MODULES = (
 )
 
 
-class UserError(Exception):
-    """An error caused by input the user can fix; printed without a traceback."""
-
-
 def _build():
     parser = FlexParser(
         prog="flexolmo",
@@ -29,7 +30,20 @@ def _build():
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _add_force(parser)
     return parser
+
+
+def _add_force(parser) -> None:
+    """Every command that writes an --out folder gets --force: replace a folder that is not its own output."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_force(sub)
+    options = {o for a in parser._actions for o in a.option_strings}
+    if "--out" in options and "--force" not in options:
+        parser.add_argument("--force", action="store_true",
+                            help="replace the --out folder even if it holds something this command did not write")
 
 
 def build_parser(argv: list[str] | None = None):
@@ -38,16 +52,32 @@ def build_parser(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one error handler: input errors (FlexError) and the operating system's refusals (a missing or
+    unreadable file, a read-only folder, a full disk) are one line and exit 2; anything else is a bug in
+    our code, shown with its traceback and exit 70."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    prefix = f"flexolmo {' '.join(argv[:1])}: error:"
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
-        result = args.func(args)
-    except (UserError, FileNotFoundError, ValueError) as err:
-        print(f"flexolmo {' '.join(argv[:1])}: error: {err}", file=sys.stderr)
+        with replacing_allowed() if getattr(args, "force", False) else contextlib.nullcontext():
+            result = args.func(args)
+    except FlexError as err:
+        print(f"{prefix} {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename and str(err.filename) not in str(err.strerror or err) else ""
+        print(f"{prefix} {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix} interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - the one place that decides how a bug is shown
+        traceback.print_exc()
+        print(f"{prefix} internal error: this is a bug in flexolmo, not in your input; "
+              "please report it with the traceback above", file=sys.stderr)
+        return 70
     return int(result or 0)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from .errors import InputError
 
 
 FAMILIES = {"olmo2": "post", "llama": "pre"}  # architecture family -> where the RMSNorms sit
@@ -30,9 +31,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"unknown architecture family {self.family!r}; supported: {sorted(FAMILIES)}")
+            raise InputError(f"unknown architecture family {self.family!r}; supported: {sorted(FAMILIES)}")
         if self.n_heads % self.kv_heads or self.d_model % self.n_heads:
-            raise ValueError(f"n_heads {self.n_heads} must divide d_model {self.d_model} and be a multiple of "
+            raise InputError(f"n_heads {self.n_heads} must divide d_model {self.d_model} and be a multiple of "
                              f"n_kv_heads {self.kv_heads}")
 
     @property
@@ -78,7 +79,7 @@ class ModelConfig:
 
     def counts(self, num_experts: int = 1, top_k: int = 1) -> dict[str, int]:
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+            raise InputError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         router = self.n_layers * num_experts * self.d_model if num_experts > 1 else 0
         total = self.shared_params() + num_experts * self.expert_params() + router
         active = self.shared_params() + top_k * self.expert_params() + router
@@ -118,4 +119,4 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}") from None
+        raise InputError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}") from None

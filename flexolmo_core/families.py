@@ -7,6 +7,8 @@
 Tensors are the same in both (flexolmo_core.layout); only norms and these configs differ."""
 from __future__ import annotations
 
+from .errors import InputError
+
 FAMILY_OF = {"olmo2": "olmo2", "flex_olmo": "olmo2", "llama": "llama", "mistral": "llama", "mixtral": "llama"}
 MOE_TYPE = {"olmo2": "flex_olmo", "llama": "mixtral"}
 DENSE_TYPE = {"flex_olmo": "olmo2", "mixtral": "llama"}
@@ -25,13 +27,13 @@ VOLATILE_KEYS = ("model_type", "architectures", "transformers_version", "_name_o
 
 def family_of_type(model_type: str) -> str:
     if model_type not in FAMILY_OF:
-        raise ValueError(f"unsupported architecture {model_type!r}: supported model types are "
+        raise InputError(f"unsupported architecture {model_type!r}: supported model types are "
                          f"{', '.join(FAMILY_OF)} (the OLMo-2 and Llama families)")
     return FAMILY_OF[model_type]
 
 
 def is_moe(config) -> bool:
-    return _as_dict(config)["model_type"] in DENSE_TYPE
+    return _as_dict(config).get("model_type") in DENSE_TYPE
 
 
 def moe_config(dense_config, num_experts: int, top_k: int):
@@ -39,7 +41,7 @@ def moe_config(dense_config, num_experts: int, top_k: int):
     from transformers import AutoConfig
 
     if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        raise InputError(f"top_k must be in [1, {num_experts}], got {top_k}")
     values = _as_dict(dense_config)
     moe_type = MOE_TYPE[family_of_type(values["model_type"])]
     kept = {k: v for k, v in values.items() if k not in VOLATILE_KEYS + DENSE_ONLY_KEYS + MOE_KEYS}
@@ -86,7 +88,7 @@ def load_weights(model, state: dict, source) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if unexpected or set(missing) - allowed:
-        raise ValueError(f"{source}: weights do not fit the model (missing {sorted(set(missing) - allowed)[:5]}, "
+        raise InputError(f"{source}: weights do not fit the model (missing {sorted(set(missing) - allowed)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
 
 

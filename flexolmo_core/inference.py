@@ -15,6 +15,7 @@ from safetensors import safe_open
 from .merge import MERGED_MANIFEST, read_manifest
 from .families import expert_count, load_weights, renormalizes, set_expert_count
 from .moe import FlexRouter, routers
+from .errors import InputError
 
 
 @dataclass
@@ -30,16 +31,16 @@ def resolve_experts(domains: list[str], exclude=(), only=None) -> list[str]:
     names nothing is refused (opt-in must fail closed, not keep everything)."""
     exclude = list(exclude or ())
     if only is not None and not list(only):
-        raise ValueError("--only names no expert; list the experts to keep (e.g. --only public,code)")
+        raise InputError("--only names no expert; list the experts to keep (e.g. --only public,code)")
     only = list(only or ())
     if exclude and only:
-        raise ValueError("use either exclude or only, not both")
+        raise InputError("use either exclude or only, not both")
     unknown = sorted(set(exclude + only) - set(domains))
     if unknown:
-        raise ValueError(f"unknown expert(s) {unknown}; this model has {domains}")
+        raise InputError(f"unknown expert(s) {unknown}; this model has {domains}")
     kept = [d for d in domains if (d in only if only else d not in exclude)]
     if not kept:
-        raise ValueError("no expert left to route to")
+        raise InputError("no expert left to route to")
     return kept
 
 
@@ -69,7 +70,7 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: in
     domains = [e["domain"] for e in manifest["experts"]]
     kept = resolve_experts(domains, exclude, only)
     if top_k is not None and top_k < 1:  # checked before use: `0 or default` would hide it
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise InputError(f"top_k must be >= 1, got {top_k}")
     k = min(top_k if top_k is not None else manifest["top_k"], len(kept))
     bias = [e.get("logit_bias") for e in manifest["experts"]] if use_bias else None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -148,7 +149,7 @@ def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 32, do_samp
     tok, model = loaded.tokenizer, loaded.model
     inputs = tok(prompt, return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
-        raise ValueError("empty prompt")
+        raise InputError("empty prompt")
     torch.manual_seed(seed)
     with RoutingRecorder(model) as rec:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,

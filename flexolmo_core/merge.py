@@ -18,8 +18,10 @@ from . import layout
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from .stream_safetensors import write_streaming
 from .package import ExpertPackage, PackageError, load_package
+from .errors import InputError, MissingInput, require, read_json
 
 MERGED_MANIFEST = "flexolmo.json"
+MODEL_SIGNATURE = ("config.json", MERGED_MANIFEST)  # what every model folder this project writes has
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -59,10 +61,10 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     anchor_dir, package_paths = Path(anchor_dir), list(package_paths)
     refuse_overwriting_inputs(out, anchor_dir, *package_paths)
     if not (anchor_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{anchor_dir / 'config.json'}: missing; expected the anchor checkpoint folder")
+        raise MissingInput(f"{anchor_dir / 'config.json'}: missing; expected the anchor checkpoint folder")
     anchor_cfg = AutoConfig.from_pretrained(anchor_dir)
     if anchor_cfg.model_type in DENSE_TYPE:
-        raise ValueError(f"{anchor_dir}: a {anchor_cfg.model_type!r} model is a mixture of experts; merge needs the "
+        raise InputError(f"{anchor_dir}: a {anchor_cfg.model_type!r} model is a mixture of experts; merge needs the "
                          "dense anchor the packages were trained against")
     fingerprint = anchor_fingerprint(anchor_dir)  # computed from the weights, not trusted from a file
     names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
@@ -73,7 +75,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     num_experts = 1 + len(packages)
     top_k = default_top_k(num_experts) if top_k is None else top_k
     if not 1 <= top_k <= num_experts:
-        raise ValueError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
+        raise InputError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
 
     specs = [(name, *meta[name], (lambda name=name: get(name, None))) for name in names if ".mlp." not in name]
     width = 1 + len(packages)
@@ -121,7 +123,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
 
 def write_merged(out, specs, config, tokenizer_dir, manifest: dict) -> None:
     """A merged model folder, atomically: streamed weights, config.json, the anchor's tokenizer, flexolmo.json."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, signature=MODEL_SIGNATURE) as tmp:
         write_streaming(tmp / WEIGHTS_FILE, specs, metadata={"format": "pt"})
         config.save_pretrained(tmp)
         _strip_volatile(tmp / "config.json")
@@ -161,14 +163,40 @@ def _strip_volatile(config_path: Path) -> None:
 
 
 def read_manifest(model_dir: str | os.PathLike) -> dict:
-    """The one reader of flexolmo.json (merged models, opt-outs, router-tuned and baseline models)."""
-    path = Path(model_dir) / MERGED_MANIFEST
+    """The one reader of flexolmo.json (merged models, opt-outs, router-tuned and baseline models). Its expert
+    list must agree with the weights: one record per expert (indices 0..E-1, distinct valid domains), E being
+    the expert count of config.json and of every router; otherwise an opt-out could miss an unlisted expert."""
+    from .anchor import check_checkpoint, checkpoint_meta
+    from .data.config import check_domain_name
+    from .families import expert_count, is_moe
+
+    model_dir = Path(model_dir)
+    path = model_dir / MERGED_MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; {model_dir} is not a model this project wrote")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise MissingInput(f"{path}: missing; {model_dir} is not a model this project wrote")
+    manifest = read_json(path, what="merged-model manifest")
+    config = check_checkpoint(model_dir)
+    if not is_moe(config):  # a dense baseline: its manifest records what it was made from, not experts
+        return manifest
+    experts = require(manifest, "experts", list, path)
+    require(manifest, "top_k", int, path)
+    for n, record in enumerate(experts):
+        require(record, "index", int, f"{path}: experts[{n}]")
+        try:
+            check_domain_name(require(record, "domain", str, f"{path}: experts[{n}]"))
+        except InputError as err:
+            raise InputError(f"{path}: experts[{n}]: {err}") from None
+    if sorted(e["index"] for e in experts) != list(range(len(experts))):
+        raise InputError(f"{path}: expert indices {[e['index'] for e in experts]} are not 0..{len(experts) - 1}")
+    domains = [e["domain"] for e in experts]
+    if len(set(domains)) != len(domains):
+        raise InputError(f"{path}: domains {domains} repeat")
+    routers = {shape[0] for name, (_, shape) in checkpoint_meta(model_dir).items() if name.endswith(".gate.weight")}
+    if {expert_count(config)} != {len(experts)} or routers - {len(experts)}:
+        raise InputError(f"{path}: lists {len(experts)} experts {domains}, but the weights have "
+                         f"{expert_count(config)} (config.json) and routers of {sorted(routers)} rows; "
+                         "the manifest and the weights must describe the same experts")
+    return manifest
 
 
 def expert_domains(model_dir: str | os.PathLike) -> list[str]:
@@ -195,14 +223,14 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
     domains = [e["domain"] for e in experts]
     unknown = sorted(set(exclude) - set(domains))
     if unknown:
-        raise ValueError(f"opt-out names unknown expert(s) {unknown}; {merged_dir} has {domains}")
+        raise InputError(f"opt-out names unknown expert(s) {unknown}; {merged_dir} has {domains}")
     if domains[0] in exclude:
-        raise ValueError(f"expert 0 ({domains[0]}) is the anchor's FFN and cannot be removed from a model file; "
+        raise InputError(f"expert 0 ({domains[0]}) is the anchor's FFN and cannot be removed from a model file; "
                          "mask it at inference instead (flexolmo generate --exclude)")
     keep = [i for i, d in enumerate(domains) if d not in exclude]
     top_k = default_top_k(len(keep)) if top_k is None else top_k
     if not 1 <= top_k <= len(keep):
-        raise ValueError(f"top_k must be between 1 and the number of kept experts ({len(keep)}), got {top_k}")
+        raise InputError(f"top_k must be between 1 and the number of kept experts ({len(keep)}), got {top_k}")
     names, get = checkpoint_getter(merged_dir)
     if any(".mlp.experts." in n and not n.endswith(FUSED_EXPERT_TENSORS) for n in names):
         # transformers' save_pretrained writes one tensor per expert: convert in memory, write fused

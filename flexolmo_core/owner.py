@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .moe import FlexRouter, SplitExperts, hf_state_dict, install_routers
+from .errors import InputError
 
 
 def rows_per_layer(rows: torch.Tensor | None, n_layers: int, d_model: int) -> list[torch.Tensor]:
@@ -19,7 +20,7 @@ def rows_per_layer(rows: torch.Tensor | None, n_layers: int, d_model: int) -> li
         return [rows.clone()[None] for _ in range(n_layers)]
     if rows.shape == (n_layers, d_model):
         return [rows[i].clone()[None] for i in range(n_layers)]
-    raise ValueError(f"router embedding must have shape [{d_model}] or [{n_layers}, {d_model}], got {tuple(rows.shape)}")
+    raise InputError(f"router embedding must have shape [{d_model}] or [{n_layers}, {d_model}], got {tuple(rows.shape)}")
 
 
 def anchor_ffn(anchor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +41,7 @@ def upcycle(anchor, public_rows: torch.Tensor | None = None, domain_rows: torch.
 
     cfg = anchor.config
     if cfg.model_type != "olmo2":
-        raise ValueError(f"upcycle builds FlexOlmo owner models from OLMo-2 anchors, not {cfg.model_type!r}; the "
+        raise InputError(f"upcycle builds FlexOlmo owner models from OLMo-2 anchors, not {cfg.model_type!r}; the "
                          "owner model of any anchor is the merge of the anchor and its package (flexolmo merge)")
     model = FlexOlmoForCausalLM(moe_config(cfg, num_experts=2, top_k=2))
     shared = {k: v for k, v in anchor.state_dict().items() if ".mlp." not in k}

@@ -6,7 +6,6 @@ Loading validates everything and refuses with a message naming the file and the 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from dataclasses import dataclass, field
@@ -16,15 +15,17 @@ import torch
 from safetensors import safe_open
 
 from .atomic import atomic_dir, write_json
-from .stream_safetensors import save_tensors
+from .stream_safetensors import check_safetensors_file, save_tensors
 from .data.config import check_domain_name
+from .errors import InputError, require, read_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "expert.safetensors"
 MANIFEST_FILE = "manifest.json"
+PACKAGE_SIGNATURE = (MANIFEST_FILE, WEIGHTS_FILE)  # what every package folder has
 
 
-class PackageError(ValueError):
+class PackageError(InputError):
     """A package that must not be used; the message names the file and the problem."""
 
 
@@ -77,7 +78,7 @@ def save_package(tensors: dict[str, torch.Tensor], out: str | os.PathLike, domai
         "training": training or {},
         "data": data or {},
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, signature=PACKAGE_SIGNATURE) as tmp:
         save_tensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "domain": domain})
         write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
@@ -104,18 +105,6 @@ class ExpertPackage:
             return handle.get_tensor(name).clone()
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Refuse anything that is not a safetensors file before any library parses it (never unpickle)."""
-    raw = path.read_bytes()[:16]
-    if raw[:2] == b"\x80\x02" or raw[:1] == b"\x80" or raw[:2] == b"PK":
-        raise PackageError(f"{path}: is a pickle/zip (torch.save) file, not safetensors; it is never unpickled")
-    if len(raw) < 9:
-        raise PackageError(f"{path}: too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", raw[:8])
-    if header_len > path.stat().st_size - 8 or raw[8:9] != b"{":
-        raise PackageError(f"{path}: not a safetensors file (bad header)")
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -139,15 +128,20 @@ def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
     if not weights_path.exists():
         raise PackageError(f"{weights_path}: missing (a package needs {MANIFEST_FILE} and {WEIGHTS_FILE})")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PackageError(f"{manifest_path}: not valid JSON: {err}") from err
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PackageError(f"{manifest_path}: unknown format_version {version!r} (this software reads {FORMAT_VERSION})")
-    for key in ("domain", "anchor_fingerprint", "shapes", "uses_bias", "tensors"):
-        if key not in manifest:
-            raise PackageError(f"{manifest_path}: missing field '{key}'")
+        manifest = read_json(manifest_path, what="package manifest")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PackageError(f"{manifest_path}: unknown format_version {version!r} (this software reads {FORMAT_VERSION})")
+        require(manifest, "domain", str, manifest_path)
+        require(manifest, "anchor_fingerprint", str, manifest_path)
+        require(manifest, "uses_bias", bool, manifest_path)
+        for key in ("n_layers", "d_model", "ffn_hidden"):
+            require(require(manifest, "shapes", dict, manifest_path), key, int, f"{manifest_path}: shapes")
+        for name, record in require(manifest, "tensors", dict, manifest_path).items():
+            require(record, "sha256", str, f"{manifest_path}: tensors.{name}")
+            require(record, "dtype", str, f"{manifest_path}: tensors.{name}")
+    except InputError as err:
+        raise PackageError(str(err)) from None
     try:
         check_domain_name(manifest["domain"], expert=True)
     except ValueError as err:
@@ -160,7 +154,10 @@ def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
         raise PackageError(f"{manifest_path}: shapes {manifest['shapes']} do not match the anchor's {dict(anchor_shapes)}")
     expected = expected_shapes(shapes["n_layers"], shapes["d_model"], shapes["ffn_hidden"], manifest["uses_bias"])
 
-    _check_safetensors_header(weights_path)
+    try:
+        check_safetensors_file(weights_path)
+    except InputError as err:
+        raise PackageError(str(err)) from None
     try:
         handle = safe_open(str(weights_path), framework="pt")
     except Exception as err:  # safetensors raises its own error types for corrupt files

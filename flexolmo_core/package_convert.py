@@ -16,7 +16,7 @@ import torch
 
 from . import layout
 from .anchor import anchor_fingerprint
-from .atomic import atomic_dir, refuse_overwriting_inputs
+from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from .baselines import load_state
 from .families import expert_count, family_of_type, is_moe
 from .merge import MERGED_MANIFEST, merge, read_manifest
@@ -97,13 +97,17 @@ def import_package(source: str | os.PathLike, anchor_dir: str | os.PathLike, out
                         data=recorded.get("data", {}))
 
 
+SPLIT_RECORD = "split.json"  # what a split folder holds beside its packages (and how a rerun recognises it)
+
+
 def split_merged(merged_dir: str | os.PathLike, anchor_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Every expert 1..N-1 of a merged model of ours as a package under out/<domain>; returns domain -> path."""
     refuse_overwriting_inputs(out, merged_dir, anchor_dir)
     domains = [e["domain"] for e in sorted(read_manifest(merged_dir)["experts"], key=lambda e: e["index"])]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, signature=(SPLIT_RECORD,)) as tmp:
         for e, domain in enumerate(domains[1:], start=1):
             import_package(merged_dir, anchor_dir, tmp / domain, domain=domain, expert=e)
+        write_json(tmp / SPLIT_RECORD, {"source": str(merged_dir), "packages": domains[1:]})
     return {d: str(Path(out) / d) for d in domains[1:]}
 
 

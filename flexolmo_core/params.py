@@ -9,12 +9,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from .errors import InputError
 
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     pass
+
+
+def at_least(low: float, default: Any) -> Any:
+    """A dataclass field whose value (when not None) must be >= `low`; `check_ranges` enforces it."""
+    return dataclasses.field(default=default, metadata={"min": low})
+
+
+def check_ranges(config: Any, section: str) -> None:
+    """Refuse out-of-range fields of a config dataclass (call it from __post_init__, so params files and
+    command-line flags are checked alike, where they are parsed)."""
+    for f in dataclasses.fields(config):
+        low, value = f.metadata.get("min"), getattr(config, f.name)
+        if low is not None and value is not None and not value >= low:
+            raise ParamsError(f"{section}.{f.name} must be >= {low} (--{f.name.replace('_', '-')}), got {value!r}")
 
 
 NO_FLAG = {"cmd": False}  # dataclass field metadata: params.yaml structure, not a command-line flag

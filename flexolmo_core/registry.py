@@ -27,12 +27,14 @@ from pathlib import Path
 
 from .atomic import locked, temp_dir, write_json
 from .package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
+from .errors import InputError, require, read_json
+from .data.config import check_domain_name
 
 INDEX_FILE = "registry.json"
 FORMAT_VERSION = 1
 
 
-class RegistryError(ValueError):
+class RegistryError(InputError):
     """A registry operation that was refused; the registry is unchanged."""
 
 
@@ -45,9 +47,39 @@ class Entry:
     version: int  # the registry version in which this entry was published
 
 
+def check_index(index: dict, where, root: Path) -> dict:
+    """Refuse an index (local, or fetched from a remote) that is malformed or points outside `root`: a
+    package path is relative and resolves inside the registry (or the mirror), never `../..` or absolute."""
+    if not isinstance(index, dict):
+        raise RegistryError(f"{where}: expected a JSON object, got {type(index).__name__}")
+    require(index, "anchor_fingerprint", str, where)
+    require(index, "version", int, where)
+    require(index, "history", list, where)
+    shapes = require(index, "anchor_shapes", dict, where)
+    for key in ("n_layers", "d_model", "ffn_hidden"):
+        require(shapes, key, int, f"{where}: anchor_shapes")
+    root = Path(root).resolve()
+    for domain, entry in require(index, "experts", dict, where).items():
+        record = f"{where}: experts.{domain}"
+        try:
+            check_domain_name(domain, expert=True)
+        except ValueError as err:
+            raise RegistryError(f"{record}: {err}") from None
+        require(entry, "sha256", str, record)
+        require(entry, "published_at", (int, float), record)
+        require(entry, "version", int, record)
+        relative = require(entry, "path", str, record)
+        if Path(relative).is_absolute() or not (root / relative).resolve().is_relative_to(root):
+            raise RegistryError(f"{record}: path {relative!r} leaves the registry; a package path is relative "
+                                "to it (packages/<domain>/<hash>)")
+    return index
+
+
 def anchor_shapes_of(anchor_dir: str | os.PathLike) -> dict:
     """{"n_layers", "d_model", "ffn_hidden"} read from the anchor's config.json (no weights loaded)."""
-    cfg = json.loads((Path(anchor_dir) / "config.json").read_text())
+    cfg = read_json(Path(anchor_dir) / "config.json", what="the anchor's config")
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size"):
+        require(cfg, key, int, Path(anchor_dir) / "config.json")
     return {"n_layers": cfg["num_hidden_layers"], "d_model": cfg["hidden_size"], "ffn_hidden": cfg["intermediate_size"]}
 
 
@@ -67,7 +99,7 @@ class Registry:
         if not self.exists():
             raise RegistryError(f"{self.root}: not a registry (no {INDEX_FILE}); create it with "
                                 f"`flexolmo registry init {self.root} --anchor ANCHOR_DIR`")
-        return json.loads(self.index_path.read_text())
+        return check_index(read_json(self.index_path, what="registry index"), self.index_path, self.root)
 
     @property
     def anchor_fingerprint(self) -> str:

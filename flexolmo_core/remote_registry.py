@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .atomic import locked, write_json
 from .package import MANIFEST_FILE, WEIGHTS_FILE
-from .registry import INDEX_FILE, Entry, Registry, RegistryError
+from .registry import INDEX_FILE, Entry, Registry, RegistryError, check_index
 
 PACKAGE_FILES = (WEIGHTS_FILE, MANIFEST_FILE)  # the manifest last: its presence marks a complete upload
 
@@ -58,7 +58,12 @@ class RemoteRegistry:
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "r") as handle:
-            return json.load(handle)
+            text = handle.read()
+        try:
+            index = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RegistryError(f"{self.url}/{INDEX_FILE}: not valid JSON: {err}") from None
+        return check_index(index, f"{self.url}/{INDEX_FILE}", self.mirror.root)
 
     def _index_lock(self):
         """A real lock where the filesystem is shared (file://); none on object stores (see above)."""

@@ -14,6 +14,7 @@ import struct
 from typing import Callable, Iterable
 
 import torch
+from .errors import InputError, MissingInput
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
@@ -40,7 +41,7 @@ def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec], metada
         for name, dtype, shape, produce in specs:
             tensor = produce()
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                raise ValueError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {tuple(shape)}")
+                raise InputError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {tuple(shape)}")
             handle.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
             del tensor
         handle.flush()
@@ -50,3 +51,36 @@ def write_streaming(path: str | os.PathLike, specs: Iterable[TensorSpec], metada
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """`safetensors.torch.save_file`, but byte-identical for identical tensors and metadata."""
     write_streaming(path, [(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()], metadata)
+
+
+def check_safetensors_file(path: str | os.PathLike) -> dict:
+    """The header of a safetensors file, after checking that the file is one and is whole; refuses a pickle
+    (never unpickled), a truncated file or a corrupt header, naming the file. Reads the header only."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise MissingInput(f"{path}: missing")
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise InputError(f"{path}: is a pickle/zip (torch.save) file, not safetensors; it is never unpickled")
+        if len(head) < 8:
+            raise InputError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise InputError(f"{path}: not a safetensors file, or truncated (header of {header_len} bytes, "
+                             f"file of {size})")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{path}: not a safetensors file (corrupt header)") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a safetensors file (corrupt header)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise InputError(f"{path}: not a safetensors file (corrupt header)") from None
+    if 8 + header_len + end != size:
+        raise InputError(f"{path}: truncated or padded: its header describes {8 + header_len + end} bytes, "
+                         f"the file has {size}")
+    return header

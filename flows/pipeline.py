@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifacts
 from flows.stages import Stage, StageFailed, TransientStageError, load_stages, root, run_stage_flow, set_root
+from flexolmo_core.errors import InputError
 
 
 def retry_transient(task_, task_run, state) -> bool:
@@ -59,7 +60,7 @@ def select(stages: list[Stage], targets: list[str] | None) -> list[Stage]:
     by_name = {s.name: s for s in stages}
     unknown = [t for t in targets if t not in by_name and not any(s.family == t for s in stages)]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {sorted(by_name)}")
+        raise InputError(f"unknown stage(s) {unknown}; dvc.yaml has {sorted(by_name)}")
     keep: set[str] = set()
     todo = [s.name for s in stages if s.name in targets or s.family in targets]
     while todo:

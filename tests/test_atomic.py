@@ -71,3 +71,74 @@ def test_lock_serialises_two_processes(tmp_path):
         p.join(30)
     events = [line.split()[0] for line in (tmp_path / "log").read_text().splitlines()]
     assert events == ["in", "out", "in", "out"]  # never two holders at once
+
+
+KILLED_WRITER = r"""
+import os, signal, sys
+from pathlib import Path
+import flexolmo_core.atomic as atomic
+
+final, mode = Path(sys.argv[1]), sys.argv[2]
+real_replace, real_rmtree = os.replace, atomic.shutil.rmtree
+if mode == "between-renames":  # no exchange: die after the old folder moved away, before the new one moved in
+    atomic._exchange = lambda a, b: False
+    calls = []
+    def replace(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(a, b)
+    os.replace = replace
+else:  # die right after the exchange, before the old folder (now at the temporary path) is deleted
+    atomic.shutil.rmtree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+with atomic.atomic_dir(final) as tmp:
+    (tmp / "v").write_text("new")
+"""
+
+
+def _killed_write(final, mode):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(final), mode])
+    assert proc.returncode == -9
+
+
+def test_a_kill_after_the_exchange_leaves_the_new_folder_and_the_next_writer_sweeps(tmp_path):
+    final = tmp_path / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("old")
+    _killed_write(final, "exchange")
+    assert (final / "v").read_text() == "new"  # the output path never went missing
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "out"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.tmp-")
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("third")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_kill_between_two_renames_is_repaired_by_the_next_writer(tmp_path, monkeypatch):
+    import flexolmo_core.atomic as atomic
+
+    final = tmp_path / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("old")
+    _killed_write(final, "between-renames")
+    assert not final.exists()  # the one window a filesystem without exchange has
+    assert atomic.sweep_stale(final)  # what the next writer does first
+    assert (final / "v").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_sweep_leaves_live_and_foreign_writers_alone(tmp_path):
+    import socket
+
+    import flexolmo_core.atomic as atomic
+
+    final = tmp_path / "out"
+    mine = tmp_path / f".out.tmp-{socket.gethostname()}.{os.getpid()}.abcd1234"  # this process: alive
+    foreign = tmp_path / f".out.tmp-otherhost.1.abcd1234"  # another host: cannot be checked
+    unrelated = tmp_path / ".outer.tmp-x.1.abcd"
+    for p in (mine, foreign, unrelated):
+        p.mkdir()
+    assert atomic.sweep_stale(final) == []
+    assert mine.exists() and foreign.exists() and unrelated.exists()

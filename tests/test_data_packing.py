@@ -91,3 +91,21 @@ def test_tokenizer_is_deterministic_and_loads_with_autotokenizer(packed, tmp_pat
     hf = load_tokenizer(root / "tok")
     assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>" and len(hf) == 600
     assert hf.decode(hf(docs[1])["input_ids"]) == docs[1]
+
+
+def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(smoke_tokenizer):
+    """A document is cut before a space between non-spaces, where byte-level BPE starts a new pre-token, so
+    the pieces' tokens are the whole text's; pieces stay under the limit (a 50 MB line costs MBs, not GBs)."""
+    from transformers import AutoTokenizer
+
+    from flexolmo_core.data.packing import document_pieces, tokenize_documents
+
+    backend = AutoTokenizer.from_pretrained(smoke_tokenizer).backend_tokenizer
+    text = " ".join(f"word{i % 97}  and\tmore,{i}" for i in range(4000))
+    pieces = list(document_pieces(text, limit=500))
+    assert "".join(pieces) == text and len(pieces) > 100 and max(map(len, pieces)) <= 500
+    whole = backend.encode(text, add_special_tokens=False).ids
+    stream = tokenize_documents([text, "tail"], backend, eos_id=0)
+    pieced = tokenize_documents([text, "tail"], backend, eos_id=0, batch_chars=2000, piece_chars=500)
+    assert pieced.tolist() == stream.tolist() == whole + [0] + backend.encode("tail").ids + [0]
+    assert list(document_pieces("x" * 1200, limit=500)) == ["x" * 500, "x" * 500, "x" * 200]  # no space: cut hard

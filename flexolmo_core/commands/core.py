@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..cli_config import add_stage_args
 from ..training.config import AnchorConfig, ExpertConfig
+from ..errors import InputError
 
 
 def register(subparsers) -> None:
@@ -113,7 +114,7 @@ def model_preset(args) -> str:
     if args.preset:
         return args.preset
     if not args.params:
-        raise ValueError("give --preset (smoke | tiny | small | olmo2-7b) or --params with a top-level `preset`")
+        raise InputError("give --preset (smoke | tiny | small | olmo2-7b) or --params with a top-level `preset`")
     return read_params(args.params).get("preset", "tiny")
 
 
@@ -122,7 +123,7 @@ def cmd_anchor_train(args) -> None:
 
     stage = args.stage
     if stage.source != "train":
-        raise ValueError(f"anchor.source is {stage.source!r}: that anchor is imported, not trained "
+        raise InputError(f"anchor.source is {stage.source!r}: that anchor is imported, not trained "
                          "(flexolmo anchor import)")
     summary = train_anchor(args.tokenizer, args.data, args.out, model_preset(args), args.loop, val_data=args.val_data,
                            init_seed=stage.init_seed, projection_dim=stage.projection_dim,
@@ -139,7 +140,7 @@ def cmd_anchor_import(args) -> None:
     stage = args.stage
     source = args.source or (stage.source if stage.source != "train" else None)
     if source is None:
-        raise ValueError("give --from (or --params with an anchor.source that names a checkpoint)")
+        raise InputError("give --from (or --params with an anchor.source that names a checkpoint)")
     manifest = import_anchor(source, args.out, gguf_file=stage.gguf_file, projection_dim=stage.projection_dim,
                              projection_seed=stage.projection_seed, replay_data=args.replay_data,
                              replay_tokens=stage.replay_tokens, seq_len=args.seq_len)

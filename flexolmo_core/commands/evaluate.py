@@ -7,6 +7,7 @@ from pathlib import Path
 from ..cli_config import add_stage_args
 from ..evaluation import runner
 from ..families import is_moe
+from ..errors import InputError, MissingInput
 
 
 def register(subparsers) -> None:
@@ -33,14 +34,14 @@ def cmd_evaluate(args) -> int:
         print(f"report for {len(summary)} variants in {args.report[1]}/results.md")
         return 0
     if not args.model:
-        raise ValueError("--model is required (or --report RESULTS_DIR REPORT_DIR)")
+        raise InputError("--model is required (or --report RESULTS_DIR REPORT_DIR)")
     cfg = args.stage
     if cfg.domains is None:
         cfg.domains = _domains(args.model, args.params)
     paths = [args.model, *args.expert]
     missing = [p for p in paths if not (Path(p) / "config.json").exists()]
     if missing:
-        raise FileNotFoundError(f"not an HF checkpoint dir (no config.json): {missing}")
+        raise MissingInput(f"not an HF checkpoint dir (no config.json): {missing}")
     variant = variants.Variant(args.name or Path(args.model).name, args.kind, paths,
                                flexolmo=is_moe(json.loads((Path(args.model) / "config.json").read_text())))
     result = variants.evaluate_variant(variant, suite.resolve_suite(args.suite, cfg.domains), cfg, out_json=args.out)

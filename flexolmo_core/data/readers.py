@@ -10,6 +10,7 @@ from pathlib import Path
 from .builtin_sources import BUILTINS, read_utf8
 from .config import SourceSpec
 from .text import normalize_paragraphs
+from ..errors import InputError, MissingInput
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ def source_label(spec: SourceSpec) -> str:
 
 def _files(path: str | None, suffixes: tuple[str, ...], kind: str) -> list[Path]:
     if not path:
-        raise ValueError(f"source kind {kind!r} needs a `path`")
+        raise InputError(f"source kind {kind!r} needs a `path`")
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(suffixes))
@@ -36,20 +37,20 @@ def _files(path: str | None, suffixes: tuple[str, ...], kind: str) -> list[Path]
     elif p.exists():
         files = [p]
     else:
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise MissingInput(f"{path}: no such file or directory")
     if not files:
-        raise FileNotFoundError(f"{path}: no {'/'.join(suffixes)} files found")
+        raise MissingInput(f"{path}: no {'/'.join(suffixes)} files found")
     return files
 
 
 def _field(row: dict, spec: SourceSpec, where: str) -> tuple[str | None, str]:
     if spec.text_field not in row:
-        raise ValueError(f"{where}: unknown text field {spec.text_field!r}; fields are {sorted(row)}")
+        raise InputError(f"{where}: unknown text field {spec.text_field!r}; fields are {sorted(row)}")
     text = row[spec.text_field]
     if text is not None and not isinstance(text, str):
-        raise ValueError(f"{where}: field {spec.text_field!r} is {type(text).__name__}, expected a string")
+        raise InputError(f"{where}: field {spec.text_field!r} is {type(text).__name__}, expected a string")
     if spec.id_field is not None and spec.id_field not in row:
-        raise ValueError(f"{where}: unknown id field {spec.id_field!r}; fields are {sorted(row)}")
+        raise InputError(f"{where}: unknown id field {spec.id_field!r}; fields are {sorted(row)}")
     return (str(row[spec.id_field]) if spec.id_field else None), text or ""
 
 
@@ -62,9 +63,9 @@ def read_jsonl(spec: SourceSpec) -> list[tuple[str, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: malformed JSON line ({err.msg})") from err
+                raise InputError(f"{path}:{number}: malformed JSON line ({err.msg})") from err
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             key, text = _field(row, spec, f"{path}:{number}")
             docs.append((key or f"{path.name}:{number}", text))
     return docs
@@ -78,7 +79,7 @@ def read_parquet(spec: SourceSpec) -> list[tuple[str, str]]:
         table = pq.read_table(path)
         rows = table.to_pylist()
         if not rows and spec.text_field not in table.column_names:
-            raise ValueError(f"{path}: unknown text field {spec.text_field!r}; fields are {table.column_names}")
+            raise InputError(f"{path}: unknown text field {spec.text_field!r}; fields are {table.column_names}")
         for i, row in enumerate(rows):
             key, text = _field(row, spec, f"{path}: row {i}")
             docs.append((key or f"{path.name}:{i}", text))
@@ -88,7 +89,7 @@ def read_parquet(spec: SourceSpec) -> list[tuple[str, str]]:
 def read_txt_folder(spec: SourceSpec) -> list[tuple[str, str]]:
     root = Path(spec.path or "")
     if not spec.path or not root.is_dir():
-        raise FileNotFoundError(f"{spec.path}: not a folder of .txt files")
+        raise MissingInput(f"{spec.path}: not a folder of .txt files")
     return [(p.relative_to(root).as_posix(), read_utf8(p)) for p in _files(spec.path, (".txt",), "txt")]
 
 
@@ -96,9 +97,9 @@ def read_hf(spec: SourceSpec) -> list[tuple[str, str]]:
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - datasets is a pinned requirement
-        raise FileNotFoundError("the `datasets` package is not installed") from err
+        raise MissingInput("the `datasets` package is not installed") from err
     if not spec.name:
-        raise ValueError("source kind 'hf' needs a `name` (a datasets name or a save_to_disk folder)")
+        raise InputError("source kind 'hf' needs a `name` (a datasets name or a save_to_disk folder)")
     if Path(spec.name).is_dir():
         data = datasets.load_from_disk(spec.name)
         if isinstance(data, datasets.DatasetDict):
@@ -107,9 +108,9 @@ def read_hf(spec: SourceSpec) -> list[tuple[str, str]]:
         try:
             data = datasets.load_dataset(spec.name, spec.config, split=spec.split)
         except Exception as err:  # hub lookups raise many types; name the dataset either way
-            raise FileNotFoundError(f"datasets could not load {spec.name!r} (config {spec.config!r}, split {spec.split!r}): {err}") from err
+            raise MissingInput(f"datasets could not load {spec.name!r} (config {spec.config!r}, split {spec.split!r}): {err}") from err
     if spec.text_field not in data.column_names:
-        raise ValueError(f"{spec.name}: unknown text field {spec.text_field!r}; fields are {data.column_names}")
+        raise InputError(f"{spec.name}: unknown text field {spec.text_field!r}; fields are {data.column_names}")
     docs = []
     for i, row in enumerate(data):
         key, text = _field(row, spec, f"{spec.name}: row {i}")
@@ -124,18 +125,18 @@ def read_source(spec: SourceSpec) -> list[Document]:
     """All documents of one source, cleaned to normalized paragraphs, ids unique and sorted."""
     if spec.kind == "builtin":
         if spec.name not in BUILTINS:
-            raise ValueError(f"unknown built-in source {spec.name!r}; known: {sorted(BUILTINS)}")
+            raise InputError(f"unknown built-in source {spec.name!r}; known: {sorted(BUILTINS)}")
         pairs = BUILTINS[spec.name].reader(spec)
     elif spec.kind in READERS:
         pairs = READERS[spec.kind](spec)
     else:
-        raise ValueError(f"unknown source kind {spec.kind!r}; expected builtin, {', '.join(READERS)}")
+        raise InputError(f"unknown source kind {spec.kind!r}; expected builtin, {', '.join(READERS)}")
     label = source_label(spec)
     docs, seen = [], set()
     for key, text in pairs:
         doc_id = f"{label}/{key}"
         if doc_id in seen:
-            raise ValueError(f"source {label}: duplicate document id {key!r}")
+            raise InputError(f"source {label}: duplicate document id {key!r}")
         seen.add(doc_id)
         docs.append(Document(doc_id, normalize_paragraphs(text), label))
     return docs
@@ -160,7 +161,7 @@ def read_texts(paths, text_field: str = "text", split: str = "train") -> list[st
     for path in paths:
         texts += [t for _, t in _text_pairs(path, text_field, split) if t and t.strip()]
     if not texts:
-        raise ValueError(f"no text found in {[str(p) for p in paths]}")
+        raise InputError(f"no text found in {[str(p) for p in paths]}")
     return texts
 
 
@@ -170,10 +171,10 @@ def _text_pairs(path: Path, text_field: str, split: str) -> list[tuple[str, str]
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(TEXT_FILE_SUFFIXES))
         if not files:
-            raise FileNotFoundError(f"{path}: no {'/'.join(TEXT_FILE_SUFFIXES)} files found")
+            raise MissingInput(f"{path}: no {'/'.join(TEXT_FILE_SUFFIXES)} files found")
         return [pair for f in files for pair in _text_pairs(f, text_field, split)]
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise MissingInput(f"{path}: no such file or directory")
     spec = SourceSpec(path=str(path), text_field=text_field)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         return read_jsonl(spec)
@@ -181,4 +182,4 @@ def _text_pairs(path: Path, text_field: str, split: str) -> list[tuple[str, str]
         return read_parquet(spec)
     if path.suffix == ".txt":
         return [(path.name, read_utf8(path))]
-    raise ValueError(f"{path}: unsupported file type (use a `datasets` folder, .parquet, .jsonl or .txt)")
+    raise InputError(f"{path}: unsupported file type (use a `datasets` folder, .parquet, .jsonl or .txt)")

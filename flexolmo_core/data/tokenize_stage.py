@@ -12,6 +12,7 @@ from .config import TokenizerConfig, check_domain_name
 from .packing import tokenize_documents, write_packed
 from .prepare import SPLITS, load_split
 from .tokenizer import tokenizer_sha256, train_tokenizer
+from ..errors import InputError
 
 
 def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, domains: list[str],
@@ -27,9 +28,9 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
     for d in domains:
         check_domain_name(d)
         if d == "tokenizer":
-            raise ValueError("'tokenizer' cannot be a domain name: outputs/tokenizer/tokenizer holds the tokenizer")
+            raise InputError("'tokenizer' cannot be a domain name: outputs/tokenizer/tokenizer holds the tokenizer")
     if config.train_domain not in domains:
-        raise ValueError(f"tokenizer.train_domain {config.train_domain!r} is not in domains {domains}")
+        raise InputError(f"tokenizer.train_domain {config.train_domain!r} is not in domains {domains}")
     prepare_dir = Path(prepare_dir)
     texts = {(d, s): load_split(prepare_dir, d, s)["text"] for d in domains for s in SPLITS}  # fail before writing
     with atomic_dir(out_dir) as tmp:
@@ -48,7 +49,7 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
         tok = Tokenizer.from_file(str(tmp / "tokenizer" / "tokenizer.json"))
         eos_id = AutoTokenizer.from_pretrained(tmp / "tokenizer").eos_token_id
         if eos_id is None:
-            raise ValueError(f"{tmp / 'tokenizer'}: the tokenizer has no EOS token; documents are separated by EOS")
+            raise InputError(f"{tmp / 'tokenizer'}: the tokenizer has no EOS token; documents are separated by EOS")
         meta = {"tokenizer_sha256": tokenizer_sha256(tmp / "tokenizer"), "eos_token_id": eos_id,
                 "vocab_size": tok.get_vocab_size()}
         rows, total_tokens, t0 = {}, 0, time.perf_counter()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..atomic import atomic_dir
+from ..errors import InputError, MissingInput
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2,
@@ -15,10 +16,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     from transformers import PreTrainedTokenizerFast
 
     if not 256 + 2 <= vocab_size <= 65_536 * 16:
-        raise ValueError(f"vocab_size {vocab_size} must cover the 256 bytes plus special tokens")
+        raise InputError(f"vocab_size {vocab_size} must cover the 256 bytes plus special tokens")
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError("no text to train the tokenizer on")
+        raise InputError("no text to train the tokenizer on")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -29,7 +30,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token,
                                  model_max_length=1_000_000)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, signature=("tokenizer.json",)) as tmp:
         hf.save_pretrained(str(tmp))
     return Path(out_dir)
 
@@ -40,7 +41,7 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not (path / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{path}: no tokenizer.json (run the tokenizer stage)")
+        raise MissingInput(f"{path}: no tokenizer.json (run the tokenizer stage)")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from ..errors import InputError
 
 
 def btm_log_probs(expert_log_probs: torch.Tensor, input_ids: torch.Tensor, top_k: int = 2,
@@ -51,7 +52,7 @@ class BTMLM(HFLM):
             models.append(e.eval())
         vocab = {m.config.vocab_size for m in models}
         if len(vocab) != 1:
-            raise ValueError(f"BTM experts must share one vocabulary, got sizes {sorted(vocab)}")
+            raise InputError(f"BTM experts must share one vocabulary, got sizes {sorted(vocab)}")
         super().__init__(pretrained=models[0], tokenizer=tokenizer, device="cpu", batch_size=batch_size,
                          max_length=max_length, dtype="float32", **kwargs)
         self.experts = models

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built-in hub tasks must fail fas
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from flexolmo_core.evaluation import suite  # noqa: E402
-from flexolmo_core.params import NO_FLAG  # noqa: E402
+from flexolmo_core.params import NO_FLAG, at_least, check_ranges  # noqa: E402
 
 log = logging.getLogger(__name__)
 # Two lm-eval loggers warn once per request/task about expected things here: left truncation of 5-shot
@@ -30,22 +30,22 @@ for _name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
 class EvalConfig:
     """The `evaluate` section of params.yaml (also the `flexolmo evaluate` options)."""
     suites: list[str] = dataclasses.field(default_factory=lambda: ["flexolmo31", "flexolmo31_bpb", "domains"])  # what full variants run
-    limit: int | None = 5               # docs per task (the paper: 1000); None = all
-    gen_limit: int | None = 3           # docs per generation task (greedy decoding is the costly part)
-    domain_limit: int | None = 10       # docs per FlexMix domain for held-out bpb
-    domain_max_chars: int | None = 2000  # characters per held-out doc (bounds rolling-bpb cost)
-    gold_max_chars: int | None = 500    # gold continuations scored for bpb are cut here (must fit the context)
+    limit: int | None = at_least(1, 5)               # docs per task (the paper: 1000); None = all
+    gen_limit: int | None = at_least(1, 3)           # docs per generation task (greedy decoding is the costly part)
+    domain_limit: int | None = at_least(1, 10)       # docs per FlexMix domain for held-out bpb
+    domain_max_chars: int | None = at_least(1, 2000)  # characters per held-out doc (bounds rolling-bpb cost)
+    gold_max_chars: int | None = at_least(1, 500)    # gold continuations scored for bpb are cut here (must fit the context)
     domains_dir: str | None = "outputs/prepare"  # <dir>/<domain>/test from the prepare stage
     domains: list[str] | None = None    # the `domains` suite's domains; None = the merged model's experts
     eval_data_dir: str | None = None     # local <task>.jsonl for tasks whose data is not shipped
     allow_code_execution: bool = False  # HumanEval/MBPP run generated code (subprocess + timeout) only if true
-    max_gen_toks: int | None = 32       # cap on generated tokens per doc (None = the task's own value)
-    batch_size: int = 16                # lm-eval batch size
-    workers: int = 1                    # variants evaluated side by side, one process each
-    threads: int = 0                    # torch threads per worker (0 = torch's default; 1 when workers > 1)
-    max_length: int | None = None       # context window for lm-eval (None = the model's)
-    top_k: int | None = None            # FlexOlmo experts per token (None = the checkpoint's)
-    btm_top_k: int = 2                  # BTM keeps this many experts per position
+    max_gen_toks: int | None = at_least(1, 32)       # cap on generated tokens per doc (None = the task's own value)
+    batch_size: int = at_least(1, 16)                # lm-eval batch size
+    workers: int = at_least(1, 1)                    # variants evaluated side by side, one process each
+    threads: int = at_least(0, 0)                    # torch threads per worker (0 = torch's default; 1 when workers > 1)
+    max_length: int | None = at_least(1, None)       # context window for lm-eval (None = the model's)
+    top_k: int | None = at_least(1, None)            # FlexOlmo experts per token (None = the checkpoint's)
+    btm_top_k: int = at_least(1, 2)                  # BTM keeps this many experts per position
     variants: list[str] | None = None   # evaluate only these variant names (None = all found)
     # Variants outside `full_variants` (dense_*, owner_*, optout_*) run `light_suites` only, to fit the budget.
     full_variants: list[str] = dataclasses.field(default_factory=lambda: [
@@ -58,6 +58,9 @@ class EvalConfig:
     extra_variants: dict[str, str] | None = dataclasses.field(default=None, metadata=NO_FLAG)  # name -> checkpoint dir (flexolmo_rt, unrestricted, ...);
     # a missing dir is reported as `not run`, so the training stages' outputs can be listed before they exist
     presets: dict = dataclasses.field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "evaluate")
 
 
 def suites_for(variant: str, cfg: "EvalConfig") -> list[str]:

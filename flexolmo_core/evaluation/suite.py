@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import yaml
+from ..errors import InputError
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -113,7 +114,7 @@ def resolve_suite(name: str, domains=()) -> list[str]:
 
     if name == "domains":
         if not domains:
-            raise ValueError("the `domains` suite needs the domain list (evaluate.domains, or a merged model's experts)")
+            raise InputError("the `domains` suite needs the domain list (evaluate.domains, or a merged model's experts)")
         return [domain_task(check_domain_name(d)) for d in domains]
     if name == "all":
         return SUITES["all"] + (resolve_suite("domains", domains) if domains else [])
@@ -122,7 +123,7 @@ def resolve_suite(name: str, domains=()) -> list[str]:
     names = [n.strip() for n in name.split(",") if n.strip()]
     unknown = [n for n in names if n not in set(SUITES["all"]) and not (domain_of(n) and domain_of(n) in domains)]
     if unknown:
-        raise ValueError(f"unknown suite or task(s) {unknown}; suites: {SUITE_NAMES}; domains: {list(domains)}")
+        raise InputError(f"unknown suite or task(s) {unknown}; suites: {SUITE_NAMES}; domains: {list(domains)}")
     return names
 
 

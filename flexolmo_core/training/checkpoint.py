@@ -15,7 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir, write_json
+from ..errors import InputError, read_json
 
+RUN_RECORD = "run.json"
+# loop settings that may change between a run and its resume: they do not change what the steps so far computed
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_every", "threads",
+                     "progress", "compile", "distributed", "micro_batch")
 STEP_DIR = re.compile(r"step-(\d{8})")  # fullmatch
 HYPER = ("lr", "betas", "eps", "weight_decay")
 
@@ -86,3 +91,20 @@ def load_checkpoint(path, model, optimizer) -> dict:
                    options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(tensors["rng/torch"])
     return meta
+
+
+def check_run_record(run_dir, record: dict, is_main: bool = True) -> None:
+    """A run folder records what its checkpoints were trained from (arguments, data hash, anchor
+    fingerprint); resuming it with different ones is refused, naming each difference, since the result
+    would be the old weights under a manifest that describes the new arguments."""
+    path = Path(run_dir) / RUN_RECORD
+    record = json.loads(json.dumps(record, sort_keys=True))  # compare as JSON reads it back (tuples are lists)
+    if path.exists() and latest_checkpoint(run_dir) is not None:
+        old = read_json(path, what="run record")
+        changed = [f"{key}: {old.get(key)!r} then, {record.get(key)!r} now"
+                   for key in sorted(set(old) | set(record)) if old.get(key) != record.get(key)]
+        if changed:
+            raise InputError(f"{run_dir}: holds checkpoints of another run ({'; '.join(changed)}); resume it with "
+                             "its own arguments, or give a fresh run folder (or delete this one) to start over")
+    if is_main:
+        write_json(path, record)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..params import NO_FLAG, ParamsError, from_dict, read_params
+from ..params import NO_FLAG, ParamsError, at_least, check_ranges, from_dict, read_params
+from ..errors import InputError
 
 
 DTYPE_NAMES = ("bfloat16", "float32", "float16")  # compute dtypes the loop accepts (torch names)
@@ -48,15 +49,15 @@ class LoopConfig:
                     "keep_checkpoints": 1, "warmup": 0, "eval_batches": 0, "eval_every": 0, "threads": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
-                raise ValueError(f"loop.{name} must be >= {low}, got {getattr(self, name)}")
+                raise InputError(f"loop.{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 < self.lr < float("inf"):
-            raise ValueError(f"loop.lr must be a positive number, got {self.lr}")
+            raise InputError(f"loop.lr must be a positive number, got {self.lr}")
         if not 0 <= self.final_lr_ratio <= 1:
-            raise ValueError(f"loop.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+            raise InputError(f"loop.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"loop.dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+            raise InputError(f"loop.dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"loop.distributed must be ddp or fsdp, got {self.distributed!r}")
+            raise InputError(f"loop.distributed must be ddp or fsdp, got {self.distributed!r}")
 
 
 @dataclass
@@ -83,15 +84,18 @@ class DomainEmbeddingConfig:
 
     mode: str = "encoder"  # encoder | anchor-hidden | random
     encoder: str = "all-MiniLM-L6-v2"  # sentence-transformers name or path; the default ships offline
-    documents: int = 1000  # documents sampled from the domain's train split
-    max_chars: int = 4000  # each document is cut to this many characters before encoding
+    documents: int = at_least(1, 1000)  # documents sampled from the domain's train split
+    max_chars: int = at_least(1, 4000)  # each document is cut to this many characters before encoding
     seed: int = 0  # document sample (and the random mode's vector)
     center: bool = False  # subtract the public mean first (the public row becomes 0): rows encode differences
     unit_norm: bool = False  # L2-normalise each row (per layer) before `scale` (anchor-hidden means are ~|h| large)
     scale: float = 1.0  # multiplies the final vector (router logit scale; METHOD.md 4: norms ~0.4-0.55)
     random_std: float = 0.02  # random mode: normal(0, std) per coordinate (the paper's ablation)
-    batch_size: int = 32  # documents per encoder / anchor forward pass
+    batch_size: int = at_least(1, 32)  # documents per encoder / anchor forward pass
     presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "domain_embedding")
 
 
 @dataclass

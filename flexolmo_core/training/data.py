@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..errors import InputError
 
 
 class TokenWindows:
@@ -20,7 +21,7 @@ class TokenWindows:
         self.tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
         self.window = seq_len + 1
         if len(self.tokens) < self.window:
-            raise ValueError(f"only {len(self.tokens)} tokens; need at least seq_len + 1 = {self.window}")
+            raise InputError(f"only {len(self.tokens)} tokens; need at least seq_len + 1 = {self.window}")
 
     def __len__(self) -> int:
         return len(self.tokens) // self.window
@@ -41,7 +42,7 @@ def open_windows(sources, seq_len: int, tokenizer_dir: str | os.PathLike | None 
 
         return PackedDataset(sources[0], seq_len=seq_len + 1)
     if tokenizer_dir is None:
-        raise ValueError("text data needs a tokenizer directory (the anchor's)")
+        raise InputError("text data needs a tokenizer directory (the anchor's)")
     from transformers import AutoTokenizer
 
     from ..data.readers import read_texts
@@ -51,10 +52,10 @@ def open_windows(sources, seq_len: int, tokenizer_dir: str | os.PathLike | None 
 
 
 def tokenize(texts: list[str], tokenizer) -> np.ndarray:
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return np.asarray(ids, dtype=np.int64)
+    """Text files as one token stream (EOS after each document), through the packer's tokenizer."""
+    from ..data.packing import tokenize_documents
+
+    return tokenize_documents(texts, tokenizer.backend_tokenizer, tokenizer.eos_token_id).astype(np.int64)
 
 
 class Mixture:

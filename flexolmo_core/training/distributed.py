@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from ..errors import InputError
 
 
 @dataclass
@@ -57,7 +58,7 @@ def wrap(model, d: Dist, strategy: str):
             fully_shard(layer)
         fully_shard(model)
         return model
-    raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {strategy!r}")
+    raise InputError(f"distributed must be 'ddp' or 'fsdp', got {strategy!r}")
 
 
 def unwrap(model):

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir, write_json
+from ..errors import InputError, MissingInput
 
 PROJECTION_DIR = "router_projection"  # a subfolder: not a model weight file, so merges never copy it
 EMBEDDING_FILE = "embedding.safetensors"
@@ -41,7 +42,7 @@ def write_projection(anchor_dir, in_dim: int, d_model: int, seed: int) -> str:
 def read_projection(anchor_dir) -> torch.Tensor:
     path = Path(anchor_dir) / PROJECTION_DIR / "projection.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the anchor has no router projection (the anchor stage writes it)")
+        raise MissingInput(f"{path}: the anchor has no router projection (the anchor stage writes it)")
     return load_file(str(path))["weight"]
 
 
@@ -71,7 +72,7 @@ def encoder_embedding(texts: list[str], encoder: str, anchor_dir, batch_size: in
     mean = vectors.mean(0)
     projection = read_projection(anchor_dir)
     if projection.shape[1] != mean.shape[0]:
-        raise ValueError(f"encoder {encoder} gives {mean.shape[0]}-d vectors but the anchor's router projection "
+        raise InputError(f"encoder {encoder} gives {mean.shape[0]}-d vectors but the anchor's router projection "
                          f"takes {projection.shape[1]}-d (set anchor.projection_dim to the encoder's width)")
     return projection @ mean
 
@@ -119,11 +120,11 @@ def compute_embedding(mode: str, domain: str, texts: list[str], anchor_dir, cfg,
     elif mode == "random":
         rows = random_embedding(hf.hidden_size, cfg.random_std, cfg.seed, domain)
     else:
-        raise ValueError(f"domain_embedding.mode must be encoder | anchor-hidden | random, got {mode!r}")
+        raise InputError(f"domain_embedding.mode must be encoder | anchor-hidden | random, got {mode!r}")
     raw = rows
     if cfg.center:
         if reference is None and domain != "public":
-            raise ValueError(f"domain_embedding.center needs the public embedding's reference mean for {domain!r} "
+            raise InputError(f"domain_embedding.center needs the public embedding's reference mean for {domain!r} "
                              "(compute the public row first; it is saved with it)")
         rows = rows - (raw if reference is None else reference.to(rows.dtype))
     if cfg.unit_norm:
@@ -160,6 +161,6 @@ def load_embedding(path) -> torch.Tensor:
 def load_reference(path) -> torch.Tensor:
     tensors = load_file(str(Path(path) / EMBEDDING_FILE))
     if "reference" not in tensors:
-        raise ValueError(f"{path}: this public embedding has no reference mean (recompute it with the current "
+        raise InputError(f"{path}: this public embedding has no reference mean (recompute it with the current "
                          "code; domain_embedding.center needs it)")
     return tensors["reference"]

@@ -8,6 +8,7 @@ trainable weights + AdamW state, so a resumed run reproduces an uninterrupted on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import RESUMABLE_CHANGES, check_run_record, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DTYPE_NAMES, LoopConfig
 from .data import Order, batch, fixed_batches
 from .model import FastOlmo, count_matmul_flops
 from .objective import objective
 from .schedule import lr_at
+from ..errors import InputError
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -112,9 +114,11 @@ class Run:
         return self.cfg.global_batch * self.cfg.seq_len
 
 
-def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, label: str = "train") -> dict:
-    """Train `model` in place (resuming from run_dir/checkpoints if there are any); returns the summary."""
-    run = setup(model, windows, cfg, run_dir, label)
+def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, label: str = "train",
+          inputs: dict | None = None) -> dict:
+    """Train `model` in place (resuming from run_dir/checkpoints if there are any); returns the summary.
+    `inputs` (data hash, anchor fingerprint, ...) joins the loop settings in the run record a resume must match."""
+    run = setup(model, windows, cfg, run_dir, label, inputs or {})
     run.wrapped.train()
     for step in range(run.start_step, cfg.steps):
         t0 = time.perf_counter()
@@ -135,7 +139,7 @@ def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, 
     return summarize(run, evaluate(run.wrapped, val_windows, cfg))
 
 
-def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str) -> Run:
+def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs: dict | None = None) -> Run:
     """Check the batch arithmetic, place and wrap the model, build the optimiser, resume from the latest
     checkpoint, measure the matmul peak and open the dvclive log and progress bar."""
     if cfg.threads:
@@ -146,9 +150,9 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str) -> Run
     model.compute_dtype = dtype
     per_rank = cfg.micro_batch * dist.world
     if cfg.global_batch % per_rank:
-        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x ranks = {per_rank}")
+        raise InputError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x ranks = {per_rank}")
     if len(windows) == 0:
-        raise ValueError("no training windows")
+        raise InputError("no training windows")
 
     inner = model.to(D.device(dist))
     trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
@@ -159,6 +163,8 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str) -> Run
     run = Run(cfg, dist, run_dir, label, inner, wrapped, torch.compile(wrapped) if cfg.compile else wrapped,
               make_optimizer(wrapped, cfg), windows, Order(len(windows), cfg.seed), cfg.global_batch // per_rank,
               flops, 0.0)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    check_run_record(run_dir, {"label": label, "loop": settings, **(inputs or {})}, dist.main)
     found = latest_checkpoint(run_dir)
     if found is not None:
         run.meta = load_checkpoint(found, wrapped, run.optimizer)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import InputError
 
 
 @dataclass
@@ -249,7 +250,7 @@ def build(cfg: ModelConfig, moe: MoEShape, tensors: dict[str, torch.Tensor], tra
             model.w.put(name, t, trainable(name))
     missing = set(expected_names(cfg, moe)) - set(tensors)
     if missing:
-        raise ValueError(f"missing tensors for the fast model: {sorted(missing)[:5]}")
+        raise InputError(f"missing tensors for the fast model: {sorted(missing)[:5]}")
     return model
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir, write_json
 from .data import Mixture, TokenWindows
+from ..errors import InputError, MissingInput
 
 REPLAY_DIR = "public_replay"  # a subfolder of the anchor model folder: merges never copy it
 REPLAY_FILE = "tokens.safetensors"
@@ -39,7 +40,7 @@ def write_public_replay(anchor_dir, public_windows, tokens: int, seed: int) -> d
 def read_public_replay(anchor_dir, seq_len: int) -> TokenWindows:
     path = Path(anchor_dir) / REPLAY_DIR / REPLAY_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: this anchor carries no public replay sample (the anchor stage writes "
+        raise MissingInput(f"{path}: this anchor carries no public replay sample (the anchor stage writes "
                                 f"it; set anchor.replay_tokens > 0 and rerun it, or set expert.public_mix: 0)")
     return TokenWindows(load_file(str(path))["tokens"].long(), seq_len)
 
@@ -60,7 +61,7 @@ class Repeat:
 def with_public_mix(domain_windows, public_windows, fraction: float):
     """Domain windows plus public windows so that `fraction` of the shuffled stream is public."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"expert.public_mix must be in [0, 1), got {fraction}")
+        raise InputError(f"expert.public_mix must be in [0, 1), got {fraction}")
     if fraction == 0.0:
         return domain_windows
     count = max(1, round(len(domain_windows) * fraction / (1.0 - fraction)))

@@ -5,15 +5,17 @@ Layout of a stage's output folder `out`: the artifact (model/ or package/), run/
 metrics) and summary.json."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_dir, write_json
+from ..atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
 from ..config import ModelConfig, get_preset
 from . import distributed as D
 from .config import LoopConfig
@@ -36,7 +38,7 @@ def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop
     + `replay_tokens` of public text for the owners' public mix)."""
     from transformers import AutoTokenizer, Olmo2ForCausalLM
 
-    from ..anchor import olmo2_config, save_anchor
+    from ..anchor import olmo2_config, save_anchor, tokenizer_hash
     from .embeddings import write_projection
 
     out = Path(out)
@@ -48,7 +50,9 @@ def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop
     model = build(cfg, MoEShape(), from_hf_dense(hf.state_dict(), cfg.n_layers), lambda n: True, torch.float32)
     windows = open_windows(train_data, loop.seq_len, tokenizer_dir)
     val = open_windows(val_data, loop.seq_len, tokenizer_dir) if val_data else None
-    summary = train(model, windows, loop, out / "run", val, label="anchor")
+    inputs = {"data_sha256": _data_hash(train_data), "tokenizer_sha256": tokenizer_hash(tokenizer_dir),
+              "model": dataclasses.asdict(cfg), "init_seed": init_seed}
+    summary = train(model, windows, loop, out / "run", val, label="anchor", inputs=inputs)
     summary.update(preset=preset if isinstance(preset, str) else None, init_seed=init_seed)
     trained = D.full_tensors(model)
     if D.setup().main:
@@ -92,10 +96,15 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     from ..anchor import load_anchor, read_fingerprint
     from ..data.config import check_domain_name
     from ..layout import to_package
-    from ..package import save_package
+    from ..package import PACKAGE_SIGNATURE, save_package
 
     check_domain_name(domain, expert=True)
     out = Path(out)
+    package_dir = Path(package_dir or out / "package")
+    inputs = [anchor_dir, *([train_data] if isinstance(train_data, (str, os.PathLike)) else train_data)]
+    refuse_overwriting_inputs(package_dir, *inputs)  # before hours of training, not after
+    refuse_overwriting_inputs(out / "run", *inputs)
+    check_replaceable(package_dir, PACKAGE_SIGNATURE)
     anchor = load_anchor(anchor_dir)
     model, initial = owner_fast_model(anchor, public_rows, domain_rows, use_bias)
     windows = open_windows(train_data, loop.seq_len, anchor_dir)
@@ -105,7 +114,10 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
         from .replay import read_public_replay, with_public_mix
 
         stream = with_public_mix(windows, read_public_replay(anchor_dir, loop.seq_len), public_mix)
-    summary = train(model, stream, loop, out / "run", val, label=f"expert_{domain}")
+    data_sha256 = _data_hash(train_data)
+    inputs = {"domain": domain, "data_sha256": data_sha256, "anchor_fingerprint": read_fingerprint(anchor_dir),
+              "use_bias": use_bias, "public_mix": public_mix, "router_rows_sha256": _rows_hash(initial)}
+    summary = train(model, stream, loop, out / "run", val, label=f"expert_{domain}", inputs=inputs)
     summary.update(domain=domain, use_bias=use_bias, public_mix=public_mix, router_embedding=embedding_meta or {})
     trained = D.full_tensors(model)
     if D.setup().main:
@@ -116,11 +128,19 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
         anchor_dtype = anchor.model.embed_tokens.weight.dtype
         tensors = {k: v.to(anchor_dtype) for k, v in to_package(trained).items()}
         data = {"documents": _count_documents(windows, anchor.config.eos_token_id), "windows": len(windows),
-                "seq_len": loop.seq_len, "sha256": _data_hash(train_data)}
-        save_package(tensors, package_dir or out / "package", domain, read_fingerprint(anchor_dir), training=summary,
+                "seq_len": loop.seq_len, "sha256": data_sha256}
+        save_package(tensors, package_dir, domain, read_fingerprint(anchor_dir), training=summary,
                      data=data)
     _finish(out, summary)
     return summary
+
+
+def _rows_hash(tensors: dict) -> str:
+    """The router rows an owner starts from (public and own), so a resume with other embeddings is refused."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in tensors if ".router_" in n):
+        h.update(name.encode() + tensors[name].float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _count_documents(windows, eos: int) -> int:
@@ -187,7 +207,10 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
     parts = [Take(open_windows(public_data, loop.seq_len, merged_dir), public_windows, loop.seed)]
     parts += [Take(open_windows(p, loop.seq_len, merged_dir), proxy_windows, loop.seed) for p in proxy_data]
     val = open_windows(val_data, loop.seq_len, merged_dir) if val_data else None
-    summary = train(model, Mixture(parts), loop, out / "run", val, label="router_tune")
+    inputs = {"merged": [(e["domain"], e.get("package_sha256")) for e in manifest["experts"]], "top_k": top_k,
+              "public_windows": public_windows, "proxy_windows": proxy_windows,
+              "data_sha256": [_data_hash(public_data), *(_data_hash(p) for p in proxy_data)]}
+    summary = train(model, Mixture(parts), loop, out / "run", val, label="router_tune", inputs=inputs)
     summary.update(proxy_sets=len(proxy_data), experts=[e["domain"] for e in manifest["experts"]], top_k=top_k or E)
     trained = D.full_tensors(model)
     if D.setup().main:
@@ -200,9 +223,9 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
 
 def _write_moe(source_dir: Path, out: Path, tensors: dict, manifest: dict, config=None) -> None:
     from ..anchor import copy_tokenizer
-    from ..merge import MERGED_MANIFEST, WEIGHTS_FILE
+    from ..merge import MERGED_MANIFEST, MODEL_SIGNATURE, WEIGHTS_FILE
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, signature=MODEL_SIGNATURE) as tmp:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt"})
         if config is None:
@@ -240,7 +263,9 @@ def train_unrestricted(tokenizer_dir, data: list, out, preset: str | ModelConfig
     model = build(cfg, moe, init_tensors(cfg, moe, init_seed), lambda n: True, torch.float32)
     windows = Mixture([open_windows(p, loop.seq_len, tokenizer_dir) for p in data])
     val = open_windows(val_data, loop.seq_len, tokenizer_dir) if val_data else None
-    summary = train(model, windows, loop, out / "run", val, label="unrestricted_moe")
+    inputs = {"data_sha256": [_data_hash(p) for p in data], "model": dataclasses.asdict(cfg),
+              "experts": [num_experts, top_k], "init_seed": init_seed}
+    summary = train(model, windows, loop, out / "run", val, label="unrestricted_moe", inputs=inputs)
     summary.update(budget_flops=budget_flops, num_experts=num_experts, top_k=top_k)
     trained = D.full_tensors(model)
     if D.setup().main:
