@@ -46,7 +46,7 @@ def make_inputs(root: Path, preset: str, n_experts: int) -> tuple[Path, list[Pat
             for layer in owner.model.layers:
                 layer.mlp.experts.trainable_gate_up_proj.add_(torch.randn_like(layer.mlp.experts.trainable_gate_up_proj) * 1e-3)
         packages.append(root / f"pkg{j}")
-        save_package(package_tensors(owner), packages[-1], f"domain{j}", fingerprint)
+        save_package(package_tensors(owner), packages[-1], f"domain{j}", fingerprint, anchor_dir=root / "anchor")
         del owner
     return root / "anchor", packages
 

@@ -34,7 +34,7 @@ from .errors import InputError, OutputExists
 _FORCE = contextvars.ContextVar("flexolmo_replacing_allowed", default=False)
 
 
-def _writer() -> str:
+def writer_tag() -> str:
     """Names a temporary folder's writer (host and pid, read now: a forked child has its own), for the sweep."""
     return f"{socket.gethostname()}.{os.getpid()}."
 
@@ -106,7 +106,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _dead_writer(name: str, prefix: str) -> bool:
+def dead_writer(name: str, prefix: str) -> bool:
     match = re.fullmatch(re.escape(prefix) + r"(?P<host>.+)\.(?P<pid>\d+)\.[^.]+", name)
     if match is None or match["host"] != socket.gethostname():
         return False  # another host's writer may still be running: never sweep what we cannot check
@@ -126,7 +126,7 @@ def sweep_stale(final: Path) -> list[Path]:
     tmp_prefix, old_prefix = f".{final.name}.tmp-", f".{final.name}.old-"
     for sibling in sorted(final.parent.glob(f".{glob_escape(final.name)}.*-*")):
         for prefix in (old_prefix, tmp_prefix):
-            if sibling.name.startswith(prefix) and _dead_writer(sibling.name, prefix):
+            if sibling.name.startswith(prefix) and dead_writer(sibling.name, prefix):
                 if prefix == old_prefix and not final.exists() and (sibling / final.name).exists():
                     os.replace(sibling / final.name, final)
                 shutil.rmtree(sibling, ignore_errors=True)
@@ -148,7 +148,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True, signature: tupl
     if final.exists() and not overwrite:
         raise OutputExists(f"{final} already exists")
     check_replaceable(final, signature)
-    tmp = temp_dir(final.parent, f".{final.name}.tmp-{_writer()}")
+    tmp = temp_dir(final.parent, f".{final.name}.tmp-{writer_tag()}")
     try:
         yield tmp
         follow_umask(tmp)
@@ -157,7 +157,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True, signature: tupl
         elif _exchange(tmp, final):  # the commit point: `final` is now the new folder, `tmp` the old one
             shutil.rmtree(tmp, ignore_errors=True)
         else:  # two renames; a kill between them is repaired by sweep_stale at the next write
-            trash = temp_dir(final.parent, f".{final.name}.old-{_writer()}")
+            trash = temp_dir(final.parent, f".{final.name}.old-{writer_tag()}")
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)

@@ -56,7 +56,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     """Write the merged checkpoint to `out`; returns its flexolmo.json manifest."""
     from transformers import AutoConfig
 
-    from .families import DENSE_TYPE, moe_config
+    from .families import DENSE_TYPE
 
     anchor_dir, package_paths = Path(anchor_dir), list(package_paths)
     refuse_overwriting_inputs(out, anchor_dir, *package_paths)
@@ -67,15 +67,46 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
         raise InputError(f"{anchor_dir}: a {anchor_cfg.model_type!r} model is a mixture of experts; merge needs the "
                          "dense anchor the packages were trained against")
     fingerprint = anchor_fingerprint(anchor_dir)  # computed from the weights, not trusted from a file
-    names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
     meta = checkpoint_meta(anchor_dir)  # dtypes and shapes from the headers, nothing loaded yet
     anchor_dtype = str(meta["model.embed_tokens.weight"][0]).removeprefix("torch.")
     packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude, anchor_dtype)
-    public_rows = _agreed_public_rows(packages, anchor_cfg.num_hidden_layers, anchor_cfg.hidden_size)
     num_experts = 1 + len(packages)
     top_k = default_top_k(num_experts) if top_k is None else top_k
     if not 1 <= top_k <= num_experts:
         raise InputError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
+    from .canary import check_canary
+
+    for package in packages:  # the weights back the fingerprint's claim: anchor + package must give its logits
+        check_canary(anchor_dir, anchor_cfg, package)
+    specs, config = merged_specs(anchor_dir, anchor_cfg, packages, top_k)
+    manifest = {
+        "format_version": 1,
+        "anchor_fingerprint": fingerprint,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        # transformers' FlexOlmo has no router bias, so learned biases are dropped (as the reference merge
+        # does) but kept here so flexolmo_core.inference can re-apply them on request.
+        "router_bias": "dropped" if any(p.uses_bias for p in packages) else "none",
+        "experts": [{"index": 0, "domain": "public", "package_sha256": None, "logit_bias": None}] + [
+            {"index": j + 1, "domain": p.domain, "package_sha256": p.sha256,
+             "logit_bias": _bias_list(p, anchor_cfg.num_hidden_layers),
+             "training": p.manifest.get("training", {}), "data": p.manifest.get("data", {})}
+            for j, p in enumerate(packages)],
+        "excluded_at_merge": sorted(exclude),
+        **(extra_manifest or {}),
+    }
+    write_merged(out, specs, config, anchor_dir, manifest)
+    return manifest
+
+
+def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], top_k: int):
+    """(tensor specs, MoE config) of the anchor merged with `packages`: lazy tensors, produced one at a time."""
+    from .families import moe_config
+
+    names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
+    meta = checkpoint_meta(anchor_dir)  # dtypes and shapes from the headers, nothing loaded yet
+    public_rows = _agreed_public_rows(packages, anchor_cfg.num_hidden_layers, anchor_cfg.hidden_size)
+    num_experts = 1 + len(packages)
 
     specs = [(name, *meta[name], (lambda name=name: get(name, None))) for name in names if ".mlp." not in name]
     width = 1 + len(packages)
@@ -101,24 +132,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
                   (f"{prefix}.gate.weight", dtype, (width, d), router)]
 
     config = moe_config(anchor_cfg, num_experts=num_experts, top_k=top_k)  # FlexOlmo or Mixtral, by family
-    manifest = {
-        "format_version": 1,
-        "anchor_fingerprint": fingerprint,
-        "num_experts": num_experts,
-        "top_k": top_k,
-        # transformers' FlexOlmo has no router bias, so learned biases are dropped (as the reference merge
-        # does) but kept here so flexolmo_core.inference can re-apply them on request.
-        "router_bias": "dropped" if any(p.uses_bias for p in packages) else "none",
-        "experts": [{"index": 0, "domain": "public", "package_sha256": None, "logit_bias": None}] + [
-            {"index": j + 1, "domain": p.domain, "package_sha256": p.sha256,
-             "logit_bias": _bias_list(p, anchor_cfg.num_hidden_layers),
-             "training": p.manifest.get("training", {}), "data": p.manifest.get("data", {})}
-            for j, p in enumerate(packages)],
-        "excluded_at_merge": sorted(exclude),
-        **(extra_manifest or {}),
-    }
-    write_merged(out, specs, config, anchor_dir, manifest)
-    return manifest
+    return specs, config
 
 
 def write_merged(out, specs, config, tokenizer_dir, manifest: dict) -> None:

@@ -61,9 +61,10 @@ def package_tensors(owner_model) -> dict[str, torch.Tensor]:
 
 
 def save_package(tensors: dict[str, torch.Tensor], out: str | os.PathLike, domain: str, anchor_fingerprint: str,
-                 training: dict | None = None, data: dict | None = None) -> dict:
+                 training: dict | None = None, data: dict | None = None, anchor_dir: str | os.PathLike | None = None) -> dict:
     """Write a package atomically from its tensors (package names: `package_tensors` of an HF owner model,
-    or `layout.to_package` of internal tensors); returns the manifest."""
+    or `layout.to_package` of internal tensors); returns the manifest. With `anchor_dir` (the anchor it was
+    trained against) it records the canary that merge checks (flexolmo_core.canary); merge needs one."""
     check_domain_name(domain, expert=True)
     n_layers = sum(1 for name in tensors if name.endswith(".down_proj"))
     d_model, ffn_hidden = tensors["layers.0.down_proj"].shape
@@ -81,6 +82,13 @@ def save_package(tensors: dict[str, torch.Tensor], out: str | os.PathLike, domai
     with atomic_dir(out, signature=PACKAGE_SIGNATURE) as tmp:
         save_tensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "domain": domain})
         write_json(tmp / MANIFEST_FILE, manifest)
+        if anchor_dir is not None:
+            from transformers import AutoConfig
+
+            from .canary import compute_canary
+
+            manifest["canary"] = compute_canary(anchor_dir, AutoConfig.from_pretrained(anchor_dir), load_package(tmp))
+            write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
 
 

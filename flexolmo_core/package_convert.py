@@ -93,7 +93,7 @@ def import_package(source: str | os.PathLike, anchor_dir: str | os.PathLike, out
     training = {**recorded.get("training", {}), "imported_from": str(source), "expert_index": expert,
                 "source_model_type": config.model_type, "source_top_k": config.num_experts_per_tok,
                 "max_abs_difference_from_anchor": worst}
-    return save_package(package, out, domain, anchor_fingerprint(anchor_dir), training=training,
+    return save_package(package, out, domain, anchor_fingerprint(anchor_dir), anchor_dir=anchor_dir, training=training,
                         data=recorded.get("data", {}))
 
 

@@ -17,6 +17,7 @@ This is a local directory; in production it is synced through a DVC remote (`dvc
 fsspec mount. Two machines must not write the same registry directory without a shared lock."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,9 +25,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from .atomic import locked, temp_dir, write_json
-from .package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
+from .atomic import locked, temp_dir, write_json, writer_tag
+from .package import MANIFEST_FILE, WEIGHTS_FILE, ExpertPackage, PackageError, load_package
 from .errors import InputError, require, read_json
 from .data.config import check_domain_name
 
@@ -45,6 +47,41 @@ class Entry:
     path: Path  # absolute path of the package directory inside the registry
     published_at: float
     version: int  # the registry version in which this entry was published
+
+
+STAGING = ".staging"
+
+
+def package_path(package: ExpertPackage) -> str:
+    """Where a package lives inside a registry (content-addressed: the same path on a remote and a mirror)."""
+    return f"packages/{package.domain}/{package.sha256[:16]}"
+
+
+def add_entry(index: dict, package: ExpertPackage, replace: bool, source) -> tuple[dict, bool]:
+    """The one publishing rule, applied to an index read under the writer's lock: (the domain's record,
+    whether the index changed). Same weights again: unchanged; other weights: refused unless `replace`."""
+    current = index["experts"].get(package.domain)
+    if current is not None and current["sha256"] == package.sha256:
+        return current, False
+    if current is not None and not replace:
+        raise RegistryError(f"{source}: domain '{package.domain}' is already published "
+                            f"(package {current['sha256'][:16]}); use replace to publish a new version")
+    version = index["version"] + 1
+    record = {"sha256": package.sha256, "path": package_path(package), "published_at": time.time(), "version": version}
+    index["experts"][package.domain] = record
+    index["version"] = version
+    index["history"].append({"version": version, "action": "replace" if current else "publish",
+                             "domain": package.domain, "sha256": package.sha256})
+    return record, True
+
+
+def drop_entry(index: dict, domain: str, where) -> None:
+    """The one unpublishing rule, applied to an index read under the writer's lock."""
+    if domain not in index["experts"]:
+        raise RegistryError(f"{where}: domain '{domain}' is not published; published: {sorted(index['experts'])}")
+    old = index["experts"].pop(domain)
+    index["version"] += 1
+    index["history"].append({"version": index["version"], "action": "remove", "domain": domain, "sha256": old["sha256"]})
 
 
 def check_index(index: dict, where, root: Path) -> dict:
@@ -107,8 +144,7 @@ class Registry:
 
     def entries(self) -> dict[str, Entry]:
         index = self.index()
-        return {d: Entry(domain=d, sha256=e["sha256"], path=self.root / e["path"], published_at=e["published_at"],
-                         version=e["version"]) for d, e in sorted(index["experts"].items())}
+        return {d: self.entry(d, e) for d, e in sorted(index["experts"].items())}
 
     def package_paths(self) -> list[Path]:
         """The published packages, sorted by domain (the merge order)."""
@@ -142,59 +178,76 @@ class Registry:
             write_json(self.index_path, index)
             return index
 
-    def publish(self, package_dir: str | os.PathLike, replace: bool = False) -> Entry:
-        """Validate and add one package. Same domain + same weights again is a no-op (idempotent);
-        same domain + other weights is refused unless `replace` (an owner publishing a new version)."""
-        index = self.index()
-        source = Path(package_dir)
-        staging = self.root / ".staging"
+    @contextlib.contextmanager
+    def staged(self, package_dir: str | os.PathLike) -> Iterator[ExpertPackage]:
+        """Copy a package into this process's own staging folder and validate the copy (not the source,
+        which could change under us); the folder is gone afterwards, whatever happens."""
+        index, source = self.index(), Path(package_dir)
+        staging = self.root / STAGING
         staging.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir(staging, "pkg-")
+        tmp = temp_dir(staging, f"pkg-{writer_tag()}")
         try:
             for name in (MANIFEST_FILE, WEIGHTS_FILE):
                 if not (source / name).is_file():
                     raise PackageError(f"{source / name}: missing (a package needs {MANIFEST_FILE} and {WEIGHTS_FILE})")
                 shutil.copyfile(source / name, tmp / name)
-            try:  # validate the copy we will keep, not the source (which could change under us)
+            try:
                 package = load_package(tmp, anchor_fingerprint=index["anchor_fingerprint"],
                                        anchor_shapes=index["anchor_shapes"])
             except PackageError as err:
                 raise PackageError(str(err).replace(str(tmp), str(source))) from None
-            with self._locked():
-                index = self.index()  # re-read: another writer may have published meanwhile
-                current = index["experts"].get(package.domain)
-                if current is not None and current["sha256"] == package.sha256:
-                    return self.entries()[package.domain]
-                if current is not None and not replace:
-                    raise RegistryError(f"{source}: domain '{package.domain}' is already published "
-                                        f"(package {current['sha256'][:16]}); use replace to publish a new version")
-                final = self.root / "packages" / package.domain / package.sha256[:16]
-                final.parent.mkdir(parents=True, exist_ok=True)
-                if final.exists():  # left by an earlier publish that was then replaced/removed
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                version = index["version"] + 1
-                index["experts"][package.domain] = {"sha256": package.sha256,
-                                                    "path": str(final.relative_to(self.root)),
-                                                    "published_at": time.time(), "version": version}
-                index["version"] = version
-                index["history"].append({"version": version, "action": "replace" if current else "publish",
-                                         "domain": package.domain, "sha256": package.sha256})
-                write_json(self.index_path, index)
-            return self.entries()[package.domain]
+            yield package
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, package_dir: str | os.PathLike, replace: bool = False) -> Entry:
+        """Validate and add one package. Same domain + same weights again is a no-op (idempotent);
+        same domain + other weights is refused unless `replace` (an owner publishing a new version)."""
+        with self.staged(package_dir) as package, self._locked():
+            index = self.index()  # read under the lock: what another writer published meanwhile counts
+            record, changed = add_entry(index, package, replace, package_dir)
+            if changed:
+                final = self.root / record["path"]
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():  # left by an earlier publish that was then replaced or removed
+                    shutil.rmtree(final)
+                os.replace(package.path, final)
+                write_json(self.index_path, index)
+            return self.entry(package.domain, record)
+
+    def entry(self, domain: str, record: dict) -> Entry:
+        return Entry(domain=domain, sha256=record["sha256"], path=self.root / record["path"],
+                     published_at=record["published_at"], version=record["version"])
+
+    def gc(self, apply: bool = False) -> list[dict]:
+        """What `registry gc` removes (with `apply`, removes it): staging folders of writers that are gone,
+        half-downloaded `.part-*` folders, and package folders the index no longer names (removed or
+        replaced domains; merged models hold their own copies). Holds the writers' lock, so a publish in
+        progress is never taken for garbage."""
+        from .atomic import dead_writer
+
+        found = []
+        with self._locked():
+            named = {self.root / e["path"] for e in self.index()["experts"].values()}
+            for tmp in sorted((self.root / STAGING).glob("pkg-*")):
+                if dead_writer(tmp.name, "pkg-"):
+                    found.append({"path": str(tmp), "why": "staging left by a killed publish"})
+            for folder in sorted((self.root / "packages").glob("*/*")):
+                if ".part-" in folder.name:
+                    found.append({"path": str(folder), "why": "partial download"})
+                elif folder not in named:
+                    found.append({"path": str(folder), "why": "not in the index (removed or replaced)"})
+            for item in found:
+                item["bytes"] = sum(f.stat().st_size for f in Path(item["path"]).rglob("*") if f.is_file())
+                if apply:
+                    shutil.rmtree(item["path"], ignore_errors=True)
+        return found
 
     def remove(self, domain: str) -> None:
         """Unpublish a domain (an owner opting out). Its files stay until `gc`; merged models keep working."""
         with self._locked():
             index = self.index()
-            if domain not in index["experts"]:
-                raise RegistryError(f"{self.root}: domain '{domain}' is not published; published: {sorted(index['experts'])}")
-            old = index["experts"].pop(domain)
-            index["version"] += 1
-            index["history"].append({"version": index["version"], "action": "remove", "domain": domain,
-                                     "sha256": old["sha256"]})
+            drop_entry(index, domain, self.root)
             write_json(self.index_path, index)
 
     def verify(self) -> dict[str, str]:

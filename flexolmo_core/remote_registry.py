@@ -21,12 +21,13 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
 from .atomic import locked, write_json
 from .package import MANIFEST_FILE, WEIGHTS_FILE
-from .registry import INDEX_FILE, Entry, Registry, RegistryError, check_index
+from .registry import INDEX_FILE, Entry, Registry, RegistryError, add_entry, check_index, drop_entry
 
 PACKAGE_FILES = (WEIGHTS_FILE, MANIFEST_FILE)  # the manifest last: its presence marks a complete upload
 
@@ -72,70 +73,98 @@ class RemoteRegistry:
         return contextlib.nullcontext()
 
     def _write_remote_index(self, index: dict, expected_version: int | None) -> None:
-        with self._index_lock():
-            current = self.remote_index()
-            now = None if current is None else current["version"]
-            if now != expected_version:
-                raise RegistryError(f"{self.url}: the registry moved to version {now} while this publish ran "
-                                    f"(expected {expected_version}); run it again")
-            tmp = self._remote(f".{INDEX_FILE}.{uuid.uuid4().hex}")
-            with self.fs.open(tmp, "w") as handle:
-                json.dump(index, handle, indent=2, sort_keys=True)
-            self.fs.mv(tmp, self._remote(INDEX_FILE))
+        """Replace the remote index; the caller holds `_index_lock()`. On object stores (no lock) the index
+        is re-read first and the write refused if another writer moved it meanwhile."""
+        current = self.remote_index()
+        now = None if current is None else current["version"]
+        if now != expected_version:
+            raise RegistryError(f"{self.url}: the registry moved to version {now} while this publish ran "
+                                f"(expected {expected_version}); run it again")
+        tmp = self._remote(f".{INDEX_FILE}.{uuid.uuid4().hex}")
+        with self.fs.open(tmp, "w") as handle:
+            json.dump(index, handle, indent=2, sort_keys=True)
+        self.fs.mv(tmp, self._remote(INDEX_FILE))
 
-    def pull(self) -> Registry:
-        """Bring the mirror up to the remote index; returns the mirror."""
+    def _existing_index(self) -> dict:
         index = self.remote_index()
         if index is None:
             raise RegistryError(f"{self.url}: not a registry (no {INDEX_FILE}); create it with "
                                 f"`flexolmo registry init {self.url} --anchor ANCHOR_DIR`")
-        for entry in index["experts"].values():
-            local = self.mirror.root / entry["path"]
-            if not local.exists():
-                part = local.with_name(local.name + f".part-{uuid.uuid4().hex[:8]}")
-                part.mkdir(parents=True)
-                for name in PACKAGE_FILES:  # file by file: fsspec's recursive copy rules vary by version
-                    self.fs.get_file(self._remote(f"{entry['path']}/{name}"), str(part / name))
-                os.replace(part, local)
-        write_json(self.mirror.index_path, index)
+        return index
+
+    def pull(self) -> Registry:
+        """Bring the mirror up to the remote index; returns the mirror. Under the mirror's lock: processes
+        sharing one mirror (the default, per URL) never download into each other's folders."""
+        index = self._existing_index()
+        with self.mirror._locked():
+            for entry in index["experts"].values():
+                local = self.mirror.root / entry["path"]
+                if not (local / MANIFEST_FILE).exists():
+                    part = local.with_name(local.name + f".part-{uuid.uuid4().hex[:8]}")
+                    part.mkdir(parents=True)
+                    for name in PACKAGE_FILES:  # file by file: fsspec's recursive copy rules vary by version
+                        self.fs.get_file(self._remote(f"{entry['path']}/{name}"), str(part / name))
+                    if local.exists():
+                        shutil.rmtree(local)
+                    os.replace(part, local)
+            write_json(self.mirror.index_path, index)
         return self.mirror
 
     def init(self, anchor_dir: str | os.PathLike) -> dict:
         from .anchor import read_fingerprint
 
-        index = self.remote_index()
-        if index is not None:
-            if index["anchor_fingerprint"] != read_fingerprint(anchor_dir):
-                raise RegistryError(f"{self.url}: registry is for anchor {index['anchor_fingerprint']}, "
-                                    f"not {read_fingerprint(anchor_dir)} ({anchor_dir})")
-            self.pull()
-            return index
-        if self.mirror.exists():  # a mirror of some earlier registry at this URL: start clean
-            self.mirror.index_path.unlink()
-        index = self.mirror.init(anchor_dir)
-        self.fs.makedirs(self.root, exist_ok=True)
-        self._write_remote_index(index, None)
+        fingerprint = read_fingerprint(anchor_dir)
+        with self._index_lock():
+            index = self.remote_index()
+            if index is None:
+                with self.mirror._locked():
+                    if self.mirror.exists():  # a mirror of some earlier registry at this URL: start clean
+                        self.mirror.index_path.unlink()
+                index = self.mirror.init(anchor_dir)
+                self.fs.makedirs(self.root, exist_ok=True)
+                self._write_remote_index(index, None)
+        if index["anchor_fingerprint"] != fingerprint:
+            raise RegistryError(f"{self.url}: registry is for anchor {index['anchor_fingerprint']}, "
+                                f"not {fingerprint} ({anchor_dir})")
+        self.pull()
         return index
 
     def publish(self, package_dir: str | os.PathLike, replace: bool = False) -> Entry:
-        base = self.pull().index()["version"]
-        entry = self.mirror.publish(package_dir, replace=replace)  # validates; no-op if already published
-        index = self.mirror.index()
-        if index["version"] == base:
-            return entry
-        relative = str(entry.path.relative_to(self.mirror.root))
-        target = self._remote(relative)
-        if not self.fs.exists(f"{target}/{WEIGHTS_FILE}"):
-            self.fs.makedirs(target, exist_ok=True)
-            for name in PACKAGE_FILES:
-                self.fs.put_file(str(entry.path / name), f"{target}/{name}")
-        self._write_remote_index(index, base)
-        return entry
+        """Validate in this process's own staging folder, then decide against the remote index read under
+        the lock: either the package is uploaded and indexed, or it is refused and nothing of it is left."""
+        self.pull()
+        with self.mirror.staged(package_dir) as package, self._index_lock():
+            index = self._existing_index()
+            base = index["version"]
+            record, changed = add_entry(index, package, replace, package_dir)
+            if changed:
+                target = self._remote(record["path"])
+                uploaded = not self.fs.exists(f"{target}/{MANIFEST_FILE}")
+                if uploaded:  # content-addressed: a complete copy (manifest last) is never uploaded twice
+                    self.fs.makedirs(target, exist_ok=True)
+                    for name in PACKAGE_FILES:
+                        self.fs.put_file(str(package.path / name), f"{target}/{name}")
+                try:
+                    self._write_remote_index(index, base)
+                except BaseException:
+                    if uploaded:
+                        self.fs.rm(target, recursive=True)
+                    raise
+        self.pull()
+        return self.mirror.entry(package.domain, record)
 
     def remove(self, domain: str) -> None:
-        base = self.pull().index()["version"]
-        self.mirror.remove(domain)
-        self._write_remote_index(self.mirror.index(), base)
+        with self._index_lock():
+            index = self._existing_index()
+            base = index["version"]
+            drop_entry(index, domain, self.url)
+            self._write_remote_index(index, base)
+        self.pull()
+
+    def gc(self, apply: bool = False) -> list[dict]:
+        """Garbage in the local mirror (see Registry.gc); the remote is left to its own tooling."""
+        self.pull()
+        return self.mirror.gc(apply)
 
 
 def registry_id(location: str | os.PathLike) -> str:

@@ -85,7 +85,7 @@ def test_use_bias_reapplies_the_learned_router_bias(smoke_anchor, tmp_path):
         for i, layer in enumerate(owner.model.layers):
             layer.mlp.experts.trainable_down_proj.mul_(1.5)  # make the expert differ from the public FFN
             layer.mlp.gate.logit_bias.fill_(-0.7 - i)
-    save_package(package_tensors(owner), tmp_path / "pkg", "law", read_fingerprint(smoke_anchor))
+    save_package(package_tensors(owner), tmp_path / "pkg", "law", read_fingerprint(smoke_anchor), anchor_dir=smoke_anchor)
     merge(smoke_anchor, [tmp_path / "pkg"], tmp_path / "m", top_k=2)
     manifest = json.loads((tmp_path / "m" / "flexolmo.json").read_text())
     assert manifest["router_bias"] == "dropped" and manifest["experts"][1]["logit_bias"][1] < -1.6

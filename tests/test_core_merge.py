@@ -28,7 +28,7 @@ def test_anchor_plus_one_package_at_k2_equals_the_owner_model(smoke_anchor, tmp_
         opt.step()
         opt.zero_grad()
         project_after_step(owner)
-    save_package(package_tensors(owner), tmp_path / "pkg", "math", read_fingerprint(smoke_anchor))
+    save_package(package_tensors(owner), tmp_path / "pkg", "math", read_fingerprint(smoke_anchor), anchor_dir=smoke_anchor)
     merge(smoke_anchor, [tmp_path / "pkg"], tmp_path / "merged", top_k=2)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", use_safetensors=True).eval()
     assert type(merged).__name__ == "FlexOlmoForCausalLM"

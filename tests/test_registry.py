@@ -147,3 +147,31 @@ def test_cli_publish_refusal_is_a_clear_error(registry, packages, tmp_path, caps
     assert "missing" in capsys.readouterr().err
     assert main(["registry", "list", str(registry.root)]) == 0
     assert list(json.loads(capsys.readouterr().out)["experts"]) == ["code"]
+
+
+def test_gc_lists_then_removes_only_what_no_one_uses(registry, packages, tmp_path, capsys):
+    import socket
+
+    from flexolmo_core.cli import main
+
+    registry.publish(packages["code"])
+    registry.publish(packages["news"])
+    registry.remove("news")  # its files stay until gc
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = registry.root / ".staging" / f"pkg-{socket.gethostname()}.{int(dead.stdout)}.abcd1234"
+    live = registry.root / ".staging" / f"pkg-{socket.gethostname()}.{os.getpid()}.abcd1234"  # a publish in progress
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "expert.safetensors").write_bytes(b"x" * 10)
+    partial = registry.root / "packages" / "code" / "0123456789abcdef.part-1a2b3c4d"
+    partial.mkdir()
+    before = snapshot(registry.root)
+    assert main(["registry", "gc", str(registry.root)]) == 0  # a dry run by default
+    report = json.loads(capsys.readouterr().out)
+    news_dir = registry.root / "packages" / "news"
+    listed = {Path(item["path"]) for item in report["would_remove"]}
+    assert listed == {stale, partial, *news_dir.iterdir()} and "--apply" in report["hint"]
+    assert snapshot(registry.root) == before
+    assert main(["registry", "gc", str(registry.root), "--apply"]) == 0
+    assert not stale.exists() and not partial.exists() and not list(news_dir.iterdir()) and live.exists()
+    assert registry.verify() == {"code": "ok"} and registry.gc() == []

@@ -1,4 +1,4 @@
-"""Registry commands: `flexolmo publish PKG --registry DIR` and `flexolmo registry init|list|remove|verify`.
+"""Registry commands: `flexolmo publish PKG --registry DIR` and `flexolmo registry init|list|remove|verify|gc`.
 
 Publishing by hand does not emit the Prefect event; `python -m flows.owner publish ...` does, or the
 scheduled re-merge (flows/deploy.py) picks the package up on its next tick."""
@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     p = sub.add_parser("verify", help="re-validate every published package")
     p.add_argument("registry")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("gc", help="list (or with --apply remove) what killed publishes and removed domains left")
+    p.add_argument("registry")
+    p.add_argument("--apply", action="store_true", help="remove it (default: a dry run that only lists it)")
+    p.set_defaults(func=cmd_gc)
     p = sub.add_parser("remove", help="unpublish a domain (its owner opts out)")
     p.add_argument("registry")
     p.add_argument("domain")
@@ -73,3 +77,13 @@ def cmd_remove(args) -> None:
 
     writable_registry(args.registry).remove(args.domain)
     print(json.dumps({"registry": args.registry, "removed": args.domain}))
+
+
+def cmd_gc(args) -> None:
+    from ..remote_registry import writable_registry
+
+    found = writable_registry(args.registry).gc(apply=args.apply)
+    print(json.dumps({"registry": args.registry, "removed" if args.apply else "would_remove": found,
+                      "bytes": sum(f["bytes"] for f in found),
+                      **({} if args.apply or not found else {"hint": "run again with --apply to remove these"})},
+                     indent=2))

@@ -129,7 +129,7 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
         tensors = {k: v.to(anchor_dtype) for k, v in to_package(trained).items()}
         data = {"documents": _count_documents(windows, anchor.config.eos_token_id), "windows": len(windows),
                 "seq_len": loop.seq_len, "sha256": data_sha256}
-        save_package(tensors, package_dir, domain, read_fingerprint(anchor_dir), training=summary,
+        save_package(tensors, package_dir, domain, read_fingerprint(anchor_dir), anchor_dir=anchor_dir, training=summary,
                      data=data)
     _finish(out, summary)
     return summary
