@@ -158,7 +158,9 @@ class Registry:
         return hashlib.sha256(json.dumps(self.contents(), sort_keys=True).encode()).hexdigest()[:16]
 
     # ---- writing ------------------------------------------------------------------------------------
-    def _locked(self):
+    def _locked(self, must_exist: bool = True):
+        if must_exist:
+            self.index()  # refuse a folder that is not a registry before the lock file would create it
         return locked(self.root / ".lock")
 
     def init(self, anchor_dir: str | os.PathLike) -> dict:
@@ -166,7 +168,7 @@ class Registry:
         from .anchor import read_fingerprint
 
         fingerprint, shapes = read_fingerprint(anchor_dir), anchor_shapes_of(anchor_dir)
-        with self._locked():
+        with self._locked(must_exist=False):
             if self.exists():
                 index = self.index()
                 if index["anchor_fingerprint"] != fingerprint:

@@ -96,7 +96,7 @@ class RemoteRegistry:
         """Bring the mirror up to the remote index; returns the mirror. Under the mirror's lock: processes
         sharing one mirror (the default, per URL) never download into each other's folders."""
         index = self._existing_index()
-        with self.mirror._locked():
+        with self.mirror._locked(must_exist=False):
             for entry in index["experts"].values():
                 local = self.mirror.root / entry["path"]
                 if not (local / MANIFEST_FILE).exists():
@@ -117,7 +117,7 @@ class RemoteRegistry:
         with self._index_lock():
             index = self.remote_index()
             if index is None:
-                with self.mirror._locked():
+                with self.mirror._locked(must_exist=False):
                     if self.mirror.exists():  # a mirror of some earlier registry at this URL: start clean
                         self.mirror.index_path.unlink()
                 index = self.mirror.init(anchor_dir)

@@ -16,8 +16,8 @@ LOOP = ["--steps", "1", "--global-batch", "2", "--micro-batch", "2", "--seq-len"
 
 
 def tree_sha(path: Path) -> str:
-    """Hash of every file under `path` (names and bytes): what 'intact' means."""
-    h = hashlib.sha256()
+    """Hash of whether `path` exists and of every file under it (names and bytes): what 'intact' means."""
+    h = hashlib.sha256(str(Path(path).exists()).encode())
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         h.update(str(f.relative_to(path)).encode() + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
@@ -183,6 +183,14 @@ def jsonl_text(value):
     return case
 
 
+def registry_gc_not_a_registry(w, tmp):
+    return ["registry", "gc", str(tmp / "nowhere")], "not a registry (no registry.json)", [tmp / "nowhere"]
+
+
+def registry_remove_not_a_registry(w, tmp):
+    return ["registry", "remove", str(tmp / "nowhere"), "code"], "not a registry", [tmp / "nowhere"]
+
+
 def merge_top_k_zero(w, tmp):
     return (["merge", "--anchor", str(w["anchor"]), "--expert", str(w["code"]), "--out", str(tmp / "m"),
              "--top-k", "0"], "--top-k must be between 1", [])
@@ -223,7 +231,8 @@ CASES = {f.__name__ if not isinstance(f, tuple) else f[0]: (f if not isinstance(
     domain_with_newline, only_empty, only_comma, merge_over_a_user_folder, merge_onto_the_anchor, merge_onto_a_package,
     expert_onto_the_anchor, tokenizer_over_a_folder, manifest_lists_fewer_experts, steps_zero, steps_negative,
     seq_len_zero, resume_with_other_arguments, registry_path_escapes, registry_absolute_path,
-    registry_index_missing_keys, registry_index_corrupt, merge_top_k_zero, generate_unknown_expert,
+    registry_index_missing_keys, registry_index_corrupt, registry_gc_not_a_registry, registry_remove_not_a_registry,
+    merge_top_k_zero, generate_unknown_expert,
     merge_missing_anchor, merge_pickled_weights, merge_duplicate_domain, evaluate_batch_size_zero,
     evaluate_workers_zero,
     ("manifest_is_a_string", package_manifest(lambda m: json.dumps("hello"), "expected a JSON object")),
