@@ -26,7 +26,9 @@ def olmo2_config(cfg: ModelConfig, tokenizer):
     from transformers import Olmo2Config
 
     if len(tokenizer) > cfg.vocab_size:
-        raise InputError(f"tokenizer has {len(tokenizer)} tokens but the preset's vocab_size is {cfg.vocab_size}")
+        raise InputError(f"the tokenizer has {len(tokenizer)} tokens but the model preset's vocab_size is {cfg.vocab_size}: "
+                         "set tokenizer.vocab_size in params.yaml to null (follow the preset) or to at most "
+                         f"{cfg.vocab_size}, or choose a preset with a larger vocabulary")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InputError("the tokenizer has no EOS token; documents are separated by EOS in training")

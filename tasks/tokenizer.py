@@ -3,9 +3,10 @@ public/train only, or the imported anchor's own when `anchor.source` is a checkp
 outputs/tokenizer/<domain>/<split>/ (packed token shards + index.json) + card."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from flexolmo_core.data.config import TokenizerConfig, flexmix_domains
+from flexolmo_core.data.config import TokenizerConfig, flexmix_domains, tokenizer_vocab
 from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
 from flexolmo_core.params import load_section, read_params
 from flexolmo_core.training.config import AnchorConfig, load_stage
@@ -16,6 +17,7 @@ OUT = "outputs/tokenizer"
 
 def main(params: str = "params.yaml") -> None:
     config = load_section(TokenizerConfig, "tokenizer", params)
+    config = dataclasses.replace(config, vocab_size=tokenizer_vocab(config, read_params(params).get("preset")))
     _, anchor, _ = load_stage(AnchorConfig, "anchor", params)  # with the preset's overrides
     source = None if anchor.source == "train" else (anchor.source, anchor.gguf_file)
     card = build_tokenizer_and_pack(config, PREPARED, flexmix_domains(read_params(params).get("domains")), OUT,

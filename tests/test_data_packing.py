@@ -1,6 +1,7 @@
 """Packed shards and the loader: exact resume at any sample index, disjoint covering distributed slices."""
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -109,3 +110,29 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(smoke_token
     pieced = tokenize_documents([text, "tail"], backend, eos_id=0, batch_chars=2000, piece_chars=500)
     assert pieced.tolist() == stream.tolist() == whole + [0] + backend.encode("tail").ids + [0]
     assert list(document_pieces("x" * 1200, limit=500)) == ["x" * 500, "x" * 500, "x" * 200]  # no space: cut hard
+
+
+def test_the_tokenizer_follows_the_model_preset_unless_told_otherwise(tmp_path):
+    """tokenizer.vocab_size null = the preset's (so `-S preset=smoke` runs as it is); a number wins; no preset
+    and no number is refused by name."""
+    import yaml
+
+    from flexolmo_core.data.config import TokenizerConfig, tokenizer_vocab
+    from flexolmo_core.params import load_section
+
+    shipped = load_section(TokenizerConfig, "tokenizer", "params.yaml")
+    assert shipped.vocab_size is None
+    assert tokenizer_vocab(shipped, "smoke") == 1024 and tokenizer_vocab(shipped, "tiny") == 8192
+    assert tokenizer_vocab(TokenizerConfig(vocab_size=600), "smoke") == 600
+    with pytest.raises(ValueError, match="tokenizer.vocab_size is null"):
+        tokenizer_vocab(shipped, None)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"preset": "smoke", "tokenizer": {}}))
+    from flexolmo_core.cli import main
+
+    data = tmp_path / "docs"  # enough text for 8192 merges: the preset's 1024 is what stops it
+    data.mkdir()
+    for i, path in enumerate(sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]):
+        (data / f"{i}.txt").write_text(path.read_text(encoding="utf-8"))
+    assert main(["tokenizer", "train", "--data", str(data), "--out", str(tmp_path / "tok"), "--params", str(params)]) == 0
+    assert len(json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]) == 1024

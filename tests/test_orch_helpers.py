@@ -23,7 +23,7 @@ def smoke_params(params: dict, domains: list[str]) -> dict:
     prep["tier"] = "smoke"
     prep["decontam_ngram"] = 0  # the eval-set n-gram index costs ~30 s; decontamination has its own tests
     if "tokenizer" in params:
-        params["tokenizer"] = {**params["tokenizer"], "vocab_size": 1000, "min_frequency": 2, "seq_len": 64}
+        params["tokenizer"] = {**params["tokenizer"], "min_frequency": 2, "seq_len": 64}  # vocab: the preset's
     if "evaluate" in params:
         params["evaluate"] = {**params["evaluate"], "suites": ["domains"], "limit": 2, "domain_limit": 2,
                               "domain_max_chars": 500, "batch_size": 4}

@@ -1,10 +1,11 @@
 """Data commands: `flexolmo prepare` (the FlexMix corpus) and `flexolmo tokenizer train|pack`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from ..cli_config import add_stage_args
-from ..data.config import PrepareConfig, TokenizerConfig
+from ..data.config import PrepareConfig, TokenizerConfig, tokenizer_vocab
 
 
 def register(subparsers) -> None:
@@ -42,9 +43,16 @@ def cmd_tokenizer_train(args) -> None:
     from ..data.tokenizer import train_tokenizer
 
     cfg = args.stage
+    vocab = tokenizer_vocab(cfg, _preset(args))
     texts = read_texts(args.data)
-    out = train_tokenizer(texts, cfg.vocab_size, args.out, cfg.min_frequency, cfg.eos_token, cfg.pad_token)
-    print(f"tokenizer ({cfg.vocab_size} tokens, {len(texts)} documents) -> {out}")
+    out = train_tokenizer(texts, vocab, args.out, cfg.min_frequency, cfg.eos_token, cfg.pad_token)
+    print(f"tokenizer ({vocab} tokens, {len(texts)} documents) -> {out}")
+
+
+def _preset(args) -> str | None:
+    from ..params import read_params
+
+    return read_params(args.params).get("preset") if args.params else None
 
 
 def cmd_tokenizer_pack(args) -> None:
@@ -52,5 +60,6 @@ def cmd_tokenizer_pack(args) -> None:
     from ..data.tokenize_stage import build_tokenizer_and_pack
     from ..params import read_params
 
-    card = build_tokenizer_and_pack(args.stage, args.prepared, flexmix_domains(read_params(args.params).get("domains")), args.out)
+    stage = dataclasses.replace(args.stage, vocab_size=tokenizer_vocab(args.stage, _preset(args)))
+    card = build_tokenizer_and_pack(stage, args.prepared, flexmix_domains(read_params(args.params).get("domains")), args.out)
     print(json.dumps(card["domains"], indent=2))

@@ -76,7 +76,7 @@ class PrepareConfig:
 class TokenizerConfig:
     """`tokenizer` stage: byte-level BPE trained on the public train split, then every domain split packed."""
 
-    vocab_size: int = 8192  # 8k-16k for the tiny preset
+    vocab_size: int | None = None  # None: the model preset's vocab_size (smoke 1024, tiny 8192, ...)
     min_frequency: int = 2  # a merge needs at least this many occurrences
     train_domain: str = "public"  # the anchor's data: owners never change the tokenizer
     seq_len: int = 256  # default sequence length recorded in the packed index (the loader may cut differently)
@@ -84,6 +84,19 @@ class TokenizerConfig:
     eos_token: str = "<|endoftext|>"  # separates documents in training streams
     pad_token: str = "<|pad|>"  # padding for batched evaluation
 
+
+
+def tokenizer_vocab(config: TokenizerConfig, preset: str | None) -> int:
+    """The vocabulary the tokenizer is trained to: tokenizer.vocab_size, or by default the model preset's, so
+    that every preset runs as it is (a tokenizer larger than the model's embedding cannot be used)."""
+    if config.vocab_size is not None:
+        return config.vocab_size
+    if preset is None:
+        raise InputError("tokenizer.vocab_size is null (follow the model preset) but no preset is given: "
+                         "set --vocab-size, or --params with a top-level `preset`")
+    from ..config import get_preset
+
+    return get_preset(preset).vocab_size
 
 
 def flexmix_domains(raw_domains) -> list[str]:
