@@ -142,7 +142,9 @@ def test_cli_publish_refusal_is_a_clear_error(registry, packages, tmp_path, caps
     from flexolmo_core.cli import main
 
     assert main(["publish", str(packages["code"]), "--registry", str(registry.root)]) == 0
-    assert json.loads(capsys.readouterr().out)["domain"] == "code"
+    out = json.loads(capsys.readouterr().out)
+    assert out["domain"] == "code" and out["event_emitted"] is False  # says so: only the schedule will see it
+    assert "flows.deploy serve" in out["remerge"] and "flows.owner publish" in out["remerge"]
     assert main(["publish", str(tmp_path / "nope"), "--registry", str(registry.root)]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(["registry", "list", str(registry.root)]) == 0

@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 
 DEFAULT_REGISTRY = "runs/registry"
+# The core CLI does not talk to Prefect (flexolmo_core is orchestration-free), so it says so instead of emitting.
+NO_EVENT = ("no event was sent: the scheduled re-merge (python -m flows.deploy serve --cron ...) picks this "
+            "expert up on its next run; `python -m flows.owner publish PKG --registry REG` publishes and emits "
+            "flexolmo.expert.published, which starts the on-publish re-merge at once")
 
 
 def register(subparsers) -> None:
@@ -43,7 +47,8 @@ def cmd_publish(args) -> None:
 
     entry = writable_registry(args.registry).publish(args.package, replace=args.replace)
     print(json.dumps({"registry": args.registry, "domain": entry.domain, "sha256": entry.sha256,
-                      "path": str(entry.path), "version": entry.version}))
+                      "path": str(entry.path), "version": entry.version, "event_emitted": False,
+                      "remerge": NO_EVENT}))
 
 
 def cmd_init(args) -> None:

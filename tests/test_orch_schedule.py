@@ -1,0 +1,86 @@
+"""The scheduled re-merge, proven against a real Prefect server (`prefect server start`, with its scheduler):
+`flows.deploy serve --cron '* * * * *'` must start a run by itself that merges the registry into a release,
+and the server's log must hold no traceback (SQLAlchemy 2.1 once broke the scheduler in a loop: constraints.txt)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, seconds: float, what: str, poll: float = 2.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+
+
+def test_a_scheduled_remerge_starts_by_itself_and_publishes_a_release(tmp_path, smoke_anchor, packages):
+    import urllib.request
+
+    from flexolmo_core.registry import Registry
+
+    registry, releases = tmp_path / "registry", tmp_path / "releases"
+    Registry(registry).init(smoke_anchor)
+    Registry(registry).publish(packages["code"])  # published by hand: no event, only the schedule can see it
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PYTHONPATH": str(ROOT),
+           "PREFECT_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+    server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=server_log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)
+    served = None
+    try:
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 120, "the Prefect server")
+        served = subprocess.Popen([sys.executable, "-m", "flows.deploy", "serve", "--registry", str(registry),
+                                   "--anchor", str(smoke_anchor), "--releases", str(releases), "--cron", "* * * * *",
+                                   "--no-evaluate", "--params", str(ROOT / "params.yaml")], env=env, cwd=ROOT,
+                                  stdout=serve_log.open("w"), stderr=subprocess.STDOUT)
+        current = releases / "current.json"
+
+        def released():
+            assert "Traceback" not in server_log.read_text(), server_log.read_text()[-4000:]  # fail fast, e.g. the scheduler
+            return current.exists() and json.loads(current.read_text())
+
+        release = wait_for(released, 240, "a scheduled run to publish a release")
+        assert release["version"] == 1 and set(release["experts"]) == {"code"}
+        merged = json.loads((Path(release["path"]) / "flexolmo.json").read_text())
+        assert [e["domain"] for e in merged["experts"]] == ["public", "code"]
+        assert "Traceback" not in server_log.read_text(), server_log.read_text()[-4000:]
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        print("---- server log (tail) ----\n" + server_log.read_text()[-3000:])
+        if serve_log.exists():
+            print("---- serve log (tail) ----\n" + serve_log.read_text()[-3000:])
