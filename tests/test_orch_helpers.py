@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -94,3 +95,25 @@ def set_domains(dest: Path, domains: dict) -> None:
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["domains"] = domains
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    """Poll `predicate` until it returns something truthy (returned); fail naming `what` after `timeout` s."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stop(proc) -> None:
+    """SIGTERM a served process, SIGKILL it if it has not gone after 20 s."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -21,13 +21,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_orch_helpers import clone_env, dvc, make_clone, repro, set_domains  # noqa: E402
+from test_orch_helpers import clone_env, dvc, make_clone, repro, set_domains, stop, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ALL_STAGES_2 = {"domains", "prepare", "tokenizer", "anchor", "public_embedding", "domain_embedding@code",
@@ -161,16 +160,6 @@ def test_adding_domains_trains_only_the_new_experts_concurrently(clone, harness)
     assert repro(clone)[0] == []
 
 
-def wait_for(predicate, timeout: float, what: str):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def automation_exists(name: str) -> bool:
     import asyncio
 
@@ -228,11 +217,7 @@ def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
         assert again["changed"] is False and again["version"] == 2
         assert sorted(p.name for p in releases.iterdir() if p.name.startswith("v")) == ["v0001", "v0002"]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
         print("---- flows.deploy serve output (tail) ----\n" + server_log.read_text()[-4000:])
 
 

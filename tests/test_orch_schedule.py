@@ -8,10 +8,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.test_orch_helpers import stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -21,16 +22,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(check, seconds: float, what: str, poll: float = 2.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
 
 
 def test_a_scheduled_remerge_starts_by_itself_and_publishes_a_release(tmp_path, smoke_anchor, packages):
@@ -68,19 +59,14 @@ def test_a_scheduled_remerge_starts_by_itself_and_publishes_a_release(tmp_path, 
             assert "Traceback" not in server_log.read_text(), server_log.read_text()[-4000:]  # fail fast, e.g. the scheduler
             return current.exists() and json.loads(current.read_text())
 
-        release = wait_for(released, 240, "a scheduled run to publish a release")
+        release = wait_for(released, 240, "a scheduled run to publish a release", poll=2.0)
         assert release["version"] == 1 and set(release["experts"]) == {"code"}
         merged = json.loads((Path(release["path"]) / "flexolmo.json").read_text())
         assert [e["domain"] for e in merged["experts"]] == ["public", "code"]
         assert "Traceback" not in server_log.read_text(), server_log.read_text()[-4000:]
     finally:
-        for proc in (served, server):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop(served)
+        stop(server)
         print("---- server log (tail) ----\n" + server_log.read_text()[-3000:])
         if serve_log.exists():
             print("---- serve log (tail) ----\n" + serve_log.read_text()[-3000:])
