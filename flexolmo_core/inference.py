@@ -156,8 +156,10 @@ def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 32, do_samp
                              pad_token_id=tok.pad_token_id or tok.eos_token_id)
     new_tokens = out[0, inputs["input_ids"].shape[1]:]
     shares = rec.shares(last_token_of_first=True)
+    domains = [e["domain"] for e in loaded.manifest["experts"]]
     return {"text": tok.decode(new_tokens, skip_special_tokens=True), "token_ids": new_tokens.tolist(),
-            "attribution": attribution(loaded, shares), "kept": loaded.kept}
+            "attribution": attribution(loaded, shares), "kept": loaded.kept,
+            "off": [d for d in domains if d not in loaded.kept]}
 
 
 def is_merged_model(path: str | os.PathLike) -> bool:

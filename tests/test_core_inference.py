@@ -62,6 +62,10 @@ def test_generate_cli(merged, capsys):
     assert main(["generate", "--model", str(merged), "--exclude", "news", "--max-new-tokens", "5", "--json", PROMPT]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kept"] == ["public", "code"] and out["attribution"]["news"] == 0.0 and len(out["token_ids"]) <= 5
+    assert out["off"] == ["news"]
+    assert main(["generate", "--model", str(merged), "--exclude", "news", "--max-new-tokens", "3", PROMPT]) == 0
+    table = capsys.readouterr().out.split("-- attribution")[1].splitlines()
+    assert [line.split() for line in table if "news" in line] == [["news", "off"]]
     assert main(["generate", "--model", str(merged), "--max-new-tokens", "3", PROMPT]) == 0
     assert "attribution" in capsys.readouterr().out
     assert main(["generate", "--model", str(merged), "--exclude", "poetry", PROMPT]) == 2

@@ -189,3 +189,19 @@ def test_unrestricted_moe_matches_flop_budget_and_loads(tmp_path, smoke_tokenize
     assert summary["steps"] == 5
     loaded = load_flexolmo(tmp_path / "u/model")
     assert loaded.model.config.num_experts == 3 and loaded.model.config.num_experts_per_tok == 2
+
+
+def test_tokens_per_second_is_a_moving_average():
+    """One slow step (the machine busy elsewhere) moves the shown speed by its share of the window only."""
+    import collections
+    import types
+
+    from flexolmo_core.training.loop import SPEED_WINDOW, log_step
+
+    run = types.SimpleNamespace(label="t", tokens_per_step=100, live=None, bar=None,
+                                recent_seconds=collections.deque(maxlen=SPEED_WINDOW))
+    shown = [log_step(run, i + 1, 1e-3, 1.0, 0.0, s) for i, s in enumerate([1.0, 1.0, 100.0])]
+    assert shown[:2] == [100.0, 100.0] and shown[2] == 300 / 102
+    for i in range(SPEED_WINDOW):
+        last = log_step(run, 4 + i, 1e-3, 1.0, 0.0, 1.0)
+    assert last == 100.0  # the slow step has left the window

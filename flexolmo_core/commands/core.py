@@ -186,7 +186,10 @@ def cmd_generate(args) -> None:
     print(args.prompt + result["text"])
     print("\n-- attribution (share of routing weight over the generated tokens) --")
     for name, share in sorted(result["attribution"].items(), key=lambda kv: -kv[1]):
-        print(f"{name:>14}  {share:6.1%}  {'#' * round(share * 40)}")
+        if name not in result["off"]:
+            print(f"{name:>14}  {share:6.1%}  {'#' * round(share * 40)}")
+    for name in result["off"]:  # switched off for this request: not the same as an expert that got no tokens
+        print(f"{name:>14}     off")
 
 
 def cmd_inspect(args) -> None:

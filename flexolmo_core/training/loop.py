@@ -7,6 +7,7 @@ batch reads the same samples. The data order is a function of (seed, sample inde
 trainable weights + AdamW state, so a resumed run reproduces an uninterrupted one bit for bit."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -82,6 +83,9 @@ def evaluate(model, windows, cfg: LoopConfig) -> float | None:
     return total / n
 
 
+SPEED_WINDOW = 20  # steps in the moving average of tokens/s shown while training
+
+
 @dataclass
 class Run:
     """What one training run holds between steps (built by `setup`)."""
@@ -108,6 +112,7 @@ class Run:
     val_history: list = field(default_factory=list)
     timed_steps: int = 0
     timed_seconds: float = 0.0
+    recent_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=SPEED_WINDOW))
 
     @property
     def tokens_per_step(self) -> int:
@@ -208,9 +213,12 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor]:
     return lr, step_ce, grad_norm
 
 
-def log_step(run: Run, done: int, lr: float, step_ce: float, grad_norm, seconds: float) -> None:
-    """dvclive metrics and the progress bar (rank 0 only)."""
-    label, tokens_per_s = run.label, run.tokens_per_step / seconds
+def log_step(run: Run, done: int, lr: float, step_ce: float, grad_norm, seconds: float) -> float:
+    """dvclive metrics and the progress bar (rank 0 only). tokens/s is the mean over the last SPEED_WINDOW
+    steps: one step's figure swings with the machine's other work (92 to 6,926 on 2 shared cores)."""
+    run.recent_seconds.append(seconds)
+    label = run.label
+    tokens_per_s = run.tokens_per_step * len(run.recent_seconds) / sum(run.recent_seconds)
     if run.live is not None:
         run.live.step = done
         run.live.log_metric(f"{label}/loss", step_ce)
@@ -223,6 +231,7 @@ def log_step(run: Run, done: int, lr: float, step_ce: float, grad_norm, seconds:
     if run.bar is not None:
         run.bar.set_postfix(loss=f"{step_ce:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
         run.bar.update(1)
+    return tokens_per_s
 
 
 def summarize(run: Run, val_loss: float | None) -> dict:
