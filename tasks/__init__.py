@@ -10,6 +10,11 @@ import time
 _START = time.time()
 
 
+def say(message: str) -> None:
+    """A stage's progress line for whoever watches it (stderr: stdout carries the stage's result)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _report() -> None:
     module = sys.modules.get("__main__")
     spec = getattr(module, "__spec__", None)

@@ -51,6 +51,13 @@ def run_jobs(jobs: list, cfg: runner.EvalConfig):
             yield future.result()
 
 
+def eta(elapsed: float, done: int, total: int) -> str:
+    """Time left if the remaining variants cost what the finished ones did on average (the light ones are
+    cheaper, so it errs long)."""
+    left = elapsed / done * (total - done)
+    return "done" if done == total else f"about {left / 60:.1f} min left ({elapsed / 60:.1f} min so far)"
+
+
 def main(params: str = "params.yaml") -> int:
     _, cfg, _ = load_stage(runner.EvalConfig, "evaluate", params)  # with the preset's overrides
     merged = Path(cfg.merged_dir)
@@ -66,10 +73,11 @@ def main(params: str = "params.yaml") -> int:
         jobs = [(v, runner.suites_for(v.name, cfg), cfg, results / f"{v.name}.json") for v in chosen]
         print(f"evaluate: {len(jobs)} variants, {cfg.workers} worker(s); built in {time.perf_counter() - start:.1f} s",
               flush=True)
-        for result in run_jobs(jobs, cfg):
+        began = time.perf_counter()
+        for done, result in enumerate(run_jobs(jobs, cfg), 1):
             ran = sum(r["status"] == "ok" for r in result["tasks"].values())
-            print(f"evaluate: {result['variant']}: {ran}/{len(result['tasks'])} tasks in {result['seconds']} s",
-                  flush=True)
+            print(f"evaluate: [{done}/{len(jobs)}] {result['variant']}: {ran}/{len(result['tasks'])} tasks in "
+                  f"{result['seconds']} s; {eta(time.perf_counter() - began, done, len(jobs))}", flush=True)
     report.write_report(OUT / "results", REPORTS, metrics_path=OUT / "metrics.json")
     plots = OUT / "plots"
     plots.mkdir(parents=True, exist_ok=True)

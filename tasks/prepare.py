@@ -7,6 +7,7 @@ import time
 from flexolmo_core.data.config import PrepareConfig, flexmix_domains
 from flexolmo_core.data.prepare import build_flexmix
 from flexolmo_core.params import load_section, read_params
+from tasks import say
 
 OUT = "outputs/prepare"
 
@@ -14,7 +15,7 @@ OUT = "outputs/prepare"
 def main(params: str = "params.yaml") -> None:
     config = load_section(PrepareConfig, "prepare", params)
     start = time.perf_counter()
-    card = build_flexmix(config, flexmix_domains(read_params(params).get("domains")), OUT)
+    card = build_flexmix(config, flexmix_domains(read_params(params).get("domains")), OUT, progress=say)
     print(json.dumps({"tier": card["tier"], "seconds": round(time.perf_counter() - start, 1),
                       "tokens": {d: c["tokens"] for d, c in card["domains"].items()}}, indent=2))
 

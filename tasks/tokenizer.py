@@ -9,6 +9,7 @@ import json
 from flexolmo_core.data.config import TokenizerConfig, flexmix_domains, tokenizer_vocab
 from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
 from flexolmo_core.params import load_section, read_params
+from tasks import say
 from flexolmo_core.training.config import AnchorConfig, load_stage
 
 PREPARED = "outputs/prepare"
@@ -21,7 +22,7 @@ def main(params: str = "params.yaml") -> None:
     _, anchor, _ = load_stage(AnchorConfig, "anchor", params)  # with the preset's overrides
     source = None if anchor.source == "train" else (anchor.source, anchor.gguf_file)
     card = build_tokenizer_and_pack(config, PREPARED, flexmix_domains(read_params(params).get("domains")), OUT,
-                                    anchor_source=source)
+                                    anchor_source=source, progress=say)
     print(json.dumps({"tokenizer_sha256": card["tokenizer_sha256"], "pack_tokens_per_second": card["pack_tokens_per_second"],
                       "tokens": {d: r["train"]["tokens"] for d, r in card["domains"].items()}}, indent=2))
 

@@ -104,7 +104,11 @@ def test_training_splits_share_no_13_gram_with_eval_data(dev_mix):
 def test_two_builds_in_different_processes_give_the_same_bytes(dev_mix, tmp_path):
     # A smaller tier, built here and in a fresh interpreter with another hash seed: same hashes, same files.
     proc, other = dev_mix[2]
-    build_flexmix(PrepareConfig(tier="mini", tiers=MINI, sources=MIX), DOMAINS, tmp_path / "a")
+    lines = []
+    build_flexmix(PrepareConfig(tier="mini", tiers=MINI, sources=MIX), DOMAINS, tmp_path / "a", progress=lines.append)
+    assert [line.split(" (")[0] for line in lines][:2] == [f"prepare: [1/{len(DOMAINS)}] reading {DOMAINS[0]}",
+                                                          f"prepare: [2/{len(DOMAINS)}] reading {DOMAINS[1]}"]
+    assert len(lines) == 2 * len(DOMAINS)  # progress while it works: reading, then selecting, per domain
     assert proc.wait(timeout=300) == 0
     a, b = (json.loads((x / "card.json").read_text())["domains"] for x in (tmp_path / "a", other))
     assert {d: a[d]["sha256"] for d in a} == {d: b[d]["sha256"] for d in b}
@@ -178,7 +182,9 @@ def test_tokenizer_stage_trains_on_public_and_packs_every_split(dev_mix, tmp_pat
     from flexolmo_core.data.tokenizer import load_tokenizer
 
     out = dev_mix[0]
-    card = build_tokenizer_and_pack(TokenizerConfig(vocab_size=4096), out, DOMAINS, tmp_path / "tok")
+    lines = []
+    card = build_tokenizer_and_pack(TokenizerConfig(vocab_size=4096), out, DOMAINS, tmp_path / "tok", progress=lines.append)
+    assert len(lines) == 1 + 3 * len(DOMAINS) and lines[-1].startswith(f"tokenizer: [{3 * len(DOMAINS)}/{3 * len(DOMAINS)}]")
     tok = load_tokenizer(tmp_path / "tok" / "tokenizer")
     assert len(tok) == 4096 and tok.eos_token_id == card["eos_token_id"]
     for domain in DOMAINS:

@@ -127,3 +127,9 @@ def test_gold_continuations_are_cut_at_a_space_to_fit_the_context():
     cut = utils.cut_at_space(text, 500)
     assert len(cut) <= 500 and text.startswith(cut) and not cut.endswith(" ") and cut.endswith("word")
     assert utils.cut_at_space("x" * 900, 500) == "x" * 500  # no space: a hard cut
+
+
+def test_the_evaluate_stage_reports_an_eta():
+    from tasks.evaluate import eta
+
+    assert eta(120, 2, 10) == "about 8.0 min left (2.0 min so far)" and eta(600, 10, 10) == "done"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -171,15 +172,17 @@ def check_config(config: PrepareConfig, domains: list[str]) -> None:
 
 
 def build_flexmix(config: PrepareConfig, domains: list[str], out_dir: str | Path,
-                  eval_index: EvalIndex | None = None) -> dict:
+                  eval_index: EvalIndex | None = None, progress=None) -> dict:
     """Build the corpus into `out_dir` (replaced atomically) and return the summary card.
 
     Everything is read, filtered and checked in memory first: a bad input raises before a byte is written."""
     check_config(config, domains)
     budget = config.tier_spec().tokens_per_domain
     specs = {d: domain_sources(config, d) for d in domains}
+    say, t0 = progress or (lambda message: None), time.perf_counter()
     read = {}
-    for domain in domains:
+    for k, domain in enumerate(domains, 1):
+        say(f"prepare: [{k}/{len(domains)}] reading {domain} ({time.perf_counter() - t0:.1f} s so far)")
         read[domain] = []
         for spec in specs[domain]:
             docs = read_source(spec)
@@ -191,7 +194,9 @@ def build_flexmix(config: PrepareConfig, domains: list[str], out_dir: str | Path
     tokenizer = count_tokenizer(config.count_tokenizer)
 
     results, seen_paragraphs = [], set()
-    for domain in domains:
+    for k, domain in enumerate(domains, 1):
+        say(f"prepare: [{k}/{len(domains)}] selecting {domain}: dedup, filters, decontamination "
+            f"({time.perf_counter() - t0:.1f} s so far)")
         priorities = {source_label(s): s.priority for s, _ in read[domain]}
         docs = [d for _, ds in read[domain] for d in ds]
         result = select_domain(domain, docs, priorities, config, budget, seen_paragraphs, eval_index, tokenizer)

@@ -16,7 +16,8 @@ from ..errors import InputError
 
 
 def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, domains: list[str],
-                             out_dir: str | Path, anchor_source: tuple[str, str | None] | None = None) -> dict:
+                             out_dir: str | Path, anchor_source: tuple[str, str | None] | None = None,
+                             progress=None) -> dict:
     """out_dir/tokenizer (HF tokenizer), out_dir/<domain>/<split>/ (shards + index.json), card.json/.md.
 
     The tokenizer is trained on `config.train_domain`'s train split, or, with `anchor_source` = (source,
@@ -46,6 +47,8 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
             write_tokenizer(*locate(*anchor_source), tmp / "tokenizer")
             origin = f"the imported anchor's own tokenizer ({anchor_source[0]})"
         train_seconds = time.perf_counter() - t0
+        say = progress or (lambda message: None)
+        say(f"tokenizer: {origin} ({train_seconds:.1f} s)")
         tok = Tokenizer.from_file(str(tmp / "tokenizer" / "tokenizer.json"))
         eos_id = AutoTokenizer.from_pretrained(tmp / "tokenizer").eos_token_id
         if eos_id is None:
@@ -53,8 +56,10 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
         meta = {"tokenizer_sha256": tokenizer_sha256(tmp / "tokenizer"), "eos_token_id": eos_id,
                 "vocab_size": tok.get_vocab_size()}
         rows, total_tokens, t0 = {}, 0, time.perf_counter()
-        for (domain, split), docs in texts.items():
+        for k, ((domain, split), docs) in enumerate(texts.items(), 1):
             stream = tokenize_documents(docs, tok, eos_id)
+            say(f"tokenizer: [{k}/{len(texts)}] packed {domain}/{split}: {len(stream):,} tokens "
+                f"({time.perf_counter() - t0:.1f} s so far)")
             index = write_packed(stream, tmp / domain / split, config.seq_len, config.shard_tokens,
                                  {**meta, "domain": domain, "split": split, "num_documents": len(docs)})
             rows.setdefault(domain, {})[split] = {"documents": len(docs), "tokens": index["num_tokens"],
