@@ -107,3 +107,12 @@ def test_params_yaml_evaluate_section_loads():
     cfg.domains = ["public", "code", "legal"]  # the stage fills this from the merged model's experts
     assert set(suites_for("flexolmo", cfg)) >= {suite.domain_task(d) for d in cfg.domains}
     assert suites_for("optout_code", cfg) == [t for s in cfg.light_suites for t in suite.resolve_suite(s, cfg.domains)]
+
+
+def test_plot_colours_are_one_per_model_family():
+    from flexolmo_core.evaluation.report import variant_colour
+
+    headline = ["public", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "unrestricted"]
+    assert len({variant_colour(n) for n in headline}) == len(headline)  # public no longer shares a colour
+    assert variant_colour("dense_code") == variant_colour("dense_math") != variant_colour("owner_code")
+    assert variant_colour("optout_academic") not in {variant_colour(n) for n in headline}

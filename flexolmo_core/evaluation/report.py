@@ -208,6 +208,18 @@ def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
+FAMILY_COLOURS = {"public": "#4d4d4d", "soup": "#8c564b", "btm": "#9467bd", "prompt_routing": "#e377c2",
+                  "flexolmo": "#d62728", "flexolmo_rt": "#ff7f0e", "unrestricted": "#17becf", "btx": "#bcbd22"}
+PREFIX_COLOURS = {"dense_": "#1f77b4", "owner_": "#2ca02c", "optout_": "#aec7e8"}  # one colour per family
+
+
+def variant_colour(name: str) -> str:
+    """One colour per model family (every dense expert alike, every owner model alike, ...), fixed across plots."""
+    if name in FAMILY_COLOURS:
+        return FAMILY_COLOURS[name]
+    return next((c for prefix, c in PREFIX_COLOURS.items() if name.startswith(prefix)), "#7f7f7f")
+
+
 def make_plots(summary: dict, out_dir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -215,21 +227,25 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
     import numpy as np
 
     paths = []
-    names = list(summary)
-    # 1. Gold bpb per group (the small-scale signal) and primary score per group.
-    for key, label, fname in (("groups_bpb", "gold bits per byte (lower is better)", "groups_bpb.png"),
-                              ("groups", "score (0-100)", "groups_score.png")):
+    # 1. Gold bpb per group (the small-scale signal) and primary score per group: only the variants that ran
+    # each suite (the light ones run held-out bpb only), one fixed colour per variant, the legend outside.
+    for key, label, title, fname in (
+            ("groups_bpb", "gold bits per byte (lower is better)", "Gold-answer bpb per task group", "groups_bpb.png"),
+            ("groups", "score (0-100, higher is better)", "Primary score per task group", "groups_score.png")):
+        names = [n for n in summary if any(v["score"] is not None for v in summary[n][key].values())]
         groups = [g for g in suite.GROUPS if any(summary[n][key][g]["score"] is not None for n in names)]
         if not groups:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
+        fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups) + 2.5), 4))
         width = 0.8 / max(1, len(names))
         for i, n in enumerate(names):
-            vals = [summary[n][key][g]["score"] or 0.0 for g in groups]
-            ax.bar(np.arange(len(groups)) + i * width, vals, width, label=n)
-        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30)
+            xs = [j + i * width for j, g in enumerate(groups) if summary[n][key][g]["score"] is not None]
+            vals = [summary[n][key][g]["score"] for g in groups if summary[n][key][g]["score"] is not None]
+            ax.bar(xs, vals, width, label=n, color=variant_colour(n))
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30, ha="right")
         ax.set_ylabel(label)
-        ax.legend(fontsize=6, ncol=2)
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=100)
         plt.close(fig)
@@ -241,10 +257,12 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
         mat = np.array([share["domains"][d] for d in domains])
         fig, ax = plt.subplots(figsize=(1 + 0.8 * mat.shape[1], 1 + 0.5 * len(domains)))
         im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=max(1e-9, mat.max()))
-        ax.set_xticks(range(mat.shape[1]), share.get("experts") or [f"e{i}" for i in range(mat.shape[1])], rotation=30)
+        ax.set_xticks(range(mat.shape[1]), share.get("experts") or [f"e{i}" for i in range(mat.shape[1])],
+                      rotation=45, ha="right")
         ax.set_yticks(range(len(domains)), domains)
-        ax.set_xlabel("expert"), ax.set_ylabel("held-out domain"), ax.set_title("mean router probability")
-        fig.colorbar(im)
+        ax.set_xlabel("expert"), ax.set_ylabel("held-out domain")
+        ax.set_title("FlexOlmo (merged, no router tuning):\nwhere each held-out domain's tokens are routed")
+        fig.colorbar(im, label="mean router probability")
         fig.tight_layout()
         fig.savefig(out_dir / "routing_share.png", dpi=100)
         plt.close(fig)
@@ -260,10 +278,11 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(2 + 0.9 * len(domains), 1.5 + 0.5 * len(removed)))
         lim = max(1e-9, float(np.nanmax(np.abs(mat))))
         im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)  # red = worse without the expert
-        ax.set_xticks(range(len(domains)), domains, rotation=30)
+        ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right")
         ax.set_yticks(range(len(removed)), [f"without {r}" for r in removed])
-        ax.set_title("bpb change when an expert is removed (%)")
-        fig.colorbar(im)
+        ax.set_xlabel("held-out domain")
+        ax.set_title("FlexOlmo with one expert removed: held-out bpb change")
+        fig.colorbar(im, label="bpb change vs all experts (%); red = worse")
         fig.tight_layout()
         fig.savefig(out_dir / "opt_out.png", dpi=100)
         plt.close(fig)
