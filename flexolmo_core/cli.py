@@ -27,11 +27,21 @@ def _build():
         prog="flexolmo",
         description="FlexOlmo: train experts apart on closed data, merge them without joint training, opt out at inference.",
     )
+    parser.add_argument("--version", action="version", version=f"flexolmo {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     _add_force(parser)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flexolmo")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "(not installed)"
 
 
 def _add_force(parser) -> None:

@@ -118,3 +118,13 @@ def test_loop_values_in_params_are_refused_naming_the_file(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ValueError, match=r"params.yaml:expert.loop: loop.steps must be >= 1, got -5"):
         load_stage(ExpertConfig, "expert", tmp_path / "params.yaml", domain="code")
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from flexolmo_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"flexolmo {version('flexolmo')}"
