@@ -7,9 +7,10 @@ package alone. A package trained against another anchor, or with an edited finge
 and is refused, naming both hashes.
 
 Both sides compute in fp32 (bf16 weights are upcast exactly), through the same code, so what remains is the
-order of floating-point sums, which varies with the thread count: about 1e-6 relative here. Values are
-therefore compared with |a - b| <= ATOL (1e-3, well above that noise and the 5e-5 of rounding, far below the
-O(1) changes a different anchor or expert makes); equal hashes short-cut the comparison."""
+order of floating-point sums, which varies with the thread count (measured, 1 vs 2 threads: the rounded logits
+were identical for the tiny and the SmolLM2-135M anchors). Values are compared with |a - b| <= ATOL (1e-3,
+well above that noise and the 5e-5 of rounding, far below the O(1) changes a different anchor or expert makes);
+equal hashes short-cut the comparison."""
 from __future__ import annotations
 
 import hashlib

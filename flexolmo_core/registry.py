@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .atomic import locked, temp_dir, write_json, writer_tag
+from .atomic import dead_writer, locked, temp_dir, write_json, writer_tag
 from .package import MANIFEST_FILE, WEIGHTS_FILE, ExpertPackage, PackageError, load_package
 from .errors import InputError, require, read_json
 from .data.config import check_domain_name
@@ -226,8 +226,6 @@ class Registry:
         half-downloaded `.part-*` folders, and package folders the index no longer names (removed or
         replaced domains; merged models hold their own copies). Holds the writers' lock, so a publish in
         progress is never taken for garbage."""
-        from .atomic import dead_writer
-
         found = []
         with self._locked():
             named = {self.root / e["path"] for e in self.index()["experts"].values()}

@@ -131,14 +131,19 @@ def test_a_kill_between_two_renames_is_repaired_by_the_next_writer(tmp_path, mon
 
 def test_the_sweep_leaves_live_and_foreign_writers_alone(tmp_path):
     import socket
+    import subprocess
+    import sys
 
     import flexolmo_core.atomic as atomic
 
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
     final = tmp_path / "out"
     mine = tmp_path / f".out.tmp-{socket.gethostname()}.{os.getpid()}.abcd1234"  # this process: alive
-    foreign = tmp_path / f".out.tmp-otherhost.1.abcd1234"  # another host: cannot be checked
-    unrelated = tmp_path / ".outer.tmp-x.1.abcd"
-    for p in (mine, foreign, unrelated):
+    foreign = tmp_path / f".out.tmp-otherhost.{dead}.abcd1234"  # that pid is gone here, but on its host?
+    unrelated = tmp_path / f".outer.tmp-{socket.gethostname()}.{dead}.abcd1234"  # another output's leftover
+    stale = tmp_path / f".out.tmp-{socket.gethostname()}.{dead}.abcd1234"
+    for p in (mine, foreign, unrelated, stale):
         p.mkdir()
-    assert atomic.sweep_stale(final) == []
+    assert atomic.sweep_stale(final) == [stale]
     assert mine.exists() and foreign.exists() and unrelated.exists()

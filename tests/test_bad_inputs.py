@@ -227,26 +227,27 @@ def evaluate_workers_zero(w, tmp):
     return ["evaluate", "--model", str(w["merged"]), "--workers", "0"], "evaluate.workers must be >= 1", []
 
 
-CASES = {f.__name__ if not isinstance(f, tuple) else f[0]: (f if not isinstance(f, tuple) else f[1]) for f in [
+PLAIN = [
     domain_with_newline, only_empty, only_comma, merge_over_a_user_folder, merge_onto_the_anchor, merge_onto_a_package,
     expert_onto_the_anchor, tokenizer_over_a_folder, manifest_lists_fewer_experts, steps_zero, steps_negative,
     seq_len_zero, resume_with_other_arguments, registry_path_escapes, registry_absolute_path,
     registry_index_missing_keys, registry_index_corrupt, registry_gc_not_a_registry, registry_remove_not_a_registry,
-    merge_top_k_zero, generate_unknown_expert,
-    merge_missing_anchor, merge_pickled_weights, merge_duplicate_domain, evaluate_batch_size_zero,
-    evaluate_workers_zero,
-    ("manifest_is_a_string", package_manifest(lambda m: json.dumps("hello"), "expected a JSON object")),
-    ("manifest_is_an_array", package_manifest(lambda m: json.dumps([1, 2]), "expected a JSON object")),
-    ("manifest_not_json", package_manifest(lambda m: "{oops", "manifest.json: not valid JSON")),
-    ("record_without_sha256", package_manifest(without("sha256"), "missing field 'sha256'")),
-    ("record_without_dtype", package_manifest(without("dtype"), "missing field 'dtype'")),
-    ("shapes_as_a_string", package_manifest(lambda m: json.dumps({**m, "shapes": "2x64"}), "field 'shapes' must be")),
-    ("truncated_config", truncated("config.json", lambda n: n // 2)),
-    ("truncated_weights", truncated("model.safetensors", lambda n: n - 100)),
-    ("weights_cut_in_the_header", truncated("model.safetensors", lambda n: 20)),
-    ("corrupt_flexolmo_json", truncated("flexolmo.json", lambda n: n // 2)),
-    ("jsonl_text_is_a_number", jsonl_text(12345)),
-]}
+    merge_top_k_zero, generate_unknown_expert, merge_missing_anchor, merge_pickled_weights, merge_duplicate_domain,
+    evaluate_batch_size_zero, evaluate_workers_zero,
+]
+CASES = {case.__name__: case for case in PLAIN} | {
+    "manifest_is_a_string": package_manifest(lambda m: json.dumps("hello"), "expected a JSON object"),
+    "manifest_is_an_array": package_manifest(lambda m: json.dumps([1, 2]), "expected a JSON object"),
+    "manifest_not_json": package_manifest(lambda m: "{oops", "manifest.json: not valid JSON"),
+    "record_without_sha256": package_manifest(without("sha256"), "missing field 'sha256'"),
+    "record_without_dtype": package_manifest(without("dtype"), "missing field 'dtype'"),
+    "shapes_as_a_string": package_manifest(lambda m: json.dumps({**m, "shapes": "2x64"}), "field 'shapes' must be"),
+    "truncated_config": truncated("config.json", lambda n: n // 2),
+    "truncated_weights": truncated("model.safetensors", lambda n: n - 100),
+    "weights_cut_in_the_header": truncated("model.safetensors", lambda n: 20),
+    "corrupt_flexolmo_json": truncated("flexolmo.json", lambda n: n // 2),
+    "jsonl_text_is_a_number": jsonl_text(12345),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

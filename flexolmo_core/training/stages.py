@@ -151,11 +151,17 @@ def _count_documents(windows, eos: int) -> int:
 
 
 def _data_hash(paths) -> str:
-    """A hash of the training data files (the package records it; never the data)."""
+    """A hash of the training data files (the package and the run record keep it; never the data). A packed
+    split is hashed by its index.json, which holds every shard's sha256: the shards are not read again."""
+    from .data import is_packed
+
     h = hashlib.sha256()
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     for p in paths:
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        if is_packed(p):
+            files = [p / "index.json"]
+        else:
+            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         for f in files:
             h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
