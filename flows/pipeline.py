@@ -20,10 +20,12 @@ import time
 
 import flows  # noqa: F401  (offline environment defaults, before prefect is imported)
 from prefect import flow, get_run_logger, task
+from prefect.futures import as_completed
+from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifacts
-from flows.stages import Stage, StageFailed, TransientStageError, load_stages, root, run_stage_flow, set_root
+from flows.stages import Stage, TransientStageError, cancel_running, load_stages, root, run_stage_flow, set_root
 from flexolmo_core.errors import InputError
 
 
@@ -39,11 +41,21 @@ def retry_transient(task_, task_run, state) -> bool:
 
 
 @task(task_run_name="{stage.name}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def run_stage(stage: Stage, force: bool, threads: int | None, repo: str) -> dict:
+def run_stage(stage: Stage, force: bool, threads: int | None, repo: str):
     from prefect.runtime import task_run
 
     set_root(repo)  # a Dask worker is another process: the repository must travel with the task
-    return run_stage_flow(stage, force=force, threads=threads, retry=task_run.run_count > 1)
+    state = run_stage_flow(stage, force=force, threads=threads, retry=task_run.run_count > 1)
+    if state.is_completed():
+        return state.result()
+    try:
+        state.result()
+    except TransientStageError:
+        raise  # retried (retry_transient)
+    except Exception:  # noqa: BLE001  (failed or cancelled: the stage's run already logged why, once)
+        pass
+    return (Cancelled if state.is_cancelled() else Failed)(message=state.message)  # a new state: the stage's own
+    # would become "1/1 states failed"
 
 
 def threads_per_stage(stage: Stage, workers: int) -> int | None:
@@ -72,31 +84,44 @@ def select(stages: list[Stage], targets: list[str] | None) -> list[Stage]:
 
 
 @flow(name="flexolmo-pipeline", log_prints=True)
-def pipeline(targets: list[str] | None = None, force: bool = False, workers: int = 2) -> dict:
-    """Run dvc.yaml's DAG (or the targets and their upstream) as flow runs; returns a summary per stage."""
+def pipeline(targets: list[str] | None = None, force: bool = False, workers: int = 2):
+    """Run dvc.yaml's DAG (or the targets and their upstream) as flow runs; returns a summary per stage, or
+    a Failed state naming the failed and cancelled stages (the first failure cancels the rest)."""
     log = get_run_logger()
     start = time.perf_counter()
     stages = select(load_stages(), targets)
     log.info(f"{len(stages)} stages from {root() / 'dvc.yaml'}: {', '.join(s.name for s in stages)}")
-    futures = {}
-    for stage in stages:  # topological order, so every upstream future exists already
-        futures[stage.name] = run_stage.submit(stage, force, threads_per_stage(stage, workers), str(root()),
-                                               wait_for=[futures[u] for u in stage.upstream if u in futures])
-    results = {}
-    failed = []
-    for name, future in futures.items():
-        try:
-            results[name] = future.result()
-        except (StageFailed, TransientStageError) as err:
-            failed.append(name)
-            log.error(str(err))
-        except Exception as err:  # noqa: BLE001  (an upstream failure leaves its dependents not run)
-            failed.append(name)
-            log.error(f"{name}: not run ({type(err).__name__}: {err})")
-    summary = {"stages": results, "failed": failed, "wall_seconds": round(time.perf_counter() - start, 3)}
+    waiting, running, results, failed, cancelled = list(stages), {}, {}, {}, {}
+    while waiting or running:
+        # Submit a stage once its upstream stages completed, and nothing after a failure: the stages that
+        # never started are reported cancelled instead of sitting Pending in the UI.
+        for stage in [s for s in waiting if not failed and all(u in results for u in s.upstream)]:
+            waiting.remove(stage)
+            running[stage.name] = run_stage.submit(stage, force, threads_per_stage(stage, workers), str(root()))
+        if not running:
+            break
+        done = next(as_completed(list(running.values())))
+        name = next(n for n, f in running.items() if f is done)
+        del running[name]
+        done.wait()  # the future's final state (before this, `.state` may still read Running)
+        state = done.state
+        if state.is_completed():
+            results[name] = done.result()
+        elif state.is_cancelled():
+            cancelled[name] = state.message or "cancelled"
+        else:
+            failed[name] = state.message or state.name
+            log.error(f"{name} failed: {failed[name]} (its own flow run has the output)")
+            stopping = cancel_running(f"{name} failed")
+            if stopping:
+                log.warning(f"cancelling {', '.join(stopping)}: {name} failed")
+    for stage in waiting:
+        cancelled[stage.name] = f"not started: {', '.join(failed)} failed"
+    summary = {"stages": results, "failed": failed, "cancelled": cancelled,
+               "wall_seconds": round(time.perf_counter() - start, 3)}
     artifacts.publish_pipeline(summary, root())
     if failed:
-        raise RuntimeError(f"pipeline failed at {failed}")
+        return Failed(message=f"pipeline failed at {sorted(failed)}; cancelled {sorted(cancelled)}")
     ran = [n for n, r in results.items() if r["ran"]]
     log.info(f"pipeline: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
              f"{len(results) - len(ran)} up to date, {summary['wall_seconds']:.1f} s")
@@ -123,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 "processes": True})
     else:
         runner = ThreadPoolTaskRunner(max_workers=args.workers)
-    summary = pipeline.with_options(task_runner=runner)(targets=args.targets or None, force=args.force,
-                                                        workers=args.workers)
+    state = pipeline.with_options(task_runner=runner)(targets=args.targets or None, force=args.force,
+                                                      workers=args.workers, return_state=True)
+    if not state.is_completed():
+        print(f"pipeline: {state.message}", file=sys.stderr)
+        return 1
+    summary = state.result()
     if args.json:
         print(json.dumps(summary, indent=2))
     for line in artifacts.report_lines(root()):

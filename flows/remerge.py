@@ -52,7 +52,7 @@ def check_release(model: str, experts: list[str]) -> str:
     return f"generated {len(result['text'])} chars; attribution over {', '.join(seen)}"
 
 
-@task
+@task(log_prints=False)  # dill (through datasets) prints a disassembly into a captured stdout that log_prints steals
 def evaluate_release(model: str, out_json: str, params: str, suites: list[str]) -> dict | None:
     """The evaluation stage's own functions on the release (held-out domain bpb by default)."""
     from flexolmo_core.evaluation import runner, suite, variants
@@ -67,6 +67,17 @@ def evaluate_release(model: str, out_json: str, params: str, suites: list[str]) 
     tasks_ = [t for s in suites for t in suite.resolve_suite(s, cfg.domains or expert_domains(model))]
     variant = variants.Variant("flexolmo", "hf", [model], flexolmo=True, note="release")
     return variants.evaluate_variant(variant, tasks_, cfg, out_json=out_json)
+
+
+def heldout_bpb(result: dict | None) -> dict:
+    """The release's mean held-out bpb over the domains it was evaluated on (what the report calls domain bpb)."""
+    from flexolmo_core.evaluation.report import summarize
+
+    if result is None:
+        return {}
+    s = summarize({"release": result})["release"]
+    ran = sorted(d for d, v in s["domains_bpb"].items() if v is not None)
+    return {"heldout_bpb": s["domains_bpb_avg"], "heldout_domains": ran} if ran else {}
 
 
 @flow(name="remerge", log_prints=True)
@@ -104,9 +115,10 @@ def remerge(registry: str, anchor: str, releases: str = "runs/releases", top_k: 
         if evaluate:
             result = evaluate_release(str(out), str(rel / f"v{version:04d}.eval.json"), params, suites or ["domains"])
             release["evaluation"] = None if result is None else str(rel / f"v{version:04d}.eval.json")
+            release.update(heldout_bpb(result))
         write_json(rel / CURRENT, release)  # the release becomes current in one rename
     log.info(f"release v{version}: {', '.join(release['experts'])} -> {out}")
-    artifacts.publish_release(release)
+    artifacts.publish_release(release, previous=current)
     return {"changed": True, **release}
 
 

@@ -7,8 +7,11 @@ afterwards `dvc status` is clean and a later `dvc repro` reruns nothing. DVC own
 Prefect owns running, retrying and showing. Nothing is persisted as a Prefect result."""
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +44,10 @@ def root() -> Path:
 
 class StageFailed(RuntimeError):
     """The stage's command exited non-zero: a bug or bad input; retrying will not help."""
+
+
+class StageCancelled(RuntimeError):
+    """Stopped by the pipeline because another stage failed."""
 
 
 class TransientStageError(RuntimeError):
@@ -112,10 +119,74 @@ def commit_stage(name: str) -> None:
 def _env(threads: int | None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
+    env["TQDM_DISABLE"] = "1"  # lm-eval's and transformers' bars are log noise here; [k/N] lines carry progress
     if threads:
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[key] = str(threads)
     return env
+
+
+PROGRESS = re.compile(r"\[(\d+)/(\d+)\]")  # tasks.say and the training loop print `stage: [k/N] ...`
+BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")  # a tqdm bar that ignored TQDM_DISABLE
+PROGRESS_EVERY_S = 2.0  # at most one progress-artifact update per this many seconds
+
+
+class OutputRelay:
+    """A stage's output into its own flow run: lines go to the run's log, except progress bars, and every
+    `[k/N]` line also moves a Prefect progress artifact on the run's page."""
+
+    def __init__(self, stage: str, log):
+        self.stage, self.log = stage, log
+        self.artifact, self.updated, self.dropped, self.percent = None, 0.0, 0, 0.0
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip().rsplit("\r", 1)[-1]  # a carriage-return redraw: only its last state matters
+        if BAR.search(line):
+            self.dropped += 1
+            return
+        if line:
+            self.log.info(line)
+        found = PROGRESS.search(line)
+        if found and int(found.group(2)) > 0:
+            self.progress(100.0 * int(found.group(1)) / int(found.group(2)), line)
+
+    def progress(self, percent: float, description: str, force: bool = False) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        self.percent = percent
+        now = time.monotonic()
+        if self.artifact is None:
+            self.artifact = create_progress_artifact(percent, description=f"{self.stage}: {description}")
+        elif force or now - self.updated >= PROGRESS_EVERY_S:
+            update_progress_artifact(self.artifact, percent, description=f"{self.stage}: {description}")
+        else:
+            return
+        self.updated = now
+
+    def close(self, ok: bool) -> None:
+        if self.artifact is not None and ok:
+            self.progress(100.0, "done", force=True)
+        if self.dropped:
+            self.log.info(f"({self.dropped} progress-bar lines left out of this log)")
+
+
+_RUNNING: dict[str, subprocess.Popen] = {}  # stage name -> its command, while it runs in this process
+_CANCELLED: set[str] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def cancel_running(reason: str) -> list[str]:
+    """Stop every stage command this process is running (a sibling stage failed); returns their names.
+    Only this process's stages: under Dask, stages in worker processes run to their end."""
+    with _RUNNING_LOCK:
+        names = list(_RUNNING)
+        for name, proc in _RUNNING.items():
+            _CANCELLED.add(name)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the shell and what it started
+            except ProcessLookupError:
+                pass
+    return names
 
 
 def run_command(stage: Stage, cwd: Path, threads: int | None, log, keep_outs: bool = False) -> float:
@@ -128,32 +199,73 @@ def run_command(stage: Stage, cwd: Path, threads: int | None, log, keep_outs: bo
         elif path.exists() or path.is_symlink():
             path.unlink()
     start = time.perf_counter()
-    proc = subprocess.Popen(stage.cmd, shell=True, cwd=cwd, env=_env(threads), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    relay = OutputRelay(stage.name, log)
+    with _RUNNING_LOCK:
+        _CANCELLED.discard(stage.name)
+        proc = subprocess.Popen(stage.cmd, shell=True, cwd=cwd, env=_env(threads), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        _RUNNING[stage.name] = proc
     tail: list[str] = []
-    for line in proc.stdout:  # stream into the flow run's logs (visible in the UI)
-        log.info(line.rstrip())
-        tail = (tail + [line.rstrip()])[-20:]
-    code = proc.wait()
+    try:
+        for line in proc.stdout:  # into this stage's flow run (its page in the UI)
+            relay.feed(line)
+            tail = (tail + [line.rstrip()])[-20:]
+        code = proc.wait()
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.pop(stage.name, None)
+            cancelled = stage.name in _CANCELLED
+    relay.close(ok=code == 0)
     seconds = time.perf_counter() - start
+    if cancelled:
+        raise StageCancelled(f"stage {stage.name}: cancelled because another stage failed")
     # Killed from outside (OOM killer, preemption): negative when direct, 128 + signal through the shell.
     signal_ = -code if code < 0 else code - 128 if code in (128 + 9, 128 + 15) else None
     if signal_:
         raise TransientStageError(f"stage {stage.name}: `{stage.cmd}` was killed by signal {signal_}")
-    if code != 0:
-        raise StageFailed(f"stage {stage.name}: `{stage.cmd}` exited with {code}:\n" + "\n".join(tail))
+    if code != 0:  # its output (the traceback or error line) is already in the log: name it, do not repeat it
+        last = next((t for t in reversed(tail) if t.strip()), "")
+        raise StageFailed(f"stage {stage.name}: `{stage.cmd}` exited with {code}: {last}")
     missing = [o for o in stage.outs if not (cwd / o).exists()]
     if missing:
         raise StageFailed(f"stage {stage.name}: `{stage.cmd}` did not write its declared outputs {missing}")
     return seconds
 
 
+@contextlib.contextmanager
+def own_run_context():
+    """Prefect 3.8 keeps the calling task's run context inside a flow called from that task, so the flow's
+    logs and artifacts would land on the parent's task run; without it they belong to this flow run."""
+    from prefect.context import TaskRunContext
+
+    token = TaskRunContext.__var__.set(None)
+    try:
+        yield
+    finally:
+        TaskRunContext.__var__.reset(token)
+
+
 @flow(name="stage", flow_run_name="{stage_name}", log_prints=True)
 def stage_flow(stage_name: str, cmd: str, outs: list[str], repo_root: str, force: bool = False,
-               threads: int | None = None, retry: bool = False) -> dict:
-    """Run one DVC stage if DVC says it changed (or `force`), then `dvc commit` it."""
-    log = get_run_logger()
+               threads: int | None = None, retry: bool = False):
+    """Run one DVC stage if DVC says it changed (or `force`), then `dvc commit` it. A failed command ends the
+    run Failed (a cancelled one Cancelled) with a one-line message; its output is already in the log."""
+    from prefect.states import Cancelled, Failed
+
     set_root(repo_root)  # also in a Dask worker process
+    with own_run_context():
+        try:
+            return _run_stage(stage_name, cmd, outs, force, threads, retry)
+        except StageFailed as err:
+            get_run_logger().error(str(err))
+            return Failed(message=str(err))
+        except StageCancelled as err:
+            get_run_logger().warning(str(err))
+            return Cancelled(message=str(err))
+
+
+def _run_stage(stage_name: str, cmd: str, outs: list[str], force: bool, threads: int | None, retry: bool) -> dict:
+    log = get_run_logger()
     stage = Stage(name=stage_name, cmd=cmd, deps=[], outs=outs)
     start = time.perf_counter()
     if not force and not stage_changed(stage_name):
@@ -172,8 +284,9 @@ def stage_flow(stage_name: str, cmd: str, outs: list[str], repo_root: str, force
             "started": started, "finished": finished}
 
 
-def run_stage_flow(stage: Stage, force: bool = False, threads: int | None = None, retry: bool = False) -> dict:
-    """The stage's flow under its own flow name (the stage family) so the UI groups runs by stage."""
+def run_stage_flow(stage: Stage, force: bool = False, threads: int | None = None, retry: bool = False):
+    """The stage's flow under its own flow name (the stage family) so the UI groups runs by stage; returns its
+    final state."""
     return stage_flow.with_options(name=stage.family)(stage_name=stage.name, cmd=stage.cmd, outs=stage.outs,
                                                       repo_root=str(root()), force=force, threads=threads,
-                                                      retry=retry)
+                                                      retry=retry, return_state=True)

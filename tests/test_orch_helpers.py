@@ -117,3 +117,15 @@ def stop(proc) -> None:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def scripted_repo(repo: Path, dvc_yaml: str, files: dict[str, str]) -> Path:
+    """A git + DVC repository whose stages are the given scripts (for orchestration tests that need no model)."""
+    repo.mkdir(parents=True)
+    env = clone_env(repo)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([dvc(), "init", "-q"], cwd=repo, check=True, env=env)
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    (repo / "dvc.yaml").write_text(dvc_yaml)
+    return repo

@@ -198,10 +198,26 @@ def test_tokens_per_second_is_a_moving_average():
 
     from flexolmo_core.training.loop import SPEED_WINDOW, log_step
 
-    run = types.SimpleNamespace(label="t", tokens_per_step=100, live=None, bar=None,
+    run = types.SimpleNamespace(label="t", tokens_per_step=100, live=None, bar=None, report_every=0,
                                 recent_seconds=collections.deque(maxlen=SPEED_WINDOW))
     shown = [log_step(run, i + 1, 1e-3, 1.0, 0.0, s) for i, s in enumerate([1.0, 1.0, 100.0])]
     assert shown[:2] == [100.0, 100.0] and shown[2] == 300 / 102
     for i in range(SPEED_WINDOW):
         last = log_step(run, 4 + i, 1e-3, 1.0, 0.0, 1.0)
     assert last == 100.0  # the slow step has left the window
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_few_steps(capsys):
+    """No tqdm bar in a log file or the Prefect UI: `[k/N]` lines, which the pipeline turns into progress."""
+    import collections
+    import types
+
+    from flexolmo_core.training.loop import log_step
+
+    run = types.SimpleNamespace(label="expert", tokens_per_step=100, live=None, bar=None, report_every=3,
+                                cfg=types.SimpleNamespace(steps=7), recent_seconds=collections.deque(maxlen=20))
+    for done in range(1, 8):
+        log_step(run, done, 1e-3, 2.5, 0.0, 1.0)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("]")[0] for line in lines] == ["expert: [3/7", "expert: [6/7", "expert: [7/7"]
+    assert lines[-1] == "expert: [7/7] loss 2.500, 100 tokens/s, lr 1.00e-03"

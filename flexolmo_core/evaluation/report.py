@@ -143,19 +143,20 @@ def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
     parts.append(f"Docs per task: {any_res.get('limit')} (paper: 1000); held-out docs per domain: "
                  f"{any_res.get('domain_limit')}. Accuracy-type scores are 0-100 (higher is better); bpb is bits per "
                  "byte (lower is better). At small scale accuracy sits near chance: bpb is the signal.")
-    parts += ["", "## Groups x models (primary metrics; paper's Avg. = unweighted mean over groups that ran)", ""]
-    header = ["model", *suite.GROUPS, "Avg.", "groups ran"]
-    parts.append(_md_table(header, [[r["model"], *[_fmt(r[g]) for g in suite.GROUPS], _fmt(r["Avg."]), r["groups ran"]]
-                                    for r in table_rows(summary)]))
-    parts += ["", "## Gold bits per byte per group (lower is better)", ""]
-    parts.append(_md_table(["model", *suite.GROUPS, "Avg."],
-                           [[n, *[_fmt(s["groups_bpb"][g]["score"], 3) for g in suite.GROUPS], _fmt(s["avg_bpb"]["avg"], 3)]
-                            for n, s in summary.items()]))
+    # bpb first: at small scale accuracy sits near chance and bpb is the signal
     parts += ["", "## Held-out bits per byte per FlexMix domain (lower is better)", ""]
     domains = domains_in(summary)
     parts.append(_md_table(["model", *domains, "mean"],
                            [[n, *[_fmt(s["domains_bpb"].get(d), 4) for d in domains], _fmt(s["domains_bpb_avg"], 4)]
                             for n, s in summary.items()]))
+    parts += ["", "## Gold bits per byte per group (lower is better)", ""]
+    parts.append(_md_table(["model", *suite.GROUPS, "Avg."],
+                           [[n, *[_fmt(s["groups_bpb"][g]["score"], 3) for g in suite.GROUPS], _fmt(s["avg_bpb"]["avg"], 3)]
+                            for n, s in summary.items()]))
+    parts += ["", "## Groups x models (primary metrics; paper's Avg. = unweighted mean over groups that ran)", ""]
+    header = ["model", *suite.GROUPS, "Avg.", "groups ran"]
+    parts.append(_md_table(header, [[r["model"], *[_fmt(r[g]) for g in suite.GROUPS], _fmt(r["Avg."]), r["groups ran"]]
+                                    for r in table_rows(summary)]))
     parts += ["", "## Relative improvement", "",
               "Two averagings (the paper does not spell out which it uses): **of Avg.** = (Avg_model - Avg_ref) / "
               "Avg_ref; **mean of groups** = mean over groups that ran in both of each group's relative change. "

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ def evaluate(model, windows, cfg: LoopConfig) -> float | None:
 
 
 SPEED_WINDOW = 20  # steps in the moving average of tokens/s shown while training
+PLAIN_REPORTS = 20  # progress lines per training run when there is no terminal for a bar
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Run:
     meta: dict = field(default_factory=dict)
     live: object = None
     bar: object = None
+    report_every: int = 0  # without a terminal: a plain `[k/N]` line every this many steps
     losses: list = field(default_factory=list)
     val_history: list = field(default_factory=list)
     timed_steps: int = 0
@@ -180,10 +183,12 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
         from dvclive import Live
 
         run.live = Live(dir=str(run_dir / "dvclive"), resume=run.start_step > 0, save_dvc_exp=False, dvcyaml=False)
-        if cfg.progress:
+        if cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             run.bar = tqdm(total=cfg.steps, initial=run.start_step, desc=label, unit="step", dynamic_ncols=True)
+        elif cfg.progress:  # a log file or the Prefect UI: a bar's carriage returns would be one line per step
+            run.report_every = max(1, cfg.steps // PLAIN_REPORTS)
     return run
 
 
@@ -231,6 +236,9 @@ def log_step(run: Run, done: int, lr: float, step_ce: float, grad_norm, seconds:
     if run.bar is not None:
         run.bar.set_postfix(loss=f"{step_ce:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
         run.bar.update(1)
+    elif run.report_every and (done % run.report_every == 0 or done == run.cfg.steps):
+        print(f"{label}: [{done}/{run.cfg.steps}] loss {step_ce:.3f}, {tokens_per_s:,.0f} tokens/s, lr {lr:.2e}",
+              file=sys.stderr, flush=True)
     return tokens_per_s
 
 
