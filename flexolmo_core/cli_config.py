@@ -21,13 +21,24 @@ from pathlib import Path
 from simple_parsing import ArgumentParser, DashVariant
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where there is one to show: not for required options, not `None`,
+    and not twice when the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS, []) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 class FlexParser(ArgumentParser):
     """simple-parsing's parser with our conventions: `--seq-len` style flags, defaults shown in help.
     Sub-parsers inherit the class, so every command gets the same conventions."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None, **kwargs):

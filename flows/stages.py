@@ -4,7 +4,9 @@ The stage list, commands, outputs and the DAG come from `dvc.yaml` (through DVC'
 Prefect entry point runs exactly what `dvc repro` runs. A stage flow asks DVC whether the stage changed,
 runs its command in a subprocess (as `dvc repro` does), and records the outputs with `dvc commit`, so
 afterwards `dvc status` is clean and a later `dvc repro` reruns nothing. DVC owns caching and versions;
-Prefect owns running, retrying and showing. Nothing is persisted as a Prefect result."""
+Prefect owns running, retrying and showing. Nothing is persisted as a Prefect result.
+Not `dvc repro --single-item`: it deletes a stage's outputs before running it, so a retried training stage
+could not resume from its checkpoints in run/ (two such processes do run side by side; that is not the reason)."""
 from __future__ import annotations
 
 import contextlib

@@ -26,5 +26,5 @@ echo "[run] pipeline finished in $wall s (preset: $(python -c 'import yaml; prin
 python benchmarks/pipeline_overhead.py --from-log "$log" --wall "$wall" | tail -1 || true
 [ -f reports/results.md ] && echo "results table: $PWD/reports/results.md"
 [ -d outputs/evaluate/plots ] && echo "plots: $PWD/outputs/evaluate/plots/ ($(ls outputs/evaluate/plots | tr '\n' ' '))"
-[ -f outputs/evaluate/metrics.json ] && echo "metrics: $PWD/outputs/evaluate/metrics.json (dvc metrics show)"
+[ -f outputs/evaluate/heldout_bpb.json ] && echo "metrics: $PWD/outputs/evaluate/heldout_bpb.json (dvc metrics show)"
 echo "merged model: $PWD/outputs/merge/flexolmo"

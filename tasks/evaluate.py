@@ -1,6 +1,6 @@
 """Stage `evaluate`: every model variant (built from outputs/merge) on the configured suites, then the report.
 
-Writes outputs/evaluate/results/<variant>.json, outputs/evaluate/metrics.json, outputs/evaluate/plots/*.png
+Writes outputs/evaluate/results/<variant>.json, outputs/evaluate/heldout_bpb.json (the headline metrics), outputs/evaluate/plots/*.png
 and reports/results.md (+ the same PNGs and results_table.json for the Prefect table artifact).
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(params: str = "params.yaml") -> int:
             ran = sum(r["status"] == "ok" for r in result["tasks"].values())
             print(f"evaluate: [{done}/{len(jobs)}] {result['variant']}: {ran}/{len(result['tasks'])} tasks in "
                   f"{result['seconds']} s; {eta(time.perf_counter() - began, done, len(jobs))}", flush=True)
-    report.write_report(OUT / "results", REPORTS, metrics_path=OUT / "metrics.json")
+    report.write_report(OUT / "results", REPORTS, metrics_path=OUT / "heldout_bpb.json")
     plots = OUT / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for png in REPORTS.glob("*.png"):

@@ -128,3 +128,29 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"flexolmo {version('flexolmo')}"
+
+
+def test_every_option_of_every_command_has_help():
+    """Generated or hand-written, each option says what it is; a default is shown only where there is one."""
+    import argparse
+
+    from flexolmo_core import cli
+
+    def walk(parser, path):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, [*path, name])
+
+    bare, shown_none = [], []
+    for path, parser in walk(cli.build_parser(), []):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction, argparse._VersionAction)):
+                continue
+            if not (action.help or "").strip() or "Config." in action.help:
+                bare.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+        if "(default: None)" in parser.format_help():
+            shown_none.append(" ".join(path))
+    assert not bare, bare
+    assert not shown_none, shown_none

@@ -145,8 +145,10 @@ def test_variants_report_and_cli(models, tmp_path):
     assert "opting out code" in md
     for png in ("groups_bpb.png", "routing_share.png", "opt_out.png"):
         assert (tmp_path / "reports" / png).stat().st_size > 0
-    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert metrics["flexolmo"]["bpb_code"] == summary["flexolmo"]["domains_bpb"]["code"]
+    detail = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert detail["flexolmo"]["bpb_code"] == summary["flexolmo"]["domains_bpb"]["code"]
+    headline = json.loads((tmp_path / "reports" / "heldout_bpb.json").read_text())  # what `dvc metrics show` lists
+    assert headline["flexolmo"] == round(summary["flexolmo"]["domains_bpb_avg"], 4) and "optout_code" not in headline
 
     from flexolmo_core.cli import main
     out = tmp_path / "cli.json"
@@ -186,7 +188,7 @@ def test_evaluate_stage_end_to_end(models, tmp_path, monkeypatch):
     assert results == ["flexolmo.json", "optout_code.json", "public.json"]
     light = json.loads((tmp_path / "outputs/evaluate/results/optout_code.json").read_text())
     assert set(light["tasks"]) == {suite.domain_task(d) for d in ["public", *DOMAINS]}  # the light suite, the merge's domains
-    assert (tmp_path / "reports/results.md").exists() and (tmp_path / "outputs/evaluate/metrics.json").exists()
+    assert (tmp_path / "reports/results.md").exists() and (tmp_path / "outputs/evaluate/heldout_bpb.json").exists()
     assert list((tmp_path / "outputs/evaluate/plots").glob("*.png"))
 
     # the parallel path (variants in two spawned 1-thread workers) gives the same scores as the serial one

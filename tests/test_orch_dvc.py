@@ -75,9 +75,23 @@ def test_artifacts_cover_every_domain_and_a_local_remote_is_default(params):
     assert "://" not in config["remote"][remote]["url"]  # a local directory: push/pull work offline
 
 
-def test_metrics_and_plots_are_declared():
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    evaluate = spec["evaluate"]
-    assert any("outputs/evaluate/metrics.json" in m for m in evaluate["metrics"])
-    assert any("outputs/evaluate/plots" in p for p in evaluate["plots"])
-    assert spec["anchor"]["metrics"] and spec["expert"]["do"]["metrics"]
+def test_metrics_and_plots_are_declared(params):
+    """Evaluation's held-out bpb is the only stage-level metric (so it leads `dvc exp show`); every training
+    stage's metrics.json is a top-level metric and written by its stage; every curve is a top-level plot."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stages = spec["stages"]
+    assert [list(m)[0] for m in stages["evaluate"]["metrics"]] == ["outputs/evaluate/heldout_bpb.json"]
+    assert not [n for n, s in stages.items() if n != "evaluate" and ("metrics" in s or "metrics" in s.get("do", {}))]
+    assert any("outputs/evaluate/plots" in p for p in stages["evaluate"]["plots"])
+    training = ["outputs/anchor", *(f"outputs/expert/{d}" for d in params["domains"]), "outputs/router_tune"]
+    assert spec["metrics"] == [f"{t}/metrics.json" for t in training]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values()
+            for o in s.get("outs", s.get("do", {}).get("outs", []))}
+    for t in ["outputs/anchor", "outputs/expert/${key}", "outputs/router_tune"]:
+        assert f"{t}/metrics.json" in outs, t
+    curves = {name: list(p[name]["y"]) for p in spec["plots"] for name in p}
+    assert set(curves) == {"loss", "lr", "tokens_per_s"}
+    labels = ["anchor", *(f"expert_{d}" for d in params["domains"]), "router_tune"]  # the loop's dvclive labels
+    for metric, files in curves.items():
+        assert files == [f"{t}/run/dvclive/plots/metrics/{label}/{metric}.tsv" for t, label in zip(training, labels)]
+    assert (ROOT / ".dvc/plots" / f"{spec['plots'][0]['loss']['template']}.json").exists()

@@ -129,3 +129,37 @@ def scripted_repo(repo: Path, dvc_yaml: str, files: dict[str, str]) -> Path:
         (repo / name).write_text(text)
     (repo / "dvc.yaml").write_text(dvc_yaml)
     return repo
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_prefect_server(home: Path, env: dict, log: Path, timeout: float = 120) -> tuple[subprocess.Popen, dict]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME, once it answers /api/health;
+    returns the process and `env` pointed at it (PREFECT_API_URL)."""
+    import urllib.request
+
+    port = free_port()
+    env = {**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port)], env=env, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, cwd=home.parent)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, timeout, "the Prefect server")
+    except AssertionError:
+        stop(server)
+        raise
+    return server, env

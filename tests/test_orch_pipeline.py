@@ -143,7 +143,10 @@ def test_artifacts_are_in_the_ui(clone, harness):
     assert asyncio.run(latest("flexolmo-outputs")) is not None
     results = asyncio.run(latest("flexolmo-results"))
     assert results is not None and "flexolmo" in results.data
-    assert asyncio.run(latest("flexolmo-eval-table")) is not None
+    bpb = asyncio.run(latest("flexolmo-eval-bpb"))  # the smoke clone runs only the held-out bpb suite
+    assert bpb is not None and json.loads(bpb.data)[0] == {
+        "model": "flexolmo", "held-out bpb (mean over domains)": round(json.loads(
+            (clone / "outputs/evaluate/heldout_bpb.json").read_text())["flexolmo"], 4)}
 
 
 def test_adding_domains_trains_only_the_new_experts_concurrently(clone, harness):

@@ -5,50 +5,29 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_orch_helpers import stop, wait_for
+from tests.test_orch_helpers import start_prefect_server, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_scheduled_remerge_starts_by_itself_and_publishes_a_release(tmp_path, smoke_anchor, packages):
-    import urllib.request
-
     from flexolmo_core.registry import Registry
 
     registry, releases = tmp_path / "registry", tmp_path / "releases"
     Registry(registry).init(smoke_anchor)
     Registry(registry).publish(packages["code"])  # published by hand: no event, only the schedule can see it
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PYTHONPATH": str(ROOT),
-           "PREFECT_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=server_log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)
+    server, env = start_prefect_server(tmp_path / "prefect", env, server_log)
     served = None
     try:
-        def healthy():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200
-            except OSError:
-                return False
-
-        wait_for(healthy, 120, "the Prefect server")
         served = subprocess.Popen([sys.executable, "-m", "flows.deploy", "serve", "--registry", str(registry),
                                    "--anchor", str(smoke_anchor), "--releases", str(releases), "--cron", "* * * * *",
                                    "--no-evaluate", "--params", str(ROOT / "params.yaml")], env=env, cwd=ROOT,

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_tokenizer_train)
     p = sub.add_parser("pack", help="tokenizer stage by hand: train on public/train and pack every domain split")
     p.add_argument("--prepared", default="outputs/prepare", help="the prepare stage's output folder")
-    p.add_argument("--out", default="outputs/tokenizer")
+    p.add_argument("--out", default="outputs/tokenizer", help="the tokenizer stage's output folder")
     add_stage_args(p, ("tokenizer", "pack"), TokenizerConfig, "tokenizer", params_default="params.yaml")
     p.set_defaults(func=cmd_tokenizer_pack)
 

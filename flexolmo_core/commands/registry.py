@@ -13,6 +13,9 @@ NO_EVENT = ("no event was sent: the scheduled re-merge (python -m flows.deploy s
             "flexolmo.expert.published, which starts the on-publish re-merge at once")
 
 
+REGISTRY_HELP = "a registry folder or URL (file://, s3://, any fsspec URL)"
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("publish", help="validate an expert package and add it to a registry (atomic)")
     p.add_argument("package", metavar="PKG", help="expert package directory")
@@ -23,22 +26,22 @@ def register(subparsers) -> None:
     reg = subparsers.add_parser("registry", help="create, list, verify or edit an expert registry")
     sub = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     p = sub.add_parser("init", help="create a registry for one anchor")
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("--anchor", required=True, help="anchor checkpoint directory")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("list", help="published experts (JSON)")
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("verify", help="re-validate every published package")
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("gc", help="list (or with --apply remove) what killed publishes and removed domains left")
-    p.add_argument("registry")
+    p.add_argument("registry", help=REGISTRY_HELP)
     p.add_argument("--apply", action="store_true", help="remove it (default: a dry run that only lists it)")
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("remove", help="unpublish a domain (its owner opts out)")
-    p.add_argument("registry")
-    p.add_argument("domain")
+    p.add_argument("registry", help=REGISTRY_HELP)
+    p.add_argument("domain", help="the domain whose expert leaves the registry")
     p.set_defaults(func=cmd_remove)
 
 

@@ -40,7 +40,7 @@ class LoopConfig:
     eval_every: int = 0  # validation every N steps during training (0: only at the end)
     distributed: str = "ddp"  # under torchrun: ddp | fsdp (fsdp shards params, grads and optimiser state)
     threads: int = 0  # torch intra-op threads (0: torch's default)
-    progress: bool = True  # tqdm progress bar on rank 0
+    progress: bool = True  # rank 0 shows progress: a tqdm bar on a terminal, else a `[k/N]` line 20 times per run
 
     def __post_init__(self) -> None:
         """Refuse values that would train on nothing or write NaN (checked wherever a LoopConfig is made: params

@@ -2,7 +2,7 @@
 trainable tensors are exactly the stage's contract, runs the one loop, and writes an HF-native artifact.
 
 Layout of a stage's output folder `out`: the artifact (model/ or package/), run/ (checkpoints, dvclive
-metrics) and summary.json."""
+metrics), summary.json (everything) and metrics.json (the results `dvc metrics show` lists)."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +28,15 @@ from .model import MoEShape, build, init_tensors, upcycle_tensors
 def _finish(out: Path, summary: dict) -> None:
     if D.setup().main:
         write_json(out / "summary.json", summary)
+        write_json(out / "metrics.json", training_metrics(summary))
+
+
+RESULT_DIGITS = {"train_loss": 4, "val_loss": 4, "tokens_per_s": 0, "mfu": 3, "wall_seconds": 1}
+
+
+def training_metrics(summary: dict) -> dict[str, float]:
+    """The few results `dvc metrics show` lists per training stage (summary.json keeps the settings and the rest)."""
+    return {k: round(summary[k], d) for k, d in RESULT_DIGITS.items() if isinstance(summary.get(k), (int, float))}
 
 
 # ---- anchor ----------------------------------------------------------------------------------------------
