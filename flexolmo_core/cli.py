@@ -62,16 +62,22 @@ def build_parser(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The one error handler: input errors (FlexError) and the operating system's refusals (a missing or
-    unreadable file, a read-only folder, a full disk) are one line and exit 2; anything else is a bug in
-    our code, shown with its traceback and exit 70."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    prefix = f"flexolmo {' '.join(argv[:1])}: error:"
-    try:
-        parser = build_parser(argv)
-        args = parser.parse_args(argv)
+
+    def command():
+        args = build_parser(argv).parse_args(argv)
         with replacing_allowed() if getattr(args, "force", False) else contextlib.nullcontext():
-            result = args.func(args)
+            return args.func(args)
+
+    return guarded(f"flexolmo {' '.join(argv[:1])}: error:", command)
+
+
+def guarded(prefix: str, command) -> int:
+    """The one error handler (the CLI and every stage process): input errors (FlexError) and the operating
+    system's refusals (a missing or unreadable file, a read-only folder, a full disk) are one line and exit 2;
+    anything else is a bug in our code, shown with its traceback and exit 70."""
+    try:
+        result = command()
     except FlexError as err:
         print(f"{prefix} {err}", file=sys.stderr)
         return 2
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix} internal error: this is a bug in flexolmo, not in your input; "
               "please report it with the traceback above", file=sys.stderr)
         return 70
-    return int(result or 0)
+    return result if isinstance(result, int) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -226,7 +226,7 @@ def run_command(stage: Stage, cwd: Path, threads: int | None, log, keep_outs: bo
     if signal_:
         raise TransientStageError(f"stage {stage.name}: `{stage.cmd}` was killed by signal {signal_}")
     if code != 0:  # its output (the traceback or error line) is already in the log: name it, do not repeat it
-        last = next((t for t in reversed(tail) if t.strip()), "")
+        last = next((t for t in reversed(tail) if t.strip() and not t.startswith("[stage-time]")), "")
         raise StageFailed(f"stage {stage.name}: `{stage.cmd}` exited with {code}: {last}")
     missing = [o for o in stage.outs if not (cwd / o).exists()]
     if missing:

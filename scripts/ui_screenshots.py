@@ -2,11 +2,11 @@
 what a person sees: the pipeline run, a stage's own logs and progress artifact, the evaluation artifacts, and
 a failed run whose running sibling was cancelled.
 
-    python scripts/ui_screenshots.py --out runs/ui-screens      # about 10 minutes on 2 cores
+    python scripts/ui_screenshots.py --out runs/ui-screens      # about 3 minutes on 2 cores
 
 It clones this working tree at the `smoke` preset (tests/test_orch_helpers.py), starts `prefect server start`
 on a free port, runs `python -m flows.pipeline` twice (once through, then with `domains.math.steps: 0` so
-expert@math fails while expert@code trains), and writes one PNG per page with the run ids in `pages.json`."""
+expert@math fails while expert@code trains and is cancelled), and writes one PNG per page with the run ids in `pages.json`."""
 from __future__ import annotations
 
 import argparse
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     pages = {}
     try:
         run_pipeline(clone, env)
-        set_domains(clone, {"code": {"steps": 5}, "math": {"steps": 0}})  # math fails at once, code is training
+        set_domains(clone, {"code": {"steps": 400}, "math": {"steps": 0}})  # math fails at once, code is training
         failed_rc = run_pipeline(clone, env)
         runs = api(f"{url}/api", "/flow_runs/filter", {"sort": "START_TIME_ASC", "limit": 200})
         parents = [r for r in runs if r["parent_task_run_id"] is None]
@@ -79,20 +79,27 @@ def main(argv: list[str] | None = None) -> int:
             by_name.setdefault(r["name"], []).append(r)
         first, second = parents[0], parents[-1]
         expert = by_name["expert@code"][0]
+        def artifact(body: dict) -> str:
+            found = api(f"{url}/api", "/artifacts/filter", {"artifacts": body, "sort": "CREATED_DESC", "limit": 1})
+            return f"{url}/artifacts/artifact/{found[0]['id']}" if found else f"{url}/artifacts"
+
+        def latest(key: str) -> str:
+            return artifact({"key": {"any_": [key]}})
+
         pages = {"pipeline": f"{url}/runs/flow-run/{first['id']}",
-                 "stage_logs": f"{url}/runs/flow-run/{expert['id']}?tab=Logs",
-                 "stage_artifacts": f"{url}/runs/flow-run/{expert['id']}?tab=Artifacts",
-                 "evaluate_logs": f"{url}/runs/flow-run/{by_name['evaluate'][0]['id']}?tab=Logs",
-                 "eval_bpb": f"{url}/artifacts/key/flexolmo-eval-bpb",
-                 "eval_table": f"{url}/artifacts/key/flexolmo-eval-table",
-                 "results": f"{url}/artifacts/key/flexolmo-results",
-                 "stages_table": f"{url}/artifacts/key/flexolmo-stages",
+                 "stage_logs": f"{url}/runs/flow-run/{expert['id']}",
+                 "stage_progress": artifact({"flow_run_id": {"any_": [expert["id"]]}, "type": {"any_": ["progress"]}}),
+                 "evaluate_logs": f"{url}/runs/flow-run/{by_name['evaluate'][0]['id']}",
+                 "eval_bpb": latest("flexolmo-eval-bpb"), "eval_table": latest("flexolmo-eval-table"),
+                 "results": latest("flexolmo-results"), "stages_table": latest("flexolmo-stages"),
                  "failed_pipeline": f"{url}/runs/flow-run/{second['id']}",
-                 "failed_pipeline_logs": f"{url}/runs/flow-run/{second['id']}?tab=Logs",
-                 "failed_stage_logs": f"{url}/runs/flow-run/{by_name['expert@math'][-1]['id']}?tab=Logs",
+                 "failed_stage_logs": f"{url}/runs/flow-run/{by_name['expert@math'][-1]['id']}",
+                 "cancelled_stage_logs": f"{url}/runs/flow-run/{by_name['expert@code'][-1]['id']}",
                  "runs": f"{url}/runs"}
+        tall = {"results": "1600,7600", "evaluate_logs": "1600,2000", "failed_pipeline": "1600,3000",
+                "failed_stage_logs": "1600,2200"}
         for name, page in pages.items():
-            screenshot(chromium, page, out / f"{name}.png", size="1600,2400" if name == "results" else "1600,1100")
+            screenshot(chromium, page, out / f"{name}.png", size=tall.get(name, "1600,1100"))
         states = {r["name"]: r["state_type"] for r in runs if r["id"] not in (first["id"],)}
         (out / "pages.json").write_text(json.dumps({"pages": pages, "second_run_exit": failed_rc,
                                                     "last_states": states}, indent=2))

@@ -15,6 +15,16 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run(main) -> None:
+    """A stage module's entry point: main(*argv), with the CLI's one error handler (bad input: one line
+    naming the file and field, exit 2; a bug: its traceback, exit 70)."""
+    from flexolmo_core.cli import guarded
+
+    name = getattr(sys.modules.get("__main__"), "__spec__", None)
+    stage = (getattr(name, "name", "") or "stage").removeprefix("tasks.")
+    sys.exit(guarded(f"{' '.join([stage, *sys.argv[1:]])}: error:", lambda: main(*sys.argv[1:])))
+
+
 def _report() -> None:
     module = sys.modules.get("__main__")
     spec = getattr(module, "__spec__", None)

@@ -6,13 +6,13 @@ out: outputs/anchor/model (checkpoint + tokenizer + router projection + public r
      (checkpoints and dvclive logs; for an import, import.json), outputs/anchor/{summary,metrics}.json"""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from flexolmo_core.atomic import write_json
 from flexolmo_core.training.config import AnchorConfig, load_stage
 from flexolmo_core.training.stages import train_anchor
+from tasks import run
 
 TOKENIZER = "outputs/tokenizer"
 OUT = Path("outputs/anchor")
@@ -44,4 +44,4 @@ def main(params: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main)

@@ -7,11 +7,11 @@ out: outputs/domain_embedding/<domain>/ (embedding.safetensors, embedding.json)"
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
 from flexolmo_core.training.embeddings import write_domain_embedding
 from flexolmo_core.data.readers import read_texts
+from tasks import run
 
 ANCHOR = "outputs/anchor/model"
 PUBLIC = "outputs/domain_embedding/public"
@@ -25,4 +25,4 @@ def main(domain: str, params: str = "params.yaml"):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main)

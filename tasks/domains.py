@@ -5,11 +5,11 @@ depend on this file instead of on the `domains` params, so editing one domain's 
 the data stages: this stage reruns (milliseconds), writes the same bytes, and DVC skips what follows."""
 from __future__ import annotations
 
-import sys
 
 from flexolmo_core.atomic import write_json
 from flexolmo_core.data.config import check_domain_name
 from flexolmo_core.params import ParamsError, read_params
+from tasks import run
 
 OUT = "outputs/domains/domains.json"
 
@@ -25,4 +25,4 @@ def main(params: str = "params.yaml") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

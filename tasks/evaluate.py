@@ -15,6 +15,7 @@ from flexolmo_core.atomic import atomic_dir
 from flexolmo_core.evaluation import report, runner, variants
 from flexolmo_core.merge import expert_domains
 from flexolmo_core.training.config import load_stage
+from tasks import run
 
 OUT = Path("outputs/evaluate")
 REPORTS = Path("reports")
@@ -88,4 +89,4 @@ def main(params: str = "params.yaml") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

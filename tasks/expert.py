@@ -6,12 +6,12 @@ out: outputs/expert/<domain>/package (the expert package), outputs/expert/<domai
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from flexolmo_core.training.config import ExpertConfig, load_stage
 from flexolmo_core.training.embeddings import load_embedding
 from flexolmo_core.training.stages import train_expert
+from tasks import run
 
 ANCHOR = "outputs/anchor/model"
 
@@ -27,4 +27,4 @@ def main(domain: str, params: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 from flexolmo_core.atomic import atomic_dir, write_json
 from flexolmo_core.merge import merge, opt_out
 from flexolmo_core.params import load_section, read_params
+from tasks import run
 
 ANCHOR = Path("outputs/anchor")
 EXPERTS = Path("outputs/expert")
@@ -98,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

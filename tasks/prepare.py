@@ -7,7 +7,7 @@ import time
 from flexolmo_core.data.config import PrepareConfig, flexmix_domains
 from flexolmo_core.data.prepare import build_flexmix
 from flexolmo_core.params import load_section, read_params
-from tasks import say
+from tasks import run, say
 
 OUT = "outputs/prepare"
 
@@ -21,4 +21,4 @@ def main(params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -6,12 +6,12 @@ in:  outputs/merge/flexolmo, outputs/tokenizer/{public,<d>}/train, outputs/token
 out: outputs/router_tune/model (the merged checkpoint with tuned rows), run/, summary.json"""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from flexolmo_core.params import read_params
 from flexolmo_core.training.config import RouterTuneConfig, load_stage
 from flexolmo_core.training.stages import tune_router
+from tasks import run
 
 MERGED = Path("outputs/merge/flexolmo")
 TOKENS = Path("outputs/tokenizer")
@@ -27,4 +27,4 @@ def main(params: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main)

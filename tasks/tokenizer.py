@@ -9,7 +9,7 @@ import json
 from flexolmo_core.data.config import TokenizerConfig, flexmix_domains, tokenizer_vocab
 from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
 from flexolmo_core.params import load_section, read_params
-from tasks import say
+from tasks import run, say
 from flexolmo_core.training.config import AnchorConfig, load_stage
 
 PREPARED = "outputs/prepare"
@@ -28,4 +28,4 @@ def main(params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from flexolmo_core.atomic import write_json
 from flexolmo_core.params import read_params
 from flexolmo_core.training.config import UnrestrictedConfig, load_stage
 from flexolmo_core.training.stages import flops_budget, train_unrestricted
+from tasks import run
 
 TOKENS = Path("outputs/tokenizer")
 OUT = Path("outputs/unrestricted_moe")
@@ -44,4 +44,4 @@ def main(params: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main)

@@ -303,3 +303,23 @@ def test_resume_with_more_steps_is_allowed(world, tmp_path):
     assert main(argv) == 0
     assert main([*argv, "--steps", "2"]) == 0
     assert json.loads((tmp_path / "pkg" / "manifest.json").read_text())["training"]["steps"] == 2
+
+
+def test_a_stage_process_reports_bad_params_in_one_line(tmp_path):
+    """`python -m tasks.<stage>` (what dvc repro and the Prefect stage flows run) uses the CLI's handler: a bad
+    params value is one line naming the file and section, exit 2, no traceback in the stage's log."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["domains"] = {"math": {"steps": 0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "tasks.expert", "math"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 2, out.stderr
+    assert "expert math: error: params.yaml:expert.loop: loop.steps must be >= 1, got 0" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout

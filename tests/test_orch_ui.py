@@ -28,7 +28,8 @@ for k in range(1, 121):
     time.sleep(0.5)
 open("slow.txt", "w").write("done")
 """
-BROKEN = """import time
+BROKEN = """import atexit, time
+atexit.register(lambda: print("[stage-time] broken start=0 end=2 seconds=2", flush=True))  # as tasks/ print
 time.sleep(2)
 rows = {}
 rows["row 7"]

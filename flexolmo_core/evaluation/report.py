@@ -256,7 +256,7 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
     if share and share.get("domains"):
         domains = list(share["domains"])
         mat = np.array([share["domains"][d] for d in domains])
-        fig, ax = plt.subplots(figsize=(1 + 0.8 * mat.shape[1], 1 + 0.5 * len(domains)))
+        fig, ax = plt.subplots(figsize=(max(6, 1 + 0.8 * mat.shape[1]), max(4, 1 + 0.5 * len(domains))))  # titles fit at 2 domains
         im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=max(1e-9, mat.max()))
         ax.set_xticks(range(mat.shape[1]), share.get("experts") or [f"e{i}" for i in range(mat.shape[1])],
                       rotation=45, ha="right")
@@ -265,7 +265,7 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
         ax.set_title("FlexOlmo (merged, no router tuning):\nwhere each held-out domain's tokens are routed")
         fig.colorbar(im, label="mean router probability")
         fig.tight_layout()
-        fig.savefig(out_dir / "routing_share.png", dpi=100)
+        fig.savefig(out_dir / "routing_share.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         paths.append(str(out_dir / "routing_share.png"))
     # 3. Opt-out effect: relative bpb change on every domain when one expert is removed.
@@ -276,16 +276,16 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
         full = summary["flexolmo"]["domains_bpb"]
         mat = np.array([[((summary[f"optout_{r}"]["domains_bpb"].get(d) or np.nan) - (full.get(d) or np.nan))
                          / (full.get(d) or np.nan) * 100 for d in domains] for r in removed])
-        fig, ax = plt.subplots(figsize=(2 + 0.9 * len(domains), 1.5 + 0.5 * len(removed)))
+        fig, ax = plt.subplots(figsize=(max(6, 2 + 0.9 * len(domains)), max(4, 1.5 + 0.5 * len(removed))))
         lim = max(1e-9, float(np.nanmax(np.abs(mat))))
         im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)  # red = worse without the expert
         ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right")
         ax.set_yticks(range(len(removed)), [f"without {r}" for r in removed])
         ax.set_xlabel("held-out domain")
-        ax.set_title("FlexOlmo with one expert removed: held-out bpb change")
+        ax.set_title("FlexOlmo with one expert removed:\nheld-out bpb change")
         fig.colorbar(im, label="bpb change vs all experts (%); red = worse")
         fig.tight_layout()
-        fig.savefig(out_dir / "opt_out.png", dpi=100)
+        fig.savefig(out_dir / "opt_out.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         paths.append(str(out_dir / "opt_out.png"))
     return paths
