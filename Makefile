@@ -23,4 +23,4 @@ ui: setup
 
 # The experiments' headline: mean held-out bpb per model (plain `dvc exp show` has ~340 columns, most of them params).
 exps: setup
-	.venv/bin/dvc exp show --drop '.*' --keep 'Experiment|Created|public|soup|btm|prompt_routing|flexolmo'
+	.venv/bin/dvc exp show --drop '.*' --keep '^(Experiment|Created|public|soup|btm|prompt_routing|flexolmo|flexolmo_rt|unrestricted|btx)$$'

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "flexolmo_core.commands.data",
     "flexolmo_core.commands.registry",
     "flexolmo_core.commands.evaluate",
+    "flexolmo_core.commands.serve",
 )
 
 

@@ -29,6 +29,9 @@ class FlexRouter(nn.Module):
         # uninitialised), clamped <= 0 in the forward pass and projected after every optimiser step.
         self.logit_bias = nn.Parameter(torch.zeros(n_train)) if use_bias else None
         self.register_buffer("logit_offset", torch.zeros(self.num_experts), persistent=False)
+        # Per-sequence masks for a batch that mixes expert choices (serving): [batch, experts] of 0 / -inf,
+        # added to every token of that sequence. None = the same `logit_offset` for all.
+        self.row_offset: torch.Tensor | None = None
         self.record: list[torch.Tensor] | None = None  # per-token routing weights, when attribution is on
 
     @property
@@ -45,6 +48,8 @@ class FlexRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         logits = F.linear(hidden_states, self.weight) + self.bias_vector() + self.logit_offset
+        if self.row_offset is not None:  # the MoE block flattens [batch, seq] batch-major
+            logits = logits + self.row_offset.repeat_interleave(logits.shape[0] // self.row_offset.shape[0], dim=0)
         probs = torch.softmax(logits, dtype=torch.float, dim=-1)
         top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:

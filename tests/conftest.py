@@ -90,3 +90,16 @@ def merged(tmp_path_factory, smoke_anchor, packages) -> Path:
     out = tmp_path_factory.mktemp("merged") / "model"
     merge(smoke_anchor, [packages["code"], packages["news"]], out, top_k=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_merges(tmp_path_factory, smoke_anchor, packages) -> dict[str, Path]:
+    """For serving: the full merge (public, code, news) and the merges with fewer experts, all at top_k 2."""
+    from flexolmo_core.merge import merge
+
+    root = tmp_path_factory.mktemp("serve")
+    out = {}
+    for name, pkgs in (("all", ["code", "news"]), ("code", ["code"]), ("news", ["news"])):
+        out[name] = root / name
+        merge(smoke_anchor, [packages[p] for p in pkgs], out[name], top_k=2)
+    return out

@@ -1,0 +1,27 @@
+"""The `serve` section of params.yaml (also the `flexolmo serve` options)."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..params import at_least, check_ranges
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """`serve` stage: the policy-aware server over a merged model."""
+    host: str = "127.0.0.1"  # interface to listen on (127.0.0.1: this machine only)
+    port: int = at_least(1, 8000)  # TCP port
+    max_batch: int = at_least(1, 16)  # sequences decoded together in one forward pass
+    batch_wait_ms: float = at_least(0, 5.0)  # how long a batch waits for more requests before it starts
+    queue_depth: int = at_least(1, 64)  # requests waiting beyond the running batch; more get 429
+    max_tokens_cap: int = at_least(1, 256)  # the largest max_tokens a request may ask for (more: 400)
+    default_max_tokens: int = at_least(1, 16)  # when a request gives no max_tokens
+    max_prompt_tokens: int = at_least(1, 1024)  # longer prompts get 400
+    top_k: int | None = at_least(1, None)  # experts per token (None = the checkpoint's)
+    audit_log: str = "runs/serve/audit.jsonl"  # one JSON line per request (appended, flushed, fsynced)
+    log_text: bool = False  # also record prompts and completions in the audit log
+    poll_seconds: float = at_least(0.1, 2.0)  # how often the policy file and the release are checked
+    threads: int = at_least(0, 0)  # torch intra-op threads (0 = torch's default)
+
+    def __post_init__(self):
+        check_ranges(self, "serve")

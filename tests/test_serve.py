@@ -1,0 +1,274 @@
+"""`flexolmo serve` as a real server on 127.0.0.1 (a subprocess), driven by the official `openai` client and
+by raw HTTP: expert choice, exactness against smaller merges, streaming, policies (401/403/mask/withdrawn,
+reload without restart), the audit log (one line per request), and bad input that must not stop it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.test_orch_helpers import free_port, stop, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"alice": "key-alice", "bob": "key-bob"}
+
+
+def write_policy(path: Path, experts: dict, on_forbidden: str = "refuse") -> None:
+    from flexolmo_core.serving.policy import hash_key
+
+    data = {"on_forbidden": on_forbidden, "keys": [
+        {"sha256": hash_key(KEYS["alice"]), "principal": "alice", "groups": ["clinic"]},
+        {"sha256": hash_key(KEYS["bob"]), "principal": "bob"}], "experts": experts}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data))
+    os.replace(tmp, path)  # what an editor's save does: the server never reads half a file
+
+
+def start_server(tmp_path: Path, *args: str, log_name: str = "serve.log") -> tuple[subprocess.Popen, str, Path]:
+    port, audit = free_port(), tmp_path / f"audit-{log_name}.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flexolmo_core.cli", "serve", *args, "--port", str(port),
+                             "--audit-log", str(audit), "--poll-seconds", "0.2", "--queue-depth", "8",
+                             "--max-prompt-tokens", "64", "--max-tokens-cap", "32"],
+                            env=env, cwd=tmp_path, stdout=(tmp_path / log_name).open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert proc.poll() is None, (tmp_path / log_name).read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 120, "flexolmo serve to answer /healthz", poll=0.3)
+    except AssertionError:
+        stop(proc)
+        raise
+    return proc, url, audit
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, serve_merges):
+    tmp = tmp_path_factory.mktemp("served")
+    policy = tmp / "policy.yaml"
+    write_policy(policy, {"code": {"allow": ["group:clinic"]}, "news": {"allow": ["*"]}})
+    proc, url, audit = start_server(tmp, "--model", str(serve_merges["all"]), "--policy", str(policy))
+    yield {"url": url, "audit": audit, "policy": policy, "proc": proc, "dir": tmp}
+    stop(proc)
+
+
+def client(server, key="alice"):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server['url']}/v1", api_key=KEYS.get(key, key), max_retries=0)
+
+
+def reference(model_dir, prompt, n):
+    from flexolmo_core.inference import generate, load_flexolmo
+
+    loaded = load_flexolmo(model_dir)
+    return loaded.tokenizer.decode(generate(loaded, prompt, max_new_tokens=n)["token_ids"], skip_special_tokens=True)
+
+
+def audit_lines(server) -> list[dict]:
+    return [json.loads(line) for line in server["audit"].read_text().splitlines()]
+
+
+def test_the_openai_client_gets_answers_equal_to_smaller_merges(server, serve_merges):
+    c = client(server)
+    for experts, ref in (({"only": ["public", "code"]}, "code"), ({"exclude": ["code"]}, "news"), (None, "all")):
+        extra = {"experts": experts} if experts else {}
+        resp = c.completions.create(model="flexolmo", prompt="def main(args):\n    return", max_tokens=8,
+                                    extra_body=extra)
+        assert resp.choices[0].text == reference(serve_merges[ref], "def main(args):\n    return", 8), experts
+        info = resp.model_extra["flexolmo"]
+        assert set(info["attribution"]) == set(info["allowed"]) and resp.usage.completion_tokens <= 8
+        assert abs(sum(info["attribution"].values()) - 1) < 1e-3
+    models = c.models.list()
+    assert models.data[0].model_extra["experts"] == ["public", "code", "news"]
+
+
+def test_requests_with_different_expert_sets_in_flight_together_stay_exact(server, serve_merges):
+    c = client(server)
+    cases = [({"only": ["public", "code"]}, "code", "import os\nimport"), ({"only": ["public", "news"]}, "news",
+             "The history of the city"), ({}, "all", "In 1850 the"), ({"exclude": ["news"]}, "code", "x = 1\n")] * 2
+    answers = [None] * len(cases)
+
+    def ask(i, experts, prompt):
+        answers[i] = c.completions.create(model="flexolmo", prompt=prompt, max_tokens=10,
+                                          extra_body={"experts": experts}).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i, e, p)) for i, (e, _, p) in enumerate(cases)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert answers == [reference(serve_merges[ref], p, 10) for _, ref, p in cases]
+
+
+def test_streaming_matches_the_whole_answer_and_carries_attribution(server):
+    c = client(server)
+    whole = c.completions.create(model="flexolmo", prompt="The history of", max_tokens=12).choices[0].text
+    chunks = list(c.completions.create(model="flexolmo", prompt="The history of", max_tokens=12, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert set(chunks[-1].model_extra["flexolmo"]["attribution"]) == {"public", "code", "news"}
+
+
+def test_chat_without_a_template_is_a_400_naming_the_other_endpoint(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="no chat template; use /v1/completions"):
+        client(server).chat.completions.create(model="flexolmo", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_policies_keys_forbidden_experts_and_reload(server):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError, match="unknown API key"):
+        client(server, key="wrong").completions.create(model="flexolmo", prompt="a", max_tokens=2)
+    r = httpx.post(f"{server['url']}/v1/completions", json={"prompt": "a"})
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+    bob = client(server, "bob")
+    with pytest.raises(openai.PermissionDeniedError, match=r"bob may not use expert\(s\) \['code'\]"):
+        bob.completions.create(model="flexolmo", prompt="a", max_tokens=2, extra_body={"experts": {"only": ["code"]}})
+    # not named: the forbidden expert is masked, and the answer says so
+    info = bob.completions.create(model="flexolmo", prompt="a", max_tokens=3).model_extra["flexolmo"]
+    assert info["masked"] == ["code"] and set(info["allowed"]) == {"public", "news"} and "code" not in info["attribution"]
+    # news's owner withdraws: the next request no longer gets it, with no restart
+    write_policy(server["policy"], {"code": {"allow": ["group:clinic"]}, "news": {"withdrawn": True}})
+
+    def withdrawn():
+        info = client(server).completions.create(model="flexolmo", prompt="a", max_tokens=2).model_extra["flexolmo"]
+        return info["masked"] == ["news"] and info["allowed"] == ["public", "code"]
+
+    wait_for(withdrawn, 10, "the policy reload", poll=0.3)
+    assert httpx.get(f"{server['url']}/healthz").json()["policy_error"] is None
+    write_policy(server["policy"], {"code": {"allow": ["group:clinic"]}, "news": {"allow": ["*"]}})
+
+
+BAD = [  # (what, raw body or json, status, message part)
+    ("malformed JSON", b'{"prompt": "a", ', 400, "not JSON"),
+    ("an array body", [1, 2], 400, "JSON object"),
+    ("an unknown expert", {"prompt": "a", "experts": {"only": ["legal"]}}, 400, "unknown expert(s) ['legal']"),
+    ("experts of the wrong shape", {"prompt": "a", "experts": ["code"]}, 400, "experts must be"),
+    ("max_tokens 0", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens must be between 1 and 32"),
+    ("max_tokens -5", {"prompt": "a", "max_tokens": -5}, 400, "max_tokens must be between 1 and 32"),
+    ("max_tokens huge", {"prompt": "a", "max_tokens": 10 ** 12}, 400, "max_tokens must be between 1 and 32"),
+    ("max_tokens a string", {"prompt": "a", "max_tokens": "8"}, 400, "max_tokens must be an integer"),
+    ("a prompt over the limit", {"prompt": "word " * 200}, 400, "the limit is 64 (serve.max_prompt_tokens)"),
+    ("an empty prompt", {"prompt": ""}, 400, "empty prompt"),
+    ("no prompt", {"max_tokens": 2}, 400, "prompt must be a string"),
+    ("sampling", {"prompt": "a", "temperature": 0.7}, 400, "only greedy decoding"),
+]
+
+
+@pytest.mark.parametrize("what, body, status, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, what, body, status, message):
+    headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+    if isinstance(body, bytes):
+        r = httpx.post(f"{server['url']}/v1/completions", content=body, headers={**headers, "Content-Type": "application/json"})
+    else:
+        r = httpx.post(f"{server['url']}/v1/completions", json=body, headers=headers)
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    assert httpx.get(f"{server['url']}/healthz").status_code == 200
+
+
+def test_excluding_every_owner_expert_serves_the_public_expert_alone(server):
+    info = client(server).completions.create(model="flexolmo", prompt="a", max_tokens=3,
+                                             extra_body={"experts": {"exclude": ["code", "news"]}}).model_extra["flexolmo"]
+    assert info["allowed"] == ["public"] and info["attribution"] == {"public": 1.0}
+
+
+def test_a_hammer_of_requests_gets_429s_past_the_queue_a_disconnect_and_one_audit_line_each(server):
+    before = len(audit_lines(server))
+    headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+    statuses = []
+
+    def hit(i):
+        body = {"prompt": f"request {i}", "max_tokens": 24}
+        if i % 7 == 0:
+            body = b"not json"
+        try:
+            r = (httpx.post(f"{server['url']}/v1/completions", content=body, headers=headers, timeout=120)
+                 if isinstance(body, bytes) else httpx.post(f"{server['url']}/v1/completions", json=body,
+                                                             headers=headers, timeout=120))
+            statuses.append(r.status_code)
+        except httpx.HTTPError as err:  # a failure to answer is a failure of the server
+            statuses.append(repr(err))
+
+    threads = [threading.Thread(target=hit, args=(i,)) for i in range(200)]
+    [t.start() for t in threads]
+    # one client walks away in the middle of a stream
+    with httpx.stream("POST", f"{server['url']}/v1/completions", headers=headers,
+                      json={"prompt": "stream and leave", "max_tokens": 30, "stream": True}, timeout=120) as r:
+        for _ in r.iter_lines():
+            break
+    [t.join() for t in threads]
+    assert set(statuses) <= {200, 400, 429} and 429 in statuses and 200 in statuses, statuses
+    assert server["proc"].poll() is None and httpx.get(f"{server['url']}/healthz").status_code == 200
+    # every request wrote its line: 200 hammer requests, the stream (200, 429 or 499), nothing else meanwhile
+    wait_for(lambda: len(audit_lines(server)) - before == 201, 60, "one audit line per request", poll=0.5)
+    lines = audit_lines(server)[before:]
+    assert {line["status"] for line in lines} <= {200, 400, 429, 499}
+    assert sum(line["status"] == 429 for line in lines) == statuses.count(429)
+    assert all("prompt" not in line and "completion" not in line for line in lines)  # no text unless log_text
+    ok = [line for line in lines if line["status"] == 200]
+    assert all(line["principal"] == "alice" and line["completion_tokens"] >= 1 and line["attribution"] for line in ok)
+
+
+def test_usage_summarises_the_audit_log(server, capsys):
+    from flexolmo_core.cli import main
+
+    assert main(["usage", "--log", str(server["audit"]), "--by", "expert", "--json"]) == 0
+    rows = {r["expert"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["public"]["requests using it"] >= 1 and "masked" in rows["code"]
+    assert main(["usage", "--log", str(server["audit"]), "--by", "principal"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].startswith("principal") and "alice" in table and "bob" in table
+
+
+def test_a_new_release_is_swapped_in_while_a_client_loops(tmp_path, serve_merges):
+    """A release folder as the re-merge flow writes it: v1 (public + code); while a client loops, v2 (public,
+    code, news) becomes current; the server switches with no failed request."""
+    import shutil
+
+    from flexolmo_core.atomic import write_json
+
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    for version, name in ((1, "code"), (2, "all")):
+        shutil.copytree(serve_merges[name], releases / f"v{version:04d}")
+    write_json(releases / "current.json", {"version": 1, "path": str(releases / "v0001"), "experts": {"code": "x"}})
+    proc, url, audit = start_server(tmp_path, "--releases", str(releases), log_name="swap")
+    seen, failures, stop_loop = [], [], threading.Event()
+
+    def loop():
+        while not stop_loop.is_set():
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "import os", "max_tokens": 4}, timeout=60)
+            (seen.append(r.json()["flexolmo"]["model"]) if r.status_code == 200 else failures.append(r.text))
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        wait_for(lambda: len(seen) >= 3, 60, "answers from v1")
+        write_json(releases / "current.json", {"version": 2, "path": str(releases / "v0002"),
+                                               "experts": {"code": "x", "news": "y"}})
+        wait_for(lambda: seen and seen[-1] == "flexolmo-v0002", 120, "the switch to v2", poll=0.3)
+        count = len(seen)
+        wait_for(lambda: len(seen) >= count + 3, 60, "answers from v2")
+    finally:
+        stop_loop.set()
+        worker.join()
+        stop(proc)
+    assert not failures, failures[:3]
+    assert seen[0] == "flexolmo-v0001" and "flexolmo-v0002" in seen
+    first_v2 = seen.index("flexolmo-v0002")
+    assert set(seen[first_v2:]) == {"flexolmo-v0002"}  # once switched, new requests go to the new release
