@@ -12,7 +12,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # interface to listen on (127.0.0.1: this machine only)
     port: int = at_least(1, 8000)  # TCP port
     max_batch: int = at_least(1, 16)  # sequences decoded together in one forward pass
-    batch_wait_ms: float = at_least(0, 5.0)  # how long a batch waits for more requests before it starts
+    batch_wait_ms: float = at_least(0, 50.0)  # how long a batch waits for more requests (clients resubmit ms later)
     queue_depth: int = at_least(1, 64)  # requests waiting beyond the running batch; more get 429
     max_tokens_cap: int = at_least(1, 256)  # the largest max_tokens a request may ask for (more: 400)
     default_max_tokens: int = at_least(1, 16)  # when a request gives no max_tokens

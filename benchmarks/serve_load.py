@@ -1,0 +1,161 @@
+"""Load on `flexolmo serve`: N concurrent clients with mixed expert sets for a bounded time.
+
+    python benchmarks/serve_load.py --model outputs/merge/flexolmo --anchor outputs/anchor/model
+
+Starts the server (a subprocess on 127.0.0.1), runs 1, 4 and 16 clients for --seconds each, and prints
+generated tokens/s, p50/p95 latency and batched throughput over one-at-a-time throughput. Then, in this
+process, the merged model's decode tokens/s (one sequence, greedy) against the dense anchor's, next to the
+ratio of their active FLOPs per token (2 x active parameters; attention scores left out at these lengths)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+PROMPTS = ["The history of the", "def load(path):\n    ", "In the morning we", "import numpy as np\n", "The theorem states"]
+
+
+def expert_sets(domains: list[str]) -> list[dict | None]:
+    owners = [d for d in domains if d != "public"]
+    return [None, {"only": ["public", owners[0]]}, {"exclude": owners[:1]}, {"only": ["public", *owners[1:3]]},
+            {"exclude": owners}]
+
+
+def run_clients(url: str, clients: int, seconds: float, max_tokens: int, domains: list[str]) -> dict:
+    import httpx
+
+    sets, results, errors, stop = expert_sets(domains), [], [], time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        n = i
+        with httpx.Client(timeout=300) as http:
+            while time.monotonic() < stop:
+                body = {"prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": max_tokens}
+                if sets[n % len(sets)]:
+                    body["experts"] = sets[n % len(sets)]
+                start = time.perf_counter()
+                r = http.post(f"{url}/v1/completions", json=body)
+                if r.status_code != 200:
+                    errors.append(r.status_code)
+                else:
+                    results.append((time.perf_counter() - start, r.json()["usage"]["completion_tokens"]))
+                n += clients
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - start
+    latencies = sorted(lat for lat, _ in results)
+    return {"clients": clients, "requests": len(results), "errors": len(errors), "wall_s": round(wall, 2),
+            "tokens_per_s": round(sum(t for _, t in results) / wall, 1),
+            "p50_s": round(statistics.median(latencies), 3) if latencies else None,
+            "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3) if latencies else None}
+
+
+def decode_speed(model, tokenizer, new_tokens: int, repeats: int = 3) -> float:
+    import torch
+
+    ids = tokenizer("The history of the", return_tensors="pt")
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            best = min(best, time.perf_counter() - start)
+    return new_tokens / best
+
+
+def active_params(model) -> tuple[int, int]:
+    """(total, active per token): an MoE uses top_k of its experts' FFN weights per token."""
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    experts = getattr(cfg, "num_experts", None)
+    if not experts:
+        return total, total
+    per_expert = sum(layer.mlp.experts.gate_up_proj[0].numel() + layer.mlp.experts.down_proj[0].numel()
+                     for layer in model.model.layers)
+    return total, total - (experts - cfg.num_experts_per_tok) * per_expert
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="outputs/merge/flexolmo", help="merged FlexOlmo checkpoint")
+    parser.add_argument("--anchor", default="outputs/anchor/model", help="the dense anchor it was merged from")
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--seconds", type=float, default=20.0, help="load time per client count")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed comparison")
+    args = parser.parse_args(argv)
+    from machine import machine
+    from test_orch_helpers import free_port, stop, wait_for
+
+    import httpx
+
+    print("machine:", json.dumps(machine()))
+    port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="serve-load-"))
+    proc = subprocess.Popen([sys.executable, "-m", "flexolmo_core.cli", "serve", "--model", args.model, "--port",
+                             str(port), "--audit-log", str(tmp / "audit.jsonl"), "--queue-depth", "256",
+                             "--max-batch", "16"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=(tmp / "serve.log").open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None and sys.exit((tmp / "serve.log").read_text())
+
+        wait_for(up, 180, "the server")
+        domains = httpx.get(f"{url}/healthz").json()["experts"]
+        print(f"server: {args.model} ({len(domains)} experts: {', '.join(domains)}), max_batch 16, "
+              f"{args.max_tokens} tokens per request, mixed expert sets: {expert_sets(domains)}")
+        rows = []
+        for n in [int(c) for c in args.clients.split(",")]:
+            rows.append(run_clients(url, n, args.seconds, args.max_tokens, domains))
+            print(json.dumps(rows[-1]), flush=True)
+        batches = httpx.get(f"{url}/healthz").json()["batches"]
+    finally:
+        stop(proc)
+    one = next((r for r in rows if r["clients"] == 1), None)
+    print("\n| clients | requests | errors | tokens/s | p50 s | p95 s | vs 1 client |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one and one["tokens_per_s"] else "n/a"
+        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']} | {r['p50_s']} | "
+              f"{r['p95_s']} | {ratio} |")
+    print(f"(the engine ran {batches} batches)")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexolmo_core.inference import load_flexolmo
+
+    merged = load_flexolmo(args.model)
+    dense = AutoModelForCausalLM.from_pretrained(args.anchor, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.anchor)
+    moe_speed, dense_speed = decode_speed(merged.model, merged.tokenizer, args.decode_tokens), \
+        decode_speed(dense, tokenizer, args.decode_tokens)
+    (moe_total, moe_active), (dense_total, _) = active_params(merged.model), active_params(dense)
+    print(f"\ndecode, one sequence, greedy, {args.decode_tokens} tokens, best of 3 (torch threads "
+          f"{torch.get_num_threads()}):")
+    print(f"  merged FlexOlmo: {moe_speed:.1f} tokens/s ({moe_total:,} parameters, {moe_active:,} active per token)")
+    print(f"  dense anchor:    {dense_speed:.1f} tokens/s ({dense_total:,} parameters)")
+    print(f"  speed ratio dense/merged {dense_speed / moe_speed:.2f}x; active FLOPs ratio merged/dense "
+          f"{moe_active / dense_total:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
