@@ -277,3 +277,33 @@ def test_a_real_remerge_is_swapped_in_while_a_client_loops(tmp_path, smoke_ancho
     assert seen[0] == "flexolmo-v0001" and set(seen[seen.index("flexolmo-v0002"):]) == {"flexolmo-v0002"}
     assert health["experts"] == ["public", "code", "news"] and health["swaps"][-1].startswith("v2: serving")
     assert len(audit.read_text().splitlines()) == len(seen)  # one line per request, across the swap
+
+
+def test_chat_uses_the_tokenizers_chat_template(tmp_path, serve_merges):
+    """With a chat template (a copy of the merge with one added), chat answers what a completion of the rendered
+    template answers, streamed or not."""
+    import shutil
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(serve_merges["all"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    proc, url, _ = start_server(tmp_path, "--model", str(model), log_name="chat")
+    try:
+        import openai
+
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "Tell me about the city"}]
+        chat = c.chat.completions.create(model="m", messages=messages, max_tokens=8,
+                                         extra_body={"experts": {"only": ["public", "news"]}})
+        plain = c.completions.create(model="m", prompt="user: Tell me about the city\nassistant:", max_tokens=8,
+                                     extra_body={"experts": {"only": ["public", "news"]}})
+        assert chat.choices[0].message.content == plain.choices[0].text and chat.choices[0].message.role == "assistant"
+        assert chat.model_extra["flexolmo"]["allowed"] == ["public", "news"]
+        parts = list(c.chat.completions.create(model="m", messages=messages, max_tokens=8, stream=True,
+                                               extra_body={"experts": {"only": ["public", "news"]}}))
+        assert "".join(p.choices[0].delta.content or "" for p in parts) == chat.choices[0].message.content
+    finally:
+        stop(proc)
