@@ -116,3 +116,36 @@ def test_plot_colours_are_one_per_model_family():
     assert len({variant_colour(n) for n in headline}) == len(headline)  # public no longer shares a colour
     assert variant_colour("dense_code") == variant_colour("dense_math") != variant_colour("owner_code")
     assert variant_colour("optout_academic") not in {variant_colour(n) for n in headline}
+
+
+def _entry(score=None, gold=None, held_out=None):
+    from flexolmo_core.evaluation import suite
+
+    groups = {g: {"score": None} for g in suite.GROUPS}
+    groups_bpb = {g: {"score": None} for g in suite.GROUPS}
+    if score is not None:
+        groups["MC9"]["score"], groups["MMLU"]["score"] = score, score
+    if gold is not None:
+        groups_bpb["MC9"]["score"], groups_bpb["MMLU"]["score"] = gold, gold
+    return {"groups": groups, "groups_bpb": groups_bpb, "domains_bpb_avg": held_out, "domains_bpb": {}}
+
+
+def test_each_metric_is_compared_with_its_own_best_baseline():
+    """BTM runs only the bpb suites: it cannot be the reference for scores, and must be for bpb when it is best
+    (the report once named soup "best merging baseline" for every metric)."""
+    from flexolmo_core.evaluation.report import claims, relative_rows
+
+    summary = {"public": _entry(30, 4.0, 3.0), "soup": _entry(40, 3.9, 2.9), "btm": _entry(None, 3.5, 2.6),
+               "prompt_routing": _entry(35, 3.8, 2.95), "flexolmo": _entry(44, 3.6, 2.8)}
+    refs = {(r["metric"], r["ref"]): r for r in relative_rows(summary)}
+    assert set(refs) == {("score (group Avg.)", "public"), ("score (group Avg.)", "soup (best)"),
+                         ("gold bpb (group Avg.)", "public"), ("gold bpb (group Avg.)", "btm (best)"),
+                         ("held-out bpb (domain mean)", "public"), ("held-out bpb (domain mean)", "btm (best)")}
+    assert abs(refs[("score (group Avg.)", "soup (best)")]["of_avg"] - 0.1) < 1e-9
+    assert abs(refs[("held-out bpb (domain mean)", "btm (best)")]["of_avg"] - (2.6 - 2.8) / 2.6) < 1e-9
+    checks = {what: ok for what, ok, _ in claims(summary)}
+    assert checks["FlexOlmo over public on the group Avg. (paper: +41%)"] is True
+    assert checks["FlexOlmo over the best merging baseline (soup) on the group Avg. (paper: +10.1%)"] is True
+    summary["btx"] = _entry(50, 3.4, 2.5)  # BTX, when it ran, is a merging baseline too
+    checks = {what: ok for what, ok, _ in claims(summary)}
+    assert checks["FlexOlmo over the best merging baseline (btx) on the group Avg. (paper: +10.1%)"] is False
