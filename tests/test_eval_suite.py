@@ -133,3 +133,27 @@ def test_the_evaluate_stage_reports_an_eta():
     from tasks.evaluate import eta
 
     assert eta(120, 2, 10) == "about 8.0 min left (2.0 min so far)" and eta(600, 10, 10) == "done"
+
+
+def test_bbh_and_agieval_run_offline_from_the_authors_files_shipped_in_data(tmp_path):
+    """data/eval-data holds BIG-Bench Hard (27 tasks, 3-shot CoT prompts) and AGIEval v1's English subsets as
+    their authors published them; without the folder the hub path is tried (and offline, says what is missing)."""
+    from pathlib import Path
+
+    from flexolmo_core.evaluation import sources
+
+    data = Path(__file__).resolve().parents[1] / "data" / "eval-data"
+    assert (data / "bbh" / "LICENSE").exists() and (data / "agieval" / "LICENSE").exists()
+    bbh = sources.load_docs("bbh", str(data))
+    assert len(bbh) == 6511 and len({d["id"].split(":")[0] for d in bbh}) == 27
+    first = bbh[0]  # boolean_expressions: its own 3 shots, then the question, then the CoT cue
+    assert first["context"].startswith("Evaluate the result of a random Boolean expression.")
+    assert first["context"].count("Q: ") == 4 and first["context"].endswith("A: Let's think step by step.\n")
+    assert "canary" not in first["context"] and first["gold_continuation"] == f"So the answer is {first['answers'][0]}."
+    agieval = sources.load_docs("agieval", str(data))
+    assert len(agieval) == 2852 and {d["id"].split(":")[0] for d in agieval} == set(sources.AGIEVAL_EN_MC)
+    doc = agieval[0]
+    assert doc["context"].endswith("A: Among A through E, the answer is") and len(doc["choices"]) == 5
+    assert doc["gold_continuation"] == doc["choices"][doc["gold"]]
+    with pytest.raises(sources.DataUnavailable):
+        sources.load_docs("bbh", str(tmp_path))  # no folder here, and no hub offline

@@ -37,7 +37,7 @@ class EvalConfig:
     gold_max_chars: int | None = at_least(1, 500)    # gold continuations scored for bpb are cut here (must fit the context)
     domains_dir: str | None = "outputs/prepare"  # <dir>/<domain>/test from the prepare stage
     domains: list[str] | None = None    # the `domains` suite's domains; None = the merged model's experts
-    eval_data_dir: str | None = None     # local <task>.jsonl for tasks whose data is not shipped
+    eval_data_dir: str | None = None     # <dir>/bbh/, <dir>/agieval/ (authors' formats) and <dir>/<task>.jsonl for the rest
     allow_code_execution: bool = False  # HumanEval/MBPP run generated code (subprocess + timeout) only if true
     max_gen_toks: int | None = at_least(1, 32)       # cap on generated tokens per doc (None = the task's own value)
     batch_size: int = at_least(1, 16)                # lm-eval batch size

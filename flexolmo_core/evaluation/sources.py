@@ -192,6 +192,52 @@ def local_jsonl(name: str, data_dir: str | os.PathLike | None) -> list[dict]:
                  answers=r.get("answers", ()), extra=r.get("extra")) for i, r in enumerate(rows)]
 
 
+AGIEVAL_EN_MC = ("aqua-rat", "logiqa-en", "lsat-ar", "lsat-lr", "lsat-rc", "sat-en", "sat-en-without-passage",
+                 "sat-math", "gaokao-english")  # the English multiple-choice subsets (math is cloze: not MC)
+
+
+def agieval_local(folder: Path) -> list[dict]:
+    """AGIEval v1's English multiple-choice subsets from the authors' jsonl (passage, question, options, label),
+    0-shot in AGIEval's English zero-shot form, scored over the options."""
+    per_subset = []
+    for sub in AGIEVAL_EN_MC:
+        path = folder / f"{sub}.jsonl"
+        if not path.exists():
+            continue
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            r = json.loads(line)
+            letters = "ABCDEFGH"[:len(r["options"])]  # options are in letter order (a few are "A text", not "(A)text")
+            passage = r.get("passage") or ""
+            context = (f"{passage} " if passage and passage != "None" else "") + \
+                f"Q: {r['question']} Answer Choices: {' '.join(r['options'])}\nA: Among A through {letters[-1]}, the answer is"
+            choices = [" " + o for o in r["options"]]
+            gold = letters.index(r["label"])
+            docs.append(_doc(f"{sub}:{i}", context, choices=choices, gold=gold, gold_continuation=choices[gold]))
+        per_subset.append(docs)
+    if not per_subset:
+        raise DataUnavailable(f"{folder}: none of AGIEval's English subsets ({', '.join(AGIEVAL_EN_MC)}.jsonl)")
+    return interleave(per_subset)
+
+
+def bbh_local(folder: Path) -> list[dict]:
+    """BIG-Bench Hard from the authors' files: `bbh/<task>.json` and the 3-shot chain-of-thought prompt
+    `cot-prompts/<task>.txt` (its canary line above `-----` dropped)."""
+    per_task = []
+    for path in sorted((folder / "bbh").glob("*.json")):
+        prompt = (folder / "cot-prompts" / f"{path.stem}.txt").read_text(encoding="utf-8").split("-----\n", 1)[-1]
+        rows = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        per_task.append([_doc(f"{path.stem}:{i}", prompt.strip() + f"\n\nQ: {r['input']}\nA: Let's think step by step.\n",
+                              gold_continuation=f"So the answer is {r['target']}.", answers=[r["target"]])
+                         for i, r in enumerate(rows)])
+    if not per_task:
+        raise DataUnavailable(f"{folder}/bbh: no task files")
+    return interleave(per_task)
+
+
+LOCAL_FOLDERS = {"agieval": agieval_local, "bbh": bbh_local}  # <eval_data_dir>/<name>/ in the authors' formats
+
+
 def domain_texts(domains_dir: str | os.PathLike | None, domain: str, max_chars: int | None = None) -> list[dict]:
     """Held-out text of one FlexMix domain: `<dir>/<domain>/test` (a saved `datasets` dataset) or
     `<dir>/<domain>/test.jsonl` or `<dir>/<domain>.jsonl`, each with a `text` field."""
@@ -238,11 +284,19 @@ def _cached(name: str) -> tuple[dict, ...]:
     raise KeyError(name)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_local(name: str, folder: str) -> tuple[dict, ...]:
+    return tuple(LOCAL_FOLDERS[name](Path(folder)))
+
+
 def load_docs(name: str, eval_data_dir: str | None = None, source: str = "") -> list[dict]:
-    """Docs for suite task `name` (short name). A local `<eval_data_dir>/<name>.jsonl` wins over the
-    shipped data; tasks with no shipped data need it, else `DataUnavailable` says where to put it."""
+    """Docs for suite task `name` (short name). A local `<eval_data_dir>/<name>.jsonl` (flat docs) or, for BBH and
+    AGIEval, `<eval_data_dir>/<name>/` in the authors' formats wins over shipped data and the hub; tasks with no
+    data here need one of them, else `DataUnavailable` says where to put it."""
     if eval_data_dir and (Path(eval_data_dir) / f"{name}.jsonl").exists():
         return local_jsonl(name, eval_data_dir)
+    if eval_data_dir and name in LOCAL_FOLDERS and (Path(eval_data_dir) / name).is_dir():
+        return list(_cached_local(name, str(Path(eval_data_dir) / name)))
     try:
         return list(_cached(name))
     except KeyError:
