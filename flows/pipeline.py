@@ -25,7 +25,8 @@ from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifacts
-from flows.stages import Stage, TransientStageError, cancel_running, load_stages, root, run_stage_flow, set_root
+from flows.stages import (Stage, TransientStageError, cancel_stages, forget_cancelled, load_stages, root,
+                          run_stage_flow, set_root)
 from flexolmo_core.errors import InputError
 
 
@@ -112,9 +113,10 @@ def pipeline(targets: list[str] | None = None, force: bool = False, workers: int
         else:
             failed[name] = state.message or state.name
             log.error(f"{name} failed: {failed[name]} (its own flow run has the output)")
-            stopping = cancel_running(f"{name} failed")
-            if stopping:
-                log.warning(f"cancelling {', '.join(stopping)}: {name} failed")
+            if running:
+                cancel_stages(list(running))
+                log.warning(f"cancelling {', '.join(running)}: {name} failed")
+    forget_cancelled([s.name for s in stages])
     for stage in waiting:
         cancelled[stage.name] = f"not started: {', '.join(failed)} failed"
     summary = {"stages": results, "failed": failed, "cancelled": cancelled,

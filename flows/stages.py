@@ -177,18 +177,28 @@ _CANCELLED: set[str] = set()
 _RUNNING_LOCK = threading.Lock()
 
 
-def cancel_running(reason: str) -> list[str]:
-    """Stop every stage command this process is running (a sibling stage failed); returns their names.
-    Only this process's stages: under Dask, stages in worker processes run to their end."""
+def cancel_stages(names) -> list[str]:
+    """Stop these stages (a sibling failed): kill the commands already running and make the others refuse to
+    start, so a stage whose flow run is just starting cannot slip through. Returns the ones killed. Only this
+    process's stages: under Dask, stages in worker processes run to their end."""
+    killed = []
     with _RUNNING_LOCK:
-        names = list(_RUNNING)
-        for name, proc in _RUNNING.items():
-            _CANCELLED.add(name)
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the shell and what it started
-            except ProcessLookupError:
-                pass
-    return names
+        _CANCELLED.update(names)
+        for name in names:
+            proc = _RUNNING.get(name)
+            if proc is not None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)  # the shell and what it started
+                    killed.append(name)
+                except ProcessLookupError:
+                    pass
+    return killed
+
+
+def forget_cancelled(names) -> None:
+    """The pipeline run is over: these stages may run again in the next one."""
+    with _RUNNING_LOCK:
+        _CANCELLED.difference_update(names)
 
 
 def run_command(stage: Stage, cwd: Path, threads: int | None, log, keep_outs: bool = False) -> float:
@@ -203,7 +213,8 @@ def run_command(stage: Stage, cwd: Path, threads: int | None, log, keep_outs: bo
     start = time.perf_counter()
     relay = OutputRelay(stage.name, log)
     with _RUNNING_LOCK:
-        _CANCELLED.discard(stage.name)
+        if stage.name in _CANCELLED:
+            raise StageCancelled(f"stage {stage.name}: cancelled because another stage failed (not started)")
         proc = subprocess.Popen(stage.cmd, shell=True, cwd=cwd, env=_env(threads), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         _RUNNING[stage.name] = proc

@@ -103,3 +103,12 @@ def serve_merges(tmp_path_factory, smoke_anchor, packages) -> dict[str, Path]:
         out[name] = root / name
         merge(smoke_anchor, [packages[p] for p in pkgs], out[name], top_k=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """One temporary Prefect server for every test that runs flows in this process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -35,14 +35,6 @@ ALL_STAGES_2 = {"domains", "prepare", "tokenizer", "anchor", "public_embedding",
 DOWNSTREAM = {"merge", "router_tune", "unrestricted_moe", "evaluate"}  # rerun whenever an expert changes
 
 
-@pytest.fixture(scope="session")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
 BASELINE = {"code": {}, "math": {}}
 
 

@@ -6,18 +6,9 @@ import asyncio
 import json
 import re
 
-import pytest
 import yaml
 
 CHATTER = re.compile(r"it/s\]|\d+%\|| LOAD_| RESUME | RETURN_VALUE|Running loglikelihood")
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 async def _logs_and_release(flow_run_id):

@@ -10,7 +10,6 @@ import asyncio
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_orch_helpers import scripted_repo  # noqa: E402
@@ -52,14 +51,6 @@ DVC_YAML = """stages:
     deps: [never.txt, slow.txt]
     outs: [after.txt]
 """
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 async def _runs_logs_artifacts(parent_id):

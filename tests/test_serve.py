@@ -238,11 +238,9 @@ def test_usage_summarises_the_audit_log(server, capsys):
     assert table.splitlines()[0].startswith("principal") and "alice" in table and "bob" in table
 
 
-def test_a_real_remerge_is_swapped_in_while_a_client_loops(tmp_path, smoke_anchor, packages):
+def test_a_real_remerge_is_swapped_in_while_a_client_loops(tmp_path, smoke_anchor, packages, harness):
     """The re-merge flow publishes v1 (public + code); the server serves it; while a client loops, an owner
     publishes news and the re-merge flow writes v2; the server loads v2 beside v1, switches, and no request fails."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flexolmo_core.registry import Registry
     from flows.remerge import remerge
 
@@ -250,29 +248,28 @@ def test_a_real_remerge_is_swapped_in_while_a_client_loops(tmp_path, smoke_ancho
     Registry(registry).init(smoke_anchor)
     Registry(registry).publish(packages["code"])
     seen, failures, stop_loop = [], [], threading.Event()
-    with prefect_test_harness(server_startup_timeout=60):
-        assert remerge(str(registry), str(smoke_anchor), str(releases), evaluate=False)["version"] == 1
-        proc, url, audit = start_server(tmp_path, "--releases", str(releases), log_name="swap")
+    assert remerge(str(registry), str(smoke_anchor), str(releases), evaluate=False)["version"] == 1
+    proc, url, audit = start_server(tmp_path, "--releases", str(releases), log_name="swap")
 
-        def loop():
-            while not stop_loop.is_set():
-                r = httpx.post(f"{url}/v1/completions", json={"prompt": "import os", "max_tokens": 4}, timeout=60)
-                (seen.append(r.json()["flexolmo"]["model"]) if r.status_code == 200 else failures.append(r.text))
+    def loop():
+        while not stop_loop.is_set():
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "import os", "max_tokens": 4}, timeout=60)
+            (seen.append(r.json()["flexolmo"]["model"]) if r.status_code == 200 else failures.append(r.text))
 
-        worker = threading.Thread(target=loop)
-        worker.start()
-        try:
-            wait_for(lambda: len(seen) >= 3, 60, "answers from v1")
-            Registry(registry).publish(packages["news"])
-            assert remerge(str(registry), str(smoke_anchor), str(releases), evaluate=False)["version"] == 2
-            wait_for(lambda: seen and seen[-1] == "flexolmo-v0002", 120, "the switch to v2", poll=0.3)
-            count = len(seen)
-            wait_for(lambda: len(seen) >= count + 3, 60, "answers from v2")
-            health = httpx.get(f"{url}/healthz").json()
-        finally:
-            stop_loop.set()
-            worker.join()
-            stop(proc)
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        wait_for(lambda: len(seen) >= 3, 60, "answers from v1")
+        Registry(registry).publish(packages["news"])
+        assert remerge(str(registry), str(smoke_anchor), str(releases), evaluate=False)["version"] == 2
+        wait_for(lambda: seen and seen[-1] == "flexolmo-v0002", 120, "the switch to v2", poll=0.3)
+        count = len(seen)
+        wait_for(lambda: len(seen) >= count + 3, 60, "answers from v2")
+        health = httpx.get(f"{url}/healthz").json()
+    finally:
+        stop_loop.set()
+        worker.join()
+        stop(proc)
     assert not failures, failures[:3]
     assert seen[0] == "flexolmo-v0001" and set(seen[seen.index("flexolmo-v0002"):]) == {"flexolmo-v0002"}
     assert health["experts"] == ["public", "code", "news"] and health["swaps"][-1].startswith("v2: serving")
