@@ -35,6 +35,12 @@ class HTTPError(Exception):
                                        "code": self.status}}, status_code=self.status)
 
 
+def bearer_key(request: Request) -> str | None:
+    """The API key of `Authorization: Bearer <key>`, or None."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
 def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
     value = body.get(name, default)
     if value is None:
@@ -92,9 +98,8 @@ class Server:
         """Authenticate, validate and resolve the experts; returns the job (not yet submitted) and the audit
         record so far. Raises HTTPError."""
         policy = self.policy.current()  # this request keeps this policy to its end
-        auth = request.headers.get("authorization", "")
         try:
-            who = policy.principal(auth[7:].strip() if auth.lower().startswith("bearer ") else None)
+            who = policy.principal(bearer_key(request))
         except Unauthorized as err:
             raise HTTPError(401, str(err), "authentication_error") from err
         record = {"principal": who.name, "endpoint": "chat" if chat else "completions"}
@@ -189,9 +194,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     def models(request: Request):
-        auth = request.headers.get("authorization", "")
         try:
-            server.policy.current().principal(auth[7:].strip() if auth.lower().startswith("bearer ") else None)
+            server.policy.current().principal(bearer_key(request))
         except Unauthorized as err:
             return HTTPError(401, str(err), "authentication_error").response()
         handle = server.engine.handle

@@ -32,10 +32,6 @@ class Unauthorized(InputError):
     """No key, or a key the policy does not know: 401."""
 
 
-class Forbidden(InputError):
-    """The request names an expert its principal may not use, and the policy refuses: 403."""
-
-
 @dataclass(frozen=True)
 class Principal:
     name: str
