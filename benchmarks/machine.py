@@ -14,5 +14,11 @@ def machine() -> dict:
         pass
     import torch
 
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+    try:
+        with open("/proc/meminfo") as f:
+            memory_gb = round(int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) / 2**20, 1)
+    except (OSError, StopIteration):
+        memory_gb = None
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_gb": memory_gb,
+            "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}

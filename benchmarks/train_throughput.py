@@ -6,6 +6,8 @@ trainable tensor, weight gradients of trainable tensors) / the matmul peak of th
 in this process. Random tokens (throughput does not depend on the text).
 
     python benchmarks/train_throughput.py [--steps 6] [--batch 8] [--seq-len 256] [--threads 2] [--kernels]
+    python benchmarks/train_throughput.py --device cuda --preset small --seq-len 1024   # on a GPU
+    python benchmarks/train_throughput.py --device cuda --preset olmo2-1b --only expert  # bf16 1B-class owner step
 
 --kernels also times, forward + backward at the same shapes, the two hand-written pieces of the fast path
 against what they replace: causal attention vs torch's scaled_dot_product_attention, and the chunked fused
@@ -49,12 +51,17 @@ def ours(kind: str, anchor, cfg, args) -> dict:
     else:
         model, _ = owner_fast_model(anchor, torch.randn(cfg.d_model) * 0.3, torch.randn(cfg.d_model) * 0.3, False)
     tokens = torch.randint(0, cfg.vocab_size, ((args.steps + 1) * args.batch * (args.seq_len + 1) + 1,))
-    loop = LoopConfig(steps=args.steps + 1, global_batch=args.batch, micro_batch=args.batch, seq_len=args.seq_len,
-                      dtype=args.dtype, checkpoint_every=10 ** 9, progress=False, eval_batches=0, compile=args.compile)
+    loop = LoopConfig(steps=args.steps + 1, global_batch=args.batch, micro_batch=args.micro_batch or args.batch,
+                      seq_len=args.seq_len, dtype=args.dtype, checkpoint_every=10 ** 9, progress=False, eval_batches=0,
+                      compile=args.compile, device=args.device)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         s = train(model, TokenWindows(tokens, args.seq_len), loop, tmp, label=kind)
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and args.device != "cpu" else None
+    del model
     return {"tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"], "flops_per_token": s["train_flops_per_token"],
-            "peak_gflops": s["matmul_peak_flops"] / 1e9, "dtype": args.dtype}
+            "peak_gflops": s["matmul_peak_flops"] / 1e9, "dtype": args.dtype, "peak_gpu_memory_gib": peak_mem}
 
 
 def reference(anchor, cfg, args, autocast: bool) -> dict:
@@ -66,7 +73,10 @@ def reference(anchor, cfg, args, autocast: bool) -> dict:
 
     from flexolmo_core.families import moe_config
 
-    model = FlexOlmoForCausalLM(moe_config(anchor.config, num_experts=2, top_k=2))
+    from flexolmo_core.dtypes import resolve_device
+
+    device = resolve_device(args.device)
+    model = FlexOlmoForCausalLM(moe_config(anchor.config, num_experts=2, top_k=2)).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
@@ -78,20 +88,22 @@ def reference(anchor, cfg, args, autocast: bool) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     times = []
     for step in range(args.steps + 1):
-        rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
+        rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=rows[:, :-1]).logits
         loss, _ = objective(logits, rows[:, 1:], logits.new_zeros((), dtype=torch.float32), 0.0, 1e-5)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     tps = args.batch * args.seq_len * args.steps / sum(times[1:])
     dtype = torch.bfloat16 if autocast else torch.float32
     flops = count_matmul_flops(cfg, MoEShape(2, 2), args.seq_len, lambda n: n.endswith("_1"))["train_step"]
-    peak = measure_matmul_peak(dtype)
+    peak = measure_matmul_peak(dtype, device)
     return {"tokens_per_s": tps, "mfu": flops * tps / peak, "peak_gflops": peak / 1e9,
             "dtype": "bfloat16 autocast" if autocast else "float32"}
 
@@ -146,22 +158,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="also time attention and loss, ours vs plain torch")
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where the steps run")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default: --batch)")
+    ap.add_argument("--only", choices=["anchor", "expert"], default=None,
+                    help="time only this run of ours (no reference): the GPU check's 1B-class expert step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
     anchor = fake_anchor(cfg)
     m = machine()  # load average before this benchmark's own work
-    results = {"anchor (ours)": ours("anchor", anchor, cfg, args), "expert (ours)": ours("expert", anchor, cfg, args),
-               "expert (transformers, fp32)": reference(anchor, cfg, args, False),
-               "expert (transformers, bf16 autocast)": reference(anchor, cfg, args, True)}
-    best_ref = max(results["expert (transformers, fp32)"]["tokens_per_s"],
-                   results["expert (transformers, bf16 autocast)"]["tokens_per_s"])
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {args.threads} threads, load {m['loadavg'][0]:.2f}")
-    print(f"{'run':38s} {'tokens/s':>9s} {'MFU':>6s}  dtype (peak GFLOP/s)")
+    if args.only:
+        results = {f"{args.only} (ours)": ours(args.only, anchor, cfg, args)}
+    else:
+        results = {"anchor (ours)": ours("anchor", anchor, cfg, args), "expert (ours)": ours("expert", anchor, cfg, args),
+                   "expert (transformers, fp32)": reference(anchor, cfg, args, False),
+                   "expert (transformers, bf16 autocast)": reference(anchor, cfg, args, True)}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "none"
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {args.threads} threads, load "
+          f"{m['loadavg'][0]:.2f}; GPU: {gpu}; preset {args.preset}, batch {args.batch} x {args.seq_len}")
+    print(f"{'run':38s} {'tokens/s':>9s} {'MFU':>6s}  dtype (peak GFLOP/s)  peak GPU memory")
     for name, r in results.items():
-        print(f"{name:38s} {r['tokens_per_s']:9.0f} {100 * r['mfu']:5.1f}%  {r['dtype']} ({r['peak_gflops']:.0f})")
-    ratio = results["expert (ours)"]["tokens_per_s"] / best_ref
-    print(f"expert training speed-up over the best reference: {ratio:.2f}x")
+        mem = f"{r['peak_gpu_memory_gib']:.1f} GiB" if r.get("peak_gpu_memory_gib") is not None else "-"
+        print(f"{name:38s} {r['tokens_per_s']:9.0f} {100 * r['mfu']:5.1f}%  {r['dtype']} ({r['peak_gflops']:.0f})  {mem}")
+    ratio = None
+    if not args.only:
+        best_ref = max(results["expert (transformers, fp32)"]["tokens_per_s"],
+                       results["expert (transformers, bf16 autocast)"]["tokens_per_s"])
+        ratio = results["expert (ours)"]["tokens_per_s"] / best_ref
+        print(f"expert training speed-up over the best reference: {ratio:.2f}x")
     timings = kernels(cfg, args) if args.kernels else {}
     for name, ms in timings.items():
         print(f"{name:38s} {ms:9.1f}")

@@ -11,12 +11,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from .atomic import atomic_dir, write_json
 from .config import ModelConfig, get_preset
 from .errors import InputError, MissingInput, require, read_json
-from .stream_safetensors import check_safetensors_file
+from .stream_safetensors import TensorFiles, check_safetensors_file
 
 ANCHOR_MANIFEST = "flexolmo_anchor.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -105,20 +103,26 @@ def init_anchor(preset: str | ModelConfig, tokenizer_dir: str | os.PathLike, out
                        extra={"seed": seed})
 
 
-def load_anchor(path: str | os.PathLike):
-    """The dense anchor (Olmo2ForCausalLM, or LlamaForCausalLM / MistralForCausalLM) in its own dtype."""
-    from transformers import AutoModelForCausalLM
-
+def check_anchor(path: str | os.PathLike) -> dict:
+    """config.json of a dense anchor checkpoint folder (Olmo2, Llama, Mistral), after checking its files."""
     from .families import DENSE_TYPE, FAMILY_OF
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise MissingInput(f"{path}: not an anchor checkpoint (no config.json)")
-    model_type = check_checkpoint(path).get("model_type")
+    config = check_checkpoint(path)
     dense = sorted(t for t in FAMILY_OF if t not in DENSE_TYPE)
-    if model_type not in dense:
-        raise InputError(f"{path / 'config.json'}: model_type {model_type!r}; an anchor is a dense model of type "
-                         f"{', '.join(dense)}")
+    if config.get("model_type") not in dense:
+        raise InputError(f"{path / 'config.json'}: model_type {config.get('model_type')!r}; an anchor is a dense "
+                         f"model of type {', '.join(dense)}")
+    return config
+
+
+def load_anchor(path: str | os.PathLike):
+    """The dense anchor (Olmo2ForCausalLM, or LlamaForCausalLM / MistralForCausalLM) in its own dtype."""
+    from transformers import AutoModelForCausalLM
+
+    check_anchor(path)
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="auto")
 
 
@@ -181,38 +185,17 @@ def check_checkpoint(model_dir: str | os.PathLike) -> dict:
     return config
 
 
-def _open_checked(file: Path):
-    check_safetensors_file(file)  # a truncated or foreign file is refused by name, before safetensors reads it
-    return safe_open(str(file), framework="pt")
-
-
 def checkpoint_getter(model_dir: str | os.PathLike):
-    """(names, get) over a checkpoint's safetensors files; reads lazily, one expert slice at a time."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise MissingInput(f"{model_dir}: no .safetensors weights")
-    handles = [_open_checked(f) for f in files]
-    where = {name: h for h in handles for name in h.keys()}
-
-    def get(name: str, expert: int | None):
-        return where[name].get_slice(name)[expert] if expert is not None else where[name].get_tensor(name)
-
-    return list(where), get
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    """(names, get) over a checkpoint's safetensors files (shards too); `get(name, expert)` reads one tensor or
+    one expert's slice from disk, nothing else (stream_safetensors.TensorFiles)."""
+    files = TensorFiles(model_dir)
+    return files.names(), files.get
 
 
 def checkpoint_meta(model_dir: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """dtype and shape of every tensor, read from the safetensors headers only."""
-    meta = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with _open_checked(f) as handle:
-            for name in handle.keys():
-                sliced = handle.get_slice(name)
-                meta[name] = (_SAFETENSORS_DTYPES[sliced.get_dtype()], tuple(sliced.get_shape()))
-    return meta
+    files = TensorFiles(model_dir)
+    return {name: files.meta(name) for name in files.names()}
 
 
 def state_getter(state: dict[str, torch.Tensor]):

@@ -16,6 +16,7 @@ from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_c
 from .families import DENSE_TYPE, FAMILY_OF
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from .errors import InputError
+from .stream_safetensors import DEFAULT_SHARD_BYTES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
@@ -102,8 +103,10 @@ def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
 
 
 def load_checkpoint(folder: Path, gguf_file: str | None):
-    """(model, tokenizer, dtype name) in the checkpoint's dtype; refusals name what is wrong."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(config, tokenizer, weight specs, dtype name), refusals naming what is wrong. A safetensors folder is
+    copied one tensor at a time (bounded memory) when its names are what transformers' class holds; a GGUF
+    file (or other names) goes through transformers, which holds the whole model once."""
+    from transformers import AutoConfig, AutoTokenizer
 
     kwargs = {}
     if gguf_file:
@@ -124,28 +127,64 @@ def load_checkpoint(folder: Path, gguf_file: str | None):
         raise AnchorImportError(f"{folder}: model type {config.model_type!r} is a mixture of experts; an anchor is a "
                                 f"dense model ({', '.join(DENSE_TYPES)}). A published 2-expert model becomes a "
                                 "package with `flexolmo package import`")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=None if gguf_file else True,
-                                                 **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if tokenizer.eos_token_id is None:
         raise AnchorImportError(f"{folder}: the tokenizer has no EOS token; documents are separated by EOS in training")
-    return model, tokenizer, str(next(model.parameters()).dtype).removeprefix("torch.")
+    specs = None if gguf_file else streamed_specs(folder, config)
+    if specs is None:
+        specs = loaded_specs(folder, config, kwargs)
+    dtype = next(dt for name, dt, _, _ in specs if name == "model.embed_tokens.weight")
+    return config, tokenizer, specs, str(dtype).removeprefix("torch.")
 
 
-def write_weights(model, folder: Path) -> None:
-    """model.safetensors + config.json. Written directly: transformers refuses to re-save a model loaded from
-    GGUF (it marks it quantised, though the tensors are already de-quantised), and a tied LM head is one tensor."""
-    from safetensors.torch import save_file
+def _expected_names(config) -> set[str]:
+    """The tensors transformers' class for `config` saves (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
+        names = set(AutoModelForCausalLM.from_config(config).state_dict())
+    if config.tie_word_embeddings:
+        names.discard("lm_head.weight")  # a tied LM head is the embedding, one tensor on disk
+    return names
+
+
+def streamed_specs(folder: Path, config) -> list | None:
+    """Lazy specs that copy the folder's tensors as they are, or None when their names are not exactly what
+    transformers' class holds (then transformers loads and renames them)."""
+    from .stream_safetensors import TensorFiles
+
+    files = TensorFiles(folder)
+    names = set(files.names()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if names != _expected_names(config):
+        return None
+    return [(n, *files.meta(n), lambda n=n: files.get(n)) for n in sorted(names)]
+
+
+def loaded_specs(folder: Path, config, kwargs: dict) -> list:
+    """Specs of the model as transformers loads it (GGUF is de-quantised to torch tensors here)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=None if kwargs else True,
+                                                 **kwargs)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(dict(sorted(state.items())), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config
+    return [(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in sorted(state.items())]
+
+
+def write_weights(specs: list, config, folder: Path, shard_bytes: int) -> None:
+    """The weights (sharded as transformers does past `shard_bytes`) + config.json. Written directly:
+    transformers refuses to re-save a model loaded from GGUF (it marks it quantised, though the tensors are
+    already de-quantised), and a tied LM head is one tensor."""
+    from .families import ARCHITECTURE
+    from .stream_safetensors import write_model
+
+    write_model(folder, specs, shard_bytes, metadata={"format": "pt"})
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    config.architectures = [type(model).__name__]
+    config.architectures = [ARCHITECTURE.get(config.model_type, "MistralForCausalLM")]  # the dense types
     config.save_pretrained(folder)
 
 
@@ -171,7 +210,8 @@ def write_tokenizer(folder: Path, gguf_file: str | None, out: Path, tokenizer=No
 
 
 def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int = 384, projection_seed: int = 0,
-                  replay_data=None, replay_tokens: int = 0, seq_len: int = 256) -> dict:
+                  replay_data=None, replay_tokens: int = 0, seq_len: int = 256,
+                  shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Write the anchor folder `out` from `source`; returns its manifest."""
     from .training.embeddings import write_projection
 
@@ -181,13 +221,13 @@ def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int
         refuse_overwriting_inputs(out, folder)
     except ValueError as err:
         raise AnchorImportError(str(err)) from None
-    model, tokenizer, dtype = load_checkpoint(folder, gguf_file)
-    cfg = model_config_from_hf(model.config)
+    config, tokenizer, specs, dtype = load_checkpoint(folder, gguf_file)
+    cfg = model_config_from_hf(config)
     with atomic_dir(out, signature=("config.json", ANCHOR_MANIFEST)) as tmp:
-        write_weights(model, tmp)
+        write_weights(specs, config, tmp, shard_bytes)
         write_tokenizer(folder, gguf_file, tmp, tokenizer)
         manifest = {"fingerprint": anchor_fingerprint(tmp), "imported_from": str(source), "gguf_file": gguf_file,
-                    "family": cfg.family, "model_type": model.config.model_type, "dtype": dtype,
+                    "family": cfg.family, "model_type": config.model_type, "dtype": dtype,
                     "projection_sha256": write_projection(tmp, projection_dim, cfg.d_model, projection_seed)}
         if replay_data and replay_tokens > 0:
             from .training.data import open_windows

@@ -109,6 +109,9 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, ffn_hidden=1024, max_seq_len=512),
     # a workstation or a single GPU
     "small": ModelConfig(vocab_size=16384, d_model=768, n_layers=12, n_heads=12, ffn_hidden=3072, max_seq_len=1024),
+    # a 1B-class shape (OLMo-2 1B): one GPU (benchmarks/gpu_check.sh times an owner-expert step here)
+    "olmo2-1b": ModelConfig(vocab_size=100352, d_model=2048, n_layers=16, n_heads=16, ffn_hidden=8192,
+                            max_seq_len=4096),
     # the paper's shapes (OLMo-2 7B): GPUs with torchrun/FSDP
     "olmo2-7b": ModelConfig(vocab_size=100352, d_model=4096, n_layers=32, n_heads=32, ffn_hidden=11008,
                             max_seq_len=4096),

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .merge import MERGED_MANIFEST, read_manifest
 from .families import expert_count, load_weights, renormalizes, set_expert_count
@@ -58,12 +57,18 @@ def _install_inference_routers(model, top_k: int, masked: list[int], bias: list[
 
 
 def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: int | None = None,
-                  strict: bool = False, use_bias: bool = False, dtype=torch.float32) -> LoadedModel:
-    """Load a merged model with some experts switched off.
+                  strict: bool = False, use_bias: bool = False, dtype=None, device: str = "auto") -> LoadedModel:
+    """Load a merged model with some experts switched off, on `device` (auto | cpu | cuda).
 
     top_k defaults to the merged model's k, capped at the number of kept experts.
-    use_bias re-applies learned router biases that the HF checkpoint cannot hold."""
+    use_bias re-applies learned router biases that the HF checkpoint cannot hold.
+    dtype None: the checkpoint's own on a GPU, fp32 on the CPU (flexolmo_core/dtypes.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .dtypes import inference_dtype, resolve_device
+
+    where = resolve_device(device)
+    dtype = dtype or inference_dtype(where, model_dir)
 
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -86,22 +91,18 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: in
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
         masked = [j for j, d in enumerate(domains) if d not in kept]
         _install_inference_routers(model, k, masked, bias)
-    model.eval()
+    model.to(where).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, manifest=manifest, kept=kept)
 
 
 def _read_kept(model_dir: Path, keep_idx: list[int]) -> dict[str, torch.Tensor]:
     """Read the checkpoint, slicing expert and router tensors to the kept experts without touching the rest."""
-    state = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if name.endswith(("experts.gate_up_proj", "experts.down_proj", "gate.weight")):
-                    sliced = handle.get_slice(name)
-                    state[name] = torch.stack([sliced[j] for j in keep_idx])
-                else:
-                    state[name] = handle.get_tensor(name)
-    return state
+    from .anchor import checkpoint_getter
+
+    names, get = checkpoint_getter(model_dir)
+    return {name: torch.stack([get(name, j) for j in keep_idx])
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj", "gate.weight")) else get(name, None)
+            for name in names}
 
 
 class RoutingRecorder:
@@ -147,7 +148,7 @@ def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 32, do_samp
     """Generate text; attribution is the routing share of each expert over the forward passes that
     produced the generated tokens (the prompt's last position, then each new token)."""
     tok, model = loaded.tokenizer, loaded.model
-    inputs = tok(prompt, return_tensors="pt")
+    inputs = tok(prompt, return_tensors="pt").to(model.device)
     if inputs["input_ids"].shape[1] == 0:
         raise InputError("empty prompt")
     torch.manual_seed(seed)
@@ -155,7 +156,7 @@ def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 32, do_samp
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              pad_token_id=tok.pad_token_id or tok.eos_token_id)
     new_tokens = out[0, inputs["input_ids"].shape[1]:]
-    shares = rec.shares(last_token_of_first=True)
+    shares = rec.shares(last_token_of_first=True).cpu()
     domains = [e["domain"] for e in loaded.manifest["experts"]]
     return {"text": tok.decode(new_tokens, skip_special_tokens=True), "token_ids": new_tokens.tolist(),
             "attribution": attribution(loaded, shares), "kept": loaded.kept,

@@ -2,8 +2,10 @@
 Llama-family anchor), with no training.
 
 Per layer: experts [FFN_public, FFN_1, ..., FFN_N], router [r_public; r_1; ...; r_N]; everything else
-from the anchor. Deterministic (sorted names, fixed metadata), atomic (temp dir + rename), and lean:
-tensors are read one at a time from memory-mapped files, so peak memory is about the merged weights."""
+from the anchor. Deterministic (sorted names, fixed metadata), atomic (temp dir + rename), and bounded in
+memory: tensors are read from disk one at a time and a fused expert tensor is written one expert at a time,
+so the peak is about one expert's FFN matrix, whatever the model size or the number of experts
+(`benchmarks/merge_memory.py`). The output is sharded in transformers' layout (`shard_size`)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +18,8 @@ import torch
 from .anchor import anchor_fingerprint, checkpoint_getter, checkpoint_meta, copy_tokenizer
 from . import layout
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
-from .stream_safetensors import write_streaming
+from .dtypes import checkpoint_dtype
+from .stream_safetensors import DEFAULT_SHARD_BYTES, write_model
 from .package import ExpertPackage, PackageError, load_package
 from .errors import InputError, MissingInput, require, read_json
 
@@ -52,7 +55,7 @@ def load_packages(package_paths, fingerprint: str, shapes: dict, exclude=(), dty
 
 
 def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, top_k: int | None = None,
-          exclude=(), extra_manifest: dict | None = None) -> dict:
+          exclude=(), extra_manifest: dict | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Write the merged checkpoint to `out`; returns its flexolmo.json manifest."""
     from transformers import AutoConfig
 
@@ -67,8 +70,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
         raise InputError(f"{anchor_dir}: a {anchor_cfg.model_type!r} model is a mixture of experts; merge needs the "
                          "dense anchor the packages were trained against")
     fingerprint = anchor_fingerprint(anchor_dir)  # computed from the weights, not trusted from a file
-    meta = checkpoint_meta(anchor_dir)  # dtypes and shapes from the headers, nothing loaded yet
-    anchor_dtype = str(meta["model.embed_tokens.weight"][0]).removeprefix("torch.")
+    anchor_dtype = str(checkpoint_dtype(anchor_dir)).removeprefix("torch.")  # packages must match (dtypes.py)
     packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude, anchor_dtype)
     num_experts = 1 + len(packages)
     top_k = default_top_k(num_experts) if top_k is None else top_k
@@ -95,7 +97,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
         "excluded_at_merge": sorted(exclude),
         **(extra_manifest or {}),
     }
-    write_merged(out, specs, config, anchor_dir, manifest)
+    write_merged(out, specs, config, anchor_dir, manifest, shard_bytes)
     return manifest
 
 
@@ -115,13 +117,17 @@ def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], to
         gate, up, down = (f"{prefix}.{p}_proj.weight" for p in ("gate", "up", "down"))
         dtype, (inter, d) = meta[gate]
 
-        def gate_up(i=i, gate=gate, up=up):
+        def gate_up(i=i, gate=gate, up=up):  # one expert at a time: [1, 2I, d] pieces of [E, 2I, d]
             public = torch.cat([get(gate, None), get(up, None)])
-            return torch.stack([public] + [_expert_tensor(p, f"layers.{i}.gate_up_proj", public) for p in packages])
+            yield public[None]
+            for p in packages:
+                yield _expert_tensor(p, f"layers.{i}.gate_up_proj", public)[None]
 
         def down_proj(i=i, down=down):
             public = get(down, None)
-            return torch.stack([public] + [_expert_tensor(p, f"layers.{i}.down_proj", public) for p in packages])
+            yield public[None]
+            for p in packages:
+                yield _expert_tensor(p, f"layers.{i}.down_proj", public)[None]
 
         def router(i=i, dtype=dtype):
             public = public_rows[i].to(dtype)
@@ -135,10 +141,11 @@ def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], to
     return specs, config
 
 
-def write_merged(out, specs, config, tokenizer_dir, manifest: dict) -> None:
-    """A merged model folder, atomically: streamed weights, config.json, the anchor's tokenizer, flexolmo.json."""
+def write_merged(out, specs, config, tokenizer_dir, manifest: dict, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """A merged model folder, atomically: streamed (sharded) weights, config.json, the anchor's tokenizer,
+    flexolmo.json."""
     with atomic_dir(out, signature=MODEL_SIGNATURE) as tmp:
-        write_streaming(tmp / WEIGHTS_FILE, specs, metadata={"format": "pt"})
+        write_model(tmp, specs, shard_bytes, metadata={"format": "pt"})
         config.save_pretrained(tmp)
         _strip_volatile(tmp / "config.json")
         copy_tokenizer(tokenizer_dir, tmp)
@@ -221,7 +228,8 @@ def expert_domains(model_dir: str | os.PathLike) -> list[str]:
 FUSED_EXPERT_TENSORS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj", ".mlp.gate.weight")
 
 
-def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_k: int | None = None) -> dict:
+def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_k: int | None = None,
+            shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """The one opt-out: `merged_dir` without the experts of the `exclude` domains, written as a merged
     model (fused experts, flexolmo.json). It equals `merge(..., exclude=...)` tensor for tensor (a softmax
     over the kept router rows is the softmax with the others masked to -inf), and needs no package.
@@ -254,7 +262,7 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
         specs = [(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in state.items()]
     else:  # fused: stream one tensor at a time
         meta = checkpoint_meta(merged_dir)
-        specs = [(n, meta[n][0], (len(keep), *meta[n][1][1:]), lambda n=n: torch.stack([get(n, e) for e in keep]))
+        specs = [(n, meta[n][0], (len(keep), *meta[n][1][1:]), lambda n=n: (get(n, e)[None] for e in keep))
                  if n.endswith(FUSED_EXPERT_TENSORS) else (n, *meta[n], lambda n=n: get(n, None)) for n in names]
     config = AutoConfig.from_pretrained(merged_dir)
     set_expert_count(config, len(keep), top_k)
@@ -263,5 +271,5 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
                router_bias="dropped" if any(e.get("logit_bias") for e in kept) else "none",
                excluded_at_merge=sorted(set(manifest.get("excluded_at_merge", [])) | set(exclude)),
                opted_out_of=str(merged_dir))
-    write_merged(out, specs, config, merged_dir, new)
+    write_merged(out, specs, config, merged_dir, new, shard_bytes)
     return new

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .atomic import atomic_dir, write_json
-from .stream_safetensors import check_safetensors_file, save_tensors
+from .stream_safetensors import TensorFiles, check_safetensors_file, save_tensors
 from .data.config import check_domain_name
 from .errors import InputError, require, read_json
 
@@ -109,8 +108,7 @@ class ExpertPackage:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (lazily, from disk; a copy, so the file may be replaced afterwards)."""
-        with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as handle:
-            return handle.get_tensor(name).clone()
+        return TensorFiles(self.path / WEIGHTS_FILE).get(name)
 
 
 def _sha256_file(path: Path) -> str:
@@ -167,10 +165,12 @@ def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
     except InputError as err:
         raise PackageError(str(err)) from None
     try:
-        handle = safe_open(str(weights_path), framework="pt")
-    except Exception as err:  # safetensors raises its own error types for corrupt files
+        handle = TensorFiles(weights_path)  # plain reads: validating a 7B-class expert does not map it all in
+        for name in handle.names():
+            handle.meta(name)
+    except InputError as err:
         raise PackageError(f"{weights_path}: unreadable safetensors file: {err}") from err
-    names = set(handle.keys())
+    names = set(handle.names())
     missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
     if missing:
         raise PackageError(f"{weights_path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -185,7 +185,7 @@ def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
     if expected_dtype is not None and dtypes != {expected_dtype}:
         raise PackageError(f"{weights_path}: tensors are {dtypes.pop()}, the anchor's weights are {expected_dtype}")
     for name in sorted(names):
-        tensor = handle.get_tensor(name)
+        tensor = handle.get(name)
         record = manifest["tensors"][name]
         if tuple(tensor.shape) != expected[name]:
             raise PackageError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")

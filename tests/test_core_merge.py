@@ -72,12 +72,12 @@ def test_a_failed_merge_leaves_the_previous_output_untouched(smoke_anchor, packa
     merge(smoke_anchor, [packages["news"]], out)
     before = (out / "model.safetensors").read_bytes()
 
-    def crash(path, specs, metadata=None):
-        with open(path, "wb") as handle:
+    def crash(folder, specs, shard_bytes, metadata=None):
+        with open(folder / "model.safetensors", "wb") as handle:
             handle.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(merge_module, "write_streaming", crash)
+    monkeypatch.setattr(merge_module, "write_model", crash)
     with pytest.raises(OSError):
         merge(smoke_anchor, [packages["code"], packages["news"]], out)
     assert (out / "model.safetensors").read_bytes() == before
@@ -88,11 +88,11 @@ def test_a_killed_merge_leaves_no_output(smoke_anchor, packages, tmp_path):
     out = tmp_path / "killed"
     script = (
         "import os, signal, flexolmo_core.merge as m\n"
-        "real = m.write_streaming\n"
-        "def die(path, specs, metadata=None):\n"
-        "    real(path, specs, metadata=metadata)\n"
+        "real = m.write_model\n"
+        "def die(folder, specs, shard_bytes, metadata=None):\n"
+        "    real(folder, specs, shard_bytes, metadata=metadata)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "m.write_streaming = die\n"
+        "m.write_model = die\n"
         f"m.merge({str(smoke_anchor)!r}, [{str(packages['news'])!r}], {str(out)!r})\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())

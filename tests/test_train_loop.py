@@ -56,18 +56,23 @@ def test_expert_training_keeps_contract_and_reports(trained_expert, smoke_anchor
     assert not torch.equal(package.tensor("layers.0.gate_up_proj"), start)  # upcycled from the anchor FFN, then trained
 
 
-def test_resume_in_process_is_bit_identical(tmp_path, smoke_anchor, owner_data):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the loop runs wherever torch sees a device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_in_process_is_bit_identical(tmp_path, smoke_anchor, owner_data, device):
     from dataclasses import replace
 
     from flexolmo_core.training.stages import train_expert
 
+    loop = replace(LOOP, device=device)
     full, part = tmp_path / "full", tmp_path / "part"
-    train_expert(smoke_anchor, "code", [owner_data["code"]], full, LOOP)
-    train_expert(smoke_anchor, "code", [owner_data["code"]], part, replace(LOOP, steps=6))
+    train_expert(smoke_anchor, "code", [owner_data["code"]], full, loop)
+    train_expert(smoke_anchor, "code", [owner_data["code"]], part, replace(loop, steps=6))
     shutil.rmtree(part / "package")
     for ck in ("step-00000006",):  # drop the final checkpoint: resume from step 4
         shutil.rmtree(part / "run/checkpoints" / ck)
-    summary = train_expert(smoke_anchor, "code", [owner_data["code"]], part, LOOP)
+    summary = train_expert(smoke_anchor, "code", [owner_data["code"]], part, loop)
     assert summary["resumed_from"] == "step-00000004"
     a, b = load_file(str(full / "package/expert.safetensors")), load_file(str(part / "package/expert.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -138,13 +143,16 @@ def test_expert_stage_runs_with_only_its_own_domain(tmp_path, smoke_anchor, smal
     assert sorted(p.name for p in (out / "outputs").iterdir()) == ["anchor", "domain_embedding", "expert", "tokenizer"]
 
 
-def test_router_tuning_moves_only_router_rows(tmp_path, merged, owner_data, small_texts):
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_tuning_moves_only_router_rows(tmp_path, merged, owner_data, small_texts, device):
+    from dataclasses import replace
+
     from flexolmo_core.inference import load_flexolmo
     from flexolmo_core.training.stages import tune_router
 
     (tmp_path / "public.txt").write_text("\n\n".join(small_texts["public"][:60]))
     summary = tune_router(merged, [tmp_path / "public.txt"], [owner_data["code"], owner_data["news"]], tmp_path / "rt",
-                          LOOP, public_windows=8, proxy_windows=8)
+                          replace(LOOP, device=device), public_windows=8, proxy_windows=8)
     assert summary["experts"] == ["public", "code", "news"]
     before, after = load_file(str(merged / "model.safetensors")), load_file(str(tmp_path / "rt/model/model.safetensors"))
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
@@ -174,7 +182,8 @@ def test_router_rows_get_their_own_learning_rate(smoke_anchor):
     assert len(scale) == sum(1 for _ in model.parameters())  # every trainable tensor in exactly one group
 
 
-def test_unrestricted_moe_matches_flop_budget_and_loads(tmp_path, smoke_tokenizer, owner_data):
+@pytest.mark.parametrize("device", DEVICES)
+def test_unrestricted_moe_matches_flop_budget_and_loads(tmp_path, smoke_tokenizer, owner_data, device):
     from dataclasses import replace
 
     from flexolmo_core.config import get_preset
@@ -185,7 +194,7 @@ def test_unrestricted_moe_matches_flop_budget_and_loads(tmp_path, smoke_tokenize
     per_token = count_matmul_flops(get_preset("smoke"), MoEShape(3, 2), 32, lambda n: True)["train_step"]
     budget = 5 * per_token * LOOP.global_batch * LOOP.seq_len
     summary = train_unrestricted(smoke_tokenizer, [owner_data["code"], owner_data["news"]], tmp_path / "u", "smoke", 3, 2,
-                                 replace(LOOP, steps=1), budget_flops=budget)
+                                 replace(LOOP, steps=1, device=device), budget_flops=budget)
     assert summary["steps"] == 5
     loaded = load_flexolmo(tmp_path / "u/model")
     assert loaded.model.config.num_experts == 3 and loaded.model.config.num_experts_per_tok == 2

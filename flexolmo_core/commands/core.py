@@ -58,6 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="the merged checkpoint folder to write")
     p.add_argument("--top-k", type=int, default=None, help="experts per token (default: half, rounded up)")
     p.add_argument("--exclude", action="append", default=[], metavar="NAME", help="leave this domain out")
+    p.add_argument("--shard-size", default="5GB", help="split the weights into shards of at most this size, with an "
+                   "index (transformers' layout: 5GB, 500MB, bytes)")
     p.set_defaults(func=cmd_merge)
 
     p = subparsers.add_parser("generate", help="generate with a merged model, choosing experts; prints attribution")
@@ -69,6 +71,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy)")
     p.add_argument("--strict", action="store_true", help="load only the kept experts' weights")
     p.add_argument("--use-bias", action="store_true", help="re-apply learned router biases dropped at merge")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs: auto is the GPU when torch sees one (fp32 on the CPU, own dtype on a GPU)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("prompt", help="the text to continue")
     p.set_defaults(func=cmd_generate)
@@ -165,7 +169,10 @@ def cmd_expert_train(args) -> None:
 def cmd_merge(args) -> None:
     from ..merge import merge
 
-    manifest = merge(args.anchor, args.expert, args.out, top_k=args.top_k, exclude=args.exclude)
+    from ..stream_safetensors import parse_size
+
+    manifest = merge(args.anchor, args.expert, args.out, top_k=args.top_k, exclude=args.exclude,
+                     shard_bytes=parse_size(args.shard_size))
     print(json.dumps({"model": args.out, "experts": [e["domain"] for e in manifest["experts"]],
                       "top_k": manifest["top_k"]}))
 
@@ -178,7 +185,7 @@ def cmd_generate(args) -> None:
     from ..inference import generate, load_flexolmo
 
     loaded = load_flexolmo(args.model, exclude=_names(args.exclude), only=None if args.only is None else _names(args.only), top_k=args.top_k,
-                           strict=args.strict, use_bias=args.use_bias)
+                           strict=args.strict, use_bias=args.use_bias, device=args.device)
     result = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps(result))

@@ -39,8 +39,13 @@ class BTMLM(HFLM):
     """`experts`: dense HF checkpoint dirs (a list, or one string separated by '|') or loaded models; they
     must share the tokenizer (they do: it belongs to the anchor)."""
 
-    def __init__(self, experts, top_k: int = 2, tokenizer=None, batch_size: int = 8, max_length=None, **kwargs):
+    def __init__(self, experts, top_k: int = 2, tokenizer=None, batch_size: int = 8, max_length=None,
+                 device: str = "auto", **kwargs):
         import transformers
+
+        from ..dtypes import inference_dtype, resolve_device
+
+        where = resolve_device(device)
 
         if isinstance(experts, str):
             experts = [e for e in experts.split("|") if e]
@@ -48,13 +53,14 @@ class BTMLM(HFLM):
         for e in experts:
             if isinstance(e, (str, bytes)) or hasattr(e, "__fspath__"):
                 tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(str(e))
-                e = transformers.AutoModelForCausalLM.from_pretrained(str(e), use_safetensors=True, dtype="float32")
-            models.append(e.eval())
+                e = transformers.AutoModelForCausalLM.from_pretrained(str(e), use_safetensors=True,
+                                                                      dtype=inference_dtype(where, e))
+            models.append(e.to(where).eval())
         vocab = {m.config.vocab_size for m in models}
         if len(vocab) != 1:
             raise InputError(f"BTM experts must share one vocabulary, got sizes {sorted(vocab)}")
-        super().__init__(pretrained=models[0], tokenizer=tokenizer, device="cpu", batch_size=batch_size,
-                         max_length=max_length, dtype="float32", **kwargs)
+        super().__init__(pretrained=models[0], tokenizer=tokenizer, device=str(where), batch_size=batch_size,
+                         max_length=max_length, dtype=models[0].dtype, **kwargs)
         self.experts = models
         self.top_k = int(top_k)
 
@@ -70,7 +76,7 @@ class BTMLM(HFLM):
         """Greedy decoding from the mixture with each expert's KV cache; the posterior is carried forward
         exactly as `btm_log_probs` computes it over the whole sequence."""
         n = len(self.experts)
-        log_prior = torch.full((n,), -torch.log(torch.tensor(float(n))))
+        log_prior = torch.full((n,), -torch.log(torch.tensor(float(n))), device=prompt.device)
         outs = [m(prompt[None], use_cache=True) for m in self.experts]
         caches = [o.past_key_values for o in outs]
         lps = [F.log_softmax(o.logits[0].float(), -1) for o in outs]
@@ -87,11 +93,11 @@ class BTMLM(HFLM):
             if nxt == self.eot_token_id or any(s and s in self.tok_decode(new) for s in stop):
                 break
             cum = cum + last[:, nxt]
-            step = torch.tensor([[nxt]])
+            step = torch.tensor([[nxt]], device=prompt.device)
             outs = [m(step, past_key_values=c, use_cache=True) for m, c in zip(self.experts, caches)]
             caches = [o.past_key_values for o in outs]
             last = torch.stack([F.log_softmax(o.logits[0, -1].float(), -1) for o in outs])
-        return torch.tensor(new, dtype=prompt.dtype)
+        return torch.tensor(new, dtype=prompt.dtype, device=prompt.device)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         """One row at a time (left padding removed), so positions match the scoring path."""

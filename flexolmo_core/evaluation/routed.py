@@ -12,12 +12,16 @@ from flexolmo_core import baselines
 from flexolmo_core.families import dense_config_dict, expert_count, load_weights
 
 
-def dense_experts_from_merged(merged_dir) -> tuple[object, list]:
-    """(merged model, [dense model per expert]) built in memory from the safetensors."""
+def dense_experts_from_merged(merged_dir, device: str = "auto") -> tuple[object, list]:
+    """(merged model, [dense model per expert]) built in memory from the safetensors, on `device`."""
     import transformers
 
+    from ..dtypes import inference_dtype, resolve_device
+
+    where = resolve_device(device)
+    dtype = inference_dtype(where, merged_dir)
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), use_safetensors=True,
-                                                               dtype="float32").eval()
+                                                               dtype=dtype).to(where).eval()
     state = baselines.load_state(merged_dir)
     dense = dense_config_dict(merged.config.to_dict())
     cfg = transformers.AutoConfig.for_model(dense.pop("model_type"), **dense)
@@ -25,26 +29,27 @@ def dense_experts_from_merged(merged_dir) -> tuple[object, list]:
     for e in range(expert_count(merged.config)):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
         load_weights(model, baselines.dense_expert_state(state, e), f"{merged_dir} expert {e}")
-        experts.append(model.eval())
+        experts.append(model.to(where, dtype).eval())
     return merged, experts
 
 
 @register_model("flexolmo_prompt_routed")
 class PromptRoutedLM(HFLM):
     def __init__(self, merged_dir, tokenizer=None, batch_size: int = 8, max_length=None, route_tokens: int = 256,
-                 **kwargs):
+                 device: str = "auto", **kwargs):
         import transformers
 
         tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(str(merged_dir))
-        self.router_model, self.expert_models = dense_experts_from_merged(merged_dir)
-        super().__init__(pretrained=self.expert_models[0], tokenizer=tokenizer, device="cpu",
-                         batch_size=batch_size, max_length=max_length, dtype="float32", **kwargs)
+        self.router_model, self.expert_models = dense_experts_from_merged(merged_dir, device)
+        first = self.expert_models[0]
+        super().__init__(pretrained=first, tokenizer=tokenizer, device=str(first.device),
+                         batch_size=batch_size, max_length=max_length, dtype=first.dtype, **kwargs)
         self.embeddings = baselines.domain_embeddings(self.router_model)
         self.route_tokens = route_tokens  # route on the last `route_tokens` tokens of the input
         self.route_counts = defaultdict(int)
 
     def route(self, tokens: list[int]) -> int:
-        ids = torch.tensor([tokens[-self.route_tokens:] or [self.eot_token_id]])
+        ids = torch.tensor([tokens[-self.route_tokens:] or [self.eot_token_id]], device=self.router_model.device)
         expert = baselines.prompt_route(self.router_model, ids, self.embeddings)[0]
         self.route_counts[expert] += 1
         return expert

@@ -41,6 +41,7 @@ class EvalConfig:
     allow_code_execution: bool = False  # HumanEval/MBPP run generated code (subprocess + timeout) only if true
     max_gen_toks: int | None = at_least(1, 32)       # cap on generated tokens per doc (None = the task's own value)
     batch_size: int = at_least(1, 16)                # lm-eval batch size
+    device: str = "auto"                             # auto | cpu | cuda: models run there (fp32 on the CPU, own dtype on a GPU)
     workers: int = at_least(1, 1)                    # variants evaluated side by side, one process each
     threads: int = at_least(0, 0)                    # torch threads per worker (0 = torch's default; 1 when workers > 1)
     max_length: int | None = at_least(1, None)       # context window for lm-eval (None = the model's)
@@ -186,20 +187,24 @@ def evaluate_lm(lm, task_names: list[str], cfg: EvalConfig, *, variant: str = "m
 
 
 def hf_lm(model: str | Path | Any, cfg: EvalConfig, tokenizer: Any = None):
-    """lm-eval's `hf` model on CPU for a local checkpoint dir (Olmo2ForCausalLM or FlexOlmoForCausalLM load
+    """lm-eval's `hf` model on `cfg.device` for a local checkpoint dir (Olmo2ForCausalLM or FlexOlmoForCausalLM load
     with AutoModelForCausalLM, no custom code) or an already built model object."""
     from lm_eval.models.huggingface import HFLM
     import transformers
 
+    from ..dtypes import inference_dtype, resolve_device
+
+    device = resolve_device(cfg.device)
     if isinstance(model, (str, Path)):
         path = str(model)
         tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="float32")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, use_safetensors=True,
+                                                                  dtype=inference_dtype(device, path)).to(device)
     if cfg.top_k is not None and hasattr(model.config, "num_experts_per_tok"):
         model.config.num_experts_per_tok = cfg.top_k
         for module in model.modules():  # transformers copies top_k into each router at construction
             if hasattr(module, "top_k") and isinstance(getattr(module, "top_k"), int):
                 module.top_k = cfg.top_k
     model.eval()
-    return HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=cfg.batch_size,
-                max_length=cfg.max_length, dtype="float32")
+    return HFLM(pretrained=model.to(device), tokenizer=tokenizer, device=str(device), batch_size=cfg.batch_size,
+                max_length=cfg.max_length, dtype=model.dtype)

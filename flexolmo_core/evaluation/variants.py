@@ -97,10 +97,12 @@ def make_lm(variant: Variant, cfg: runner.EvalConfig):
         from flexolmo_core.evaluation.btm import BTMLM
         # Every expert's full log-distribution is held at once ([E, B, T, V]): shrink the batch by E.
         batch = max(1, cfg.batch_size // len(variant.paths))
-        return BTMLM(variant.paths, top_k=cfg.btm_top_k, batch_size=batch, max_length=cfg.max_length)
+        return BTMLM(variant.paths, top_k=cfg.btm_top_k, batch_size=batch, max_length=cfg.max_length,
+                     device=cfg.device)
     if variant.kind == "prompt_routing":
         from flexolmo_core.evaluation.routed import PromptRoutedLM
-        return PromptRoutedLM(variant.paths[0], batch_size=cfg.batch_size, max_length=cfg.max_length)
+        return PromptRoutedLM(variant.paths[0], batch_size=cfg.batch_size, max_length=cfg.max_length,
+                              device=cfg.device)
     return runner.hf_lm(variant.paths[0], cfg)
 
 

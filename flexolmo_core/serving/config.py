@@ -22,6 +22,7 @@ class ServeConfig:
     log_text: bool = False  # also record prompts and completions in the audit log
     poll_seconds: float = at_least(0.1, 2.0)  # how often the policy file and the release are checked
     threads: int = at_least(0, 0)  # torch intra-op threads (0 = torch's default)
+    device: str = "auto"  # auto | cpu | cuda: where the model runs (fp32 on the CPU, its own dtype on a GPU)
 
     def __post_init__(self):
         check_ranges(self, "serve")

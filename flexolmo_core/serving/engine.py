@@ -46,8 +46,9 @@ class ModelHandle:
         return torch.tensor([0.0 if d in allowed else float("-inf") for d in self.domains])
 
 
-def load_handle(model_dir: str | Path, top_k: int | None = None, release: dict | None = None) -> ModelHandle:
-    loaded = load_flexolmo(model_dir, top_k=top_k)
+def load_handle(model_dir: str | Path, top_k: int | None = None, release: dict | None = None,
+                device: str = "auto") -> ModelHandle:
+    loaded = load_flexolmo(model_dir, top_k=top_k, device=device)
     name = f"flexolmo-v{release['version']:04d}" if release else Path(model_dir).name
     return ModelHandle(loaded=loaded, name=name, path=str(model_dir), release=release)
 
@@ -92,18 +93,20 @@ def decode_batch(handle: ModelHandle, jobs: list[Job]) -> None:
     for b, job in enumerate(jobs):
         ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
         mask[b, width - len(job.prompt_ids):] = 1
+    device = model.device
+    ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     eos, layers = handle.eos_ids(), routers(model)
-    routing = torch.zeros(n, len(handle.domains))
+    routing = torch.zeros(n, len(handle.domains), device=device)
     active = [not j.cancelled for j in jobs]
-    _set_row_offsets(model, torch.stack([handle.offsets(j.allowed) for j in jobs]))
+    _set_row_offsets(model, torch.stack([handle.offsets(j.allowed) for j in jobs]).to(device))
     for router in layers:
         router.record = []
     try:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        last = torch.arange(n) * width + width - 1  # each row's last prompt position in the flattened batch
+        last = torch.arange(n, device=device) * width + width - 1  # each row's last prompt position, flattened
         for step in range(max(j.max_tokens for j in jobs)):
-            rows = last if step == 0 else torch.arange(n)
+            rows = last if step == 0 else torch.arange(n, device=device)
             for router in layers:  # the routing that chose this step's tokens
                 routing += router.record[-1][rows]
                 router.record.clear()
@@ -116,7 +119,7 @@ def decode_batch(handle: ModelHandle, jobs: list[Job]) -> None:
                     continue
                 token = int(chosen[b])
                 job.tokens.append(token)
-                job.routing = routing[b].clone()
+                job.routing = routing[b].cpu()
                 if job.on_token:
                     job.on_token(job, token)
                 if token in eos or len(job.tokens) >= job.max_tokens:
@@ -126,7 +129,7 @@ def decode_batch(handle: ModelHandle, jobs: list[Job]) -> None:
             for b, job in enumerate(jobs):
                 if not active[b]:
                     routing[b] = 0  # keep finished rows out of the totals
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
                         past_key_values=out.past_key_values, use_cache=True)

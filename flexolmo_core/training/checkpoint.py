@@ -20,7 +20,7 @@ from ..errors import InputError, read_json
 RUN_RECORD = "run.json"
 # loop settings that may change between a run and its resume: they do not change what the steps so far computed
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_every", "threads",
-                     "progress", "compile", "distributed", "micro_batch")
+                     "progress", "compile", "distributed", "micro_batch", "device")
 STEP_DIR = re.compile(r"step-(\d{8})")  # fullmatch
 HYPER = ("lr", "betas", "eps", "weight_decay")
 

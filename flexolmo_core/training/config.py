@@ -39,6 +39,7 @@ class LoopConfig:
     eval_batches: int = 8  # validation batches (micro_batch sequences each, fixed, in file order)
     eval_every: int = 0  # validation every N steps during training (0: only at the end)
     distributed: str = "ddp"  # under torchrun: ddp | fsdp (fsdp shards params, grads and optimiser state)
+    device: str = "auto"  # auto | cpu | cuda: auto is the GPU when torch sees one (batches and reductions follow)
     threads: int = 0  # torch intra-op threads (0: torch's default)
     progress: bool = True  # rank 0 shows progress: a tqdm bar on a terminal, else a `[k/N]` line 20 times per run
 
@@ -56,6 +57,10 @@ class LoopConfig:
             raise InputError(f"loop.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         if self.dtype not in DTYPE_NAMES:
             raise InputError(f"loop.dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        from ..dtypes import DEVICES
+
+        if self.device not in DEVICES:
+            raise InputError(f"loop.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise InputError(f"loop.distributed must be ddp or fsdp, got {self.distributed!r}")
 

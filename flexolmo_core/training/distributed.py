@@ -26,19 +26,22 @@ class Dist:
         return self.world > 1
 
 
-def setup() -> Dist:
+def setup(requested_device: str = "auto") -> Dist:
+    """torchrun's ranks (one process: rank 0 of 1); the first call opens the process group: NCCL when the loop
+    runs on GPUs, gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_gpu = requested_device != "cpu" and torch.cuda.is_available()
+        backend = "nccl" if on_gpu else "gloo"
         dist.init_process_group(backend)
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def device(d: Dist) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(d.local_rank)
-        return torch.device("cuda", d.local_rank)
-    return torch.device("cpu")
+def device(d: Dist, requested: str = "auto") -> torch.device:
+    """This rank's device: `requested` (auto | cpu | cuda) as dtypes.resolve_device reads it, at LOCAL_RANK."""
+    from ..dtypes import resolve_device
+
+    return resolve_device(requested, d.local_rank)
 
 
 def wrap(model, d: Dist, strategy: str):
@@ -70,10 +73,11 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def mean(value: float, d: Dist) -> float:
+def mean(value: float, d: Dist, on: torch.device | None = None) -> float:
+    """The mean of `value` over ranks; the reduction runs on `on` (NCCL reduces CUDA tensors only)."""
     if not d.active:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=on)
     dist.all_reduce(t)
     return float(t) / d.world
 

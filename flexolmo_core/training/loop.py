@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import dataclasses
 import math
 import sys
@@ -30,16 +31,23 @@ from ..errors import InputError
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
-def measure_matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
-    """FLOP/s of a square matmul in `dtype` on this machine, now (the MFU denominator)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None,
+                        reps: int = 8) -> float:
+    """FLOP/s of a square matmul in `dtype` on `device`, now (the MFU denominator). On a GPU the matrices are
+    large (8192) so the tensor cores, not the launch, set the time."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
+    sync()
     best = math.inf
     for _ in range(3):
         start = time.perf_counter()
         for _ in range(reps):
             a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 * reps / best
 
@@ -76,7 +84,9 @@ def evaluate(model, windows, cfg: LoopConfig) -> float | None:
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     for rows in fixed_batches(windows, cfg.micro_batch, cfg.eval_batches):
+        rows = rows.to(device)
         logits, _ = model(rows[:, :-1])
         _, ce = objective(logits, rows[:, 1:], logits.new_zeros(()), 0.0, 0.0)
         total, n = total + float(ce) * len(rows), n + len(rows)
@@ -105,6 +115,7 @@ class Run:
     accum: int
     flops: dict
     peak: float
+    device: torch.device = torch.device("cpu")  # where the model, the batches and the reductions live
     start_step: int = 0
     resumed_from: str | None = None
     meta: dict = field(default_factory=dict)
@@ -152,7 +163,7 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
     checkpoint, measure the matmul peak and open the dvclive log and progress bar."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist = D.setup()
+    dist = D.setup(cfg.device)
     run_dir = Path(run_dir)
     dtype = DTYPES[cfg.dtype]
     model.compute_dtype = dtype
@@ -162,7 +173,8 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
     if len(windows) == 0:
         raise InputError("no training windows")
 
-    inner = model.to(D.device(dist))
+    device = D.device(dist, cfg.device)
+    inner = model.to(device)
     trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
     flops = count_matmul_flops(inner.cfg, inner.moe, cfg.seq_len,
                                lambda name: name in trainable or f"w.{name}" in trainable
@@ -170,7 +182,7 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
     wrapped = D.wrap(inner, dist, cfg.distributed)
     run = Run(cfg, dist, run_dir, label, inner, wrapped, torch.compile(wrapped) if cfg.compile else wrapped,
               make_optimizer(wrapped, cfg), windows, Order(len(windows), cfg.seed), cfg.global_batch // per_rank,
-              flops, 0.0)
+              flops, 0.0, device=device)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     check_run_record(run_dir, {"label": label, "loop": settings, **(inputs or {})}, dist.main)
     found = latest_checkpoint(run_dir)
@@ -178,7 +190,7 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
         run.meta = load_checkpoint(found, wrapped, run.optimizer)
         run.start_step, run.resumed_from = int(run.meta["step"]), found.name
         inner.clear_cast_cache()
-    run.peak = measure_matmul_peak(dtype)
+    run.peak = measure_matmul_peak(dtype, device)
     if dist.main:
         from dvclive import Live
 
@@ -202,7 +214,7 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor]:
     step_ce = 0.0
     for m in range(run.accum):
         rows = batch(run.windows, run.order, step * cfg.global_batch + (m * dist.world + dist.rank) * cfg.micro_batch,
-                     cfg.micro_batch)
+                     cfg.micro_batch).to(run.device, non_blocking=True)
         sync = m == run.accum - 1 or not hasattr(wrapped, "no_sync")
         with (contextlib.nullcontext() if sync else wrapped.no_sync()):
             logits, router_z = run.forward(rows[:, :-1])
@@ -213,7 +225,7 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor]:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.inner.project_after_step()
-    step_ce = D.mean(step_ce, dist)
+    step_ce = D.mean(step_ce, dist, run.device)
     run.losses.append(step_ce)
     return lr, step_ce, grad_norm
 

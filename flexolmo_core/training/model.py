@@ -8,8 +8,8 @@ agreement for each.
 
 Why a separate path: every tensor is either a trainable Parameter or a frozen buffer, chosen per tensor
 (per expert, per router row), so autograd does no weight-gradient work for frozen weights and the public
-expert cannot move. Frozen weights keep a cached copy in the compute dtype (bf16 on CPUs with AVX-512
-BF16), so they are cast once, not on every step. With top_k == num_experts (owner training, router tuning)
+expert cannot move. Frozen weights stay in the dtype they were given (the anchor's) and keep a cached copy in
+the compute dtype when that differs (bf16 on CPUs with AVX-512 BF16), so they are cast once, not on every step. With top_k == num_experts (owner training, router tuning)
 the MoE is a dense soft mixture: no gather/scatter."""
 from __future__ import annotations
 
@@ -76,11 +76,13 @@ class Slots(nn.Module):
         self._cast_cache: dict[str, torch.Tensor] = {}
 
     def put(self, name: str, tensor: torch.Tensor, trainable: bool) -> None:
-        tensor = tensor.detach().clone().float().contiguous()
+        """A trainable tensor becomes an fp32 master copy (its AdamW state is fp32 too); a frozen one is kept
+        as given, in its own dtype and storage (frozen tensors are never written in place), so a bf16 anchor's
+        weights are held once, in bf16 (flexolmo_core/dtypes.py)."""
         if trainable:
-            self.register_parameter(name, nn.Parameter(tensor))
+            self.register_parameter(name, nn.Parameter(tensor.detach().to(torch.float32, copy=True).contiguous()))
         else:
-            self.register_buffer(name, tensor)
+            self.register_buffer(name, tensor.detach().contiguous())
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         t = getattr(self, name)
@@ -294,9 +296,9 @@ def upcycle_tensors(dense: dict[str, torch.Tensor], n_layers: int, public_rows: 
                     domain_rows: torch.Tensor, use_bias: bool) -> dict[str, torch.Tensor]:
     """The owner model (METHOD 3) in internal names: expert 1 = copy of the anchor FFN; rows are [L, d]."""
     out = dict(dense)
-    for i in range(n_layers):
-        out[f"layers.{i}.gate_up_1"] = dense[f"layers.{i}.gate_up_0"].clone()
-        out[f"layers.{i}.down_1"] = dense[f"layers.{i}.down_0"].clone()
+    for i in range(n_layers):  # not cloned: `build` makes trainable tensors fp32 copies of their own
+        out[f"layers.{i}.gate_up_1"] = dense[f"layers.{i}.gate_up_0"]
+        out[f"layers.{i}.down_1"] = dense[f"layers.{i}.down_0"]
         out[f"layers.{i}.router_0"] = public_rows[i]
         out[f"layers.{i}.router_1"] = domain_rows[i]
         if use_bias:

@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
+from ..dtypes import checkpoint_dtype, storage_tensors
 from ..config import ModelConfig, get_preset
 from . import distributed as D
 from .config import LoopConfig
@@ -79,17 +79,34 @@ def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop
 
 
 # ---- owner expert ----------------------------------------------------------------------------------------
+def anchor_state(anchor) -> tuple[object, dict]:
+    """(HF config, state dict in the checkpoint's dtype) of an anchor given as its folder (read from the files:
+    no transformers model is built, so the weights are held once) or as a loaded model."""
+    if isinstance(anchor, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        from ..anchor import check_anchor, checkpoint_getter
+
+        check_anchor(anchor)
+        names, get = checkpoint_getter(anchor)
+        return AutoConfig.from_pretrained(anchor), {n: get(n, None) for n in names}
+    return anchor.config, anchor.state_dict()
+
+
 def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool):
-    """The owner's 2-expert model as a FastOlmo: only expert 1, router row 1 and bias 1 are Parameters."""
+    """The owner's 2-expert model as a FastOlmo: only expert 1, router row 1 and bias 1 are Parameters (fp32
+    masters); the frozen anchor weights stay in the anchor's dtype. `anchor`: its folder or a loaded model."""
     from ..anchor import model_config_from_hf
     from ..families import RENORMALIZES
     from ..owner import rows_per_layer
 
-    cfg = model_config_from_hf(anchor.config)
+    hf_config, state = anchor_state(anchor)
+    cfg = model_config_from_hf(hf_config)
     L, d = cfg.n_layers, cfg.d_model
     pub = torch.stack([r[0] for r in rows_per_layer(public_rows, L, d)])
     dom = torch.stack([r[0] for r in rows_per_layer(domain_rows, L, d)])
-    tensors = upcycle_tensors(from_hf_dense(anchor.state_dict(), L, tied=cfg.tie_embeddings), L, pub, dom, use_bias)
+    tensors = upcycle_tensors(from_hf_dense(state, L, tied=cfg.tie_embeddings), L, pub, dom, use_bias)
+    del state
     trainable = lambda name: name.endswith(("gate_up_1", "down_1", "router_1", "bias_1"))  # noqa: E731
     moe = MoEShape(2, 2, use_bias, renormalize=RENORMALIZES[cfg.family])
     return build(cfg, moe, tensors, trainable, torch.float32), tensors
@@ -102,7 +119,9 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
 
     Receives only the anchor and this domain's data (paths), nothing else. With `public_mix` > 0 that
     fraction of the training windows comes from the public replay sample inside the anchor folder."""
-    from ..anchor import load_anchor, read_fingerprint
+    from transformers import AutoConfig
+
+    from ..anchor import read_fingerprint
     from ..data.config import check_domain_name
     from ..layout import to_package
     from ..package import PACKAGE_SIGNATURE, save_package
@@ -114,8 +133,12 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     refuse_overwriting_inputs(package_dir, *inputs)  # before hours of training, not after
     refuse_overwriting_inputs(out / "run", *inputs)
     check_replaceable(package_dir, PACKAGE_SIGNATURE)
-    anchor = load_anchor(anchor_dir)
-    model, initial = owner_fast_model(anchor, public_rows, domain_rows, use_bias)
+    model, initial = owner_fast_model(anchor_dir, public_rows, domain_rows, use_bias)
+    eos = AutoConfig.from_pretrained(anchor_dir).eos_token_id
+    anchor_dtype = checkpoint_dtype(anchor_dir)
+    public_rows_before = {n: t.clone() for n, t in initial.items() if ".router_0" in n or ".bias_0" in n}
+    rows_sha256 = _rows_hash(initial)
+    del initial  # the model holds the tensors; nothing else keeps a second copy
     windows = open_windows(train_data, loop.seq_len, anchor_dir)
     val = open_windows(val_data, loop.seq_len, anchor_dir) if val_data else None
     stream = windows
@@ -125,23 +148,32 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
         stream = with_public_mix(windows, read_public_replay(anchor_dir, loop.seq_len), public_mix)
     data_sha256 = _data_hash(train_data)
     inputs = {"domain": domain, "data_sha256": data_sha256, "anchor_fingerprint": read_fingerprint(anchor_dir),
-              "use_bias": use_bias, "public_mix": public_mix, "router_rows_sha256": _rows_hash(initial)}
+              "use_bias": use_bias, "public_mix": public_mix, "router_rows_sha256": rows_sha256}
     summary = train(model, stream, loop, out / "run", val, label=f"expert_{domain}", inputs=inputs)
     summary.update(domain=domain, use_bias=use_bias, public_mix=public_mix, router_embedding=embedding_meta or {})
     trained = D.full_tensors(model)
     if D.setup().main:
-        # the contract: everything but expert 1 (anchor weights, public FFN, public router row) is bit-identical
-        moved = [n for n, t in initial.items() if not n.endswith("_1") and not torch.equal(trained[n], t.float())]
-        if moved:  # structurally impossible (they are buffers); this guards against regressions
-            raise RuntimeError(f"training changed frozen tensors: {moved[:5]}")
-        anchor_dtype = anchor.model.embed_tokens.weight.dtype
-        tensors = {k: v.to(anchor_dtype) for k, v in to_package(trained).items()}
-        data = {"documents": _count_documents(windows, anchor.config.eos_token_id), "windows": len(windows),
+        check_contract(trained, public_rows_before, anchor_dir)
+        tensors = storage_tensors(to_package(trained), anchor_dtype)
+        data = {"documents": _count_documents(windows, eos), "windows": len(windows),
                 "seq_len": loop.seq_len, "sha256": data_sha256}
         save_package(tensors, package_dir, domain, read_fingerprint(anchor_dir), anchor_dir=anchor_dir, training=summary,
                      data=data)
     _finish(out, summary)
     return summary
+
+
+def check_contract(trained: dict, public_before: dict, anchor_dir) -> None:
+    """The owner's contract after training: the shared weights and the public FFN still hash to the anchor's
+    fingerprint, and the public router row (and bias) did not move. Structurally impossible to break (they are
+    buffers); this guards against regressions, one tensor at a time (no second copy of the model)."""
+    from ..anchor import fingerprint_from, read_fingerprint, state_getter, tokenizer_hash
+
+    if fingerprint_from(*state_getter(to_hf_dense(trained)), tokenizer_hash(anchor_dir)) != read_fingerprint(anchor_dir):
+        raise RuntimeError("training changed frozen tensors: the shared weights no longer match the anchor's fingerprint")
+    moved = [n for n, t in public_before.items() if not torch.equal(trained[n].cpu(), t.cpu())]
+    if moved:
+        raise RuntimeError(f"training changed frozen tensors: {moved[:5]}")
 
 
 def _rows_hash(tensors: dict) -> str:
@@ -199,12 +231,13 @@ def read_merged(model_dir) -> tuple[ModelConfig, dict, dict]:
     from ..anchor import model_config_from_hf
     from ..merge import read_manifest
 
+    from ..anchor import checkpoint_getter
+
     model_dir = Path(model_dir)
     hf = AutoConfig.from_pretrained(model_dir)
-    state = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    return model_config_from_hf(hf), state, read_manifest(model_dir)
+    manifest = read_manifest(model_dir)  # checks the files and that the manifest matches the weights
+    names, get = checkpoint_getter(model_dir)
+    return model_config_from_hf(hf), {n: get(n, None) for n in names}, manifest
 
 
 def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig, public_windows: int = 64,
@@ -230,19 +263,21 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
     trained = D.full_tensors(model)
     if D.setup().main:
         tuned = to_hf_moe(trained, cfg.n_layers)
-        _write_moe(merged_dir, out / "model", {k: tuned[k] if k.endswith("gate.weight") else v for k, v in state.items()},
-                   {**manifest, "router_tuned": summary})
+        _write_moe(merged_dir, out / "model", {k: tuned[k].to(v.dtype) if k.endswith("gate.weight") else v
+                                               for k, v in state.items()}, {**manifest, "router_tuned": summary})
     _finish(out, summary)
     return summary
 
 
 def _write_moe(source_dir: Path, out: Path, tensors: dict, manifest: dict, config=None) -> None:
     from ..anchor import copy_tokenizer
-    from ..merge import MERGED_MANIFEST, MODEL_SIGNATURE, WEIGHTS_FILE
+    from ..merge import MERGED_MANIFEST, MODEL_SIGNATURE
+
+    from ..stream_safetensors import write_model
 
     with atomic_dir(out, signature=MODEL_SIGNATURE) as tmp:
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        write_model(tmp, [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()],
+                    metadata={"format": "pt"})
         if config is None:
             shutil.copyfile(source_dir / "config.json", tmp / "config.json")
         else:

@@ -1,0 +1,61 @@
+"""The one dtype rule, for every model this project reads, trains or writes.
+
+1. On disk, everything made from an anchor keeps the anchor's dtype: owner packages, merged models, opt-outs,
+   dense experts, soups, router-tuned models. A bf16 anchor (SmolLM2, OLMo-2 as published) gives bf16 files;
+   the fp32 anchor pretrained here gives fp32 files. One file set, one floating dtype: loaders refuse a
+   package whose dtype differs from its anchor's (merge.load_packages), and a model file is never mixed.
+2. In training, trainable tensors are fp32 master weights with fp32 AdamW state; frozen tensors stay in the
+   dtype they were read in, held once (training.model.Slots). Matmuls run in `loop.dtype` (bf16 by default);
+   norms, softmax, router logits and the loss run in fp32.
+3. When a trained tensor is written, it is rounded to the storage dtype (round to nearest even: torch's cast).
+   Router rows are rounded too: a bf16 merge's router is bf16, as in the released FlexOlmo checkpoints.
+4. Models trained from scratch (the anchor pretrained here, the unrestricted-MoE baseline) have no anchor to
+   follow and are written from their fp32 masters, in fp32.
+5. Evaluation, generation and serving run a checkpoint in its own dtype on a GPU, and upcast to fp32 on the
+   CPU (exact for bf16, and CPUs without bf16 matmul units are slower in bf16): `inference_dtype`.
+
+Devices follow one rule too: `device: auto` is CUDA when torch sees a GPU, else the CPU; `cuda` without a
+GPU is refused with what it needs (`resolve_device`)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def storage_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Rule 3: floating tensors rounded to the storage dtype (others, such as token ids, unchanged)."""
+    return {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def checkpoint_dtype(model_dir: str | os.PathLike) -> torch.dtype:
+    """The storage dtype of a checkpoint folder: that of its embedding (read from the safetensors header)."""
+    from .anchor import checkpoint_meta
+
+    return checkpoint_meta(model_dir)["model.embed_tokens.weight"][0]
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto | cpu | cuda (| cuda:N) -> a torch device; refuses cuda where torch sees no GPU."""
+    from .errors import InputError
+
+    if name not in DEVICES and not str(name).startswith("cuda:"):
+        raise InputError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError(f"device {name!r} needs a CUDA GPU, and torch sees none (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu or auto")
+    index = int(name.split(":")[1]) if ":" in name else local_rank
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def inference_dtype(device: torch.device, model_dir: str | os.PathLike | None = None) -> torch.dtype:
+    """Rule 5: the checkpoint's own dtype on a GPU, fp32 on the CPU."""
+    if device.type == "cpu" or model_dir is None:
+        return torch.float32
+    return checkpoint_dtype(model_dir)
