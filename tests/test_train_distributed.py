@@ -40,3 +40,20 @@ def test_two_processes_match_one(tmp_path, smoke_tokenizer, owner_data, strategy
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst  # same samples, same math; only the gradient summation order differs
+
+
+def test_fsdp_resumes_from_its_checkpoints(tmp_path, smoke_tokenizer, owner_data):
+    """Two FSDP2 ranks, stopped after step 2 (the step-4 checkpoint and the model removed), resume to the same
+    weights as an uninterrupted FSDP run: checkpoints hold full (unsharded) tensors that every rank reshards."""
+    import shutil
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(anchor_args(smoke_tokenizer, owner_data["code"], full, "fsdp"), 2, tmp_path)
+    run(anchor_args(smoke_tokenizer, owner_data["code"], part, "fsdp"), 2, tmp_path)
+    shutil.rmtree(part / "run/checkpoints/step-00000004")
+    shutil.rmtree(part / "model")
+    run(anchor_args(smoke_tokenizer, owner_data["code"], part, "fsdp"), 2, tmp_path)
+    assert '"resumed_from": "step-00000002"' in (part / "summary.json").read_text()
+    a, b = load_file(str(full / "model/model.safetensors")), load_file(str(part / "model/model.safetensors"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5, worst
