@@ -107,6 +107,8 @@ PRESETS: dict[str, ModelConfig] = {
     "smoke": ModelConfig(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, ffn_hidden=256, max_seq_len=256),
     # the default run on 2 CPU cores: minutes
     "tiny": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, ffn_hidden=1024, max_seq_len=512),
+    # tiny's shape, trained and evaluated longer (params.yaml's `quality` overrides): about 40 minutes here
+    "quality": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, ffn_hidden=1024, max_seq_len=512),
     # a workstation or a single GPU
     "small": ModelConfig(vocab_size=16384, d_model=768, n_layers=12, n_heads=12, ffn_hidden=3072, max_seq_len=1024),
     # a 1B-class shape (OLMo-2 1B): one GPU (benchmarks/gpu_check.sh times an owner-expert step here)

@@ -70,7 +70,7 @@ def main(params: str = "params.yaml") -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flexolmo-variants-") as work, atomic_dir(OUT / "results") as results:
         chosen = [v for v in variants.build_variants(merged, work, cfg.anchor_dir, cfg.extra_variants, cfg.btm_top_k)
-                  if not cfg.variants or v.name in cfg.variants]
+                  if runner.selected(v.name, cfg)]
         jobs = [(v, runner.suites_for(v.name, cfg), cfg, results / f"{v.name}.json") for v in chosen]
         print(f"evaluate: {len(jobs)} variants, {cfg.workers} worker(s); built in {time.perf_counter() - start:.1f} s",
               flush=True)

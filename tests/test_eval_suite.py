@@ -157,3 +157,14 @@ def test_bbh_and_agieval_run_offline_from_the_authors_files_shipped_in_data(tmp_
     assert doc["gold_continuation"] == doc["choices"][doc["gold"]]
     with pytest.raises(sources.DataUnavailable):
         sources.load_docs("bbh", str(tmp_path))  # no folder here, and no hub offline
+
+
+def test_variants_are_chosen_by_name_or_pattern_and_skipped_by_pattern():
+    from flexolmo_core.evaluation.runner import EvalConfig, selected
+
+    cfg = EvalConfig(skip_variants=["dense_*"])
+    assert [v for v in ("public", "dense_code", "owner_code", "optout_code") if selected(v, cfg)] == \
+        ["public", "owner_code", "optout_code"]
+    cfg = EvalConfig(variants=["optout_*", "public"], skip_variants=["optout_news"])
+    assert [v for v in ("public", "optout_code", "optout_news", "flexolmo") if selected(v, cfg)] == \
+        ["public", "optout_code"]

@@ -47,7 +47,8 @@ class EvalConfig:
     max_length: int | None = at_least(1, None)       # context window for lm-eval (None = the model's)
     top_k: int | None = at_least(1, None)            # FlexOlmo experts per token (None = the checkpoint's)
     btm_top_k: int = at_least(1, 2)                  # BTM keeps this many experts per position
-    variants: list[str] | None = None   # evaluate only these variant names (None = all found)
+    variants: list[str] | None = None   # evaluate only these variants: names or patterns such as optout_* (None = all)
+    skip_variants: list[str] | None = None  # never evaluate these (names or patterns), e.g. [dense_*] to save time
     # Variants outside `full_variants` (dense_*, owner_*, optout_*) run `light_suites` only, to fit the budget.
     full_variants: list[str] = dataclasses.field(default_factory=lambda: [
         "public", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "unrestricted"])
@@ -62,6 +63,15 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "evaluate")
+
+
+def selected(variant: str, cfg: "EvalConfig") -> bool:
+    """Whether `variant` is evaluated: it matches `variants` (when given) and no `skip_variants` pattern."""
+    from fnmatch import fnmatchcase
+
+    if cfg.variants and not any(fnmatchcase(variant, p) for p in cfg.variants):
+        return False
+    return not any(fnmatchcase(variant, p) for p in cfg.skip_variants or [])
 
 
 def suites_for(variant: str, cfg: "EvalConfig") -> list[str]:
