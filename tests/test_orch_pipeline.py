@@ -30,9 +30,9 @@ from test_orch_helpers import clone_env, dvc, make_clone, repro, scripted_repo, 
 
 pytestmark = pytest.mark.slow
 ALL_STAGES_2 = {"domains", "prepare", "tokenizer", "anchor", "public_embedding", "domain_embedding@code",
-                "domain_embedding@math", "expert@code", "expert@math", "merge", "router_tune", "unrestricted_moe",
-                "evaluate"}
-DOWNSTREAM = {"merge", "router_tune", "unrestricted_moe", "evaluate"}  # rerun whenever an expert changes
+                "domain_embedding@math", "expert@code", "expert@math", "merge", "router_tune", "btx",
+                "unrestricted_moe", "evaluate"}
+DOWNSTREAM = {"merge", "router_tune", "btx", "unrestricted_moe", "evaluate"}  # rerun whenever an expert changes
 
 
 BASELINE = {"code": {}, "math": {}}

@@ -230,3 +230,27 @@ def test_without_a_terminal_progress_is_a_plain_line_every_few_steps(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert [line.split("]")[0] for line in lines] == ["expert: [3/7", "expert: [6/7", "expert: [7/7"]
     assert lines[-1] == "expert: [7/7] loss 2.500, 100 tokens/s, lr 1.00e-03"
+
+
+def test_btx_learns_a_fresh_router_on_all_data_with_the_tuning_budget(tmp_path, merged, owner_data, small_texts):
+    """BTX: the merged experts unchanged, every router row redrawn then trained on all of the data; with the
+    rows redrawn and zero steps of learning it could not match FlexOlmo-RT's start (the domain embeddings)."""
+    from dataclasses import replace
+
+    from flexolmo_core.merge import read_manifest
+    from flexolmo_core.training.stages import train_btx, tune_router
+
+    (tmp_path / "public.txt").write_text("\n\n".join(small_texts["public"][:60]))
+    data = [tmp_path / "public.txt", owner_data["code"], owner_data["news"]]
+    loop = replace(LOOP, steps=2)
+    summary = train_btx(merged, data, tmp_path / "btx", loop)
+    assert summary["router_init"] == "random" and summary["steps"] == 2 and summary["label"] == "btx"
+    before, after = load_file(str(merged / "model.safetensors")), load_file(str(tmp_path / "btx/model/model.safetensors"))
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == sorted(k for k in before if k.endswith("mlp.gate.weight"))  # every router, nothing else
+    rt = tune_router(merged, data[0], data[1:], tmp_path / "rt", loop, public_windows=None, proxy_windows=None)
+    tuned = load_file(str(tmp_path / "rt/model/model.safetensors"))
+    gate = "model.layers.0.mlp.gate.weight"
+    # after 2 small steps RT's rows are still near the domain embeddings; BTX's are near its fresh draw
+    assert (tuned[gate] - before[gate]).abs().max() < (after[gate] - before[gate]).abs().max()
+    assert read_manifest(tmp_path / "btx/model")["baseline"] == "btx" and rt["router_init"] == "merged"

@@ -13,7 +13,7 @@ from flexolmo_core.evaluation import scores, suite
 
 MERGING_BASELINES = ("soup", "btm", "prompt_routing", "btx")  # the paper's "prior merging methods"
 BASELINES = (*MERGING_BASELINES, "unrestricted")  # what "the best baseline" is chosen from
-ORDER = ("public", "dense_", "owner_", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "optout_",
+ORDER = ("public", "dense_", "owner_", "soup", "btm", "prompt_routing", "btx", "flexolmo", "flexolmo_rt", "optout_",
          "unrestricted")
 
 

@@ -51,7 +51,7 @@ class EvalConfig:
     skip_variants: list[str] | None = None  # never evaluate these (names or patterns), e.g. [dense_*] to save time
     # Variants outside `full_variants` (dense_*, owner_*, optout_*) run `light_suites` only, to fit the budget.
     full_variants: list[str] = dataclasses.field(default_factory=lambda: [
-        "public", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "unrestricted"])
+        "public", "soup", "btm", "prompt_routing", "flexolmo", "flexolmo_rt", "unrestricted", "btx"])
     light_suites: list[str] = dataclasses.field(default_factory=lambda: ["domains"])  # what the other variants run
     # Per-variant override of the suites (BTM runs every expert on every request: E times the cost).
     variant_suites: dict[str, list[str]] | None = dataclasses.field(default=None, metadata=NO_FLAG)

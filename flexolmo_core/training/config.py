@@ -125,6 +125,17 @@ class RouterTuneConfig:
 
 
 @dataclass
+class BTXConfig:
+    """`btx`: the BTX baseline: the merged experts with a router learned from scratch on all training data,
+    with router tuning's loop and budget (read from the `router_tune` section, so the two stay equal)."""
+
+    enabled: bool = True  # false: the stage records `not run` (at tiny it would push the run past 30 minutes)
+    init_std: float = 0.02  # router rows start as normal(0, init_std), as a freshly initialised MoE router
+    init_seed: int = 0  # that draw
+    presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
+
+
+@dataclass
 class UnrestrictedConfig:
     """The unrestricted-MoE baseline: the merged model's shape trained jointly on all data from scratch,
     with the training FLOPs of anchor + every expert."""

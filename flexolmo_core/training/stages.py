@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
+from ..errors import InputError
 from ..dtypes import checkpoint_dtype, storage_tensors
 from ..config import ModelConfig, get_preset
 from . import distributed as D
@@ -212,7 +213,8 @@ def _data_hash(paths) -> str:
 class Take:
     """The first n windows of a seeded permutation: a fixed proxy sample."""
 
-    def __init__(self, windows, n: int, seed: int):
+    def __init__(self, windows, n: int | None, seed: int):
+        """n None: every window (in the seeded order)."""
         import numpy as np
 
         self.windows = windows
@@ -240,16 +242,28 @@ def read_merged(model_dir) -> tuple[ModelConfig, dict, dict]:
     return model_config_from_hf(hf), {n: get(n, None) for n in names}, manifest
 
 
-def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig, public_windows: int = 64,
-                proxy_windows: int = 64, val_data=None, top_k: int | None = None) -> dict:
+def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig, public_windows: int | None = 64,
+                proxy_windows: int | None = 64, val_data=None, top_k: int | None = None,
+                router_init: str = "merged", init_std: float = 0.02, init_seed: int = 0,
+                label: str = "router_tune") -> dict:
     """Router tuning (METHOD.md 6): only the router rows (public included) move, all experts active
-    (or the top `top_k`). Writes out/model: the merged checkpoint with tuned rows, flexolmo.json noting it."""
+    (or the top `top_k`). Writes out/model: the merged checkpoint with tuned rows, flexolmo.json noting it.
+
+    router_init "merged" starts from the merged rows (the domain embeddings: FlexOlmo-RT); "random" draws
+    every row from normal(0, init_std) first, which with all the training data as `proxy_data` (windows None)
+    is the BTX baseline (`train_btx`)."""
     from ..families import RENORMALIZES
 
+    if router_init not in ("merged", "random"):
+        raise InputError(f"router_init must be merged or random, got {router_init!r}")
     merged_dir, out = Path(merged_dir), Path(out)
     cfg, state, manifest = read_merged(merged_dir)
     E = manifest["num_experts"]
     tensors = from_hf_moe(state, cfg.n_layers)
+    if router_init == "random":
+        g = torch.Generator().manual_seed(init_seed)
+        for name in [n for n in tensors if ".router_" in n]:
+            tensors[name] = torch.randn(tensors[name].shape, generator=g) * init_std
     moe = MoEShape(E, top_k or E, renormalize=RENORMALIZES[cfg.family])
     model = build(cfg, moe, tensors, lambda n: ".router_" in n, torch.float32)
     parts = [Take(open_windows(public_data, loop.seq_len, merged_dir), public_windows, loop.seed)]
@@ -257,16 +271,31 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
     val = open_windows(val_data, loop.seq_len, merged_dir) if val_data else None
     inputs = {"merged": [(e["domain"], e.get("package_sha256")) for e in manifest["experts"]], "top_k": top_k,
               "public_windows": public_windows, "proxy_windows": proxy_windows,
-              "data_sha256": [_data_hash(public_data), *(_data_hash(p) for p in proxy_data)]}
-    summary = train(model, Mixture(parts), loop, out / "run", val, label="router_tune", inputs=inputs)
-    summary.update(proxy_sets=len(proxy_data), experts=[e["domain"] for e in manifest["experts"]], top_k=top_k or E)
+              "data_sha256": [_data_hash(public_data), *(_data_hash(p) for p in proxy_data)],
+              **({"router_init": [router_init, init_std, init_seed]} if router_init != "merged" else {})}
+    summary = train(model, Mixture(parts), loop, out / "run", val, label=label, inputs=inputs)
+    summary.update(proxy_sets=len(proxy_data), experts=[e["domain"] for e in manifest["experts"]], top_k=top_k or E,
+                   router_init=router_init)
     trained = D.full_tensors(model)
     if D.setup().main:
         tuned = to_hf_moe(trained, cfg.n_layers)
+        extra = {"router_tuned": summary} if router_init == "merged" else {"baseline": label, "router_trained": summary}
         _write_moe(merged_dir, out / "model", {k: tuned[k].to(v.dtype) if k.endswith("gate.weight") else v
-                                               for k, v in state.items()}, {**manifest, "router_tuned": summary})
+                                               for k, v in state.items()}, {**manifest, **extra})
     _finish(out, summary)
     return summary
+
+
+def train_btx(merged_dir, data: list, out, loop: LoopConfig, val_data=None, init_std: float = 0.02,
+              init_seed: int = 0, top_k: int | None = None) -> dict:
+    """The BTX baseline (Branch-Train-MiX, as the FlexOlmo paper runs it): the experts trained apart become one
+    MoE whose router is learned from scratch on the union of every domain's training data (public first in
+    `data`; this baseline may see all data), with router tuning's budget (`loop`), so it and FlexOlmo-RT
+    compare at equal cost. Differs from the original BTX in one way, for that comparison: only the router
+    trains (BTX also fine-tunes the whole MoE afterwards)."""
+    return tune_router(merged_dir, data[0], list(data[1:]), out, loop, public_windows=None, proxy_windows=None,
+                       val_data=val_data, top_k=top_k, router_init="random", init_std=init_std, init_seed=init_seed,
+                       label="btx")
 
 
 def _write_moe(source_dir: Path, out: Path, tensors: dict, manifest: dict, config=None) -> None:
