@@ -15,6 +15,23 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def not_run(out, stage: str, reason: str) -> dict:
+    """A stage that is switched off in params: clear its old outputs (DVC would remove them too) and record
+    why in `out`/summary.json, which the evaluation reports as `not run: <reason>`."""
+    import shutil
+    from pathlib import Path
+
+    from flexolmo_core.atomic import write_json
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    summary = {"status": "not run", "reason": reason}
+    write_json(out / "summary.json", summary)
+    print(f"{stage}: {reason}")
+    return summary
+
+
 def run(main) -> None:
     """A stage module's entry point: main(*argv), with the CLI's one error handler (bad input: one line
     naming the file and field, exit 2; a bug: its traceback, exit 70)."""

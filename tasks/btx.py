@@ -11,11 +11,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from flexolmo_core.atomic import write_json
 from flexolmo_core.params import read_params
 from flexolmo_core.training.config import BTXConfig, RouterTuneConfig, load_stage
 from flexolmo_core.training.stages import train_btx
-from tasks import run
+from tasks import not_run, run
 
 MERGED = Path("outputs/merge/flexolmo")
 TOKENS = Path("outputs/tokenizer")
@@ -26,14 +25,11 @@ def main(params: str = "params.yaml") -> dict:
     _, cfg, _ = load_stage(BTXConfig, "btx", params)
     _, tune, loop = load_stage(RouterTuneConfig, "router_tune", params)  # FlexOlmo-RT's budget, exactly
     domains = list((read_params(params).get("domains") or {}))
+    if not cfg.enabled:
+        return not_run(OUT, "btx", "btx.enabled is false (it costs one more router training); "
+                       "`dvc exp run -S btx.enabled=true` runs it (the quality preset does)")
     if OUT.exists():
         shutil.rmtree(OUT)  # the outs of a previous run (DVC would remove them too)
-    if not cfg.enabled:
-        summary = {"status": "not run", "reason": "btx.enabled is false (it costs one more router training); "
-                   "`dvc exp run -S btx.enabled=true` runs it (the quality preset does)"}
-        write_json(OUT / "summary.json", summary)
-        print(f"btx: {summary['reason']}")
-        return summary
     return train_btx(MERGED, [TOKENS / d / "train" for d in ["public", *domains]], OUT, loop,
                      val_data=TOKENS / "public/validation", init_std=cfg.init_std, init_seed=cfg.init_seed,
                      top_k=tune.top_k)

@@ -12,11 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-from flexolmo_core.atomic import write_json
 from flexolmo_core.params import read_params
 from flexolmo_core.training.config import UnrestrictedConfig, load_stage
 from flexolmo_core.training.stages import flops_budget, train_unrestricted
-from tasks import run
+from tasks import not_run, run
 
 TOKENS = Path("outputs/tokenizer")
 OUT = Path("outputs/unrestricted_moe")
@@ -26,14 +25,11 @@ def main(params: str = "params.yaml") -> dict:
     preset, cfg, loop = load_stage(UnrestrictedConfig, "unrestricted_moe", params)
     data = read_params(params)
     domains = list(data.get("domains") or {})
+    if not cfg.enabled:
+        return not_run(OUT, "unrestricted_moe", "unrestricted_moe.enabled is false (it costs as much as anchor + "
+                       "all experts); `dvc exp run -S unrestricted_moe.enabled=true` runs it")
     if OUT.exists():
         shutil.rmtree(OUT)  # the outs of a previous run (DVC would remove them too)
-    if not cfg.enabled:
-        summary = {"status": "not run", "reason": "unrestricted_moe.enabled is false (it costs as much as anchor + "
-                   "all experts); `dvc exp run -S unrestricted_moe.enabled=true` runs it"}
-        write_json(OUT / "summary.json", summary)
-        print(f"unrestricted_moe: {summary['reason']}")
-        return summary
     summaries = [json.loads(Path(p).read_text()) for p in
                  ["outputs/anchor/summary.json", *(f"outputs/expert/{d}/summary.json" for d in domains)]]
     experts = 1 + len(domains)

@@ -254,3 +254,18 @@ def test_btx_learns_a_fresh_router_on_all_data_with_the_tuning_budget(tmp_path, 
     # after 2 small steps RT's rows are still near the domain embeddings; BTX's are near its fresh draw
     assert (tuned[gate] - before[gate]).abs().max() < (after[gate] - before[gate]).abs().max()
     assert read_manifest(tmp_path / "btx/model")["baseline"] == "btx" and rt["router_init"] == "merged"
+
+
+def test_switched_off_stages_record_why_and_clear_old_outputs(tmp_path, monkeypatch):
+    """btx and unrestricted_moe are off at tiny: each replaces its old outputs with a summary that says why."""
+    import tasks.btx
+    import tasks.unrestricted_moe
+
+    shutil.copyfile(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    for stage, module in (("btx", tasks.btx), ("unrestricted_moe", tasks.unrestricted_moe)):
+        (tmp_path / "outputs" / stage / "model").mkdir(parents=True)  # a previous run's checkpoint
+        summary = module.main("params.yaml")
+        assert summary["status"] == "not run" and f"{stage}.enabled is false" in summary["reason"]
+        assert json.loads((tmp_path / "outputs" / stage / "summary.json").read_text()) == summary
+        assert not (tmp_path / "outputs" / stage / "model").exists()
