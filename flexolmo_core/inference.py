@@ -56,12 +56,36 @@ def _install_inference_routers(model, top_k: int, masked: list[int], bias: list[
         layer.mlp.gate = router
 
 
+def install_prefix_pool(model, weight: float) -> None:
+    """Prefix-pooled routing (moe.pool_prefix) on every router, with a hook that tells them the sequence length.
+    The KV cache is turned off: a cached step would see only its own token."""
+    if not 0.0 <= weight <= 1.0:
+        raise InputError(f"prefix_pool must be in [0, 1], got {weight}")
+    layers = routers(model)
+    for router in layers:
+        router.prefix_pool = weight
+
+    def tell_length(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        length = (ids if ids is not None else embeds).shape[1]
+        for router in layers:
+            router.seq_len = length
+
+    if weight:
+        model.model.register_forward_pre_hook(tell_length, with_kwargs=True)
+        model.config.use_cache = False
+        model.generation_config.use_cache = False
+
+
 def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: int | None = None,
-                  strict: bool = False, use_bias: bool = False, dtype=None, device: str = "auto") -> LoadedModel:
+                  strict: bool = False, use_bias: bool = False, dtype=None, device: str = "auto",
+                  prefix_pool: float = 0.0) -> LoadedModel:
     """Load a merged model with some experts switched off, on `device` (auto | cpu | cuda).
 
     top_k defaults to the merged model's k, capped at the number of kept experts.
     use_bias re-applies learned router biases that the HF checkpoint cannot hold.
+    prefix_pool > 0 pools each token's router logits with the running mean over its sequence (moe.pool_prefix).
     dtype None: the checkpoint's own on a GPU, fp32 on the CPU (flexolmo_core/dtypes.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -91,6 +115,7 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: in
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
         masked = [j for j, d in enumerate(domains) if d not in kept]
         _install_inference_routers(model, k, masked, bias)
+    install_prefix_pool(model, prefix_pool)
     model.to(where).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, manifest=manifest, kept=kept)
 

@@ -33,6 +33,12 @@ class FlexRouter(nn.Module):
         # added to every token of that sequence. None = the same `logit_offset` for all.
         self.row_offset: torch.Tensor | None = None
         self.record: list[torch.Tensor] | None = None  # per-token routing weights, when attribution is on
+        # Prefix pooling (ours, not the paper's; issue 14's lever): each token's logits become
+        # (1 - a) * own + a * mean of the sequence's logits so far, so the choice also sees the sequence's
+        # domain. Causal, no training; pooled before the opt-out offsets, so masking an expert still gives
+        # exactly the model without it. `seq_len` (set by a hook on the model) says how the flat tokens fold.
+        self.prefix_pool = 0.0
+        self.seq_len: int | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -47,7 +53,10 @@ class FlexRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        logits = F.linear(hidden_states, self.weight) + self.bias_vector() + self.logit_offset
+        logits = F.linear(hidden_states, self.weight) + self.bias_vector()
+        if self.prefix_pool:
+            logits = pool_prefix(logits, self.seq_len, self.prefix_pool)
+        logits = logits + self.logit_offset
         if self.row_offset is not None:  # the MoE block flattens [batch, seq] batch-major
             logits = logits + self.row_offset.repeat_interleave(logits.shape[0] // self.row_offset.shape[0], dim=0)
         probs = torch.softmax(logits, dtype=torch.float, dim=-1)
@@ -63,6 +72,17 @@ class FlexRouter(nn.Module):
         """Keep the learned bias non-positive (call after each optimiser step)."""
         if self.logit_bias is not None:
             self.logit_bias.clamp_(max=0.0)
+
+
+def pool_prefix(logits: torch.Tensor, seq_len: int | None, weight: float) -> torch.Tensor:
+    """[B*T, E] router logits (batch-major) -> (1 - weight) * logits + weight * causal running mean over each
+    sequence's positions. A cached decode step cannot see the prefix, so generation runs without the cache."""
+    if seq_len is None or logits.shape[0] % seq_len:
+        raise RuntimeError("prefix pooling needs the sequence length: load the model with load_flexolmo(prefix_pool=...)")
+    per_seq = logits.view(-1, seq_len, logits.shape[-1])
+    steps = torch.arange(1, seq_len + 1, device=logits.device, dtype=logits.dtype)[None, :, None]
+    mean = per_seq.cumsum(dim=1) / steps
+    return ((1 - weight) * per_seq + weight * mean).reshape(logits.shape)
 
 
 class SplitExperts(FlexOlmoExperts):
