@@ -23,47 +23,75 @@ def run(*args):
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_steps=None, embedding=None,
-           expert=None, expert_loop=None) -> None:
-    """anchor, domain_embedding@*, expert@* with params.yaml's values, into `out` (skips finished ones)."""
+def train_anchor_into(out: Path, data: Path, anchor_steps=None, preset=None, params=ROOT / "params.yaml") -> None:
+    """out/anchor: pretrained with params.yaml's anchor section (steps overridable); skipped when present."""
     import dataclasses
 
-    from flexolmo_core.training.config import AnchorConfig, DomainEmbeddingConfig, ExpertConfig, load_stage
-    from flexolmo_core.training.embeddings import load_embedding, write_domain_embedding
-    from flexolmo_core.data.readers import read_texts
-    from flexolmo_core.training.stages import train_anchor, train_expert
+    from flexolmo_core.training.config import AnchorConfig, load_stage
+    from flexolmo_core.training.stages import train_anchor
 
-    params = ROOT / "params.yaml"
-    if not (out / "anchor/model/config.json").exists():
-        preset, cfg, loop = load_stage(AnchorConfig, "anchor", params)
-        loop = dataclasses.replace(loop, steps=anchor_steps or loop.steps)
-        train_anchor(data / "tokenizer", data / "public/train", out / "anchor", preset, loop,
-                     val_data=data / "public/validation", init_seed=cfg.init_seed, projection_dim=cfg.projection_dim,
-                     replay_tokens=cfg.replay_tokens)
+    if (out / "anchor/model/config.json").exists():
+        return
+    preset, cfg, loop = load_stage(AnchorConfig, "anchor", params, preset=preset)
+    loop = dataclasses.replace(loop, steps=anchor_steps or loop.steps)
+    train_anchor(data / "tokenizer", data / "public/train", out / "anchor", preset, loop,
+                 val_data=data / "public/validation", init_seed=cfg.init_seed, projection_dim=cfg.projection_dim,
+                 replay_tokens=cfg.replay_tokens)
+
+
+def embed_domains(out: Path, domains: list[str], embedding=None, prepare=ROOT / "outputs/prepare", preset=None,
+                  params=ROOT / "params.yaml") -> None:
+    """out/domain_embedding/<d> for public and `domains` against out/anchor (skips finished ones)."""
+    import dataclasses
+
+    from flexolmo_core.data.readers import read_texts
+    from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
+    from flexolmo_core.training.embeddings import write_domain_embedding
+
     for d in ["public", *domains]:
         if not (out / f"domain_embedding/{d}/embedding.safetensors").exists():
-            _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=d)
+            _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=d, preset=preset)
             cfg = dataclasses.replace(cfg, **(embedding or {}))
-            write_domain_embedding(out / f"domain_embedding/{d}", d, read_texts([ROOT / f"outputs/prepare/{d}/train"]),
+            write_domain_embedding(out / f"domain_embedding/{d}", d, read_texts([Path(prepare) / d / "train"]),
                                    out / "anchor/model", cfg, {"domain": d, "mode": cfg.mode, "scale": cfg.scale,
                                                                "unit_norm": cfg.unit_norm, "center": cfg.center},
                                    out / "domain_embedding/public")
+
+
+def train_experts(out: Path, data: Path, domains: list[str], expert_steps=None, expert=None, expert_loop=None,
+                  preset=None, params=ROOT / "params.yaml") -> None:
+    """out/expert/<d>/package against out/anchor with params.yaml's expert section plus overrides (skips
+    finished ones). The public replay sample is added to the anchor folder first when public_mix needs it."""
+    import dataclasses
+
+    from flexolmo_core.training.config import AnchorConfig, ExpertConfig, load_stage
+    from flexolmo_core.training.embeddings import load_embedding
+    from flexolmo_core.training.stages import train_expert
+
     for d in domains:
         if not (out / f"expert/{d}/package/manifest.json").exists():
-            _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d)
+            _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=d, preset=preset)
             cfg = dataclasses.replace(cfg, **(expert or {}))
             loop = dataclasses.replace(loop, steps=expert_steps or loop.steps, **(expert_loop or {}))
             if cfg.public_mix > 0 and not (out / "anchor/model/public_replay").exists():
                 from flexolmo_core.training.data import open_windows
                 from flexolmo_core.training.replay import write_public_replay
 
-                _, acfg, aloop = load_stage(AnchorConfig, "anchor", params)
+                _, acfg, aloop = load_stage(AnchorConfig, "anchor", params, preset=preset)
                 write_public_replay(out / "anchor/model", open_windows(data / "public/train", aloop.seq_len),
                                     acfg.replay_tokens or 1_000_000, acfg.projection_seed)
             train_expert(out / "anchor/model", d, data / f"{d}/train", out / f"expert/{d}", loop,
                          val_data=data / f"{d}/validation", public_rows=load_embedding(out / "domain_embedding/public"),
                          domain_rows=load_embedding(out / f"domain_embedding/{d}"), use_bias=cfg.use_bias,
-                         public_mix=cfg.public_mix)
+                         public_mix=cfg.public_mix, top_k=cfg.top_k)
+
+
+def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_steps=None, embedding=None,
+           expert=None, expert_loop=None) -> None:
+    """anchor, domain_embedding@*, expert@* with params.yaml's values, into `out` (skips finished ones)."""
+    train_anchor_into(out, data, anchor_steps)
+    embed_domains(out, domains, embedding)
+    train_experts(out, data, domains, expert_steps, expert, expert_loop)
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def train(domain: str, data: str, anchor: str, public_embedding: str, own_embedd
     meta = json.loads((Path(own_embedding) / "embedding.json").read_text())
     return train_expert(anchor, domain, data, out, loop, val_data=val_data,
                         public_rows=load_embedding(public_embedding), domain_rows=load_embedding(own_embedding),
-                        use_bias=cfg.use_bias, embedding_meta=meta, public_mix=cfg.public_mix)
+                        use_bias=cfg.use_bias, embedding_meta=meta, public_mix=cfg.public_mix, top_k=cfg.top_k)
 
 
 @task(task_run_name="validate-{package}")

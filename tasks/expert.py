@@ -23,7 +23,7 @@ def main(domain: str, params: str = "params.yaml") -> dict:
     return train_expert(ANCHOR, domain, f"outputs/tokenizer/{domain}/train", f"outputs/expert/{domain}", loop,
                         val_data=f"outputs/tokenizer/{domain}/validation",
                         public_rows=load_embedding(emb / "public"), domain_rows=load_embedding(emb / domain),
-                        use_bias=cfg.use_bias, embedding_meta=meta, public_mix=cfg.public_mix)
+                        use_bias=cfg.use_bias, embedding_meta=meta, public_mix=cfg.public_mix, top_k=cfg.top_k)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,39 @@ def test_router_rows_get_their_own_learning_rate(smoke_anchor):
     assert len(scale) == sum(1 for _ in model.parameters())  # every trainable tensor in exactly one group
 
 
+def test_expert_top_k_one_routes_each_token_to_one_ffn(tmp_path, smoke_anchor, owner_data):
+    """The expert-training top-k lever: at k=1 each token passes through the FFN its router prefers, weighted by
+    its raw probability (so the router still learns); k=2 is the soft mixture. Training at k=1 keeps the contract
+    (checked inside train_expert) and records k."""
+    import dataclasses
+
+    from flexolmo_core.anchor import load_anchor
+    from flexolmo_core.training.stages import owner_fast_model, train_expert
+
+    anchor = load_anchor(smoke_anchor)
+    d, L = anchor.config.hidden_size, anchor.config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    pub, dom = torch.randn(L, d, generator=g), torch.randn(L, d, generator=g)
+    soft, _ = owner_fast_model(anchor, pub, dom, False, top_k=2)
+    hard, _ = owner_fast_model(anchor, pub, dom, False, top_k=1)
+    with torch.no_grad():  # make expert 1 differ from the public FFN, so the routing shows in the output
+        for m in (soft, hard):
+            m.layers[0].w.gate_up_1.mul_(3.0)
+    ids = torch.randint(0, anchor.config.vocab_size, (2, 16), generator=g)
+    x = torch.randn(2, 16, d, generator=g)
+    block = hard.layers[0]
+    probs = torch.softmax(block.router_logits(x.reshape(-1, d)), dim=-1)
+    winner = probs.argmax(-1)
+    expected = torch.stack([block.expert(int(e), x.reshape(-1, d)[i:i + 1], torch.float32)[0] * probs[i, e]
+                            for i, e in enumerate(winner)])
+    assert torch.allclose(block.ffn(x, torch.float32, []).reshape(-1, d), expected, atol=1e-5)
+    assert not torch.allclose(soft(ids)[0], hard(ids)[0], atol=1e-4)  # k=2 mixes both FFNs, k=1 does not
+    loop = dataclasses.replace(LOOP, steps=2, checkpoint_every=2)
+    summary = train_expert(smoke_anchor, "code", [owner_data["code"]], tmp_path / "k1", loop, public_rows=pub,
+                           domain_rows=dom, top_k=1)
+    assert summary["top_k"] == 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_unrestricted_moe_matches_flop_budget_and_loads(tmp_path, smoke_tokenizer, owner_data, device):
     from dataclasses import replace

@@ -161,7 +161,7 @@ def cmd_expert_train(args) -> None:
     run_dir = Path(args.run_dir or f"{args.out}.run")
     summary = train_expert(args.anchor, args.domain, args.data, run_dir, loop, val_data=args.val_data,
                            public_rows=rows["public"], domain_rows=rows["domain"], use_bias=args.stage.use_bias,
-                           package_dir=args.out, public_mix=args.stage.public_mix)
+                           package_dir=args.out, public_mix=args.stage.public_mix, top_k=args.stage.top_k)
     print(json.dumps({"package": args.out, "domain": args.domain, "training": {
         k: summary[k] for k in ("steps", "train_loss", "val_loss", "tokens_per_s", "mfu")}}))
 

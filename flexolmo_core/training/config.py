@@ -109,8 +109,15 @@ class ExpertConfig:
 
     use_bias: bool = False  # learn a non-positive router logit bias (the paper's "learnbias")
     public_mix: float = 0.0  # fraction of training windows drawn from the anchor's public replay sample
+    # Experts per token in the owner's 2-expert model: 2 = the paper's soft mixture; 1 routes each token to one
+    # FFN, weighted by its raw probability (a lever; with Mixtral's renormalised weights the router gets no gradient).
+    top_k: int = 2
     loop: dict = field(default_factory=dict, metadata=NO_FLAG)  # LoopConfig values (flags: LoopConfig's)
     presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
+
+    def __post_init__(self) -> None:
+        if self.top_k not in (1, 2):
+            raise InputError(f"expert.top_k must be 1 or 2 (the owner model has 2 experts), got {self.top_k}")
 
 
 @dataclass

@@ -94,9 +94,10 @@ def anchor_state(anchor) -> tuple[object, dict]:
     return anchor.config, anchor.state_dict()
 
 
-def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool):
+def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool, top_k: int = 2):
     """The owner's 2-expert model as a FastOlmo: only expert 1, router row 1 and bias 1 are Parameters (fp32
-    masters); the frozen anchor weights stay in the anchor's dtype. `anchor`: its folder or a loaded model."""
+    masters); the frozen anchor weights stay in the anchor's dtype. `anchor`: its folder or a loaded model.
+    top_k 2 is the paper's soft mixture; 1 is the expert-training top-k lever."""
     from ..anchor import model_config_from_hf
     from ..families import RENORMALIZES
     from ..owner import rows_per_layer
@@ -109,13 +110,13 @@ def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool):
     tensors = upcycle_tensors(from_hf_dense(state, L, tied=cfg.tie_embeddings), L, pub, dom, use_bias)
     del state
     trainable = lambda name: name.endswith(("gate_up_1", "down_1", "router_1", "bias_1"))  # noqa: E731
-    moe = MoEShape(2, 2, use_bias, renormalize=RENORMALIZES[cfg.family])
+    moe = MoEShape(2, top_k, use_bias, renormalize=RENORMALIZES[cfg.family])
     return build(cfg, moe, tensors, trainable, torch.float32), tensors
 
 
 def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val_data=None,
                  public_rows=None, domain_rows=None, use_bias: bool = False, embedding_meta: dict | None = None,
-                 package_dir=None, public_mix: float = 0.0) -> dict:
+                 package_dir=None, public_mix: float = 0.0, top_k: int = 2) -> dict:
     """Train one owner's expert against the frozen anchor (either family); writes out/package (or `package_dir`).
 
     Receives only the anchor and this domain's data (paths), nothing else. With `public_mix` > 0 that
@@ -134,7 +135,7 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     refuse_overwriting_inputs(package_dir, *inputs)  # before hours of training, not after
     refuse_overwriting_inputs(out / "run", *inputs)
     check_replaceable(package_dir, PACKAGE_SIGNATURE)
-    model, initial = owner_fast_model(anchor_dir, public_rows, domain_rows, use_bias)
+    model, initial = owner_fast_model(anchor_dir, public_rows, domain_rows, use_bias, top_k)
     eos = AutoConfig.from_pretrained(anchor_dir).eos_token_id
     anchor_dtype = checkpoint_dtype(anchor_dir)
     public_rows_before = {n: t.clone() for n, t in initial.items() if ".router_0" in n or ".bias_0" in n}
@@ -149,9 +150,11 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
         stream = with_public_mix(windows, read_public_replay(anchor_dir, loop.seq_len), public_mix)
     data_sha256 = _data_hash(train_data)
     inputs = {"domain": domain, "data_sha256": data_sha256, "anchor_fingerprint": read_fingerprint(anchor_dir),
-              "use_bias": use_bias, "public_mix": public_mix, "router_rows_sha256": rows_sha256}
+              "use_bias": use_bias, "public_mix": public_mix, "router_rows_sha256": rows_sha256,
+              **({"top_k": top_k} if top_k != 2 else {})}  # absent at the default: older runs still resume
     summary = train(model, stream, loop, out / "run", val, label=f"expert_{domain}", inputs=inputs)
-    summary.update(domain=domain, use_bias=use_bias, public_mix=public_mix, router_embedding=embedding_meta or {})
+    summary.update(domain=domain, use_bias=use_bias, public_mix=public_mix, top_k=top_k,
+                   router_embedding=embedding_meta or {})
     trained = D.full_tensors(model)
     if D.setup().main:
         check_contract(trained, public_rows_before, anchor_dir)

