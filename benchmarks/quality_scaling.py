@@ -10,13 +10,13 @@ Every point is the pipeline's own code (anchor training or import, router embedd
 evaluate stage's variants and held-out bpb), on a subset of the domains so the grid fits hours, not days.
 
     python benchmarks/quality_scaling.py --pipeline DIR [--domains code,math,news] [--anchor-steps 250,1000]
-        [--owner-steps 25,100,400] [--smollm2] [--levers] [--work W] [--report-only]
+        [--owner-steps 20,80,320] [--smollm2] [--levers] [--work W] [--report-only]
 
 DIR is a finished pipeline folder at tiny (its outputs/prepare and outputs/tokenizer are read; its anchor is
 reused when the anchor steps match). Each point is written to W/points/<name>.json as it finishes, so an
 interrupted grid resumes and `--report-only` tables and plots what exists (W/scaling.md, W/scaling.png).
 
-`--levers` measures issue 14's faithful levers at the first anchor and the owner steps nearest 100: the router
+`--levers` measures issue 14's faithful levers at the first anchor and the owner steps nearest 100 (80 by default): the router
 rows' learning rate in owner training, the negative router bias (kept at inference), expert-training top-k, and
 the router-tuning budget. Each is scored on the validation split (where a choice would be made) and on the test
 split (what is reported)."""
@@ -94,6 +94,8 @@ def point_metrics(bpb: dict, domains: list[str]) -> dict:
     all_domains = list(flex)
     for name in ("public", "soup", "btm", "flexolmo"):
         means[f"bpb_{name}"] = sum(bpb[name][d] for d in all_domains) / len(all_domains)
+    # Like for like on the expert domains: FlexOlmo against each owner's own model on that owner's domain.
+    means["bpb_flexolmo_experts"] = sum(flex[d] for d in domains) / len(domains)
     means["bpb_owner_own"] = sum(bpb[f"owner_{d}"][d] for d in domains) / len(domains)
     return {"per_domain": per, "mean": means}
 
@@ -192,13 +194,14 @@ def share(x) -> str:
 
 
 def grid_table(points: list[dict]) -> str:
-    head = ("| anchor | owner steps | owner tokens | public | soup | BTM | FlexOlmo | owners (own domain) | "
-            "merged vs owner | vs BTM | vs soup | opt-out gain lost | max other change |")
-    rows = [head, "|" + "---|" * 13]
+    head = ("| anchor | owner steps | owner tokens | public | soup | BTM | FlexOlmo | FlexOlmo, expert domains | "
+            "owners, own domain | merged vs owner | vs BTM | vs soup | opt-out gain lost | max other change |")
+    rows = [head, "|" + "---|" * 14]
     for p in points:
         m = p["splits"]["test"]["mean"]
         rows.append(f"| {p['anchor']} | {p['owner_steps']} | {p['owner_tokens'] / 1e6:.2f}M | {m['bpb_public']:.4f} | "
-                    f"{m['bpb_soup']:.4f} | {m['bpb_btm']:.4f} | {m['bpb_flexolmo']:.4f} | {m['bpb_owner_own']:.4f} | "
+                    f"{m['bpb_soup']:.4f} | {m['bpb_btm']:.4f} | {m['bpb_flexolmo']:.4f} | "
+                    f"{m['bpb_flexolmo_experts']:.4f} | {m['bpb_owner_own']:.4f} | "
                     f"{pct(m['merged_vs_owner'])} | {pct(m['vs_btm'])} | {pct(m['vs_soup'])} | "
                     f"{share(m['gain_lost'])} | "
                     f"{100 * m['max_other_change']:.2f}% |")
@@ -369,7 +372,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/flexolmo_scaling", help="where the grid's models and results go")
     ap.add_argument("--domains", default="code,math,news", help="the expert domains of every point")
     ap.add_argument("--anchor-steps", default="250,1000", help="tiny anchor pretraining steps (4096 tokens each)")
-    ap.add_argument("--owner-steps", default="25,100,400", help="owner training steps (4096 tokens each at tiny)")
+    ap.add_argument("--owner-steps", default="20,80,320", help="owner training steps (4096 tokens each at tiny)")
     ap.add_argument("--smollm2", action="store_true", help="also the imported SmolLM2-135M anchor (smollm2 preset)")
     ap.add_argument("--smollm2-steps", type=int, default=None, help="owner steps there (default: the preset's)")
     ap.add_argument("--levers", action="store_true", help="also the faithful levers at the first anchor")
@@ -388,17 +391,19 @@ def main() -> None:
         anchor_steps = [int(x) for x in args.anchor_steps.split(",")]
         owner_steps = [int(x) for x in args.owner_steps.split(",")]
         data = pipeline / "outputs/tokenizer"
+        # Order of importance, so an interrupted grid has the most telling points: the pipeline's anchor, the
+        # real pretrained one, the longer-trained tiny anchors, then the levers.
         first = tiny_anchor(work, pipeline, anchor_steps[0])
         for s in owner_steps:
             run_point(f"a{anchor_steps[0]}_s{s}", first, data, pipeline, domains, s, "tiny", args)
-        for a in anchor_steps[1:]:
-            folder = tiny_anchor(work, pipeline, a)
-            for s in owner_steps:
-                run_point(f"a{a}_s{s}", folder, data, pipeline, domains, s, "tiny", args)
         if args.smollm2:
             folder, sdata = smollm2_anchor(work, pipeline, domains)
             run_point(f"smollm2_s{args.smollm2_steps or 'preset'}", folder, sdata, pipeline, domains,
                       args.smollm2_steps, "smollm2", args)
+        for a in anchor_steps[1:]:
+            folder = tiny_anchor(work, pipeline, a)
+            for s in owner_steps:
+                run_point(f"a{a}_s{s}", folder, data, pipeline, domains, s, "tiny", args)
         if args.levers:
             base = min(owner_steps, key=lambda s: abs(s - 100))
             run_levers(first, pipeline, domains, base, args)

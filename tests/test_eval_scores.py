@@ -149,3 +149,25 @@ def test_each_metric_is_compared_with_its_own_best_baseline():
     summary["btx"] = _entry(50, 3.4, 2.5)  # BTX, when it ran, is a merging baseline too
     checks = {what: ok for what, ok, _ in claims(summary)}
     assert checks["FlexOlmo over the best merging baseline (btx) on the group Avg. (paper: +10.1%)"] is False
+
+
+def test_the_goal_lines_of_the_default_run():
+    """Issue 14's goals in the report's checks: RT vs BTM, FlexOlmo vs soup on every domain, within 5% of owners."""
+    from flexolmo_core.evaluation.report import claims
+
+    def held_out(**bpb):
+        entry = _entry(held_out=sum(bpb.values()) / len(bpb))
+        entry["domains_bpb"] = bpb
+        return entry
+
+    summary = {"public": held_out(public=2.0, code=3.0, math=3.0), "soup": held_out(public=1.9, code=2.9, math=2.9),
+               "btm": held_out(public=1.9, code=2.5, math=2.5), "flexolmo": held_out(public=1.8, code=2.6, math=2.95),
+               "flexolmo_rt": held_out(public=1.8, code=2.5, math=2.4),
+               "owner_code": held_out(public=1.9, code=2.5, math=3.0), "owner_math": held_out(public=1.9, code=3.0, math=2.5)}
+    checks = {what: (ok, detail) for what, ok, detail in claims(summary)}
+    assert checks["goal: FlexOlmo-RT beats BTM on mean held-out bpb"][0] is True  # 2.2333 vs 2.3
+    assert checks["goal: FlexOlmo (no RT) beats soup on every domain's held-out bpb"] == (
+        False, "2/3 domains better; not on ['math']")
+    ok, detail = checks["goal: each expert domain's flexolmo bpb within 5% of its owner model"]
+    assert ok is False and detail == "1/2 within; code +4.0%, math +18.0%"
+    assert checks["goal: each expert domain's flexolmo_rt bpb within 5% of its owner model"][0] is True

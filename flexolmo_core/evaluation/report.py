@@ -137,6 +137,32 @@ def claims(summary: dict) -> list[tuple[str, bool | None, str]]:
         out.append((f"opting out {eff['domain']} loses >=80% of its gain, others move <2%", ok,
                     f"gain lost {_pct(eff['gain_lost'])}, max other change {_pct(eff['max_other_change'])}"
                     f" ({eff['max_other_domain']})"))
+    return out + goals(summary)
+
+
+def goals(summary: dict) -> list[tuple[str, bool | None, str]]:
+    """Issue 14's goals for the default run that the checks above do not already state (held-out bpb)."""
+    out = []
+    flex, rt, btm, soup = (summary.get(k) for k in ("flexolmo", "flexolmo_rt", "btm", "soup"))
+    if rt and btm:
+        out.append(("goal: FlexOlmo-RT beats BTM on mean held-out bpb",
+                    _lt(rt["domains_bpb_avg"], btm["domains_bpb_avg"]),
+                    f"{_fmt(rt['domains_bpb_avg'], 4)} vs {_fmt(btm['domains_bpb_avg'], 4)}"))
+    if flex and soup:
+        f, s = flex["domains_bpb"], soup["domains_bpb"]
+        common = [d for d in f if f[d] is not None and s.get(d) is not None]
+        worse = [d for d in common if f[d] >= s[d]]
+        out.append(("goal: FlexOlmo (no RT) beats soup on every domain's held-out bpb", bool(common) and not worse,
+                    f"{len(common) - len(worse)}/{len(common)} domains better" + (f"; not on {worse}" if worse else "")))
+    for name in ("flexolmo", "flexolmo_rt"):
+        merged = summary.get(name)
+        owners = {k.removeprefix("owner_"): v for k, v in summary.items() if k.startswith("owner_")}
+        gaps = {d: merged["domains_bpb"][d] / o["domains_bpb"][d] - 1 for d, o in owners.items()
+                if merged and merged["domains_bpb"].get(d) is not None and o["domains_bpb"].get(d) is not None}
+        if gaps:
+            over = {d: g for d, g in gaps.items() if g > 0.05}
+            out.append((f"goal: each expert domain's {name} bpb within 5% of its owner model", not over,
+                        f"{len(gaps) - len(over)}/{len(gaps)} within; " + ", ".join(f"{d} {_pct(g)}" for d, g in gaps.items())))
     return out
 
 
