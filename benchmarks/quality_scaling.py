@@ -1,5 +1,7 @@
-"""Where the paper's claims start to hold (issue 14, item 3): a grid of anchor pretraining x owner training, and
-a real pretrained anchor (SmolLM2-135M), each merged and measured per domain on held-out (test) text:
+"""Where the paper's claims start to hold (issue 14, item 3): FlexOlmo vs its owners, BTM, soup and opt-out.
+
+A grid of anchor pretraining x owner training, and a real pretrained anchor (SmolLM2-135M), each merged and
+measured per domain on held-out (test) text:
 
 - merged vs owner: FlexOlmo's bpb on a domain against that owner's own 2-expert model (paper: close);
 - FlexOlmo vs BTM and vs the model soup (paper: FlexOlmo best);
@@ -58,7 +60,7 @@ def eval_config(domains_dir: Path, domains: list[str], docs: int, chars: int):
 
 
 def variant_bpb(point: Path, anchor_dir: Path, domains_dir: Path, all_domains: list[str], docs: int,
-                chars: int) -> dict[str, dict[str, float]]:
+                chars: int, names=POINT_VARIANTS) -> dict[str, dict[str, float]]:
     """Held-out bpb per variant and domain, through the evaluate stage's variants and lm-eval tasks."""
     from flexolmo_core.evaluation import suite
     from flexolmo_core.evaluation.variants import build_variants, evaluate_variant
@@ -68,7 +70,7 @@ def variant_bpb(point: Path, anchor_dir: Path, domains_dir: Path, all_domains: l
     tasks = [suite.domain_task(d) for d in all_domains]
     out = {}
     for v in build_variants(point / "merged", point / "variants", anchor_dir=anchor_dir):
-        if v.name.startswith(POINT_VARIANTS):
+        if v.name.startswith(tuple(names)):
             out[v.name] = domain_bpb(evaluate_variant(v, tasks, cfg))
             say(f"{point.name}: {v.name} " + " ".join(f"{d} {x:.4f}" for d, x in out[v.name].items()))
     return out
@@ -101,7 +103,7 @@ def point_metrics(bpb: dict, domains: list[str]) -> dict:
 
 
 # ---- the points ---------------------------------------------------------------------------------------------
-def tiny_anchor(work: Path, pipeline: Path, steps: int) -> Path:
+def tiny_anchor(work: Path, pipeline: Path, steps: int, dtype: str | None = None) -> Path:
     """work/anchor_<steps>: the pipeline's anchor when its steps match, else one trained here."""
     folder = work / f"anchor_{steps}"
     summary = pipeline / "outputs/anchor/summary.json"
@@ -110,7 +112,8 @@ def tiny_anchor(work: Path, pipeline: Path, steps: int) -> Path:
         if summary.exists() and json.loads(summary.read_text()).get("steps") == steps:
             (folder / "anchor").symlink_to((pipeline / "outputs/anchor").resolve())
     say(f"anchor {steps} steps")
-    train_anchor_into(folder, pipeline / "outputs/tokenizer", steps, preset="tiny", params=pipeline / "params.yaml")
+    train_anchor_into(folder, pipeline / "outputs/tokenizer", steps, preset="tiny", params=pipeline / "params.yaml",
+                      loop_overrides={"dtype": dtype} if dtype else None)
     return folder
 
 
@@ -156,6 +159,7 @@ def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domain
     params = pipeline / "params.yaml"
     embed_domains(anchor_folder, domains, prepare=pipeline / "outputs/prepare", preset=preset, params=params)
     say(f"{name}: training {len(domains)} owners")
+    expert_loop = {**(expert_loop or {}), **({"dtype": args.dtype} if args.dtype else {})}
     train_experts(point, data, domains, owner_steps, expert, expert_loop, preset=preset, params=params)
     if not (point / "merged/config.json").exists():
         merge(point / "anchor/model", [point / f"expert/{d}/package" for d in domains], point / "merged")
@@ -163,8 +167,13 @@ def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domain
     steps = owner_steps or loop.steps
     result = {"name": name, "anchor": anchor_label(anchor_folder), "owner_steps": steps,
               "owner_tokens": steps * loop.global_batch * loop.seq_len, "domains": domains, "splits": {}}
-    for split in splits:
+    for split in splits:  # validation scores only FlexOlmo itself: it is where a lever would be chosen
         domains_dir = split_dir(pipeline / "outputs/prepare", split, ["public", *domains], work / "splits")
+        if split == "validation":
+            bpb = variant_bpb(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs, args.chars,
+                              names=["flexolmo"])
+            result["splits"][split] = {"bpb": bpb, "mean": {"bpb_flexolmo": sum(bpb["flexolmo"].values()) / len(bpb["flexolmo"])}}
+            continue
         bpb = variant_bpb(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs, args.chars)
         result["splits"][split] = {"bpb": bpb, **point_metrics(bpb, domains)}
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -223,6 +232,7 @@ def plot(points: list[dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.lines
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
@@ -231,7 +241,7 @@ def plot(points: list[dict], out: Path) -> None:
         series.setdefault(p["anchor"], []).append(p)
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"]
     panels = [("merged_vs_owner", "FlexOlmo vs the owner's own model\n(bpb on the owner's domain, %)", 5.0),
-              ("vs_btm", "FlexOlmo vs BTM (solid) and soup (dashed)\n(mean bpb change, %; < 0: FlexOlmo better)", 0.0),
+              ("vs_btm", "FlexOlmo vs BTM and vs the soup\n(mean bpb change, %; < 0: FlexOlmo better)", 0.0),
               ("gain_lost", "Opt-out: share of the domain's gain lost\n(%, mean over domains)", 80.0)]
     for (key, title, goal), ax in zip(panels, axes):
         for (label, ps), colour in zip(series.items(), colours):
@@ -240,9 +250,9 @@ def plot(points: list[dict], out: Path) -> None:
             size = 14 if marker == "*" else 6
             y = [100 * (p["splits"]["test"]["mean"][key] or math.nan) for p in ps]
             ax.plot(x, y, marker=marker, markersize=size, color=colour, label=label)
-            if key == "vs_btm":
+            if key == "vs_btm":  # soup: dashed, hollow markers (a single point has no line to tell it by)
                 ys = [100 * p["splits"]["test"]["mean"]["vs_soup"] for p in ps]
-                ax.plot(x, ys, marker=marker, markersize=size, color=colour, linestyle="--")
+                ax.plot(x, ys, marker=marker, markersize=size, color=colour, linestyle="--", markerfacecolor="none")
         ax.axhline(goal, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
@@ -252,6 +262,9 @@ def plot(points: list[dict], out: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
+    axes[1].legend(handles=[matplotlib.lines.Line2D([], [], color="grey", marker="o", label="vs BTM"),
+                            matplotlib.lines.Line2D([], [], color="grey", marker="o", linestyle="--",
+                                                    markerfacecolor="none", label="vs soup")], fontsize=8, loc="best")
     fig.suptitle("Where FlexOlmo's claims start to hold (held-out test bpb; dotted: the issue's goal lines)")
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
@@ -299,12 +312,15 @@ def run_levers(anchor_folder: Path, pipeline: Path, domains: list[str], steps: i
     for i, (label, (expert, loop)) in enumerate(variants.items()):
         name = f"lever{i}_s{steps}"
         record = Path(args.work) / "points" / f"{name}.json"
-        grid_experts = Path(args.work) / f"a{json.loads((anchor_folder / 'anchor/summary.json').read_text())['steps']}_s{steps}/expert"
-        if i == 0 and grid_experts.exists() and not (Path(args.work) / name / "expert").exists():
-            (Path(args.work) / name).mkdir(parents=True, exist_ok=True)  # the paper's settings: the grid's owners
-            (Path(args.work) / name / "expert").symlink_to(grid_experts.resolve())
+        grid = Path(args.work) / f"a{json.loads((anchor_folder / 'anchor/summary.json').read_text())['steps']}_s{steps}"
+        reuse = i == 0 and (Path(args.work) / "points" / f"{grid.name}.json").exists()
+        if reuse and not (Path(args.work) / name / "expert").exists():  # the paper's settings: the grid's owners
+            (Path(args.work) / name).mkdir(parents=True, exist_ok=True)
+            (Path(args.work) / name / "expert").symlink_to((grid / "expert").resolve())
         result = run_point(name, anchor_folder, data, pipeline, domains, steps, "tiny", args, expert, loop,
-                           splits=("validation", "test"))
+                           splits=("validation",) if reuse else ("validation", "test"))
+        if "test" not in result["splits"]:  # scored already as a grid point: same owners, same merge
+            result["splits"]["test"] = json.loads((Path(args.work) / "points" / f"{grid.name}.json").read_text())["splits"]["test"]
         if expert.get("use_bias") and "bias_bpb" not in result:  # the merge drops the bias; inference re-applies it
             for split in ("validation", "test"):
                 bpb = bias_bpb(Path(args.work) / name / "merged", pipeline, ["public", *domains], split, args)
@@ -352,7 +368,8 @@ def router_tuned(base: Path, pipeline: Path, domains: list[str], rt_steps: int, 
     start = time.perf_counter()
     if not (out / "model/config.json").exists():
         _, rt, loop = load_stage(RouterTuneConfig, "router_tune", pipeline / "params.yaml", preset="tiny")
-        loop = dataclasses.replace(loop, steps=rt_steps, warmup=min(loop.warmup, max(rt_steps // 10, 1)))
+        loop = dataclasses.replace(loop, steps=rt_steps, warmup=min(loop.warmup, max(rt_steps // 10, 1)),
+                                   **({"dtype": args.dtype} if args.dtype else {}))
         tune_router(base / "merged", data / "public/train", [data / d / "train" for d in domains], out, loop,
                     rt.public_windows, rt.proxy_windows, top_k=rt.top_k)
     all_domains = ["public", *domains]
@@ -373,6 +390,10 @@ def main() -> None:
     ap.add_argument("--domains", default="code,math,news", help="the expert domains of every point")
     ap.add_argument("--anchor-steps", default="250,1000", help="tiny anchor pretraining steps (4096 tokens each)")
     ap.add_argument("--owner-steps", default="20,80,320", help="owner training steps (4096 tokens each at tiny)")
+    ap.add_argument("--other-anchor-owner-steps", default=None,
+                    help="owner steps at the anchors after the first (default: --owner-steps)")
+    ap.add_argument("--dtype", default=None, help="loop.dtype for every training run here (default: params.yaml's; "
+                    "float32 where this CPU's bf16 matmuls are slower than fp32)")
     ap.add_argument("--smollm2", action="store_true", help="also the imported SmolLM2-135M anchor (smollm2 preset)")
     ap.add_argument("--smollm2-steps", type=int, default=None, help="owner steps there (default: the preset's)")
     ap.add_argument("--levers", action="store_true", help="also the faithful levers at the first anchor")
@@ -391,22 +412,25 @@ def main() -> None:
         anchor_steps = [int(x) for x in args.anchor_steps.split(",")]
         owner_steps = [int(x) for x in args.owner_steps.split(",")]
         data = pipeline / "outputs/tokenizer"
-        # Order of importance, so an interrupted grid has the most telling points: the pipeline's anchor, the
-        # real pretrained one, the longer-trained tiny anchors, then the levers.
-        first = tiny_anchor(work, pipeline, anchor_steps[0])
-        for s in owner_steps:
+        # Order of importance, so an interrupted grid has the most telling points: the pipeline's anchor at all
+        # but the longest owner training, the real pretrained anchor, the longest owner training, the levers,
+        # then the longer-trained tiny anchors.
+        first = tiny_anchor(work, pipeline, anchor_steps[0], args.dtype)
+        for s in owner_steps[:-1]:
             run_point(f"a{anchor_steps[0]}_s{s}", first, data, pipeline, domains, s, "tiny", args)
         if args.smollm2:
             folder, sdata = smollm2_anchor(work, pipeline, domains)
             run_point(f"smollm2_s{args.smollm2_steps or 'preset'}", folder, sdata, pipeline, domains,
                       args.smollm2_steps, "smollm2", args)
-        for a in anchor_steps[1:]:
-            folder = tiny_anchor(work, pipeline, a)
-            for s in owner_steps:
-                run_point(f"a{a}_s{s}", folder, data, pipeline, domains, s, "tiny", args)
+        run_point(f"a{anchor_steps[0]}_s{owner_steps[-1]}", first, data, pipeline, domains, owner_steps[-1], "tiny", args)
         if args.levers:
             base = min(owner_steps, key=lambda s: abs(s - 100))
             run_levers(first, pipeline, domains, base, args)
+        for a in anchor_steps[1:]:
+            folder = tiny_anchor(work, pipeline, a, args.dtype)
+            for s in ([int(x) for x in args.other_anchor_owner_steps.split(",")] if args.other_anchor_owner_steps
+                      else owner_steps):
+                run_point(f"a{a}_s{s}", folder, data, pipeline, domains, s, "tiny", args)
     print(report(work))
 
 

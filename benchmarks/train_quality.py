@@ -23,7 +23,8 @@ def run(*args):
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def train_anchor_into(out: Path, data: Path, anchor_steps=None, preset=None, params=ROOT / "params.yaml") -> None:
+def train_anchor_into(out: Path, data: Path, anchor_steps=None, preset=None, params=ROOT / "params.yaml",
+                      loop_overrides=None) -> None:
     """out/anchor: pretrained with params.yaml's anchor section (steps overridable); skipped when present."""
     import dataclasses
 
@@ -33,7 +34,7 @@ def train_anchor_into(out: Path, data: Path, anchor_steps=None, preset=None, par
     if (out / "anchor/model/config.json").exists():
         return
     preset, cfg, loop = load_stage(AnchorConfig, "anchor", params, preset=preset)
-    loop = dataclasses.replace(loop, steps=anchor_steps or loop.steps)
+    loop = dataclasses.replace(loop, steps=anchor_steps or loop.steps, **(loop_overrides or {}))
     train_anchor(data / "tokenizer", data / "public/train", out / "anchor", preset, loop,
                  val_data=data / "public/validation", init_seed=cfg.init_seed, projection_dim=cfg.projection_dim,
                  replay_tokens=cfg.replay_tokens)
