@@ -285,7 +285,14 @@ def lever_table(levers: list[dict]) -> str:
 def report(work: Path) -> str:
     points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
     grid = [p for p in points if not p.get("lever")]
-    levers = [p for p in points if p.get("lever")]
+    levers = sorted((p for p in points if p.get("lever")), key=lambda p: (p["name"].startswith("lever_rt"),
+                                                                          int(p["name"].split("_")[-2].removeprefix("rt")) if p["name"].startswith("lever_rt") else p["name"]))
+    base = next((lv for lv in levers if lv["name"].startswith("lever0")), None)
+    for lv in levers:  # router-tuned rows: the same owners as the paper-settings lever, so the same comparison
+        rt = lv["splits"]["test"]["bpb"].get("flexolmo_rt")
+        if rt and base:
+            owners, doms = base["splits"]["test"]["bpb"], base["domains"]
+            lv["splits"]["test"]["mean"]["merged_vs_owner"] = sum(rt[d] / owners[f"owner_{d}"][d] - 1 for d in doms) / len(doms)
     grid.sort(key=lambda p: ("SmolLM2" in p["anchor"], p["anchor"], p["owner_tokens"]))
     text = ["## Scaling grid (held-out test split)", "", grid_table(grid), "", "Per domain:", "", domain_table(grid)]
     if grid:
