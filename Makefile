@@ -14,7 +14,8 @@ run-smollm2: setup
 	EXP="-S preset=smollm2 $(foreach d,$(SMOLLM2_DROP),-S ~domains.$(d))" bash scripts/run.sh
 
 # Two workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one process):
-# 313 tests in 711 s here; one process took 1,149 s (that run shared the machine with other work).
+# 313 tests in 711 s on an AMD EPYC; one process took 1,149 s (that run shared the machine with other work).
+# 333 tests in 932 s on an Intel Xeon of this kind (2026-12-02, set-up already done).
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
