@@ -177,12 +177,17 @@ def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domain
         bpb = variant_bpb(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs, args.chars)
         result["splits"][split] = {"bpb": bpb, **point_metrics(bpb, domains)}
     result["seconds"] = round(time.perf_counter() - start, 1)
+    write_record(record, result)
+    shutil.rmtree(point / "variants", ignore_errors=True)  # rebuilt from the merge in seconds; keeps disk small
+    return result
+
+
+def write_record(record: Path, result: dict) -> None:
+    """points/<name>.json, atomically: an interrupted grid never leaves half a point behind."""
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(record)
-    shutil.rmtree(point / "variants", ignore_errors=True)  # rebuilt from the merge in seconds; keeps disk small
-    return result
 
 
 def anchor_label(anchor_folder: Path) -> str:
@@ -285,8 +290,7 @@ def lever_table(levers: list[dict]) -> str:
 def report(work: Path) -> str:
     points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
     grid = [p for p in points if not p.get("lever")]
-    levers = sorted((p for p in points if p.get("lever")), key=lambda p: (p["name"].startswith("lever_rt"),
-                                                                          int(p["name"].split("_")[-2].removeprefix("rt")) if p["name"].startswith("lever_rt") else p["name"]))
+    levers = sorted((p for p in points if p.get("lever")), key=lambda p: (p.get("rt_steps", 0), p["name"]))
     base = next((lv for lv in levers if lv["name"].startswith("lever0")), None)
     for lv in levers:  # router-tuned rows: the same owners as the paper-settings lever, so the same comparison
         rt = lv["splits"]["test"]["bpb"].get("flexolmo_rt")
@@ -337,7 +341,7 @@ def run_levers(anchor_folder: Path, pipeline: Path, domains: list[str], steps: i
                 result["splits"][split]["bias_bpb"] = bpb
             result["bias_bpb"] = True
         result["lever"] = label
-        record.write_text(json.dumps(result, indent=1))
+        write_record(record, result)
     base = Path(args.work) / "lever0_s{}".format(steps)
     for rt_steps in args.rt_budgets:
         name = f"lever_rt{rt_steps}_s{steps}"
@@ -345,8 +349,8 @@ def run_levers(anchor_folder: Path, pipeline: Path, domains: list[str], steps: i
         if record.exists():
             continue
         result = router_tuned(base, pipeline, domains, rt_steps, args)
-        result.update(name=name, lever=f"router tuning, {rt_steps} steps")
-        record.write_text(json.dumps(result, indent=1))
+        result.update(name=name, lever=f"router tuning, {rt_steps} steps", rt_steps=rt_steps)
+        write_record(record, result)
 
 
 def bias_bpb(merged: Path, pipeline: Path, all_domains: list[str], split: str, args) -> dict[str, float]:
