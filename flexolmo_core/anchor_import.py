@@ -15,6 +15,7 @@ from pathlib import Path
 from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_config_from_hf
 from .families import DENSE_TYPE, FAMILY_OF
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
+from .dtypes import dtype_name
 from .errors import InputError
 from .stream_safetensors import DEFAULT_SHARD_BYTES
 
@@ -134,7 +135,7 @@ def load_checkpoint(folder: Path, gguf_file: str | None):
     if specs is None:
         specs = loaded_specs(folder, config, kwargs)
     dtype = next(dt for name, dt, _, _ in specs if name == "model.embed_tokens.weight")
-    return config, tokenizer, specs, str(dtype).removeprefix("torch.")
+    return config, tokenizer, specs, dtype_name(dtype)
 
 
 def _expected_names(config) -> set[str]:

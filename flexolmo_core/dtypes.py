@@ -5,8 +5,9 @@
    the fp32 anchor pretrained here gives fp32 files. One file set, one floating dtype: loaders refuse a
    package whose dtype differs from its anchor's (merge.load_packages), and a model file is never mixed.
 2. In training, trainable tensors are fp32 master weights with fp32 AdamW state; frozen tensors stay in the
-   dtype they were read in, held once (training.model.Slots). Matmuls run in `loop.dtype` (bf16 by default);
-   norms, softmax, router logits and the loss run in fp32.
+   dtype they were read in, held once (training.model.Slots). Matmuls run in `loop.dtype` (`auto` by default:
+   bf16 on a GPU, and on a CPU whichever of bf16 and fp32 multiplies faster there: `compute_dtype`); norms,
+   softmax, router logits and the loss run in fp32.
 3. When a trained tensor is written, it is rounded to the storage dtype (round to nearest even: torch's cast).
    Router rows are rounded too: a bf16 merge's router is bf16, as in the released FlexOlmo checkpoints.
 4. Models trained from scratch (the anchor pretrained here, the unrestricted-MoE baseline) have no anchor to
@@ -52,6 +53,30 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     index = int(name.split(":")[1]) if ":" in name else local_rank
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+# `auto` takes bf16 on a CPU only when it is clearly faster: a near tie keeps fp32 (exact, the numerics evaluation
+# uses on the CPU), and noise in the measurement cannot flip the choice from one stage to the next.
+AUTO_BF16_MARGIN = 1.1
+
+
+def compute_dtype(name: str, device: torch.device, measure) -> tuple[torch.dtype, dict[str, float]]:
+    """Rule 2: `loop.dtype` as a torch dtype, and the matmul rates measured to choose it (FLOP/s by dtype name).
+    `auto` is bf16 on a GPU; on the CPU it is bf16 only where `measure(dtype, device)` finds bf16 at least
+    AUTO_BF16_MARGIN x fp32 (an AMD EPYC here trained faster in bf16; an Intel Xeon without AMX measured bf16
+    at 62.2 vs fp32 at 123.5 GFLOP/s and trained 1.40x faster in fp32), else fp32."""
+    if name != "auto":
+        return getattr(torch, name), {}
+    if device.type != "cpu":
+        return torch.bfloat16, {}
+    rates = {dtype_name(dt): measure(dt, device) for dt in (torch.bfloat16, torch.float32)}
+    faster = rates["bfloat16"] >= AUTO_BF16_MARGIN * rates["float32"]
+    return (torch.bfloat16 if faster else torch.float32), rates
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the name params.yaml and the records use)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def inference_dtype(device: torch.device, model_dir: str | os.PathLike | None = None) -> torch.dtype:

@@ -18,7 +18,7 @@ import torch
 from .anchor import anchor_fingerprint, checkpoint_getter, checkpoint_meta, copy_tokenizer
 from . import layout
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
-from .dtypes import checkpoint_dtype
+from .dtypes import checkpoint_dtype, dtype_name
 from .stream_safetensors import DEFAULT_SHARD_BYTES, write_model
 from .package import ExpertPackage, PackageError, load_package
 from .errors import InputError, MissingInput, require, read_json
@@ -70,7 +70,7 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
         raise InputError(f"{anchor_dir}: a {anchor_cfg.model_type!r} model is a mixture of experts; merge needs the "
                          "dense anchor the packages were trained against")
     fingerprint = anchor_fingerprint(anchor_dir)  # computed from the weights, not trusted from a file
-    anchor_dtype = str(checkpoint_dtype(anchor_dir)).removeprefix("torch.")  # packages must match (dtypes.py)
+    anchor_dtype = dtype_name(checkpoint_dtype(anchor_dir))  # packages must match (dtypes.py)
     packages = load_packages(package_paths, fingerprint, anchor_shapes(anchor_cfg), exclude, anchor_dtype)
     num_experts = 1 + len(packages)
     top_k = default_top_k(num_experts) if top_k is None else top_k

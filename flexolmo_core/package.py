@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_dir, write_json
+from .dtypes import dtype_name
 from .stream_safetensors import TensorFiles, check_safetensors_file, save_tensors
 from .data.config import check_domain_name
 from .errors import InputError, require, read_json
@@ -73,7 +74,7 @@ def save_package(tensors: dict[str, torch.Tensor], out: str | os.PathLike, domai
         "anchor_fingerprint": anchor_fingerprint,
         "shapes": {"n_layers": n_layers, "d_model": d_model, "ffn_hidden": ffn_hidden},
         "uses_bias": any(k.endswith("logit_bias") for k in tensors),
-        "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+        "tensors": {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype),
                            "sha256": tensor_sha256(t)} for name, t in sorted(tensors.items())},
         "training": training or {},
         "data": data or {},
@@ -189,7 +190,7 @@ def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
         record = manifest["tensors"][name]
         if tuple(tensor.shape) != expected[name]:
             raise PackageError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
-        dtype = str(tensor.dtype).removeprefix("torch.")
+        dtype = dtype_name(tensor.dtype)
         if dtype != record["dtype"] or not tensor.is_floating_point():
             raise PackageError(f"{weights_path}: tensor {name} has dtype {dtype}, manifest says {record['dtype']} "
                                "(a floating-point dtype is required)")

@@ -302,3 +302,48 @@ def test_switched_off_stages_record_why_and_clear_old_outputs(tmp_path, monkeypa
         assert summary["status"] == "not run" and f"{stage}.enabled is false" in summary["reason"]
         assert json.loads((tmp_path / "outputs" / stage / "summary.json").read_text()) == summary
         assert not (tmp_path / "outputs" / stage / "model").exists()
+
+
+def test_auto_dtype_takes_the_faster_matmul_on_the_cpu_and_bf16_on_a_gpu():
+    """loop.dtype auto: on the CPU bf16 only when its measured matmul rate clearly beats fp32's (a near tie keeps
+    fp32); on a GPU bf16 without measuring; a named dtype is taken as given."""
+    from flexolmo_core.dtypes import compute_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+
+    def rates(bf16, fp32):
+        return lambda dtype, on: {torch.bfloat16: bf16, torch.float32: fp32}[dtype]
+
+    assert compute_dtype("auto", cpu, rates(62.2e9, 123.5e9)) == (torch.float32,
+                                                                  {"bfloat16": 62.2e9, "float32": 123.5e9})
+    assert compute_dtype("auto", cpu, rates(240e9, 120e9))[0] == torch.bfloat16
+    assert compute_dtype("auto", cpu, rates(125e9, 120e9))[0] == torch.float32  # within the margin: fp32
+    never = lambda dtype, on: pytest.fail("measured without need")
+    assert compute_dtype("auto", gpu, never) == (torch.bfloat16, {})
+    assert compute_dtype("float16", cpu, never) == (torch.float16, {})
+
+
+def test_auto_dtype_run_records_the_dtype_it_chose(tmp_path, smoke_anchor, owner_data, monkeypatch):
+    """The run trains in the chosen dtype and its summary says which, with the rates that chose it; the MFU
+    denominator is the chosen dtype's measured rate."""
+    import dataclasses
+
+    from flexolmo_core.anchor import load_anchor
+    from flexolmo_core.training import loop
+    from flexolmo_core.training.stages import train_expert
+
+    seen = []
+    fake = {torch.bfloat16: 3e9, torch.float32: 1e9}  # this "machine" multiplies 3x faster in bf16
+    monkeypatch.setattr(loop, "measure_matmul_peak", lambda dtype, on, **kw: seen.append(dtype) or fake[dtype])
+    real_setup = loop.setup
+    chosen = []
+    monkeypatch.setattr(loop, "setup", lambda model, *a, **kw: chosen.append(real_setup(model, *a, **kw)) or chosen[-1])
+    anchor = load_anchor(smoke_anchor)
+    d, L = anchor.config.hidden_size, anchor.config.num_hidden_layers
+    pub, dom = torch.zeros(L, d), torch.zeros(L, d)
+    summary = train_expert(smoke_anchor, "code", [owner_data["code"]], tmp_path / "auto",
+                           dataclasses.replace(LOOP, steps=2, checkpoint_every=2, dtype="auto"),
+                           public_rows=pub, domain_rows=dom)
+    assert chosen[0].inner.compute_dtype == torch.bfloat16
+    assert summary["dtype"] == "bfloat16" and summary["dtype_rates"] == {"bfloat16": 3e9, "float32": 1e9}
+    assert summary["matmul_peak_flops"] == 3e9 and seen == [torch.bfloat16, torch.float32]  # measured once each

@@ -9,7 +9,7 @@ from ..params import NO_FLAG, ParamsError, at_least, check_ranges, from_dict, re
 from ..errors import InputError
 
 
-DTYPE_NAMES = ("bfloat16", "float32", "float16")  # compute dtypes the loop accepts (torch names)
+DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")  # compute dtypes the loop accepts (torch names, or auto)
 
 
 @dataclass
@@ -32,7 +32,9 @@ class LoopConfig:
     router_z_loss: float = 1e-3  # x mean logsumexp(router logits)^2, summed over layers
     logit_z_loss: float = 1e-5  # x mean logsumexp(output logits)^2
     seed: int = 0  # data order (and fresh init where there is one)
-    dtype: str = "bfloat16"  # matmul compute dtype; master weights and optimiser state stay fp32
+    # matmul compute dtype; master weights and optimiser state stay fp32. auto: bf16 on a GPU, and on a CPU the
+    # faster of bf16 and fp32 there, measured when the run starts (flexolmo_core/dtypes.py, rule 2)
+    dtype: str = "auto"
     compile: bool = False  # torch.compile the model (pays on GPUs; on 2 CPU cores it costs a minute up front)
     checkpoint_every: int = 50  # optimiser steps between atomic checkpoints (and always at the end)
     keep_checkpoints: int = 2  # the last K are kept

@@ -21,15 +21,13 @@ import torch
 
 from . import distributed as D
 from .checkpoint import RESUMABLE_CHANGES, check_run_record, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import DTYPE_NAMES, LoopConfig
+from .config import LoopConfig
 from .data import Order, batch, fixed_batches
 from .model import FastOlmo, count_matmul_flops
 from .objective import objective
 from .schedule import lr_at
+from ..dtypes import compute_dtype, dtype_name
 from ..errors import InputError
-
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None,
                         reps: int = 8) -> float:
@@ -116,6 +114,7 @@ class Run:
     flops: dict
     peak: float
     device: torch.device = torch.device("cpu")  # where the model, the batches and the reductions live
+    dtype_rates: dict = field(default_factory=dict)  # matmul FLOP/s by dtype that chose `loop.dtype: auto`
     start_step: int = 0
     resumed_from: str | None = None
     meta: dict = field(default_factory=dict)
@@ -165,8 +164,6 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
         torch.set_num_threads(cfg.threads)
     dist = D.setup(cfg.device)
     run_dir = Path(run_dir)
-    dtype = DTYPES[cfg.dtype]
-    model.compute_dtype = dtype
     per_rank = cfg.micro_batch * dist.world
     if cfg.global_batch % per_rank:
         raise InputError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x ranks = {per_rank}")
@@ -174,6 +171,9 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
         raise InputError("no training windows")
 
     device = D.device(dist, cfg.device)
+    # every rank measures, and all choose from the mean over ranks (one compute dtype for the whole run)
+    dtype, rates = compute_dtype(cfg.dtype, device, lambda dt, on: D.mean(measure_matmul_peak(dt, on), dist, on))
+    model.compute_dtype = dtype
     inner = model.to(device)
     trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
     flops = count_matmul_flops(inner.cfg, inner.moe, cfg.seq_len,
@@ -182,7 +182,7 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
     wrapped = D.wrap(inner, dist, cfg.distributed)
     run = Run(cfg, dist, run_dir, label, inner, wrapped, torch.compile(wrapped) if cfg.compile else wrapped,
               make_optimizer(wrapped, cfg), windows, Order(len(windows), cfg.seed), cfg.global_batch // per_rank,
-              flops, 0.0, device=device)
+              flops, 0.0, device=device, dtype_rates=rates)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     check_run_record(run_dir, {"label": label, "loop": settings, **(inputs or {})}, dist.main)
     found = latest_checkpoint(run_dir)
@@ -190,7 +190,10 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
         run.meta = load_checkpoint(found, wrapped, run.optimizer)
         run.start_step, run.resumed_from = int(run.meta["step"]), found.name
         inner.clear_cast_cache()
-    run.peak = measure_matmul_peak(dtype, device)
+    run.peak = rates.get(dtype_name(dtype)) or measure_matmul_peak(dtype, device)
+    if dist.main and rates:
+        print(f"{label}: loop.dtype auto -> {dtype_name(dtype)} (matmul here: "
+              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items()) + " GFLOP/s)", flush=True)
     if dist.main:
         from dvclive import Live
 
@@ -263,7 +266,7 @@ def summarize(run: Run, val_loss: float | None) -> dict:
         "label": run.label, "steps": cfg.steps, "resumed_from": run.resumed_from, "world_size": run.dist.world,
         "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "accumulation": run.accum,
         "seq_len": cfg.seq_len, "tokens": cfg.steps * run.tokens_per_step, "lr": cfg.lr, "warmup": cfg.warmup,
-        "weight_decay": cfg.weight_decay, "dtype": cfg.dtype, "seed": cfg.seed,
+        "weight_decay": cfg.weight_decay, "dtype": dtype_name(run.inner.compute_dtype), "dtype_rates": run.dtype_rates or None, "seed": cfg.seed,
         "train_loss": (sum(losses[-10:]) / len(losses[-10:])) if losses else run.meta.get("last_loss"),
         "first_loss": losses[0] if losses and run.start_step == 0 else None,
         "val_loss": val_loss, "val_history": run.val_history,
