@@ -66,7 +66,7 @@ def test_a_flag_overrides_only_what_it_names(argv, cls, section, per_domain):
 def test_expert_train_runs_what_the_section_says():
     """The bug this replaces: argparse defaults (20 steps, seq 64, lr 1e-3, no public mix) beat params.yaml."""
     args = parse(STAGE_COMMANDS[1][0] + ["--params", PARAMS])
-    assert (args.loop.steps, args.loop.seq_len, args.loop.lr, args.stage.public_mix) == (75, 256, 2e-3, 0.25)  # tiny
+    assert (args.loop.steps, args.loop.seq_len, args.loop.lr, args.stage.public_mix) == (50, 256, 2e-3, 0.25)  # tiny
     args = parse(STAGE_COMMANDS[0][0] + ["--params", PARAMS])
     assert args.stage.replay_tokens == 262144 and args.loop.steps == 250
 
