@@ -15,7 +15,8 @@ run-smollm2: setup
 
 # Two workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one process):
 # 313 tests in 711 s on an AMD EPYC; one process took 1,149 s (that run shared the machine with other work).
-# 333 tests in 932 s on an Intel Xeon of this kind (2026-12-02, set-up already done).
+# 333 tests in 932 s on an Intel Xeon of this kind (2026-12-02, set-up already done); from a fresh clone at 830575b
+# `make test` took 1110 s there, 335 tests in 985 s (beside a niced benchmark run).
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
