@@ -403,8 +403,8 @@ def main() -> None:
     ap.add_argument("--owner-steps", default="20,80,320", help="owner training steps (4096 tokens each at tiny)")
     ap.add_argument("--other-anchor-owner-steps", default=None,
                     help="owner steps at the anchors after the first (default: --owner-steps)")
-    ap.add_argument("--dtype", default=None, help="loop.dtype for every training run here (default: params.yaml's; "
-                    "float32 where this CPU's bf16 matmuls are slower than fp32)")
+    ap.add_argument("--dtype", default=None, help="loop.dtype for every training run here (default: params.yaml's, "
+                    "auto: the faster of bf16 and fp32 on a CPU)")
     ap.add_argument("--smollm2", action="store_true", help="also the imported SmolLM2-135M anchor (smollm2 preset)")
     ap.add_argument("--smollm2-steps", type=int, default=None, help="owner steps there (default: the preset's)")
     ap.add_argument("--levers", action="store_true", help="also the faithful levers at the first anchor")

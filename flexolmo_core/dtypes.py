@@ -62,13 +62,14 @@ AUTO_BF16_MARGIN = 1.1
 
 def compute_dtype(name: str, device: torch.device, measure) -> tuple[torch.dtype, dict[str, float]]:
     """Rule 2: `loop.dtype` as a torch dtype, and the matmul rates measured to choose it (FLOP/s by dtype name).
-    `auto` is bf16 on a GPU; on the CPU it is bf16 only where `measure(dtype, device)` finds bf16 at least
-    AUTO_BF16_MARGIN x fp32 (an AMD EPYC here trained faster in bf16; an Intel Xeon without AMX measured bf16
-    at 62.2 vs fp32 at 123.5 GFLOP/s and trained 1.40x faster in fp32), else fp32."""
+    `auto` is bf16 on a GPU that has it (fp32 on older ones: fp16 would need loss scaling); on the CPU it is
+    bf16 only where `measure(dtype, device)` finds bf16 at least AUTO_BF16_MARGIN x fp32 (an AMD EPYC here
+    trained faster in bf16; an Intel Xeon without AMX measured bf16 at 62.2 vs fp32 at 123.5 GFLOP/s on one
+    thread and trained 1.40x faster in fp32), else fp32."""
     if name != "auto":
         return getattr(torch, name), {}
     if device.type != "cpu":
-        return torch.bfloat16, {}
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32), {}
     rates = {dtype_name(dt): measure(dt, device) for dt in (torch.bfloat16, torch.float32)}
     faster = rates["bfloat16"] >= AUTO_BF16_MARGIN * rates["float32"]
     return (torch.bfloat16 if faster else torch.float32), rates

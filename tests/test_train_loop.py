@@ -304,9 +304,9 @@ def test_switched_off_stages_record_why_and_clear_old_outputs(tmp_path, monkeypa
         assert not (tmp_path / "outputs" / stage / "model").exists()
 
 
-def test_auto_dtype_takes_the_faster_matmul_on_the_cpu_and_bf16_on_a_gpu():
+def test_auto_dtype_takes_the_faster_matmul_on_the_cpu_and_bf16_on_a_gpu(monkeypatch):
     """loop.dtype auto: on the CPU bf16 only when its measured matmul rate clearly beats fp32's (a near tie keeps
-    fp32); on a GPU bf16 without measuring; a named dtype is taken as given."""
+    fp32); on a GPU bf16 without measuring, fp32 on one without bf16; a named dtype is taken as given."""
     from flexolmo_core.dtypes import compute_dtype
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
@@ -319,7 +319,10 @@ def test_auto_dtype_takes_the_faster_matmul_on_the_cpu_and_bf16_on_a_gpu():
     assert compute_dtype("auto", cpu, rates(240e9, 120e9))[0] == torch.bfloat16
     assert compute_dtype("auto", cpu, rates(125e9, 120e9))[0] == torch.float32  # within the margin: fp32
     never = lambda dtype, on: pytest.fail("measured without need")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
     assert compute_dtype("auto", gpu, never) == (torch.bfloat16, {})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: False)  # e.g. a V100 or a T4
+    assert compute_dtype("auto", gpu, never) == (torch.float32, {})
     assert compute_dtype("float16", cpu, never) == (torch.float16, {})
 
 

@@ -29,6 +29,7 @@ from .schedule import lr_at
 from ..dtypes import compute_dtype, dtype_name
 from ..errors import InputError
 
+
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None,
                         reps: int = 8) -> float:
     """FLOP/s of a square matmul in `dtype` on `device`, now (the MFU denominator). On a GPU the matrices are
@@ -266,7 +267,8 @@ def summarize(run: Run, val_loss: float | None) -> dict:
         "label": run.label, "steps": cfg.steps, "resumed_from": run.resumed_from, "world_size": run.dist.world,
         "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "accumulation": run.accum,
         "seq_len": cfg.seq_len, "tokens": cfg.steps * run.tokens_per_step, "lr": cfg.lr, "warmup": cfg.warmup,
-        "weight_decay": cfg.weight_decay, "dtype": dtype_name(run.inner.compute_dtype), "dtype_rates": run.dtype_rates or None, "seed": cfg.seed,
+        "weight_decay": cfg.weight_decay, "seed": cfg.seed,
+        "dtype": dtype_name(run.inner.compute_dtype), "dtype_rates": run.dtype_rates or None,
         "train_loss": (sum(losses[-10:]) / len(losses[-10:])) if losses else run.meta.get("last_loss"),
         "first_loss": losses[0] if losses and run.start_step == 0 else None,
         "val_loss": val_loss, "val_history": run.val_history,
