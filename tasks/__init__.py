@@ -32,14 +32,46 @@ def not_run(out, stage: str, reason: str) -> dict:
     return summary
 
 
+# Help for the arguments stage `main` functions take (their names are the convention every stage shares).
+ARGUMENT_HELP = {
+    "params": "the params file to read: this stage's section, with the preset's and the domain's overrides",
+    "domain": "the domain this stage runs for (a key of `domains` in the params file, or `public`)",
+}
+
+
+def stage_parser(main, stage: str):
+    """The stage's command line, from main's signature: arguments without a default are positional, the others
+    are `--name VALUE` options (`--params FILE` for every stage). argparse answers --help and refuses unknown
+    flags and extra words (exit 2)."""
+    import argparse
+    import inspect
+
+    module = sys.modules.get(main.__module__)
+    doc = (getattr(module, "__doc__", None) or "").strip()
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, p in inspect.signature(main).parameters.items():
+        text = ARGUMENT_HELP.get(name, "")
+        if p.default is inspect.Parameter.empty:
+            parser.add_argument(name, help=text)
+        else:
+            parser.add_argument(f"--{name}", default=p.default, metavar="FILE" if name == "params" else None,
+                                help=f"{text} (default: {p.default})")
+    return parser
+
+
 def run(main) -> None:
-    """A stage module's entry point: main(*argv), with the CLI's one error handler (bad input: one line
-    naming the file and field, exit 2; a bug: its traceback, exit 70)."""
+    """A stage module's entry point: its arguments parsed from main's signature (`stage_parser`), then main with
+    the CLI's one error handler (bad input: one line naming the file and field, exit 2; a bug: its traceback,
+    exit 70)."""
     from flexolmo_core.cli import guarded
 
-    name = getattr(sys.modules.get("__main__"), "__spec__", None)
-    stage = (getattr(name, "name", "") or "stage").removeprefix("tasks.")
-    sys.exit(guarded(f"{' '.join([stage, *sys.argv[1:]])}: error:", lambda: main(*sys.argv[1:])))
+    module = main.__module__
+    if module == "__main__":  # run as `python -m tasks.<stage>`: the module's import name is in its spec
+        module = getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", "") or "stage"
+    stage = module.removeprefix("tasks.")
+    args = vars(stage_parser(main, stage).parse_args(sys.argv[1:]))
+    sys.exit(guarded(f"{' '.join([stage, *sys.argv[1:]])}: error:", lambda: main(**args)))
 
 
 def _report() -> None:
@@ -53,7 +85,10 @@ def _report() -> None:
     if multiprocessing.parent_process() is not None:
         return  # a worker the stage spawned (evaluate's variant workers): the stage process reports
     end = time.time()
-    print(f"[stage-time] {name} start={_START:.3f} end={end:.3f} seconds={end - _START:.2f}", flush=True)
+    try:
+        print(f"[stage-time] {name} start={_START:.3f} end={end:.3f} seconds={end - _START:.2f}", flush=True)
+    except BrokenPipeError:  # `python -m tasks.merge --help | head`: the reader has gone
+        pass
 
 
 atexit.register(_report)

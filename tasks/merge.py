@@ -6,7 +6,6 @@ model, public included) and `soup` (mean FFN of the dense experts). `outputs/mer
 them with the experts each contains. The whole folder is replaced in one rename."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -81,14 +80,11 @@ def build_variants(cfg: MergeConfig, anchor: Path, packages: dict[str, Path], ou
     return index
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    cfg = load_section(MergeConfig, "merge", args.params)
-    domains = sorted(read_params(args.params).get("domains") or {})
+def main(params: str = "params.yaml") -> int:
+    cfg = load_section(MergeConfig, "merge", params)
+    domains = sorted(read_params(params).get("domains") or {})
     if not domains:
-        print(f"merge: {args.params} lists no domains", file=sys.stderr)
+        print(f"merge: {params} lists no domains", file=sys.stderr)
         return 2
     packages = {d: artifact_dir(EXPERTS / d, "manifest.json") for d in domains}
     missing = [d for d, p in packages.items() if not (p / "manifest.json").exists()]

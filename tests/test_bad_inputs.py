@@ -323,3 +323,27 @@ def test_a_stage_process_reports_bad_params_in_one_line(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "expert math: error: params.yaml:expert.loop: loop.steps must be >= 1, got 0" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+STAGE_MODULES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "tasks").glob("*.py")
+                       if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("stage", STAGE_MODULES)
+def test_every_stage_module_answers_help_and_refuses_unknown_flags(stage, monkeypatch, capsys):
+    """`python -m tasks.<stage>` parses its command line with one convention (`--params FILE`, a domain as the
+    one positional where the stage has one): --help is help (exit 0); an unknown flag or an extra word is
+    refused (exit 2) before the stage runs. (`tasks.merge --help` once parsed "- - h e l p" one character at
+    a time, and `tasks.expert --help` took --help for a domain name.)"""
+    import importlib
+
+    import tasks
+
+    main = importlib.import_module(f"tasks.{stage}").main
+    for argv, code in ((["--help"], 0), (["--bogus"], 2), (["--params", "params.yaml", "one", "two"], 2)):
+        monkeypatch.setattr("sys.argv", [f"tasks/{stage}.py", *argv])
+        with pytest.raises(SystemExit) as stop:
+            tasks.run(main)  # argparse exits before main would run
+        out = capsys.readouterr()
+        assert stop.value.code == code, (argv, out.err)
+        assert f"usage: python -m tasks.{stage} [-h] [--params FILE]" in out.out + out.err, out

@@ -69,7 +69,8 @@ def test_bf16_anchor_end_to_end(bf16_anchor, owner_data, tmp_path, device):
     expected = torch.float32 if device == "cpu" else torch.bfloat16  # dtypes.py rule 5
     assert next(loaded.model.parameters()).dtype == expected
     out = generate(loaded, "def main", max_new_tokens=3)
-    assert len(out["token_ids"]) == 3 and abs(sum(out["attribution"].values()) - 1) < 1e-5
+    shares = out["attribution"]  # each rounded to 4 decimals: their sum is 1 within half a unit of the 4th per share
+    assert len(out["token_ids"]) == 3 and abs(sum(shares.values()) - 1) <= 5e-5 * len(shares) + 1e-12
     smoke.write_domain_fixture(tmp_path / "domains", ["code"], n_docs=2)
     cfg = runner.EvalConfig(domain_limit=2, domains_dir=str(tmp_path / "domains"), batch_size=2, device=device)
     result = runner.evaluate_lm(runner.hf_lm(tmp_path / "rt" / "model", cfg), ["flexolmo_domain_code"], cfg)
