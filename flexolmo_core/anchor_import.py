@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_config_from_hf
@@ -76,19 +77,32 @@ def check_safetensors_folder(folder: Path) -> list[Path]:
     return shards
 
 
+def shard_in_folder(folder: Path, index_path: Path, name) -> Path:
+    """The shard file an index names, refused before anything is opened when the name, as written, leaves the
+    checkpoint folder: absolute, with a `..` part, or not a plain relative path. The test is on the name and not
+    on where the file resolves, so a hub-cache snapshot stays allowed: its files are symlinks into the cache's
+    blobs/, which the hub client made; what the index may not do is name a path outside the folder."""
+    parts = Path(name).parts if isinstance(name, str) and name else ()
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise AnchorImportError(f"{index_path}: shard path {name!r} leaves the checkpoint folder")
+    return folder / name
+
+
 def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
-    """Every shard the index names exists, holds exactly the tensors the index says, and no tensor twice."""
+    """Every shard the index names lies inside the folder, exists, holds exactly the tensors the index says, and
+    no tensor twice."""
     from safetensors import safe_open
 
     if not index_path.is_file():
         raise AnchorImportError(f"{index_path}: missing; {len(shards)} safetensors shards need their index")
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        names = sorted(set(weight_map.values()), key=str)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise AnchorImportError(f"{index_path}: expected JSON with a `weight_map` ({err})") from None
+    files = {name: shard_in_folder(folder, index_path, name) for name in names}  # all checked before any is opened
     found: dict[str, str] = {}
-    for name in sorted(set(weight_map.values())):
-        shard = folder / name
+    for name, shard in files.items():
         if not shard.is_file():
             raise AnchorImportError(f"{index_path}: names shard {name}, which is missing")
         with safe_open(str(shard), framework="pt") as handle:
@@ -101,6 +115,37 @@ def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
         t = wrong[0]
         raise AnchorImportError(f"{index_path}: tensor {t} is mapped to {weight_map.get(t)} but found in "
                                 f"{found.get(t)} ({len(wrong)} such tensors): inconsistent shards")
+
+
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+# The config fields that set each kind of tensor's shape (named when a shape disagrees with the config).
+SHAPE_FIELDS = {"embed_tokens": "vocab_size, hidden_size", "lm_head": "vocab_size, hidden_size",
+                "q_proj": "num_attention_heads, head_dim, hidden_size", "o_proj": "num_attention_heads, head_dim, hidden_size",
+                "k_proj": "num_key_value_heads, head_dim, hidden_size", "v_proj": "num_key_value_heads, head_dim, hidden_size",
+                "q_norm": "num_attention_heads, head_dim", "k_norm": "num_key_value_heads, head_dim",
+                "_proj": "intermediate_size, hidden_size", "norm": "hidden_size"}
+
+
+def check_config_matches_weights(config_file: Path, config, shapes: dict[str, tuple], tokenizer) -> None:
+    """Config, weights and tokenizer agree before anything is written: the layers the weights hold, every tensor's
+    shape against what the config implies (widths, heads, vocabulary), and the tokenizer's ids against the
+    embedding's rows. `shapes`: the weights' tensor names -> shapes, as stored."""
+    layers = sorted({int(m.group(1)) for n in shapes if (m := LAYER_NAME.match(n))})
+    if layers and layers != list(range(config.num_hidden_layers)):
+        raise AnchorImportError(f"{config_file}: num_hidden_layers is {config.num_hidden_layers}, but the weights "
+                                f"hold {len(layers)} layers (model.layers.{layers[0]}-{layers[-1]}); config and weights "
+                                "must agree")
+    for name, want in expected_shapes(config).items():
+        got = tuple(shapes.get(name, want))
+        if got != want:
+            kind = name.rsplit(".", 2)[-2]
+            fields = next((f for key, f in SHAPE_FIELDS.items() if key in kind), "its sizes")
+            raise AnchorImportError(f"{config_file}: the weights hold {name} as {list(got)}, but the config "
+                                    f"({fields}) implies {list(want)}; config and weights must agree")
+    rows = tuple(shapes.get("model.embed_tokens.weight", (config.vocab_size,)))[0]
+    if len(tokenizer) > rows:
+        raise AnchorImportError(f"{config_file.parent}: the tokenizer has {len(tokenizer)} tokens, but the embedding "
+                                f"has {rows} rows: ids from {rows} up would have no embedding")
 
 
 def load_checkpoint(folder: Path, gguf_file: str | None):
@@ -134,20 +179,32 @@ def load_checkpoint(folder: Path, gguf_file: str | None):
     specs = None if gguf_file else streamed_specs(folder, config)
     if specs is None:
         specs = loaded_specs(folder, config, kwargs)
+    stored = None if gguf_file else {n: shape for n, (_, shape) in tensor_meta(folder).items()}
+    check_config_matches_weights(folder / (gguf_file or "config.json"), config,
+                                 stored or {name: shape for name, _, shape, _ in specs}, tokenizer)
     dtype = next(dt for name, dt, _, _ in specs if name == "model.embed_tokens.weight")
     return config, tokenizer, specs, dtype_name(dtype)
 
 
-def _expected_names(config) -> set[str]:
-    """The tensors transformers' class for `config` saves (built on the meta device: no memory)."""
+def expected_shapes(config) -> dict[str, tuple]:
+    """The tensors transformers' class for `config` saves, with their shapes (built on the meta device: no
+    memory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        names = set(AutoModelForCausalLM.from_config(config).state_dict())
+        state = AutoModelForCausalLM.from_config(config).state_dict()
     if config.tie_word_embeddings:
-        names.discard("lm_head.weight")  # a tied LM head is the embedding, one tensor on disk
-    return names
+        state.pop("lm_head.weight", None)  # a tied LM head is the embedding, one tensor on disk
+    return {name: tuple(t.shape) for name, t in state.items()}
+
+
+def tensor_meta(folder: Path) -> dict:
+    """name -> (dtype, shape) of every tensor in the folder's safetensors files (headers only)."""
+    from .stream_safetensors import TensorFiles
+
+    files = TensorFiles(folder)
+    return {name: files.meta(name) for name in files.names()}
 
 
 def streamed_specs(folder: Path, config) -> list | None:
@@ -157,7 +214,7 @@ def streamed_specs(folder: Path, config) -> list | None:
 
     files = TensorFiles(folder)
     names = set(files.names()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    if names != _expected_names(config):
+    if names != set(expected_shapes(config)):
         return None
     return [(n, *files.meta(n), lambda n=n: files.get(n)) for n in sorted(names)]
 

@@ -53,6 +53,24 @@ def test_sharded_olmo2_with_gqa(checkpoints, tmp_path):
     assert manifest["fingerprint"] == anchor_fingerprint(tmp_path / "anchor")
 
 
+def test_a_hub_cache_snapshot_of_symlinks_into_blobs_imports(checkpoints, tmp_path):
+    """As huggingface_hub lays out its cache: snapshots/<rev>/<file> are symlinks to ../../blobs/<hash>. The index
+    names shards inside the folder, so the links are followed (only an index naming a path outside is refused)."""
+    import hashlib
+
+    cache = tmp_path / "models--org--olmo2"
+    snapshot, blobs = cache / "snapshots" / "abc123", cache / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sorted(checkpoints["olmo2_sharded"].iterdir()):
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snapshot / f.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    assert (snapshot / "model.safetensors.index.json").is_symlink()
+    manifest = import_anchor(snapshot, tmp_path / "anchor")
+    assert manifest["fingerprint"] == import_anchor(checkpoints["olmo2_sharded"], tmp_path / "direct")["fingerprint"]
+
+
 def test_refusals_name_the_file_and_write_nothing(checkpoints, tmp_path):
     def refused(source, match, **kwargs):
         with pytest.raises(AnchorImportError, match=match):

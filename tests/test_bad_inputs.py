@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from flexolmo_core.cli import main
+from flexolmo_core.stream_safetensors import TensorFiles
 
 LOOP = ["--steps", "1", "--global-batch", "2", "--micro-batch", "2", "--seq-len", "32", "--progress", "false"]
 
@@ -227,13 +228,80 @@ def evaluate_workers_zero(w, tmp):
     return ["evaluate", "--model", str(w["merged"]), "--workers", "0"], "evaluate.workers must be >= 1", []
 
 
+def published_anchor(w, tmp) -> Path:
+    """The smoke anchor as a published checkpoint: config, weights and tokenizer only."""
+    src = tmp / "published"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(w["anchor"] / name, src / name)
+    return src
+
+
+def import_shard_path_escapes(w, tmp):
+    """The index names a file outside the folder (a valid shard there): refused before any shard is opened (it
+    was once read, and imported)."""
+    src = published_anchor(w, tmp)
+    (tmp / "outside").mkdir()
+    shutil.copyfile(src / "model.safetensors", tmp / "outside" / "model.safetensors")
+    names = TensorFiles(tmp / "outside").names()
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        n: "../outside/model.safetensors" for n in names}}))
+    return (["anchor", "import", "--from", str(src), "--out", str(tmp / "anchor")],
+            "shard path '../outside/model.safetensors' leaves the checkpoint folder", [src])
+
+
+def import_shard_path_absolute(w, tmp):
+    src = published_anchor(w, tmp)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "/etc/passwd"}}))
+    return (["anchor", "import", "--from", str(src), "--out", str(tmp / "anchor")],
+            "shard path '/etc/passwd' leaves the checkpoint folder", [src])
+
+
+def import_config_has_no_layers(w, tmp):
+    """config.json says 0 layers beside weights for 2: once imported as a 0-layer anchor."""
+    src = published_anchor(w, tmp)
+    edit_json(src / "config.json", lambda c: {**c, "num_hidden_layers": 0})
+    return (["anchor", "import", "--from", str(src), "--out", str(tmp / "anchor")],
+            "config.json: num_hidden_layers is 0, but the weights hold 2 layers", [src])
+
+
+def import_config_other_ffn_width(w, tmp):
+    src = published_anchor(w, tmp)
+    edit_json(src / "config.json", lambda c: {**c, "intermediate_size": c["intermediate_size"] * 2})
+    return (["anchor", "import", "--from", str(src), "--out", str(tmp / "anchor")],
+            "but the config (intermediate_size, hidden_size) implies", [src])
+
+
+def import_config_other_kv_heads(w, tmp):
+    src = published_anchor(w, tmp)
+    edit_json(src / "config.json", lambda c: {**c, "num_key_value_heads": c["num_attention_heads"] // 2})
+    return (["anchor", "import", "--from", str(src), "--out", str(tmp / "anchor")],
+            "k_proj.weight as", [src])
+
+
+def import_tokenizer_larger_than_the_embedding(w, tmp):
+    """Config and weights agree on 24 rows fewer than the tokenizer has ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, size = tmp / "published", len(AutoTokenizer.from_pretrained(w["anchor"]))
+    model = AutoModelForCausalLM.from_pretrained(w["anchor"])
+    model.resize_token_embeddings(size - 24)
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(w["anchor"] / name, src / name)
+    return (["anchor", "import", "--from", str(src), "--out", str(tmp / "anchor")],
+            f"the tokenizer has {size} tokens, but the embedding has {size - 24} rows", [src])
+
+
 PLAIN = [
     domain_with_newline, only_empty, only_comma, merge_over_a_user_folder, merge_onto_the_anchor, merge_onto_a_package,
     expert_onto_the_anchor, tokenizer_over_a_folder, manifest_lists_fewer_experts, steps_zero, steps_negative,
     seq_len_zero, resume_with_other_arguments, registry_path_escapes, registry_absolute_path,
     registry_index_missing_keys, registry_index_corrupt, registry_gc_not_a_registry, registry_remove_not_a_registry,
     merge_top_k_zero, generate_unknown_expert, merge_missing_anchor, merge_pickled_weights, merge_duplicate_domain,
-    evaluate_batch_size_zero, evaluate_workers_zero,
+    evaluate_batch_size_zero, evaluate_workers_zero, import_shard_path_escapes, import_shard_path_absolute,
+    import_config_has_no_layers,
+    import_config_other_ffn_width, import_config_other_kv_heads, import_tokenizer_larger_than_the_embedding,
 ]
 CASES = {case.__name__: case for case in PLAIN} | {
     "manifest_is_a_string": package_manifest(lambda m: json.dumps("hello"), "expected a JSON object"),
