@@ -7,8 +7,10 @@ Every answer carries `flexolmo`: attribution over the generated tokens, the expe
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -41,6 +43,36 @@ def bearer_key(request: Request) -> str | None:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
+# Every byte but those that open and close a JSON array or object: deleted before counting (strings go first).
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_STEP = [0] * 256
+_STEP[ord("[")] = _STEP[ord("{")] = 1
+_STEP[ord("]")] = _STEP[ord("}")] = -1
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest, counted without parsing it (a parser recurses once
+    per level: 100,000 levels raised RecursionError, a bare 500). Brackets inside strings do not count."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to pass `limit` bytes: by its Content-Length,
+    or while it streams in (nothing past the limit is kept)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"the request body is {int(declared)} bytes; the limit is {limit} (serve.max_body_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"the request body passes {limit} bytes (serve.max_body_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
     value = body.get(name, default)
     if value is None:
@@ -66,6 +98,13 @@ class Server:
         self._stop = threading.Event()
         if self.releases is not None:
             threading.Thread(target=self._watch_releases, name="flexolmo-releases", daemon=True).start()
+        if policy is not None:
+            threading.Thread(target=self._watch_policy, name="flexolmo-policy", daemon=True).start()
+
+    def _watch_policy(self) -> None:
+        """Reload the policy every poll even when no request comes, so that a broken edit is in the log at once."""
+        while not self._stop.wait(self.cfg.poll_seconds):
+            self.policy.current()
 
     # ---- releases -------------------------------------------------------------------------------------
     def _watch_releases(self) -> None:
@@ -138,6 +177,14 @@ class Server:
             record["prompt"] = body.get("prompt") if not chat else body.get("messages")
         return Job(handle=handle, prompt_ids=ids, allowed=allowed, max_tokens=max_tokens), record
 
+    def _refuse_by_length(self, handle: ModelHandle, chars: int, param: str) -> None:
+        """A prompt that cannot fit max_prompt_tokens whatever its tokens: refused before tokenizing (a 30 MB prompt
+        once took 142 s to tokenize, and nothing else was served meanwhile)."""
+        limit, per_token = self.cfg.max_prompt_tokens, handle.max_token_chars
+        if chars > limit * per_token:
+            raise HTTPError(400, f"prompt is {chars} characters, more than {limit} tokens of at most {per_token} "
+                                 f"characters each can hold; the limit is {limit} (serve.max_prompt_tokens)", param=param)
+
     def _prompt_ids(self, handle: ModelHandle, body: dict, chat: bool) -> list[int]:
         tok = handle.tokenizer
         if chat:
@@ -146,6 +193,7 @@ class Server:
                     isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
                     for m in messages)):
                 raise HTTPError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+            self._refuse_by_length(handle, sum(len(m["content"]) for m in messages), "messages")
             if not getattr(tok, "chat_template", None):
                 raise HTTPError(400, f"model {handle.name} has no chat template; use /v1/completions", param="messages")
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -156,6 +204,7 @@ class Server:
                 prompt = prompt[0]
             if not isinstance(prompt, str):
                 raise HTTPError(400, "prompt must be a string (one prompt per request)", param="prompt")
+            self._refuse_by_length(handle, len(prompt), "prompt")
             ids = tok(prompt)["input_ids"]
         if not ids:
             raise HTTPError(400, "empty prompt", param="prompt" if not chat else "messages")
@@ -187,6 +236,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/healthz")
     def healthz():
+        server.policy.current()  # a poll is due: a broken edit shows here at once, not at the next request
         handle, policy = server.engine.handle, server.policy
         return {"status": "ok", "model": handle.name, "experts": handle.domains, "queued": server.engine.queue.qsize(),
                 "batches": server.engine.batches, "policy": policy.policy.source, "policy_error": policy.error,
@@ -205,8 +255,13 @@ def create_app(server: Server) -> FastAPI:
     async def complete(request: Request, chat: bool):
         start, record = time.perf_counter(), {"endpoint": "chat" if chat else "completions"}
         try:
+            raw = await read_body(request, server.cfg.max_body_bytes)
+            depth = json_depth(raw)
+            if depth > server.cfg.max_json_depth:
+                raise HTTPError(400, f"the request body nests {depth} levels deep; the limit is "
+                                     f"{server.cfg.max_json_depth} (serve.max_json_depth)")
             try:
-                body = json.loads(await request.body())
+                body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise HTTPError(400, f"the request body is not JSON ({err})") from err
             if not isinstance(body, dict):

@@ -16,7 +16,9 @@ class ServeConfig:
     queue_depth: int = at_least(1, 64)  # requests waiting beyond the running batch; more get 429
     max_tokens_cap: int = at_least(1, 256)  # the largest max_tokens a request may ask for (more: 400)
     default_max_tokens: int = at_least(1, 16)  # when a request gives no max_tokens
-    max_prompt_tokens: int = at_least(1, 1024)  # longer prompts get 400
+    max_prompt_tokens: int = at_least(1, 1024)  # longer prompts get 400 (by characters first, before tokenizing)
+    max_body_bytes: int = at_least(1, 1_048_576)  # a larger request body gets 413, before it is read whole or parsed
+    max_json_depth: int = at_least(1, 32)  # deeper nesting of arrays and objects gets 400, before parsing
     top_k: int | None = at_least(1, None)  # experts per token (None = the checkpoint's)
     audit_log: str = "runs/serve/audit.jsonl"  # one JSON line per request (appended, flushed, fsynced)
     log_text: bool = False  # also record prompts and completions in the audit log

@@ -8,6 +8,7 @@ those experts (METHOD.md's opt-out). Sequences are left-padded; a batch runs unt
 from __future__ import annotations
 
 import collections
+import functools
 import queue
 import threading
 import time
@@ -44,6 +45,15 @@ class ModelHandle:
 
     def offsets(self, allowed: list[str]) -> torch.Tensor:
         return torch.tensor([0.0 if d in allowed else float("-inf") for d in self.domains])
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (special tokens' text included; UTF-8 bytes, which are at least
+        the characters): a prompt of C characters needs at least C / this many tokens, so a prompt too long for
+        `max_prompt_tokens` is refused by its length alone, without tokenizing it."""
+        tok = self.tokenizer
+        pieces = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=False)
+        return max(1, *(len(p.encode("utf-8")) for p in pieces), *(len(t) for t in tok.all_special_tokens))
 
 
 def load_handle(model_dir: str | Path, top_k: int | None = None, release: dict | None = None,

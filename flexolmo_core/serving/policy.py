@@ -75,9 +75,22 @@ def _require(value, kind, where: str):
     return value
 
 
+FIELDS = ("on_forbidden", "default", "keys", "experts")  # a policy file's top-level fields
+KEY_FIELDS = ("sha256", "principal", "groups")
+
+
+def _known(entry: dict, fields: tuple[str, ...], where: str) -> None:
+    """Refuse fields the policy language does not have: a typo (`principals:` for `keys:`) would otherwise be
+    ignored without a word, and every key would get 401."""
+    unknown = sorted(str(k) for k in entry if k not in fields)
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {unknown}; expected {', '.join(fields)}")
+
+
 def parse_policy(data, source: str) -> Policy:
     """A policy from the YAML's data; every error names the file and the field."""
     data = _require(data if data is not None else {}, dict, source)
+    _known(data, FIELDS, source)
     on_forbidden = data.get("on_forbidden", "refuse")
     if on_forbidden not in ("refuse", "mask"):
         raise InputError(f"{source}: on_forbidden must be 'refuse' or 'mask', got {on_forbidden!r}")
@@ -88,6 +101,7 @@ def parse_policy(data, source: str) -> Policy:
     for i, entry in enumerate(_require(data.get("keys") or [], list, f"{source}: keys")):
         where = f"{source}: keys[{i}]"
         _require(entry, dict, where)
+        _known(entry, KEY_FIELDS, where)
         digest = str(entry.get("sha256", "")).lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise InputError(f"{where}.sha256: expected the key's sha256 hex digest (64 hex digits; "
@@ -150,7 +164,20 @@ class PolicyFile:
                 try:
                     stamp = self._stat()
                     if stamp != self._stamp:
-                        self.policy, self.error, self._stamp = load_policy(self.path), None, stamp
+                        self.policy, self._stamp = load_policy(self.path), stamp
+                        if self.error:
+                            log(f"policy {self.path} reloaded; it is valid again")
+                        self.error = None
                 except (OSError, InputError) as err:
-                    self.error = f"policy not reloaded, the previous one stays: {err}"
+                    error = f"policy not reloaded, the previous one stays: {err}"
+                    if error != self.error:  # once per distinct error, not at every poll
+                        log(error)
+                    self.error = error
             return self.policy
+
+
+def log(message: str) -> None:
+    """One line in the server's log (stderr)."""
+    import sys
+
+    print(f"flexolmo serve: {message}", file=sys.stderr, flush=True)
