@@ -6,13 +6,11 @@ import platform
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     import torch
+
+    from flexolmo_core.dtypes import cpu_name
+
+    cpu = cpu_name()
 
     try:
         with open("/proc/meminfo") as f:

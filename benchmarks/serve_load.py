@@ -5,7 +5,11 @@
 Starts the server (a subprocess on 127.0.0.1), runs 1, 4 and 16 clients for --seconds each, and prints
 generated tokens/s, p50/p95 latency and batched throughput over one-at-a-time throughput. Then, in this
 process, the merged model's decode tokens/s (one sequence, greedy) against the dense anchor's, next to the
-ratio of their active FLOPs per token (2 x active parameters; attention scores left out at these lengths)."""
+ratio of their active FLOPs per token (2 x active parameters; attention scores left out at these lengths).
+
+--hostile: the first client count again, alongside one client that keeps sending a 30 MB prompt from a valid
+key; prints the normal clients' p95 latency with and without it (the goal: within 2x) and what the hostile
+requests got back."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +68,32 @@ def run_clients(url: str, clients: int, seconds: float, max_tokens: int, domains
             "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3) if latencies else None}
 
 
+def run_hostile(url: str, clients: int, seconds: float, max_tokens: int, domains: list[str], mb: int) -> dict:
+    """run_clients with one more client that sends an `mb` MB prompt again and again for the same time."""
+    import httpx
+
+    prompt, got, stop = "x" * (mb * 2**20), [], time.monotonic() + seconds
+    body = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
+
+    def hostile() -> None:
+        with httpx.Client(timeout=600) as http:
+            while time.monotonic() < stop:
+                start = time.perf_counter()
+                try:
+                    r = http.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+                    got.append((r.status_code, time.perf_counter() - start))
+                except httpx.HTTPError as err:  # the server may close the connection on a refused upload
+                    got.append((type(err).__name__, time.perf_counter() - start))
+
+    thread = threading.Thread(target=hostile)
+    thread.start()
+    row = run_clients(url, clients, seconds, max_tokens, domains)
+    thread.join()
+    statuses = sorted({str(status) for status, _ in got})
+    return {**row, "hostile_requests": len(got), "hostile_answers": statuses,
+            "hostile_max_s": round(max((s for _, s in got), default=0), 3)}
+
+
 def decode_speed(model, tokenizer, new_tokens: int, repeats: int = 3) -> float:
     import torch
 
@@ -98,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="load time per client count")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed comparison")
+    parser.add_argument("--hostile", action="store_true", help="also run the first client count beside a client "
+                        "sending 30 MB prompts, and compare the normal clients' p95")
+    parser.add_argument("--hostile-mb", type=int, default=30, help="size of each hostile prompt, in MiB")
+    parser.add_argument("--no-decode", action="store_true", help="skip the merged vs dense decode-speed comparison")
     args = parser.parse_args(argv)
     from machine import machine
     from test_orch_helpers import free_port, stop, wait_for
@@ -126,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(c) for c in args.clients.split(",")]:
             rows.append(run_clients(url, n, args.seconds, args.max_tokens, domains))
             print(json.dumps(rows[-1]), flush=True)
+        if args.hostile:
+            n = int(args.clients.split(",")[0])
+            hostile = run_hostile(url, n, args.seconds, args.max_tokens, domains, args.hostile_mb)
+            print(json.dumps(hostile), flush=True)
         batches = httpx.get(f"{url}/healthz").json()["batches"]
     finally:
         stop(proc)
@@ -136,6 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']} | {r['p50_s']} | "
               f"{r['p95_s']} | {ratio} |")
     print(f"(the engine ran {batches} batches)")
+    if args.hostile:
+        calm = next(r for r in rows if r["clients"] == hostile["clients"])
+        ratio = hostile["p95_s"] / calm["p95_s"] if calm["p95_s"] and hostile["p95_s"] else float("nan")
+        print(f"\nhostile mix: {hostile['clients']} normal clients beside one sending {args.hostile_mb} MiB prompts "
+              f"({hostile['hostile_requests']} sent, answered {', '.join(hostile['hostile_answers'])}, slowest "
+              f"{hostile['hostile_max_s']} s): normal p95 {calm['p95_s']} -> {hostile['p95_s']} s ({ratio:.2f}x; "
+              f"goal <= 2x), tokens/s {calm['tokens_per_s']} -> {hostile['tokens_per_s']}")
+    if args.no_decode:
+        return 0
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -6,13 +6,33 @@ from __future__ import annotations
 import atexit
 import sys
 import time
+from pathlib import Path
 
 _START = time.time()
+NUMERICS = Path("outputs/numerics/numerics.json")  # the numerics stage's record: what `loop.dtype: auto` means here
 
 
 def say(message: str) -> None:
     """A stage's progress line for whoever watches it (stderr: stdout carries the stage's result)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def pin_dtype(loop):
+    """The stage's LoopConfig with `dtype: auto` replaced by the numerics stage's choice for this machine (a named
+    dtype is kept as given)."""
+    import dataclasses
+    import json
+
+    from flexolmo_core.dtypes import pinned_dtype
+    from flexolmo_core.errors import MissingInput
+
+    if loop.dtype != "auto":
+        return loop
+    if not NUMERICS.exists():
+        raise MissingInput(f"{NUMERICS}: missing; loop.dtype auto is resolved once per machine by the numerics "
+                           "stage (dvc repro numerics)")
+    return dataclasses.replace(loop, dtype=pinned_dtype("auto", loop.device, json.loads(NUMERICS.read_text()),
+                                                          str(NUMERICS)))
 
 
 def not_run(out, stage: str, reason: str) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from flexolmo_core.atomic import write_json
 from flexolmo_core.training.config import AnchorConfig, load_stage
 from flexolmo_core.training.stages import train_anchor
-from tasks import run
+from tasks import pin_dtype, run
 
 TOKENIZER = "outputs/tokenizer"
 OUT = Path("outputs/anchor")
@@ -38,7 +38,7 @@ def main(params: str = "params.yaml") -> dict:
     data = f"{TOKENIZER}/{cfg.data_domain}"
     if cfg.source != "train":
         return import_published(cfg, loop.seq_len, data)
-    return train_anchor(f"{TOKENIZER}/tokenizer", f"{data}/train", OUT, preset, loop, val_data=f"{data}/validation",
+    return train_anchor(f"{TOKENIZER}/tokenizer", f"{data}/train", OUT, preset, pin_dtype(loop), val_data=f"{data}/validation",
                         init_seed=cfg.init_seed, projection_dim=cfg.projection_dim,
                         projection_seed=cfg.projection_seed, replay_tokens=cfg.replay_tokens)
 

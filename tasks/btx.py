@@ -14,7 +14,7 @@ from pathlib import Path
 from flexolmo_core.params import read_params
 from flexolmo_core.training.config import BTXConfig, RouterTuneConfig, load_stage
 from flexolmo_core.training.stages import train_btx
-from tasks import not_run, run
+from tasks import not_run, pin_dtype, run
 
 MERGED = Path("outputs/merge/flexolmo")
 TOKENS = Path("outputs/tokenizer")
@@ -30,7 +30,7 @@ def main(params: str = "params.yaml") -> dict:
                        "`dvc exp run -S btx.enabled=true` runs it (the quality preset does)")
     if OUT.exists():
         shutil.rmtree(OUT)  # the outs of a previous run (DVC would remove them too)
-    return train_btx(MERGED, [TOKENS / d / "train" for d in ["public", *domains]], OUT, loop,
+    return train_btx(MERGED, [TOKENS / d / "train" for d in ["public", *domains]], OUT, pin_dtype(loop),
                      val_data=TOKENS / "public/validation", init_std=cfg.init_std, init_seed=cfg.init_seed,
                      top_k=tune.top_k)
 

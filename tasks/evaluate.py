@@ -5,6 +5,7 @@ and reports/results.md (+ the same PNGs and results_table.json for the Prefect t
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from flexolmo_core.atomic import atomic_dir
 from flexolmo_core.evaluation import report, runner, variants
 from flexolmo_core.merge import expert_domains
 from flexolmo_core.training.config import load_stage
-from tasks import run
+from tasks import NUMERICS, run
 
 OUT = Path("outputs/evaluate")
 REPORTS = Path("reports")
@@ -79,7 +80,8 @@ def main(params: str = "params.yaml") -> int:
             ran = sum(r["status"] == "ok" for r in result["tasks"].values())
             print(f"evaluate: [{done}/{len(jobs)}] {result['variant']}: {ran}/{len(result['tasks'])} tasks in "
                   f"{result['seconds']} s; {eta(time.perf_counter() - began, done, len(jobs))}", flush=True)
-    report.write_report(OUT / "results", REPORTS, metrics_path=OUT / "heldout_bpb.json")
+    numerics = json.loads(NUMERICS.read_text()) if NUMERICS.exists() else None
+    report.write_report(OUT / "results", REPORTS, metrics_path=OUT / "heldout_bpb.json", numerics=numerics)
     plots = OUT / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for png in REPORTS.glob("*.png"):

@@ -11,13 +11,14 @@ from pathlib import Path
 from flexolmo_core.training.config import ExpertConfig, load_stage
 from flexolmo_core.training.embeddings import load_embedding
 from flexolmo_core.training.stages import train_expert
-from tasks import run
+from tasks import pin_dtype, run
 
 ANCHOR = "outputs/anchor/model"
 
 
 def main(domain: str, params: str = "params.yaml") -> dict:
     _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=domain)
+    loop = pin_dtype(loop)
     emb = Path("outputs/domain_embedding")
     meta = json.loads((emb / domain / "embedding.json").read_text())
     return train_expert(ANCHOR, domain, f"outputs/tokenizer/{domain}/train", f"outputs/expert/{domain}", loop,

@@ -11,7 +11,7 @@ from pathlib import Path
 from flexolmo_core.params import read_params
 from flexolmo_core.training.config import RouterTuneConfig, load_stage
 from flexolmo_core.training.stages import tune_router
-from tasks import run
+from tasks import pin_dtype, run
 
 MERGED = Path("outputs/merge/flexolmo")
 TOKENS = Path("outputs/tokenizer")
@@ -20,6 +20,7 @@ OUT = Path("outputs/router_tune")
 
 def main(params: str = "params.yaml") -> dict:
     _, cfg, loop = load_stage(RouterTuneConfig, "router_tune", params)
+    loop = pin_dtype(loop)
     domains = list((read_params(params).get("domains") or {}))
     return tune_router(MERGED, TOKENS / "public/train", [TOKENS / d / "train" for d in domains], OUT, loop,
                        public_windows=cfg.public_windows, proxy_windows=cfg.proxy_windows,

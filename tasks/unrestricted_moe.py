@@ -15,7 +15,7 @@ from pathlib import Path
 from flexolmo_core.params import read_params
 from flexolmo_core.training.config import UnrestrictedConfig, load_stage
 from flexolmo_core.training.stages import flops_budget, train_unrestricted
-from tasks import not_run, run
+from tasks import not_run, pin_dtype, run
 
 TOKENS = Path("outputs/tokenizer")
 OUT = Path("outputs/unrestricted_moe")
@@ -35,7 +35,7 @@ def main(params: str = "params.yaml") -> dict:
     experts = 1 + len(domains)
     top_k = cfg.top_k or (data.get("merge") or {}).get("top_k") or -(-experts // 2)  # the merged model's k
     return train_unrestricted(TOKENS / "tokenizer", [TOKENS / d / "train" for d in ["public", *domains]], OUT, preset,
-                              experts, top_k, loop, budget_flops=flops_budget(summaries),
+                              experts, top_k, pin_dtype(loop), budget_flops=flops_budget(summaries),
                               val_data=TOKENS / "public/validation", init_seed=cfg.init_seed)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP = {".venv", ".git", "outputs", "reports", "runs", "__pycache__", ".pytest_cache", "flexolmo.egg-info"}
+SKIP = {".venv", ".git", "outputs", "reports", "runs", "dvc.lock", "__pycache__", ".pytest_cache", "flexolmo.egg-info"}
 
 def smoke_params(params: dict, domains: list[str]) -> dict:
     """The smoke preset on a small data tier, with fast evaluation."""

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_orch_helpers import clone_env, dvc, make_clone, repro, scripted_repo, set_domains, stop, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ALL_STAGES_2 = {"domains", "prepare", "tokenizer", "anchor", "public_embedding", "domain_embedding@code",
+ALL_STAGES_2 = {"numerics", "domains", "prepare", "tokenizer", "anchor", "public_embedding", "domain_embedding@code",
                 "domain_embedding@math", "expert@code", "expert@math", "merge", "router_tune", "btx",
                 "unrestricted_moe", "evaluate"}
 DOWNSTREAM = {"merge", "router_tune", "btx", "unrestricted_moe", "evaluate"}  # rerun whenever an expert changes

@@ -350,3 +350,69 @@ def test_auto_dtype_run_records_the_dtype_it_chose(tmp_path, smoke_anchor, owner
     assert chosen[0].inner.compute_dtype == torch.bfloat16
     assert summary["dtype"] == "bfloat16" and summary["dtype_rates"] == {"bfloat16": 3e9, "float32": 1e9}
     assert summary["matmul_peak_flops"] == 3e9 and seen == [torch.bfloat16, torch.float32]  # measured once each
+
+
+def test_the_expert_stage_trains_the_same_package_whatever_the_matmul_timing_says(tmp_path, monkeypatch, smoke_anchor,
+                                                                                 owner_data):
+    """loop.dtype auto is resolved once per machine by the numerics stage, and the expert stage reads that record:
+    with the measured rates flipped between two runs (bf16 3x faster, then 3x slower), the numerics record stays
+    and the two packages are byte for byte the same. (When each stage timed its own matmuls, the flip changed
+    the compute dtype, and with it the weights.)"""
+    import yaml
+
+    import tasks
+    import tasks.expert
+    import tasks.numerics
+    from flexolmo_core.package import load_package
+    from flexolmo_core.training import loop as training_loop
+    from flexolmo_core.training.embeddings import save_embedding
+
+    ws = tmp_path / "ws"
+    shutil.copytree(smoke_anchor, ws / "outputs/anchor/model")
+    for split in ("train", "validation"):
+        shutil.copytree(owner_data["code"], ws / f"outputs/tokenizer/code/{split}")
+    d = json.loads((smoke_anchor / "config.json").read_text())["hidden_size"]
+    for domain, seed in (("public", 0), ("code", 1)):
+        rows = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * 0.1
+        save_embedding(ws / f"outputs/domain_embedding/{domain}", rows, {"mode": "random", "domain": domain})
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(preset="smoke", domains={"code": {"steps": 2, "checkpoint_every": 2, "eval_batches": 1, "public_mix": 0}})
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(ws)
+
+    def machine_measures(bf16: float, fp32: float) -> None:
+        rates = {torch.bfloat16: bf16, torch.float32: fp32}
+        monkeypatch.setattr(tasks.numerics, "measure_matmul_peak", lambda dtype, on, **kw: rates[dtype])
+        monkeypatch.setattr(training_loop, "measure_matmul_peak", lambda dtype, on, **kw: rates[dtype])
+
+    shas, records, dtypes = [], [], []
+    for bf16, fp32 in ((3e9, 1e9), (1e9, 3e9)):
+        machine_measures(bf16, fp32)
+        records.append(tasks.numerics.main("params.yaml"))
+        dtypes.append(tasks.expert.main("code", "params.yaml")["dtype"])
+        shas.append(load_package(ws / "outputs/expert/code/package").sha256)
+        shutil.rmtree(ws / "outputs/expert")
+    assert shas[0] == shas[1], dtypes
+    assert dtypes == ["bfloat16", "bfloat16"]  # the first measurement's choice, both times
+    assert records[0] == records[1] and records[0]["auto"]["cpu"]["dtype"] == "bfloat16"
+    # a named dtype is used as given; a missing record is a clear error, not a silent timing
+    assert tasks.pin_dtype(LoopConfig(dtype="float32")).dtype == "float32"
+    (ws / tasks.NUMERICS).unlink()
+    from flexolmo_core.errors import MissingInput
+
+    with pytest.raises(MissingInput, match="resolved once per machine by the numerics stage"):
+        tasks.pin_dtype(LoopConfig(dtype="auto"))
+
+
+def test_numerics_measures_again_on_another_machine_or_margin(monkeypatch):
+    from flexolmo_core import dtypes
+
+    rates = {torch.bfloat16: 3e9, torch.float32: 1e9}
+    first = dtypes.resolve_numerics(None, lambda dtype, on: rates[dtype])
+    assert first["auto"]["cpu"] == {"dtype": "bfloat16", "matmul_flops": {"bfloat16": 3e9, "float32": 1e9}}
+    rates = {torch.bfloat16: 1e9, torch.float32: 3e9}
+    assert dtypes.resolve_numerics(first, lambda dtype, on: rates[dtype]) is first  # same machine: kept
+    assert dtypes.resolve_numerics(first, lambda dtype, on: rates[dtype], margin=1.2)["auto"]["cpu"]["dtype"] == "float32"
+    moved = {**first, "machine": {**first["machine"], "cpu": "another CPU"}}
+    assert dtypes.resolve_numerics(moved, lambda dtype, on: rates[dtype])["auto"]["cpu"]["dtype"] == "float32"
+    assert dtypes.pinned_dtype("auto", "cpu", first) == "bfloat16" and dtypes.pinned_dtype("float32", "cpu", first) == "float32"

@@ -206,12 +206,25 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(results: dict, summary: dict, plots: list[str]) -> str:
+def numerics_line(numerics: dict | None) -> str:
+    """What `loop.dtype: auto` meant in this run's training stages, and where it was measured."""
+    if not numerics:
+        return "Training compute dtype: as each stage's params name it (no numerics record)."
+    m = numerics["machine"]
+    choices = "; ".join(f"{kind}: {c['dtype']}" + (" (matmul " + ", ".join(
+        f"{k} {v / 1e9:.1f}" for k, v in c["matmul_flops"].items()) + " GFLOP/s)" if c["matmul_flops"] else "")
+        for kind, c in numerics["auto"].items())
+    return (f"Training compute dtype where params say `auto`, resolved once on {m['cpu']} ({m['cores']} cores"
+            f"{', ' + m['gpu'] if m['gpu'] else ''}, torch {m['torch']}): {choices}.")
+
+
+def render_markdown(results: dict, summary: dict, plots: list[str], numerics: dict | None = None) -> str:
     parts = ["# FlexOlmo evaluation results", ""]
     any_res = next(iter(results.values()), {})
     parts.append(f"Docs per task: {any_res.get('limit')} (paper: 1000); held-out docs per domain: "
                  f"{any_res.get('domain_limit')}. Accuracy-type scores are 0-100 (higher is better); bpb is bits per "
                  "byte (lower is better). At small scale accuracy sits near chance: bpb is the signal.")
+    parts += ["", numerics_line(numerics)]
     # bpb first: at small scale accuracy sits near chance and bpb is the signal
     parts += ["", "## Held-out bits per byte per FlexMix domain (lower is better)", ""]
     domains = domains_in(summary)
@@ -351,7 +364,7 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
     return paths
 
 
-def write_report(results_dir, report_dir, metrics_path=None) -> dict:
+def write_report(results_dir, report_dir, metrics_path=None, numerics: dict | None = None) -> dict:
     """Read `<results_dir>/*.json`, write `<report_dir>/results.md`, PNGs, `results_table.json` (rows for a
     Prefect table artifact), `summary.json` (every number) and the headline metrics for `dvc metrics show`
     (`metrics_path`, default `<report_dir>/heldout_bpb.json`). Returns the summary."""
@@ -361,7 +374,7 @@ def write_report(results_dir, report_dir, metrics_path=None) -> dict:
     report_dir.mkdir(parents=True, exist_ok=True)
     plots = make_plots(summary, report_dir) if summary else []
     with atomic_file(report_dir / "results.md") as handle:
-        handle.write(render_markdown(results, summary, plots))
+        handle.write(render_markdown(results, summary, plots, numerics))
     write_json(report_dir / "results_table.json", table_rows(summary))
     detail = {n: {"avg": s["avg"]["avg"], "groups_ran": s["avg"]["groups_ran"], "avg_gold_bpb": s["avg_bpb"]["avg"],
                   "domain_bpb_mean": s["domains_bpb_avg"], **{f"bpb_{d}": v for d, v in s["domains_bpb"].items()},

@@ -32,9 +32,11 @@ class LoopConfig:
     router_z_loss: float = 1e-3  # x mean logsumexp(router logits)^2, summed over layers
     logit_z_loss: float = 1e-5  # x mean logsumexp(output logits)^2
     seed: int = 0  # data order (and fresh init where there is one)
-    # matmul compute dtype; master weights and optimiser state stay fp32. auto: bf16 on a GPU, and on a CPU the
-    # faster of bf16 and fp32 there, measured when the run starts (flexolmo_core/dtypes.py, rule 2)
-    dtype: str = "auto"
+    # matmul compute dtype; master weights and optimiser state stay fp32. auto (params.yaml's sections): bf16 on a
+    # GPU, and on a CPU the faster of bf16 and fp32 there, resolved once per machine by the pipeline's numerics
+    # stage, or measured when a run outside the pipeline starts (flexolmo_core/dtypes.py, rule 2). Made in code,
+    # a run computes in fp32 unless told otherwise: exact, and the same on every machine (no timing decides).
+    dtype: str = "float32"
     compile: bool = False  # torch.compile the model (pays on GPUs; on 2 CPU cores it costs a minute up front)
     checkpoint_every: int = 50  # optimiser steps between atomic checkpoints (and always at the end)
     keep_checkpoints: int = 2  # the last K are kept
@@ -65,6 +67,17 @@ class LoopConfig:
             raise InputError(f"loop.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise InputError(f"loop.distributed must be ddp or fsdp, got {self.distributed!r}")
+
+
+@dataclass
+class NumericsConfig:
+    """`numerics` stage: `loop.dtype: auto` resolved once for this machine, before any training stage."""
+
+    bf16_margin: float = 1.1  # on a CPU, auto takes bf16 only where its matmul rate is at least this x fp32's
+
+    def __post_init__(self) -> None:
+        if not 0 < self.bf16_margin < float("inf"):
+            raise InputError(f"numerics.bf16_margin must be a positive number, got {self.bf16_margin}")
 
 
 @dataclass
