@@ -7,8 +7,8 @@ generated tokens/s, p50/p95 latency and batched throughput over one-at-a-time th
 process, the merged model's decode tokens/s (one sequence, greedy) against the dense anchor's, next to the
 ratio of their active FLOPs per token (2 x active parameters; attention scores left out at these lengths).
 
---hostile: the first client count again, alongside one client that keeps sending a 30 MB prompt from a valid
-key; prints the normal clients' p95 latency with and without it (the goal: within 2x) and what the hostile
+--hostile: the first client count again, alongside one client that sends a 30 MiB prompt, waits --hostile-pause
+seconds after each answer and sends it again; prints the normal clients' p95 latency with and without it (the goal: within 2x) and what the hostile
 requests got back."""
 from __future__ import annotations
 
@@ -68,8 +68,9 @@ def run_clients(url: str, clients: int, seconds: float, max_tokens: int, domains
             "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3) if latencies else None}
 
 
-def run_hostile(url: str, clients: int, seconds: float, max_tokens: int, domains: list[str], mb: int) -> dict:
-    """run_clients with one more client that sends an `mb` MB prompt again and again for the same time."""
+def run_hostile(url: str, clients: int, seconds: float, max_tokens: int, domains: list[str], mb: int,
+                pause: float) -> dict:
+    """run_clients with one more client that sends an `mb` MiB prompt, `pause` s apart, for the same time."""
     import httpx
 
     prompt, got, stop = "x" * (mb * 2**20), [], time.monotonic() + seconds
@@ -84,6 +85,7 @@ def run_hostile(url: str, clients: int, seconds: float, max_tokens: int, domains
                     got.append((r.status_code, time.perf_counter() - start))
                 except httpx.HTTPError as err:  # the server may close the connection on a refused upload
                     got.append((type(err).__name__, time.perf_counter() - start))
+                time.sleep(pause)
 
     thread = threading.Thread(target=hostile)
     thread.start()
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostile", action="store_true", help="also run the first client count beside a client "
                         "sending 30 MB prompts, and compare the normal clients' p95")
     parser.add_argument("--hostile-mb", type=int, default=30, help="size of each hostile prompt, in MiB")
+    parser.add_argument("--hostile-pause", type=float, default=1.0,
+                        help="seconds the hostile client waits after each answer (0: a flood)")
     parser.add_argument("--no-decode", action="store_true", help="skip the merged vs dense decode-speed comparison")
     args = parser.parse_args(argv)
     from machine import machine
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
         if args.hostile:
             n = int(args.clients.split(",")[0])
-            hostile = run_hostile(url, n, args.seconds, args.max_tokens, domains, args.hostile_mb)
+            hostile = run_hostile(url, n, args.seconds, args.max_tokens, domains, args.hostile_mb, args.hostile_pause)
             print(json.dumps(hostile), flush=True)
         batches = httpx.get(f"{url}/healthz").json()["batches"]
     finally:
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         calm = next(r for r in rows if r["clients"] == hostile["clients"])
         ratio = hostile["p95_s"] / calm["p95_s"] if calm["p95_s"] and hostile["p95_s"] else float("nan")
         print(f"\nhostile mix: {hostile['clients']} normal clients beside one sending {args.hostile_mb} MiB prompts "
+              f"{args.hostile_pause} s apart "
               f"({hostile['hostile_requests']} sent, answered {', '.join(hostile['hostile_answers'])}, slowest "
               f"{hostile['hostile_max_s']} s): normal p95 {calm['p95_s']} -> {hostile['p95_s']} s ({ratio:.2f}x; "
               f"goal <= 2x), tokens/s {calm['tokens_per_s']} -> {hostile['tokens_per_s']}")

@@ -14,7 +14,7 @@ import torch
 from .atomic import atomic_dir, write_json
 from .config import ModelConfig, get_preset
 from .errors import InputError, MissingInput, require, read_json
-from .stream_safetensors import TensorFiles, check_safetensors_file
+from .stream_safetensors import TensorFiles, check_safetensors_file, read_index
 
 ANCHOR_MANIFEST = "flexolmo_anchor.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -174,12 +174,14 @@ def shared_tensors(names, get):
 
 def check_checkpoint(model_dir: str | os.PathLike) -> dict:
     """A transformers checkpoint folder's config.json (a JSON object) after checking that every safetensors
-    file in it is whole: bad files are refused by name before transformers or safetensors parse them."""
+    file in it is whole and that its index names no shard outside it: bad files are refused by name before
+    transformers or safetensors parse them."""
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json", what="model config")
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise MissingInput(f"{model_dir}: no .safetensors weights")
+    read_index(model_dir)  # transformers opens the shards an index names: none may lie outside the folder
     for file in files:
         check_safetensors_file(file)
     return config

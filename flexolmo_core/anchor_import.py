@@ -13,12 +13,12 @@ import os
 import re
 from pathlib import Path
 
-from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_config_from_hf
+from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, checkpoint_meta, copy_tokenizer, model_config_from_hf
 from .families import DENSE_TYPE, FAMILY_OF
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from .dtypes import dtype_name
 from .errors import InputError
-from .stream_safetensors import DEFAULT_SHARD_BYTES
+from .stream_safetensors import DEFAULT_SHARD_BYTES, read_index
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
@@ -77,17 +77,6 @@ def check_safetensors_folder(folder: Path) -> list[Path]:
     return shards
 
 
-def shard_in_folder(folder: Path, index_path: Path, name) -> Path:
-    """The shard file an index names, refused before anything is opened when the name, as written, leaves the
-    checkpoint folder: absolute, with a `..` part, or not a plain relative path. The test is on the name and not
-    on where the file resolves, so a hub-cache snapshot stays allowed: its files are symlinks into the cache's
-    blobs/, which the hub client made; what the index may not do is name a path outside the folder."""
-    parts = Path(name).parts if isinstance(name, str) and name else ()
-    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
-        raise AnchorImportError(f"{index_path}: shard path {name!r} leaves the checkpoint folder")
-    return folder / name
-
-
 def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
     """Every shard the index names lies inside the folder, exists, holds exactly the tensors the index says, and
     no tensor twice."""
@@ -95,14 +84,10 @@ def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
 
     if not index_path.is_file():
         raise AnchorImportError(f"{index_path}: missing; {len(shards)} safetensors shards need their index")
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()), key=str)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise AnchorImportError(f"{index_path}: expected JSON with a `weight_map` ({err})") from None
-    files = {name: shard_in_folder(folder, index_path, name) for name in names}  # all checked before any is opened
+    weight_map = read_index(folder)  # every shard path checked before any is opened
     found: dict[str, str] = {}
-    for name, shard in files.items():
+    for name in sorted(set(weight_map.values())):
+        shard = folder / name
         if not shard.is_file():
             raise AnchorImportError(f"{index_path}: names shard {name}, which is missing")
         with safe_open(str(shard), framework="pt") as handle:
@@ -179,7 +164,7 @@ def load_checkpoint(folder: Path, gguf_file: str | None):
     specs = None if gguf_file else streamed_specs(folder, config)
     if specs is None:
         specs = loaded_specs(folder, config, kwargs)
-    stored = None if gguf_file else {n: shape for n, (_, shape) in tensor_meta(folder).items()}
+    stored = None if gguf_file else {n: shape for n, (_, shape) in checkpoint_meta(folder).items()}
     check_config_matches_weights(folder / (gguf_file or "config.json"), config,
                                  stored or {name: shape for name, _, shape, _ in specs}, tokenizer)
     dtype = next(dt for name, dt, _, _ in specs if name == "model.embed_tokens.weight")
@@ -197,14 +182,6 @@ def expected_shapes(config) -> dict[str, tuple]:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # a tied LM head is the embedding, one tensor on disk
     return {name: tuple(t.shape) for name, t in state.items()}
-
-
-def tensor_meta(folder: Path) -> dict:
-    """name -> (dtype, shape) of every tensor in the folder's safetensors files (headers only)."""
-    from .stream_safetensors import TensorFiles
-
-    files = TensorFiles(folder)
-    return {name: files.meta(name) for name in files.names()}
 
 
 def streamed_specs(folder: Path, config) -> list | None:

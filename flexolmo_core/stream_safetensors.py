@@ -182,6 +182,37 @@ class TensorFiles:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+def shard_in_folder(folder, index_path, name) -> "Path":
+    """The shard file an index names, refused before anything is opened when the name, as written, leaves the
+    checkpoint folder: absolute, with a `..` part, or not a plain relative path. The test is on the name and not
+    on where the file resolves, so a hub-cache snapshot stays allowed: its files are symlinks into the cache's
+    blobs/, which the hub client made; what the index may not do is name a path outside the folder."""
+    from pathlib import Path
+
+    parts = Path(name).parts if isinstance(name, str) and name else ()
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise InputError(f"{index_path}: shard path {name!r} leaves the checkpoint folder")
+    return Path(folder) / name
+
+
+def read_index(folder) -> dict[str, str] | None:
+    """The weight map of a sharded checkpoint's index (tensor -> shard file), after checking that it is one and
+    that every shard it names lies inside the folder; None when the folder has no index."""
+    from pathlib import Path
+
+    index_path = Path(folder) / INDEX_FILE
+    if not index_path.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()), key=str)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"{index_path}: expected JSON with a `weight_map` ({err})") from None
+    for name in names:
+        shard_in_folder(folder, index_path, name)
+    return weight_map
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """`safetensors.torch.save_file`, but byte-identical for identical tensors and metadata."""
     write_streaming(path, [(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()], metadata)

@@ -257,6 +257,15 @@ def import_shard_path_absolute(w, tmp):
             "shard path '/etc/passwd' leaves the checkpoint folder", [src])
 
 
+def generate_index_escapes(w, tmp):
+    """Any model folder, not only an import: transformers opens the shards an index names."""
+    model = copy(w, "merged", tmp)
+    names = TensorFiles(model).names()
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "../x.safetensors" for n in names}}))
+    return (["generate", "--model", str(model), "hi"], "shard path '../x.safetensors' leaves the checkpoint folder",
+            [model])
+
+
 def import_config_has_no_layers(w, tmp):
     """config.json says 0 layers beside weights for 2: once imported as a 0-layer anchor."""
     src = published_anchor(w, tmp)
@@ -300,7 +309,7 @@ PLAIN = [
     registry_index_missing_keys, registry_index_corrupt, registry_gc_not_a_registry, registry_remove_not_a_registry,
     merge_top_k_zero, generate_unknown_expert, merge_missing_anchor, merge_pickled_weights, merge_duplicate_domain,
     evaluate_batch_size_zero, evaluate_workers_zero, import_shard_path_escapes, import_shard_path_absolute,
-    import_config_has_no_layers,
+    generate_index_escapes, import_config_has_no_layers,
     import_config_other_ffn_width, import_config_other_kv_heads, import_tokenizer_larger_than_the_embedding,
 ]
 CASES = {case.__name__: case for case in PLAIN} | {
