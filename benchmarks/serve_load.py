@@ -68,29 +68,32 @@ def run_clients(url: str, clients: int, seconds: float, max_tokens: int, domains
             "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3) if latencies else None}
 
 
-def run_hostile(url: str, clients: int, seconds: float, max_tokens: int, domains: list[str], mb: int,
-                pause: float) -> dict:
-    """run_clients with one more client that sends an `mb` MiB prompt, `pause` s apart, for the same time."""
+def hostile_client(url: str, mb: int, pause: float, seconds: float) -> None:
+    """Send an `mb` MiB prompt, `pause` s apart, for `seconds`; print one JSON line of (status, seconds) pairs.
+    Run as its own process (`--hostile-client`), so that building and sending the bodies does not share the
+    normal clients' interpreter."""
     import httpx
 
-    prompt, got, stop = "x" * (mb * 2**20), [], time.monotonic() + seconds
-    body = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
+    body, got, stop = json.dumps({"prompt": "x" * (mb * 2**20), "max_tokens": 1}).encode(), [], time.monotonic() + seconds
+    with httpx.Client(timeout=600) as http:
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            try:
+                r = http.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+                got.append((r.status_code, time.perf_counter() - start))
+            except httpx.HTTPError as err:  # the server may close the connection on a refused upload
+                got.append((type(err).__name__, time.perf_counter() - start))
+            time.sleep(pause)
+    print(json.dumps(got))
 
-    def hostile() -> None:
-        with httpx.Client(timeout=600) as http:
-            while time.monotonic() < stop:
-                start = time.perf_counter()
-                try:
-                    r = http.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
-                    got.append((r.status_code, time.perf_counter() - start))
-                except httpx.HTTPError as err:  # the server may close the connection on a refused upload
-                    got.append((type(err).__name__, time.perf_counter() - start))
-                time.sleep(pause)
 
-    thread = threading.Thread(target=hostile)
-    thread.start()
+def run_hostile(url: str, clients: int, seconds: float, max_tokens: int, domains: list[str], mb: int,
+                pause: float) -> dict:
+    """run_clients beside a hostile client process that sends an `mb` MiB prompt, `pause` s apart."""
+    proc = subprocess.Popen([sys.executable, __file__, "--hostile-client", url, "--hostile-mb", str(mb),
+                             "--hostile-pause", str(pause), "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
     row = run_clients(url, clients, seconds, max_tokens, domains)
-    thread.join()
+    got = json.loads(proc.communicate()[0].strip().splitlines()[-1])
     statuses = sorted({str(status) for status, _ in got})
     return {**row, "hostile_requests": len(got), "hostile_answers": statuses,
             "hostile_max_s": round(max((s for _, s in got), default=0), 3)}
@@ -136,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostile-pause", type=float, default=1.0,
                         help="seconds the hostile client waits after each answer (0: a flood)")
     parser.add_argument("--no-decode", action="store_true", help="skip the merged vs dense decode-speed comparison")
+    parser.add_argument("--hostile-client", metavar="URL", help=argparse.SUPPRESS)  # the hostile process itself
     args = parser.parse_args(argv)
+    if args.hostile_client:
+        hostile_client(args.hostile_client, args.hostile_mb, args.hostile_pause, args.seconds)
+        return 0
     from machine import machine
     from test_orch_helpers import free_port, stop, wait_for
 
