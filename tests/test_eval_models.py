@@ -147,6 +147,18 @@ def test_variants_report_and_cli(models, tmp_path):
         assert (tmp_path / "reports" / png).stat().st_size > 0
     detail = json.loads((tmp_path / "reports" / "summary.json").read_text())
     assert detail["flexolmo"]["bpb_code"] == summary["flexolmo"]["domains_bpb"]["code"]
+    # per-document values behind every number, and intervals and three-way verdicts from them
+    from flexolmo_core.evaluation import intervals
+
+    code = flex["tasks"]["flexolmo_domain_code"]
+    assert [len(d) for d in code["docs"]] == [3, 3]  # [doc id, loglikelihood, bytes] x 2 documents
+    table, scale = intervals.aligned({"f": flex}, intervals.task_ids({"f": flex}))["f", "flexolmo_domain_code"]
+    assert intervals.value_of(table, scale) == pytest.approx(code["value"], rel=1e-9)  # lm-eval's own aggregation
+    assert len(flex["tasks"]["flexolmo_arc_easy"]["docs"]) == 1
+    lo, hi = detail["intervals"]["domain_bpb_mean"]["flexolmo"]
+    assert lo <= summary["flexolmo"]["domains_bpb_avg"] <= hi
+    assert f"[{lo:.4f}, {hi:.4f}]" in md and "of the draws)" in md
+    assert set(detail["checks"].values()) <= {"PASS", "FAIL", "inconclusive", "n/a"}
     headline = json.loads((tmp_path / "reports" / "heldout_bpb.json").read_text())  # what `dvc metrics show` lists
     assert headline["flexolmo"] == round(summary["flexolmo"]["domains_bpb_avg"], 4) and "optout_code" not in headline
 

@@ -171,3 +171,57 @@ def test_the_goal_lines_of_the_default_run():
     ok, detail = checks["goal: each expert domain's flexolmo bpb within 5% of its owner model"]
     assert ok is False and detail == "1/2 within; code +4.0%, math +18.0%"
     assert checks["goal: each expert domain's flexolmo_rt bpb within 5% of its owner model"][0] is True
+
+
+def _domain_results(per_doc_bpb: dict[str, list[float]], domain: str = "code") -> dict:
+    """Runner-shaped results: one held-out domain task per model, each document 1,000 bytes at the given bpb."""
+    import math
+
+    out = {}
+    for model, bpbs in per_doc_bpb.items():
+        docs = [[i, -b * 1000 * math.log(2), 1000.0] for i, b in enumerate(bpbs)]
+        value = sum(bpbs) / len(bpbs)
+        out[model] = {"variant": model, "tasks": {f"flexolmo_domain_{domain}": {"status": "ok", "value": value,
+                                                                             "docs": docs}}}
+    return out
+
+
+def test_checks_are_pass_fail_or_inconclusive_by_a_paired_bootstrap_over_documents():
+    """A difference far outside the documents' spread is PASS (or FAIL), one inside it inconclusive, whatever
+    its sign at the point estimate; pairing matters: a model better on every document by 0.01 passes even though
+    the documents themselves differ by +-0.5."""
+    import random
+
+    from flexolmo_core.evaluation import report
+
+    rng = random.Random(0)
+    base = [2.0 + rng.uniform(-0.5, 0.5) for _ in range(30)]
+    results = _domain_results({
+        "public": base,
+        "flexolmo": [b - 0.01 for b in base],                           # better on every document, by little
+        "soup": [b - 0.01 + rng.uniform(-0.05, 0.05) for b in base],    # the same on average, noisily
+        "btm": [b - 0.05 for b in base],                                # better than flexolmo on every document
+    })
+    summary = report.summarize(results)
+    assert summary["flexolmo"]["domains_bpb_avg"] < summary["public"]["domains_bpb_avg"]
+    found = {what: (v, share) for what, v, _, share in report.bootstrap(results, summary, iters=400)["checks"]}
+    assert found["FlexOlmo beats public on average bpb"] == ("PASS", 1.0)
+    assert found["FlexOlmo beats btm on average bpb"] == ("FAIL", 0.0)
+    verdict, share = found["FlexOlmo beats soup on average bpb"]
+    assert verdict == "inconclusive" and 0.025 < share < 0.975
+    means = report.bootstrap(results, summary, iters=400)["means"]
+    lo, hi = means["public"]
+    assert lo < summary["public"]["domains_bpb_avg"] < hi and hi - lo > 0.1  # the documents' spread, unpaired
+
+
+def test_a_task_value_recomputed_from_its_documents_is_the_reported_one():
+    from flexolmo_core.evaluation import intervals
+
+    results = _domain_results({"public": [1.5, 2.5, 3.0]})
+    rows = intervals.aligned(results, intervals.task_ids(results))
+    table, scale = rows["public", "flexolmo_domain_code"]
+    assert abs(intervals.value_of(table, scale) - results["public"]["tasks"]["flexolmo_domain_code"]["value"]) < 1e-12
+    accuracy = {"m": {"tasks": {"flexolmo_arc_easy": {"status": "ok", "value": 50.0, "docs": [[0, 1.0], [1, 0.0]]}}}}
+    table, scale = intervals.aligned(accuracy, intervals.task_ids(accuracy))["m", "flexolmo_arc_easy"]
+    assert scale == 100.0 and intervals.value_of(table[[0, 0]], scale) == 100.0
+    assert intervals.verdict(None, [True]) == ("n/a", None)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from flexolmo_core.atomic import atomic_file, write_json
-from flexolmo_core.evaluation import scores, suite
+from flexolmo_core.evaluation import intervals, scores, suite
 
 MERGING_BASELINES = ("soup", "btm", "prompt_routing", "btx")  # the paper's "prior merging methods"
 BASELINES = (*MERGING_BASELINES, "unrestricted")  # what "the best baseline" is chosen from
@@ -102,8 +102,10 @@ def relative_rows(summary: dict) -> list[dict]:
     return rows
 
 
-def claims(summary: dict) -> list[tuple[str, bool | None, str]]:
-    """The issue's acceptance checks at `tiny`, on held-out domain bpb (lower is better)."""
+def claims(summary: dict, best_merging: str | None = None) -> list[tuple[str, bool | None, str]]:
+    """The issue's acceptance checks at `tiny`, on held-out domain bpb (lower is better). `best_merging`: the
+    merging baseline to compare the group Avg. with (default: the best in `summary`; the bootstrap fixes it to
+    the point estimate's, so that every draw tests the same claim)."""
     out = []
     flex, pub = summary.get("flexolmo"), summary.get("public")
     if flex and pub:
@@ -111,10 +113,13 @@ def claims(summary: dict) -> list[tuple[str, bool | None, str]]:
         out.append(("FlexOlmo beats public on average bpb", _lt(flex["domains_bpb_avg"], pub["domains_bpb_avg"]),
                     f"{_fmt(flex['domains_bpb_avg'], 4)} vs {_fmt(pub['domains_bpb_avg'], 4)}"))
     if flex and pub:  # the paper's two headlines, on the group averages it uses (accuracy-type scores)
-        for ref, paper in (("public", "+41%"), (best_baseline(summary, "groups", True, MERGING_BASELINES), "+10.1%")):
+        best = best_merging or best_baseline(summary, "groups", True, MERGING_BASELINES)
+        for ref, paper in (("public", "+41%"), (best, "+10.1%")):
             if ref is None:
                 out.append(("FlexOlmo over the best merging baseline on the group Avg.", None,
                             "no merging baseline ran the task groups"))
+                continue
+            if ref not in summary:
                 continue
             ri = scores.relative_improvements(flex["groups"], summary[ref]["groups"])
             what = "public" if ref == "public" else f"the best merging baseline ({ref})"
@@ -218,7 +223,13 @@ def numerics_line(numerics: dict | None) -> str:
             f"{', ' + m['gpu'] if m['gpu'] else ''}, torch {m['torch']}): {choices}.")
 
 
-def render_markdown(results: dict, summary: dict, plots: list[str], numerics: dict | None = None) -> str:
+def _ci(pair, digits) -> str:
+    return "" if pair is None else f" [{pair[0]:.{digits}f}, {pair[1]:.{digits}f}]"
+
+
+def render_markdown(results: dict, summary: dict, plots: list[str], numerics: dict | None = None,
+                    uncertainty: dict | None = None) -> str:
+    uncertainty = uncertainty or {"means": {}, "checks": None, "coverage": None}
     parts = ["# FlexOlmo evaluation results", ""]
     any_res = next(iter(results.values()), {})
     parts.append(f"Docs per task: {any_res.get('limit')} (paper: 1000); held-out docs per domain: "
@@ -227,9 +238,18 @@ def render_markdown(results: dict, summary: dict, plots: list[str], numerics: di
     parts += ["", numerics_line(numerics)]
     # bpb first: at small scale accuracy sits near chance and bpb is the signal
     parts += ["", "## Held-out bits per byte per FlexMix domain (lower is better)", ""]
+    if not uncertainty["coverage"]:
+        parts += ["These results hold no per-document values (written before they were recorded): no intervals, "
+                  "and the checks below compare point estimates only.", ""]
+    else:
+        parts += [f"Means carry a {intervals.LEVEL:.0%} bootstrap interval over documents ({intervals.ITERS} draws, the "
+                  "same documents for every model); a check below is PASS or FAIL only when it holds in at least 97.5% "
+                  f"or at most 2.5% of the draws, else inconclusive. Per-document values: {uncertainty['coverage'][0]} "
+                  f"of {uncertainty['coverage'][1]} task results.", ""]
     domains = domains_in(summary)
     parts.append(_md_table(["model", *domains, "mean"],
-                           [[n, *[_fmt(s["domains_bpb"].get(d), 4) for d in domains], _fmt(s["domains_bpb_avg"], 4)]
+                           [[n, *[_fmt(s["domains_bpb"].get(d), 4) for d in domains],
+                             _fmt(s["domains_bpb_avg"], 4) + _ci(uncertainty["means"].get(n), 4)]
                             for n, s in summary.items()]))
     parts += ["", "## Gold bits per byte per group (lower is better)", ""]
     parts.append(_md_table(["model", *suite.GROUPS, "Avg."],
@@ -264,7 +284,10 @@ def render_markdown(results: dict, summary: dict, plots: list[str], numerics: di
             rows.append([e["domain"], *[_pct(own if d == e["domain"] else e["other_changes"].get(d)) for d in doms]])
         parts.append(_md_table(["removed", *doms], rows))
     parts += ["", "## Checks from the issue (reported either way)", ""]
-    parts += [f"- {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {what} ({detail})" for what, ok, detail in claims(summary)] or ["- (no results)"]
+    checked = uncertainty["checks"] or [(what, "PASS" if ok else ("FAIL" if ok is False else "n/a"), detail, None)
+                                        for what, ok, detail in claims(summary)]
+    parts += [f"- {v}: {what} ({detail}" + ("" if share is None else f"; holds in {share:.1%} of the draws") + ")"
+              for what, v, detail, share in checked] or ["- (no results)"]
     parts += ["", "## Tasks not run", ""]
     reasons = {}
     missing = {n: r.get("reason") for n, r in results.items() if r.get("status") == "not run"}
@@ -364,6 +387,27 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
     return paths
 
 
+def bootstrap(results: dict, summary: dict, iters: int = intervals.ITERS) -> dict:
+    """Intervals for the report: each model's held-out mean, and each check's verdict over the draws."""
+    best = best_baseline(summary, "groups", True, MERGING_BASELINES)
+    point = claims(summary, best)
+    means: dict[str, list] = {n: [] for n in summary}
+    held: list[list] = [[] for _ in point]
+    for draw in intervals.draws(results, iters):
+        resampled = summarize(draw)
+        for n in means:
+            means[n].append(resampled[n]["domains_bpb_avg"])
+        by_what = {what: ok for what, ok, _ in claims(resampled, best)}
+        for i, (what, _, _) in enumerate(point):
+            held[i].append(by_what.get(what))
+    checks = []
+    for (what, ok, detail), in_draws in zip(point, held):
+        v, share = intervals.verdict(ok, in_draws)
+        checks.append((what, v, detail, share))
+    return {"means": {n: intervals.interval(v) for n, v in means.items()}, "checks": checks,
+            "coverage": intervals.coverage(results)}
+
+
 def write_report(results_dir, report_dir, metrics_path=None, numerics: dict | None = None) -> dict:
     """Read `<results_dir>/*.json`, write `<report_dir>/results.md`, PNGs, `results_table.json` (rows for a
     Prefect table artifact), `summary.json` (every number) and the headline metrics for `dvc metrics show`
@@ -373,13 +417,18 @@ def write_report(results_dir, report_dir, metrics_path=None, numerics: dict | No
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     plots = make_plots(summary, report_dir) if summary else []
+    uncertainty = bootstrap(results, summary) if summary and intervals.coverage(results)[0] else None
     with atomic_file(report_dir / "results.md") as handle:
-        handle.write(render_markdown(results, summary, plots, numerics))
+        handle.write(render_markdown(results, summary, plots, numerics, uncertainty))
     write_json(report_dir / "results_table.json", table_rows(summary))
     detail = {n: {"avg": s["avg"]["avg"], "groups_ran": s["avg"]["groups_ran"], "avg_gold_bpb": s["avg_bpb"]["avg"],
                   "domain_bpb_mean": s["domains_bpb_avg"], **{f"bpb_{d}": v for d, v in s["domains_bpb"].items()},
                   "seconds": s["seconds"]} for n, s in summary.items()}
-    detail["checks"] = {what: ok for what, ok, _ in claims(summary)}
+    detail["checks"] = ({what: v for what, v, _, _ in uncertainty["checks"]} if uncertainty
+                        else {what: ok for what, ok, _ in claims(summary)})
+    if uncertainty:
+        detail["intervals"] = {"level": intervals.LEVEL, "draws": intervals.ITERS, "coverage": uncertainty["coverage"],
+                               "domain_bpb_mean": uncertainty["means"]}
     write_json(report_dir / "summary.json", detail)
     write_json(metrics_path or report_dir / "heldout_bpb.json", headline_metrics(summary))
     return summary

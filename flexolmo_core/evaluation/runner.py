@@ -103,14 +103,30 @@ def _policy_reason(name: str, cfg: EvalConfig) -> str | None:
     return None
 
 
-def _primary_value(name: str, metrics: dict) -> float | None:
+def primary_metric(name: str) -> str:
+    """The lm-eval metric a task's reported value comes from."""
     spec, variant = suite.spec_of(name)
-    if variant == "domain":
-        return metrics.get("bits_per_byte")
-    if variant == "bpb":
-        return metrics.get("bpb")
-    value = metrics.get(spec.metric)
-    return None if value is None else 100.0 * value  # paper reports 0-100
+    return {"domain": "bits_per_byte", "bpb": "bpb"}.get(variant) or spec.metric
+
+
+def _primary_value(name: str, metrics: dict) -> float | None:
+    value = metrics.get(primary_metric(name))
+    if value is None or suite.spec_of(name)[1] in ("domain", "bpb"):
+        return value
+    return 100.0 * value  # paper reports 0-100
+
+
+def doc_values(name: str, samples: list[dict] | None) -> list[list[float]]:
+    """Per document, what the reported value aggregates: [doc_id, value] for mean-aggregated metrics, [doc_id,
+    loglikelihood, bytes] for held-out bpb (a ratio of sums). The report's bootstrap intervals resample these."""
+    key, out = primary_metric(name), []
+    for sample in samples or []:
+        value = sample.get(key)
+        if isinstance(value, (int, float)):
+            out.append([sample["doc_id"], float(value)])
+        elif isinstance(value, (list, tuple)) and len(value) == 2:
+            out.append([sample["doc_id"], float(value[0]), float(value[1])])
+    return sorted(out)
 
 
 def load_tasks(task_names: list[str], cfg: EvalConfig) -> tuple[dict, dict]:
@@ -159,17 +175,18 @@ def run_tasks(lm, tasks: dict, cfg: EvalConfig) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for limit, group in by_limit.items():
         try:
-            res = evaluate(lm=lm, task_dict={"tasks": group}, limit=limit, bootstrap_iters=0, log_samples=False,
+            res = evaluate(lm=lm, task_dict={"tasks": group}, limit=limit, bootstrap_iters=0, log_samples=True,
                            confirm_run_unsafe_code=cfg.allow_code_execution, verbosity="WARNING")
         except Exception:
             # One bad task must not sink the others: retry one by one and record the failure honestly.
-            res = {"results": {}, "n-samples": {}}
+            res = {"results": {}, "n-samples": {}, "samples": {}}
             for name, task in group.items():
                 try:
                     one = evaluate(lm=lm, task_dict={"tasks": {name: task}}, limit=limit, bootstrap_iters=0,
-                                   log_samples=False, confirm_run_unsafe_code=cfg.allow_code_execution,
+                                   log_samples=True, confirm_run_unsafe_code=cfg.allow_code_execution,
                                    verbosity="WARNING")
                     res["results"].update(one["results"])
+                    res["samples"].update(one.get("samples") or {})
                     res["n-samples"].update(one.get("n-samples", {}))
                 except Exception as err:
                     out[name] = {"status": "error", "reason": f"{type(err).__name__}: {err}".splitlines()[0],
@@ -178,7 +195,8 @@ def run_tasks(lm, tasks: dict, cfg: EvalConfig) -> dict[str, dict]:
             metrics = {k.split(",")[0]: v for k, v in values.items()
                        if "," in k and not k.split(",")[0].endswith("_stderr") and isinstance(v, (int, float))}
             n = res.get("n-samples", {}).get(name, {}).get("effective")
-            out[name] = {"status": "ok", "metrics": metrics, "value": _primary_value(name, metrics), "n": n}
+            out[name] = {"status": "ok", "metrics": metrics, "value": _primary_value(name, metrics), "n": n,
+                         "docs": doc_values(name, (res.get("samples") or {}).get(name))}
     return out
 
 
