@@ -8,6 +8,9 @@ measured per domain on held-out (test) text:
 - opt-out: the share of a domain's gain over the public model that removing its expert takes away (and the
   largest change on another domain).
 
+Each point's means carry a 95% bootstrap interval over the held-out documents, paired across variants
+(`metric_intervals`, through flexolmo_core/evaluation/intervals.py), shown in the grid table.
+
 Every point is the pipeline's own code (anchor training or import, router embeddings, owner training, merge, the
 evaluate stage's variants and held-out bpb), on a subset of the domains so the grid fits hours, not days.
 
@@ -59,9 +62,10 @@ def eval_config(domains_dir: Path, domains: list[str], docs: int, chars: int):
                              domains=domains, batch_size=16, device="cpu")
 
 
-def variant_bpb(point: Path, anchor_dir: Path, domains_dir: Path, all_domains: list[str], docs: int,
-                chars: int, names=POINT_VARIANTS) -> dict[str, dict[str, float]]:
-    """Held-out bpb per variant and domain, through the evaluate stage's variants and lm-eval tasks."""
+def variant_results(point: Path, anchor_dir: Path, domains_dir: Path, all_domains: list[str], docs: int,
+                    chars: int, names=POINT_VARIANTS) -> dict[str, dict]:
+    """The evaluate stage's result per variant (held-out bpb per domain, with the per-document values behind it),
+    through its variants and lm-eval tasks."""
     from flexolmo_core.evaluation import suite
     from flexolmo_core.evaluation.variants import build_variants, evaluate_variant
     from flexolmo_core.evaluation.scores import domain_bpb
@@ -71,9 +75,27 @@ def variant_bpb(point: Path, anchor_dir: Path, domains_dir: Path, all_domains: l
     out = {}
     for v in build_variants(point / "merged", point / "variants", anchor_dir=anchor_dir):
         if v.name.startswith(tuple(names)):
-            out[v.name] = domain_bpb(evaluate_variant(v, tasks, cfg))
-            say(f"{point.name}: {v.name} " + " ".join(f"{d} {x:.4f}" for d, x in out[v.name].items()))
+            out[v.name] = evaluate_variant(v, tasks, cfg)
+            say(f"{point.name}: {v.name} " + " ".join(f"{d} {x:.4f}" for d, x in domain_bpb(out[v.name]).items()))
     return out
+
+
+def bpb_of(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    from flexolmo_core.evaluation.scores import domain_bpb
+
+    return {name: domain_bpb(res) for name, res in results.items()}
+
+
+def metric_intervals(results: dict[str, dict], domains: list[str], iters: int = 1000) -> dict[str, list[float]]:
+    """A 95% bootstrap interval over documents (paired: the same documents for every variant) for each of
+    point_metrics' means, from the same function on each draw."""
+    from flexolmo_core.evaluation import intervals
+
+    values: dict[str, list] = {}
+    for draw in intervals.draws(results, iters):
+        for key, value in point_metrics(bpb_of(draw), domains)["mean"].items():
+            values.setdefault(key, []).append(value)
+    return {key: list(found) for key, v in values.items() if (found := intervals.interval(v)) is not None}
 
 
 def point_metrics(bpb: dict, domains: list[str]) -> dict:
@@ -170,12 +192,15 @@ def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domain
     for split in splits:  # validation scores only FlexOlmo itself: it is where a lever would be chosen
         domains_dir = split_dir(pipeline / "outputs/prepare", split, ["public", *domains], work / "splits")
         if split == "validation":
-            bpb = variant_bpb(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs, args.chars,
-                              names=["flexolmo"])
+            bpb = bpb_of(variant_results(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs,
+                                         args.chars, names=["flexolmo"]))
             result["splits"][split] = {"bpb": bpb, "mean": {"bpb_flexolmo": sum(bpb["flexolmo"].values()) / len(bpb["flexolmo"])}}
             continue
-        bpb = variant_bpb(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs, args.chars)
-        result["splits"][split] = {"bpb": bpb, **point_metrics(bpb, domains)}
+        results = variant_results(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs,
+                                  args.chars)
+        bpb = bpb_of(results)
+        result["splits"][split] = {"bpb": bpb, **point_metrics(bpb, domains),
+                                   "intervals": metric_intervals(results, domains)}
     result["seconds"] = round(time.perf_counter() - start, 1)
     write_record(record, result)
     shutil.rmtree(point / "variants", ignore_errors=True)  # rebuilt from the merge in seconds; keeps disk small
@@ -212,11 +237,16 @@ def grid_table(points: list[dict]) -> str:
             "owners, own domain | merged vs owner | vs BTM | vs soup | opt-out gain lost | max other change |")
     rows = [head, "|" + "---|" * 14]
     for p in points:
-        m = p["splits"]["test"]["mean"]
+        m, ci = p["splits"]["test"]["mean"], p["splits"]["test"].get("intervals", {})
+
+        def pct_ci(key):  # a paired 95% interval over documents, where the point recorded one
+            lo_hi = ci.get(key)
+            return pct(m[key]) + ("" if not lo_hi else f" [{100 * lo_hi[0]:+.1f}, {100 * lo_hi[1]:+.1f}]")
+
         rows.append(f"| {p['anchor']} | {p['owner_steps']} | {p['owner_tokens'] / 1e6:.2f}M | {m['bpb_public']:.4f} | "
                     f"{m['bpb_soup']:.4f} | {m['bpb_btm']:.4f} | {m['bpb_flexolmo']:.4f} | "
                     f"{m['bpb_flexolmo_experts']:.4f} | {m['bpb_owner_own']:.4f} | "
-                    f"{pct(m['merged_vs_owner'])} | {pct(m['vs_btm'])} | {pct(m['vs_soup'])} | "
+                    f"{pct_ci('merged_vs_owner')} | {pct_ci('vs_btm')} | {pct_ci('vs_soup')} | "
                     f"{share(m['gain_lost'])} | "
                     f"{100 * m['max_other_change']:.2f}% |")
     return "\n".join(rows)

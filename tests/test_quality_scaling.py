@@ -15,7 +15,7 @@ DOMAINS = ["code", "math"]
 
 
 def bpb(flex_code=1.0, flex_math=2.0) -> dict:
-    """Held-out bpb per variant and domain, as variant_bpb returns them."""
+    """Held-out bpb per variant and domain, as bpb_of(variant_results(...)) returns them."""
     return {
         "public": {"public": 1.0, "code": 1.5, "math": 3.0},
         "owner_code": {"public": 1.0, "code": 0.9, "math": 3.0},
@@ -66,3 +66,35 @@ def test_report_tables_and_plot_from_the_points(tmp_path):
     assert rows[0].startswith("| tiny anchor, 250 steps | 25 | 0.10M |")  # sorted by owner tokens per anchor
     assert "| 100 | code | +22.2% |" in text  # 1.1 / 0.9 - 1
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_each_mean_gets_a_paired_interval_over_documents(tmp_path):
+    """variant_results' per-document values give every point mean a 95% interval (same documents for every
+    variant); the point estimate lies inside it, and the grid table prints it."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    results = {}
+    for variant, per_domain in bpb().items():
+        tasks = {}
+        for domain, value in per_domain.items():
+            noise = [rng.uniform(-0.2, 0.2) for _ in range(12)]
+            per_doc = [value + e - sum(noise) / len(noise) for e in noise]  # mean exactly `value`
+            tasks[f"flexolmo_domain_{domain}"] = {"status": "ok", "value": value, "docs": [
+                [i, -b * 1000 * math.log(2), 1000.0] for i, b in enumerate(per_doc)]}
+        results[variant] = {"variant": variant, "tasks": tasks}
+    assert qs.bpb_of(results)["flexolmo"] == pytest.approx(bpb()["flexolmo"])
+    point = qs.point_metrics(qs.bpb_of(results), DOMAINS)["mean"]
+    found = qs.metric_intervals(results, DOMAINS, iters=200)
+    for key in ("merged_vs_owner", "vs_btm", "vs_soup", "bpb_flexolmo"):
+        lo, hi = found[key]
+        assert lo <= point[key] <= hi and hi > lo, key
+    points = tmp_path / "points"
+    points.mkdir()
+    b = qs.bpb_of(results)
+    (points / "a.json").write_text(json.dumps({
+        "name": "a", "anchor": "tiny anchor, 250 steps", "owner_steps": 20, "owner_tokens": 81920, "domains": DOMAINS,
+        "seconds": 1.0, "splits": {"test": {"bpb": b, **qs.point_metrics(b, DOMAINS), "intervals": found}}}))
+    lo, hi = found["vs_btm"]
+    assert f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" in qs.report(tmp_path)
