@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .merge import MERGED_MANIFEST, read_manifest
+from .merge import read_manifest
 from .families import expert_count, load_weights, renormalizes, set_expert_count
 from .moe import FlexRouter, routers
 from .errors import InputError
@@ -187,6 +187,3 @@ def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 32, do_samp
             "attribution": attribution(loaded, shares), "kept": loaded.kept,
             "off": [d for d in domains if d not in loaded.kept]}
 
-
-def is_merged_model(path: str | os.PathLike) -> bool:
-    return (Path(path) / MERGED_MANIFEST).exists()

@@ -25,7 +25,6 @@ from .errors import InputError, MissingInput, require, read_json
 
 MERGED_MANIFEST = "flexolmo.json"
 MODEL_SIGNATURE = ("config.json", MERGED_MANIFEST)  # what every model folder this project writes has
-WEIGHTS_FILE = "model.safetensors"
 
 
 def default_top_k(num_experts: int) -> int:

