@@ -139,10 +139,15 @@ def test_variants_report_and_cli(models, tmp_path):
     flex = json.loads((results / "flexolmo.json").read_text())
     assert flex["routing_share"]["experts"] == ["public", "code", "math"]
     assert sum(flex["routing_share"]["domains"]["code"]) == pytest.approx(1.0, abs=1e-3)
+    assert sum(flex["routing_share"]["top1"]["code"]) == pytest.approx(1.0, abs=1e-3)  # one top expert per token-layer
+    assert 0 < flex["routing_share"]["entropy_bits"]["code"] <= math.log2(3) + 1e-6
     summary = report.write_report(results, tmp_path / "reports")
     md = (tmp_path / "reports" / "results.md").read_text()
     assert "| flexolmo |" in md and "not run: needs an LLM judge" in md and "Avg." in md
     assert "opting out code" in md
+    row = next(r for r in report.routing_rows(summary) if (r["model"], r["domain"]) == ("flexolmo", "code"))
+    assert row["p_own"] == flex["routing_share"]["domains"]["code"][1] and row["experts"] == 3
+    assert f"| flexolmo | code | {row['p_own']:.3f} | 0.333 | {row['top1_own']:.3f} |" in md
     for png in ("groups_bpb.png", "routing_share.png", "opt_out.png"):
         assert (tmp_path / "reports" / png).stat().st_size > 0
     detail = json.loads((tmp_path / "reports" / "summary.json").read_text())

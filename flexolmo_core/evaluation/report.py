@@ -6,6 +6,7 @@ Variant names the report understands (the evaluate stage writes them): `public`,
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from flexolmo_core.atomic import atomic_file, write_json
@@ -190,6 +191,24 @@ def opt_out_effects(summary: dict) -> list[dict]:
     return out
 
 
+def routing_rows(summary: dict) -> list[dict]:
+    """Per merged variant and per held-out domain whose expert it holds: p(own expert), the own expert's top-1
+    share and the routing entropy, from the evaluate stage's routing diagnostics."""
+    rows = []
+    for name, s in summary.items():
+        routing = s.get("routing_share") or {}
+        experts = routing.get("experts") or []
+        for domain, share in (routing.get("domains") or {}).items():
+            if domain not in experts:
+                continue
+            own = experts.index(domain)
+            top1 = (routing.get("top1") or {}).get(domain)
+            rows.append({"model": name, "domain": domain, "experts": len(experts), "p_own": share[own],
+                         "top1_own": None if top1 is None else top1[own],
+                         "entropy_bits": (routing.get("entropy_bits") or {}).get(domain)})
+    return rows
+
+
 def table_rows(summary: dict) -> list[dict]:
     """Groups x models rows (for the markdown table and the Prefect table artifact)."""
     rows = []
@@ -283,6 +302,16 @@ def render_markdown(results: dict, summary: dict, plots: list[str], numerics: di
             own = (e["bpb_without"] - e["bpb_with"]) / e["bpb_with"]
             rows.append([e["domain"], *[_pct(own if d == e["domain"] else e["other_changes"].get(d)) for d in doms]])
         parts.append(_md_table(["removed", *doms], rows))
+    routed = routing_rows(summary)
+    if routed:
+        parts += ["", "## Routing diagnostics (held-out text of each domain whose expert the model holds)", "",
+                  "p(own): the mean router probability of the domain's own expert, over tokens and layers (chance: "
+                  "1 / experts); own top-1: the share of token-layers where it is the top expert; entropy of the "
+                  "routing distribution in bits (uniform: log2 of the expert count).", ""]
+        parts.append(_md_table(["model", "domain", "p(own)", "chance", "own top-1", "entropy bits", "uniform"],
+                               [[r["model"], r["domain"], _fmt(r["p_own"], 3), _fmt(1 / r["experts"], 3),
+                                 _fmt(r["top1_own"], 3), _fmt(r["entropy_bits"], 3), _fmt(math.log2(r["experts"]), 3)]
+                                for r in routed]))
     parts += ["", "## Checks from the issue (reported either way)", ""]
     checked = uncertainty["checks"] or [(what, "PASS" if ok else ("FAIL" if ok is False else "n/a"), detail, None)
                                         for what, ok, detail in claims(summary)]

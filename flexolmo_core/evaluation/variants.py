@@ -138,5 +138,7 @@ def _routing_share(lm, model_dir, cfg: runner.EvalConfig) -> dict | None:
         texts[d] = [x["text"] for x in docs[: min(4, cfg.domain_limit or 4)]]  # a few docs: a share, not a score
     if not texts:
         return None
-    shares = routing_share(lm.model, lm.tokenizer, texts)
-    return {"experts": expert_domains(model_dir), "domains": shares}
+    found = routing_share(lm.model, lm.tokenizer, texts)
+    return {"experts": expert_domains(model_dir), "domains": {d: f["share"] for d, f in found.items()},
+            "top1": {d: f["top1"] for d, f in found.items()},
+            "entropy_bits": {d: f["entropy_bits"] for d, f in found.items()}}
