@@ -69,7 +69,7 @@ def compute_dtype(name: str, device: torch.device, measure,
     """Rule 2: `loop.dtype` as a torch dtype, and the matmul rates measured to choose it (FLOP/s by dtype name).
     `auto` is bf16 on a GPU that has it (fp32 on older ones: fp16 would need loss scaling); on the CPU it is
     bf16 only where `measure(dtype, device)` finds bf16 at least `margin` x fp32 (an AMD EPYC here trained the
-    tiny anchor 1.87x faster in bf16; an Intel Xeon without AMX measured bf16 at 62.2 vs fp32 at 123.5 GFLOP/s on
+    tiny anchor 1.868x faster in bf16; an Intel Xeon without AMX measured bf16 at 62.2 vs fp32 at 123.5 GFLOP/s on
     one thread and trained 1.40x faster in fp32), else fp32."""
     if name != "auto":
         return getattr(torch, name), {}
