@@ -185,6 +185,7 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path
         check_safetensors_file(path)
 
 
+@pytest.mark.slow  # about 50 s: the whole GPU script rehearsed on the CPU
 def test_the_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     """benchmarks/gpu_check.sh, rehearsed at smoke shapes on the CPU: every part runs and reports (on a GPU
     machine the same script runs at `small` and a 1B-class shape)."""

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # torchrun subprocesses: about 70 s in all
+
 
 def run(args, nproc: int, tmp: Path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -85,6 +85,7 @@ def anchor_cmd(tokenizer, data, out, steps):
             "--lr", "3e-3"]
 
 
+@pytest.mark.slow  # about 20 s: a training subprocess killed and resumed
 def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path, smoke_tokenizer, owner_data):
     steps = 40
     straight = subprocess.run(anchor_cmd(smoke_tokenizer, owner_data["code"], tmp_path / "a", steps), env=env(),
