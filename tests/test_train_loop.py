@@ -417,3 +417,20 @@ def test_numerics_measures_again_on_another_machine_or_margin(monkeypatch):
     moved = {**first, "machine": {**first["machine"], "cpu": "another CPU"}}
     assert dtypes.resolve_numerics(moved, lambda dtype, on: rates[dtype])["auto"]["cpu"]["dtype"] == "float32"
     assert dtypes.pinned_dtype("auto", "cpu", first) == "bfloat16" and dtypes.pinned_dtype("float32", "cpu", first) == "float32"
+
+
+def test_a_run_killed_while_dvclive_wrote_its_summary_resumes(tmp_path, smoke_anchor, owner_data):
+    """A SIGKILL in the middle of dvclive's in-place summary write leaves torn JSON (seen once in the kill-and-resume
+    test, under load); the resume drops it instead of failing to read it."""
+    import dataclasses
+
+    from flexolmo_core.training.stages import train_expert
+
+    loop = dataclasses.replace(LOOP, steps=2, checkpoint_every=2)
+    train_expert(smoke_anchor, "code", [owner_data["code"]], tmp_path / "run", loop)
+    summary = tmp_path / "run" / "run" / "dvclive" / "metrics.json"
+    assert json.loads(summary.read_text())["step"] >= 1
+    summary.write_text('{"step": 1, "loss": 3.')  # torn mid-write
+    result = train_expert(smoke_anchor, "code", [owner_data["code"]], tmp_path / "run",
+                          dataclasses.replace(loop, steps=4))
+    assert result["resumed_from"] == "step-00000002" and json.loads(summary.read_text())["step"] >= 3

@@ -51,6 +51,21 @@ def measure_matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", 
     return 2 * n ** 3 * reps / best
 
 
+def drop_torn_summary(live_dir: Path) -> None:
+    """dvclive rewrites its summary (metrics.json) in place at every logged step, so a run killed in the middle
+    of that write leaves torn JSON, and dvclive's resume cannot read it (a kill-and-resume test hit this). The
+    summary is rewritten at the next step, so a torn one is dropped; the curves (.tsv, appended) stay."""
+    import json
+
+    summary = Path(live_dir) / "metrics.json"
+    try:
+        json.loads(summary.read_text())
+    except FileNotFoundError:
+        pass
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        summary.unlink()
+
+
 def make_optimizer(model, cfg: LoopConfig) -> torch.optim.AdamW:
     """AdamW with groups: matrices (decayed), norms (not decayed), router rows (decayed) and router biases
     (not decayed); `group_lr` gives each group its learning rate on every step."""
@@ -198,6 +213,7 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
     if dist.main:
         from dvclive import Live
 
+        drop_torn_summary(run_dir / "dvclive")
         run.live = Live(dir=str(run_dir / "dvclive"), resume=run.start_step > 0, save_dvc_exp=False, dvcyaml=False)
         if cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
