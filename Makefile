@@ -17,7 +17,7 @@ run-smollm2: setup
 # 313 tests in 711 s on an AMD EPYC; one process took 1,149 s (that run shared the machine with other work).
 # 333 tests in 932 s on an Intel Xeon of this kind (2026-12-02, set-up already done); from a fresh clone at 830575b
 # `make test` took 1110 s there, 335 tests in 985 s (beside a niced benchmark run). From a fresh clone at b506eb2
-# on an AMD EPYC of this kind (2026-12-04): 896 s with set-up, 363 tests in 783.14 s; at 1a1b99f 834 s, 367 in 734.79 s.
+# on an AMD EPYC of this kind (2026-12-04): 896 s with set-up, 363 tests in 783.14 s; at dc9a171 780 s, 368 in 684.93 s.
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
