@@ -8,7 +8,6 @@ unpickled: a folder with only `.bin` / `.pt` weights is refused. Every refusal n
 expected, and nothing is written unless the whole import succeeds."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path

@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from . import suite
+
 ITERS = 1000  # draws: the 2.5% and 97.5% quantiles move by about 0.01 of the interval from one seed to another
 LEVEL = 0.95
 LN2 = math.log(2)
@@ -50,8 +52,7 @@ def aligned(results: dict[str, dict], ids: dict[str, list]) -> dict[tuple[str, s
             by_id = {d[0]: d[1:] for d in rec["docs"]}
             width = len(rec["docs"][0]) - 1
             rows = np.array([by_id.get(i, [math.nan] * width) for i in ids[name]], dtype=float)
-            natural = value_of(rows, 1.0)
-            scale = rec["value"] / natural if width == 1 and natural else 1.0  # 100 for accuracies, 1 otherwise
+            scale = 100.0 if suite.spec_of(name)[1] == "primary" else 1.0  # accuracies are reported 0-100 (runner)
             out[model, name] = (rows, scale)
     return out
 
