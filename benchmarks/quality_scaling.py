@@ -192,12 +192,15 @@ def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domain
     for split in splits:  # validation scores only FlexOlmo itself: it is where a lever would be chosen
         domains_dir = split_dir(pipeline / "outputs/prepare", split, ["public", *domains], work / "splits")
         if split == "validation":
-            bpb = bpb_of(variant_results(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs,
-                                         args.chars, names=["flexolmo"]))
+            results = variant_results(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs,
+                                      args.chars, names=["flexolmo"])
+            write_record(work / "results" / f"{name}_{split}.json", results)
+            bpb = bpb_of(results)
             result["splits"][split] = {"bpb": bpb, "mean": {"bpb_flexolmo": sum(bpb["flexolmo"].values()) / len(bpb["flexolmo"])}}
             continue
         results = variant_results(point, point / "anchor/model", domains_dir, ["public", *domains], args.docs,
                                   args.chars)
+        write_record(work / "results" / f"{name}_{split}.json", results)  # per-document values: later levers pair on them
         bpb = bpb_of(results)
         result["splits"][split] = {"bpb": bpb, **point_metrics(bpb, domains),
                                    "intervals": metric_intervals(results, domains)}
@@ -317,6 +320,86 @@ def lever_table(levers: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def goal_table(label: str, results: dict[str, dict], domains: list[str]) -> list[str]:
+    """Issue 29's four goals for one merged model (`results["flexolmo"]`, its opt-outs, and the point's
+    baselines), each with its paired bootstrap evidence: the share of draws in which it holds (>= 97.5%: met;
+    <= 2.5%: missed; else inconclusive)."""
+    from flexolmo_core.evaluation import intervals
+    from flexolmo_core.evaluation.scores import opt_out_effect
+
+    checks: dict[str, list[bool]] = {}
+
+    def tick(key, held):
+        checks.setdefault(key, []).append(bool(held))
+
+    for draw in intervals.draws(results, 1000):
+        b = bpb_of(draw)
+        mean = lambda m: sum(b[m].values()) / len(b[m])  # noqa: E731
+        flex = b["flexolmo"]
+        for other in ("soup", "btm"):
+            tick(f"beats {other} on the mean", mean("flexolmo") < mean(other))
+            for d in domains:
+                tick(f"beats {other} on {d}", flex[d] < b[other][d])
+        for d in domains:
+            tick(f"{d}: within 5% of its owner", flex[d] <= 1.05 * b[f"owner_{d}"][d])
+            effect = opt_out_effect(flex, b[f"optout_{d}"], b["public"], d)
+            tick(f"{d}: opt-out loses >= 80% of the gain, others move < 2%",
+                 (effect["gain_lost"] or 0) >= 0.8 and (effect["max_other_change"] or 0) < 0.02)
+    b = bpb_of(results)
+    routing = results["flexolmo"].get("routing_share") or {}
+    experts = routing.get("experts") or []
+    rows = [f"**{label}**", "", "| goal | point value | holds in draws | verdict |", "|---|---|---|---|"]
+    for key, held in checks.items():
+        share_held = sum(held) / len(held)
+        verdict = "met" if share_held >= 0.975 else "missed" if share_held <= 0.025 else "inconclusive"
+        rows.append(f"| {key} | {goal_value(key, b, domains)} | {100 * share_held:.1f}% | {verdict} |")
+    for d in domains:
+        p_own = routing.get("domains", {}).get(d, [None] * len(experts))[experts.index(d)] if d in experts else None
+        rows.append(f"| {d}: merged p(own) >= 0.6 | {'n/a' if p_own is None else f'{p_own:.3f}'} | (no interval) | "
+                    f"{'n/a' if p_own is None else 'met' if p_own >= 0.6 else 'missed'} |")
+    return rows + [""]
+
+
+def goal_value(key: str, b: dict, domains: list[str]) -> str:
+    from flexolmo_core.evaluation.scores import opt_out_effect
+
+    mean = lambda m: sum(b[m].values()) / len(b[m])  # noqa: E731
+    for other in ("soup", "btm"):
+        if key == f"beats {other} on the mean":
+            return f"{mean('flexolmo'):.4f} vs {mean(other):.4f}"
+        for d in domains:
+            if key == f"beats {other} on {d}":
+                return f"{b['flexolmo'][d]:.4f} vs {b[other][d]:.4f}"
+    d = key.split(":")[0]
+    if "owner" in key:
+        return f"{b['flexolmo'][d]:.4f} vs {b[f'owner_{d}'][d]:.4f} ({pct(b['flexolmo'][d] / b[f'owner_{d}'][d] - 1)})"
+    effect = opt_out_effect(b["flexolmo"], b[f"optout_{d}"], b["public"], d)
+    return f"{share(effect['gain_lost'])} lost, others {100 * (effect['max_other_change'] or 0):.2f}%"
+
+
+def goals(work: Path) -> list[str]:
+    """The goal tables of every point whose per-document results were kept, and of its closed-form router."""
+    text = []
+    for record in sorted((work / "points").glob("*.json")):
+        point = json.loads(record.read_text())
+        base = work / "results" / f"{point['name']}_test.json"
+        if point.get("lever") or not base.exists():
+            continue
+        results = json.loads(base.read_text())
+        text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: domain-embedding router "
+                           "(the paper's)", results, point["domains"])
+        ridge = work / "points" / f"{point['name']}_ridge.json"
+        if ridge.exists():
+            chosen = json.loads(ridge.read_text())["chosen"]
+            results["flexolmo"] = json.loads((work / "results" / f"{point['name']}_{chosen}_test.json").read_text())
+            for d in point["domains"]:
+                results[f"optout_{d}"] = json.loads(
+                    (work / "results" / f"{point['name']}_{chosen}_optout_{d}_test.json").read_text())
+            text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: closed-form router "
+                               f"({chosen}, chosen on validation)", results, point["domains"])
+    return text
+
+
 def report(work: Path) -> str:
     points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
     grid = [p for p in points if not p.get("lever")]
@@ -334,6 +417,9 @@ def report(work: Path) -> str:
         text += ["", f"![scaling]({work / 'scaling.png'})"]
     if levers:
         text += ["", "## Levers (chosen on validation, reported on test)", "", lever_table(levers)]
+    goal_rows = goals(work)
+    if goal_rows:
+        text += ["", "## Issue 29's goals (held-out test split, paired 95% bootstrap over documents)", "", *goal_rows]
     m = machine()
     text += ["", f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
              f"seconds per point: " + ", ".join(f"{p['name']} {p['seconds']}" for p in points)]
@@ -424,20 +510,103 @@ def router_tuned(base: Path, pipeline: Path, domains: list[str], rt_steps: int, 
     return result
 
 
+# ---- the closed-form router on a finished point (issue 29, item 3) -------------------------------------------
+RIDGE_GRID = [(target, scale) for target in (1.0, 0.0) for scale in (2.0, 8.0, 32.0)]  # (public target, scale)
+
+
+def model_result(name: str, model_dir: Path, domains_dir: Path, all_domains: list[str], args) -> dict:
+    """One merged model's held-out bpb per domain (per-document values and routing diagnostics kept)."""
+    from flexolmo_core.evaluation import suite
+    from flexolmo_core.evaluation.scores import domain_bpb
+    from flexolmo_core.evaluation.variants import Variant, evaluate_variant
+
+    cfg = eval_config(domains_dir, all_domains, args.docs, args.chars)
+    result = evaluate_variant(Variant(name, "hf", [str(model_dir)], flexolmo=True),
+                              [suite.domain_task(d) for d in all_domains], cfg)
+    say(f"{name}: " + " ".join(f"{d} {x:.4f}" for d, x in domain_bpb(result).items()))
+    return result
+
+
+def cached_result(path: Path, make) -> dict:
+    if not path.exists():
+        write_record(path, make())
+    return json.loads(path.read_text())
+
+
+def run_ridge(name: str, data: Path, pipeline: Path, domains: list[str], preset: str, args) -> dict:
+    """Fit the closed-form router on point `name`'s merge for each (public target, scale) of RIDGE_GRID, choose
+    on the validation split, and score the chosen one on the test split beside the point's own variants (paired
+    intervals on the same documents), with its opt-outs and routing diagnostics. Every fit and evaluation is
+    kept, so an interrupted run resumes."""
+    from flexolmo_core.merge import opt_out, read_manifest
+    from flexolmo_core.training.config import RouterTuneConfig, load_stage
+    from flexolmo_core.training.stages import fit_router
+
+    work = Path(args.work)
+    point, record = work / name, work / "points" / f"{name}_ridge.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    start = time.perf_counter()
+    _, rt, loop = load_stage(RouterTuneConfig, "router_tune", pipeline / "params.yaml", preset=preset)
+    all_domains = ["public", *domains]
+    split_of = {split: split_dir(pipeline / "outputs/prepare", split, all_domains, work / "splits")
+                for split in ("validation", "test")}
+    validation = {}
+    for target, scale in RIDGE_GRID:
+        tag = f"ridge_p{target:g}_x{scale:g}"
+        if not (point / tag / "model/config.json").exists():
+            say(f"{name}: fitting {tag}")
+            fit_router(point / "merged", data / "public/train", [data / d / "train" for d in domains], point / tag,
+                       loop.seq_len, rt.public_windows, rt.proxy_windows, alpha=rt.ridge_alpha, public_target=target,
+                       scale=scale)
+        res = cached_result(work / "results" / f"{name}_{tag}_validation.json",
+                            lambda: model_result(tag, point / tag / "model", split_of["validation"], all_domains, args))
+        validation[tag] = sum(bpb_of({"m": res})["m"].values()) / len(all_domains)
+    best = min(validation, key=validation.get)
+    say(f"{name}: chosen on validation: {best} ({validation[best]:.4f})")
+    results = json.loads((work / "results" / f"{name}_test.json").read_text())  # the point's own variants
+    top_k = read_manifest(point / "merged")["top_k"]
+    results["flexolmo"] = cached_result(work / "results" / f"{name}_{best}_test.json",
+                                        lambda: model_result(best, point / best / "model", split_of["test"],
+                                                             all_domains, args))
+    for d in domains:
+        if not (point / f"{best}_optout_{d}/config.json").exists():
+            opt_out(point / best / "model", [d], point / f"{best}_optout_{d}", top_k=top_k)
+        results[f"optout_{d}"] = cached_result(
+            work / "results" / f"{name}_{best}_optout_{d}_test.json",
+            lambda d=d: model_result(f"{best}_optout_{d}", point / f"{best}_optout_{d}", split_of["test"],
+                                     all_domains, args))
+    bpb = bpb_of(results)
+    base = json.loads((work / "points" / f"{name}.json").read_text())
+    result = {"name": f"{name}_ridge", "lever": f"closed-form router ({best})", "anchor": base["anchor"],
+              "owner_steps": base["owner_steps"], "owner_tokens": base["owner_tokens"], "domains": domains,
+              "validation_mean_bpb": validation, "chosen": best,
+              "splits": {"validation": {"mean": {"bpb_flexolmo": validation[best]}},
+                         "test": {"bpb": bpb, **point_metrics(bpb, domains),
+                                  "intervals": metric_intervals(results, domains),
+                                  "routing": results["flexolmo"].get("routing_share")}},
+              "seconds": round(time.perf_counter() - start, 1)}
+    write_record(record, result)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default=str(ROOT), help="a finished tiny pipeline folder (outputs/prepare, tokenizer)")
     ap.add_argument("--work", default="/tmp/flexolmo_scaling", help="where the grid's models and results go")
     ap.add_argument("--domains", default="code,math,news", help="the expert domains of every point")
-    ap.add_argument("--anchor-steps", default="250,1000", help="tiny anchor pretraining steps (4096 tokens each)")
+    ap.add_argument("--anchor-steps", default="250,1000",
+                    help="tiny anchor pretraining steps (4096 tokens each); empty: no tiny points")
     ap.add_argument("--owner-steps", default="20,80,320", help="owner training steps (4096 tokens each at tiny)")
     ap.add_argument("--other-anchor-owner-steps", default=None,
                     help="owner steps at the anchors after the first (default: --owner-steps)")
     ap.add_argument("--dtype", default=None, help="loop.dtype for every training run here (default: params.yaml's, "
                     "auto: the faster of bf16 and fp32 on a CPU)")
     ap.add_argument("--smollm2", action="store_true", help="also the imported SmolLM2-135M anchor (smollm2 preset)")
-    ap.add_argument("--smollm2-steps", type=int, default=None, help="owner steps there (default: the preset's)")
+    ap.add_argument("--smollm2-steps", default=None,
+                    help="owner steps there, comma-separated (e.g. 40,160,640; default: the preset's)")
     ap.add_argument("--levers", action="store_true", help="also the faithful levers at the first anchor")
+    ap.add_argument("--ridge", action="store_true", help="also the closed-form router at each SmolLM2 point")
     ap.add_argument("--rt-budgets", default="25,75,200", help="router-tuning steps measured with --levers")
     ap.add_argument("--docs", type=int, default=12, help="held-out documents per domain")
     ap.add_argument("--chars", type=int, default=1500, help="characters per held-out document")
@@ -450,21 +619,26 @@ def main() -> None:
         for needed in ("outputs/prepare", "outputs/tokenizer/tokenizer", "params.yaml"):
             if not (pipeline / needed).exists():
                 sys.exit(f"{pipeline / needed}: missing; run the pipeline there first (dvc repro tokenizer at least)")
-        anchor_steps = [int(x) for x in args.anchor_steps.split(",")]
+        anchor_steps = [int(x) for x in args.anchor_steps.split(",") if x]  # "": the real anchor only
         owner_steps = [int(x) for x in args.owner_steps.split(",")]
         data = pipeline / "outputs/tokenizer"
         # Order of importance, so an interrupted grid has the most telling points: the pipeline's anchor at all
         # but the longest owner training, the real pretrained anchor, the longest owner training, the levers,
         # then the longer-trained tiny anchors.
-        first = tiny_anchor(work, pipeline, anchor_steps[0], args.dtype)
-        for s in owner_steps[:-1]:
+        first = tiny_anchor(work, pipeline, anchor_steps[0], args.dtype) if anchor_steps else None
+        for s in owner_steps[:-1] if first else []:
             run_point(f"a{anchor_steps[0]}_s{s}", first, data, pipeline, domains, s, "tiny", args)
         if args.smollm2:
             folder, sdata = smollm2_anchor(work, pipeline, domains)
-            run_point(f"smollm2_s{args.smollm2_steps or 'preset'}", folder, sdata, pipeline, domains,
-                      args.smollm2_steps, "smollm2", args)
-        run_point(f"a{anchor_steps[0]}_s{owner_steps[-1]}", first, data, pipeline, domains, owner_steps[-1], "tiny", args)
-        if args.levers:
+            for s in [int(x) for x in args.smollm2_steps.split(",")] if args.smollm2_steps else [None]:
+                run_point(f"smollm2_s{s or 'preset'}", folder, sdata, pipeline, domains, s, "smollm2", args,
+                          splits=("validation", "test"))
+                if args.ridge:
+                    run_ridge(f"smollm2_s{s or 'preset'}", sdata, pipeline, domains, "smollm2", args)
+        if first:
+            run_point(f"a{anchor_steps[0]}_s{owner_steps[-1]}", first, data, pipeline, domains, owner_steps[-1], "tiny",
+                      args)
+        if args.levers and first:
             base = min(owner_steps, key=lambda s: abs(s - 100))
             run_levers(first, pipeline, domains, base, args)
         for a in anchor_steps[1:]:

@@ -98,3 +98,36 @@ def test_each_mean_gets_a_paired_interval_over_documents(tmp_path):
         "seconds": 1.0, "splits": {"test": {"bpb": b, **qs.point_metrics(b, DOMAINS), "intervals": found}}}))
     lo, hi = found["vs_btm"]
     assert f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" in qs.report(tmp_path)
+
+
+def noisy_results(per_variant: dict, seed: int = 0, docs: int = 12, spread: float = 0.2) -> dict:
+    """Per-document held-out values around each variant's bpb (mean exactly the bpb), as lm-eval logs them."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    results = {}
+    for variant, per_domain in per_variant.items():
+        tasks = {}
+        for domain, value in per_domain.items():
+            noise = [rng.uniform(-spread, spread) for _ in range(docs)]
+            per_doc = [value + e - sum(noise) / len(noise) for e in noise]
+            tasks[f"flexolmo_domain_{domain}"] = {"status": "ok", "value": value, "docs": [
+                [i, -b * 1000 * math.log(2), 1000.0] for i, b in enumerate(per_doc)]}
+        results[variant] = {"variant": variant, "tasks": tasks}
+    return results
+
+
+def test_goal_table_gives_each_goal_its_bootstrap_verdict():
+    """Issue 29's goals: a clear win is met, a clear loss missed, a borderline one inconclusive, and p(own)
+    is read from the routing diagnostics."""
+    results = noisy_results(bpb(), spread=0.05)
+    results["flexolmo"]["routing_share"] = {"experts": ["public", "code", "math"],
+                                            "domains": {"code": [0.3, 0.65, 0.05], "math": [0.5, 0.1, 0.4]}}
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in qs.goal_table("x", results, DOMAINS) if r.startswith("| ")}
+    assert rows["beats soup on code"].endswith("| met |") and "1.0000 vs 1.2000" in rows["beats soup on code"]
+    assert rows["code: within 5% of its owner"].endswith("| missed |")  # 1.0 vs 0.9: +11.1%
+    assert "+11.1%" in rows["code: within 5% of its owner"]
+    assert rows["code: opt-out loses >= 80% of the gain, others move < 2%"].endswith("| inconclusive |")  # 80.0%
+    assert rows["code: merged p(own) >= 0.6"].endswith("| 0.650 | (no interval) | met |")
+    assert rows["math: merged p(own) >= 0.6"].endswith("| missed |")

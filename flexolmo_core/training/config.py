@@ -142,8 +142,22 @@ class RouterTuneConfig:
     public_windows: int = 64  # windows sampled from public data for the proxy mix
     proxy_windows: int = 64  # windows per owner proxy set (what owners chose to share)
     top_k: int | None = None  # experts per token while tuning; null = all (the paper), k = the merged model's
+    # gradient: the paper's router tuning (the loop below); ridge: a closed-form router from the same proxy sets,
+    # no gradient steps (training/ridge_router.py; issue 29's lever, not in the paper)
+    method: str = "gradient"
+    ridge_alpha: float = 1e-2  # ridge penalty, as a fraction of the mean diagonal of X^T X
+    ridge_public_target: float = 1.0  # target of the public expert on owners' tokens (1: beside each owner; 0: one-hot)
+    ridge_scale: float = 1.0  # router temperature: multiplies the fitted rows (scores near 0..1)
     loop: dict = field(default_factory=dict, metadata=NO_FLAG)  # LoopConfig values (flags: LoopConfig's)
     presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gradient", "ridge"):
+            raise ParamsError(f"router_tune.method must be gradient or ridge (--method), got {self.method!r}")
+        for name in ("ridge_alpha", "ridge_scale"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ParamsError(f"router_tune.{name} must be a positive number (--{name.replace('_', '-')}), "
+                                  f"got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
@@ -286,6 +287,48 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
         _write_moe(merged_dir, out / "model", {k: tuned[k].to(v.dtype) if k.endswith("gate.weight") else v
                                                for k, v in state.items()}, {**manifest, **extra})
     _finish(out, summary)
+    return summary
+
+
+def fit_router(merged_dir, public_data, proxy_data: list, out, seq_len: int, public_windows: int | None = 64,
+               proxy_windows: int | None = 64, alpha: float = 1e-2, public_target: float = 1.0, scale: float = 1.0,
+               seed: int = 0) -> dict:
+    """The closed-form router (ridge_router.py) on router tuning's proxy sets: writes out/model, the merged
+    checkpoint with fitted rows, flexolmo.json noting it (`router_tuned.method: ridge`). The model routes at
+    its merged top-k while fitting: the inputs each layer sees are the ones it will see at inference."""
+    import time
+
+    from ..families import RENORMALIZES
+    from .ridge_router import fit_ridge_router
+
+    start = time.perf_counter()
+    merged_dir, out = Path(merged_dir), Path(out)
+    cfg, state, manifest = read_merged(merged_dir)
+    E = manifest["num_experts"]
+    moe = MoEShape(E, manifest["top_k"], renormalize=RENORMALIZES[cfg.family])
+    model = build(cfg, moe, from_hf_moe(state, cfg.n_layers), lambda n: ".router_" in n, torch.float32)
+    parts = [Take(open_windows(public_data, seq_len, merged_dir), public_windows, seed)]
+    parts += [Take(open_windows(p, seq_len, merged_dir), proxy_windows, seed) for p in proxy_data]
+    if len(parts) != E:
+        raise InputError(f"{merged_dir}: {E} experts, but {len(parts)} proxy sets (public + {len(proxy_data)})")
+    ids = torch.stack([torch.as_tensor(np.asarray(w[i]), dtype=torch.long)[:seq_len] for w in parts
+                       for i in range(len(w))])
+    labels = torch.tensor([e for e, w in enumerate(parts) for _ in range(len(w))])
+    print(f"fit_router: {len(ids)} windows x {seq_len} tokens, {cfg.n_layers} layers", flush=True)
+    _, own_top1 = fit_ridge_router(model, ids, labels, alpha=alpha, public_target=public_target, scale=scale,
+                                   progress=lambda i, n: print(f"fit_router: layer {i}/{n}", flush=True)
+                                   if i % 5 == 0 or i == n else None)
+    summary = {"method": "ridge", "alpha": alpha, "public_target": public_target, "scale": scale, "seq_len": seq_len,
+               "windows": [len(w) for w in parts], "experts": [e["domain"] for e in manifest["experts"]],
+               "data_sha256": [_data_hash(public_data), *(_data_hash(p) for p in proxy_data)], "seed": seed,
+               "fit_own_top1_per_layer": own_top1, "wall_seconds": round(time.perf_counter() - start, 1)}
+    fitted = to_hf_moe(D.full_tensors(model), cfg.n_layers)
+    _write_moe(merged_dir, out / "model", {k: fitted[k].to(v.dtype) if k.endswith("gate.weight") else v
+                                           for k, v in state.items()}, {**manifest, "router_tuned": summary})
+    write_json(out / "run/fit_router.json", summary)  # the stage's run record (the gradient method's run/ holds
+    write_json(out / "summary.json", summary)       # checkpoints and dvclive metrics)
+    write_json(out / "metrics.json", {"wall_seconds": summary["wall_seconds"],
+                                      "fit_own_top1": round(sum(own_top1) / len(own_top1), 4)})
     return summary
 
 
