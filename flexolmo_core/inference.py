@@ -57,25 +57,27 @@ def _install_inference_routers(model, top_k: int, masked: list[int], bias: list[
 
 
 def install_prefix_pool(model, weight: float) -> None:
-    """Prefix-pooled routing (moe.pool_prefix) on every router, with a hook that tells them the sequence length.
-    The KV cache is turned off: a cached step would see only its own token."""
+    """Prefix-pooled routing (FlexRouter.pool) on every router, with a hook that tells them, per forward, which
+    tokens are real (the attention mask's last columns) and whether the forward starts new sequences (no KV
+    cache yet) or continues them (a cached decode step: the running mean carries on)."""
     if not 0.0 <= weight <= 1.0:
         raise InputError(f"prefix_pool must be in [0, 1], got {weight}")
     layers = routers(model)
     for router in layers:
         router.prefix_pool = weight
 
-    def tell_length(module, args, kwargs):
+    def tell_batch(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        length = (ids if ids is not None else embeds).shape[1]
+        shape = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
+        mask = kwargs.get("attention_mask")
+        valid = mask[:, -shape[1]:] if mask is not None and mask.dim() == 2 else torch.ones(shape, device=model.device)
+        cache = kwargs.get("past_key_values")
+        fresh = cache is None or cache.get_seq_length() == 0
         for router in layers:
-            router.seq_len = length
+            router.pool_valid, router.pool_fresh = valid, fresh
 
     if weight:
-        model.model.register_forward_pre_hook(tell_length, with_kwargs=True)
-        model.config.use_cache = False
-        model.generation_config.use_cache = False
+        model.model.register_forward_pre_hook(tell_batch, with_kwargs=True)
 
 
 def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: int | None = None,

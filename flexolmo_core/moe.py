@@ -36,9 +36,15 @@ class FlexRouter(nn.Module):
         # Prefix pooling (ours, not the paper's; issue 14's lever): each token's logits become
         # (1 - a) * own + a * mean of the sequence's logits so far, so the choice also sees the sequence's
         # domain. Causal, no training; pooled before the opt-out offsets, so masking an expert still gives
-        # exactly the model without it. `seq_len` (set by a hook on the model) says how the flat tokens fold.
+        # exactly the model without it. A hook on the model (inference.install_prefix_pool) sets, per forward,
+        # which tokens are real (`pool_valid`, [batch, new tokens]: padding is left out of the mean) and whether
+        # it starts new sequences; the running sum is a state carried from step to step, so decoding with the
+        # KV cache gives what a forward over the whole sequence gives.
         self.prefix_pool = 0.0
-        self.seq_len: int | None = None
+        self.pool_valid: torch.Tensor | None = None
+        self.pool_fresh = True
+        self.pool_sum: torch.Tensor | None = None  # [batch, experts]: sum of real tokens' logits so far
+        self.pool_count: torch.Tensor | None = None  # [batch, 1]: how many
 
     @property
     def weight(self) -> torch.Tensor:
@@ -55,7 +61,7 @@ class FlexRouter(nn.Module):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         logits = F.linear(hidden_states, self.weight) + self.bias_vector()
         if self.prefix_pool:
-            logits = pool_prefix(logits, self.seq_len, self.prefix_pool)
+            logits = self.pool(logits)
         logits = logits + self.logit_offset
         if self.row_offset is not None:  # the MoE block flattens [batch, seq] batch-major
             logits = logits + self.row_offset.repeat_interleave(logits.shape[0] // self.row_offset.shape[0], dim=0)
@@ -67,6 +73,22 @@ class FlexRouter(nn.Module):
             self.record.append(torch.zeros_like(probs).scatter(1, top_index, top_value).detach())
         return logits, top_value.to(logits.dtype), top_index
 
+    def pool(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B*T, E] logits (batch-major) -> pooled with each sequence's running mean, continuing the state of
+        the previous forward unless this one starts new sequences."""
+        if self.pool_valid is None:
+            raise RuntimeError("prefix pooling needs the batch shape: load the model with "
+                               "load_flexolmo(prefix_pool=...)")
+        valid = self.pool_valid.to(logits.dtype)[..., None]  # [B, T, 1]
+        per_seq = logits.view(valid.shape[0], valid.shape[1], logits.shape[-1])
+        total = (per_seq * valid).cumsum(dim=1)
+        count = valid.cumsum(dim=1)
+        if not self.pool_fresh and self.pool_sum is not None:
+            total, count = total + self.pool_sum[:, None], count + self.pool_count[:, None]
+        self.pool_sum, self.pool_count = total[:, -1].detach(), count[:, -1].detach()
+        mean = total / count.clamp_min(1)
+        return ((1 - self.prefix_pool) * per_seq + self.prefix_pool * mean).reshape(logits.shape)
+
     @torch.no_grad()
     def project_bias(self) -> None:
         """Keep the learned bias non-positive (call after each optimiser step)."""
@@ -75,8 +97,8 @@ class FlexRouter(nn.Module):
 
 
 def pool_prefix(logits: torch.Tensor, seq_len: int | None, weight: float) -> torch.Tensor:
-    """[B*T, E] router logits (batch-major) -> (1 - weight) * logits + weight * causal running mean over each
-    sequence's positions. A cached decode step cannot see the prefix, so generation runs without the cache."""
+    """The reference formula of FlexRouter.pool for whole unpadded sequences: [B*T, E] router logits
+    (batch-major) -> (1 - weight) * logits + weight * causal running mean over each sequence's positions."""
     if seq_len is None or logits.shape[0] % seq_len:
         raise RuntimeError("prefix pooling needs the sequence length: load the model with load_flexolmo(prefix_pool=...)")
     per_seq = logits.view(-1, seq_len, logits.shape[-1])

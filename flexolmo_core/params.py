@@ -23,13 +23,21 @@ def at_least(low: float, default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"min": low})
 
 
+def between(low: float, high: float, default: Any) -> Any:
+    """A dataclass field whose value (when not None) must lie in [low, high]; `check_ranges` enforces it."""
+    return dataclasses.field(default=default, metadata={"min": low, "max": high})
+
+
 def check_ranges(config: Any, section: str) -> None:
     """Refuse out-of-range fields of a config dataclass (call it from __post_init__, so params files and
     command-line flags are checked alike, where they are parsed)."""
     for f in dataclasses.fields(config):
-        low, value = f.metadata.get("min"), getattr(config, f.name)
+        low, high, value = f.metadata.get("min"), f.metadata.get("max"), getattr(config, f.name)
+        flag = f"--{f.name.replace('_', '-')}"
         if low is not None and value is not None and not value >= low:
-            raise ParamsError(f"{section}.{f.name} must be >= {low} (--{f.name.replace('_', '-')}), got {value!r}")
+            raise ParamsError(f"{section}.{f.name} must be >= {low} ({flag}), got {value!r}")
+        if high is not None and value is not None and not value <= high:
+            raise ParamsError(f"{section}.{f.name} must be <= {high} ({flag}), got {value!r}")
 
 
 NO_FLAG = {"cmd": False}  # dataclass field metadata: params.yaml structure, not a command-line flag

@@ -41,3 +41,29 @@ def test_a_request_alone_matches_too_and_masked_experts_get_no_routing(serve_mer
     decode_batch(handle, [alone])
     assert alone.tokens == reference(serve_merges["news"], PROMPTS[1], 8)
     assert float(alone.routing[handle.domains.index("code")]) == 0.0
+
+
+def test_prefix_pooled_batches_decode_as_each_smaller_merge_does_without_the_cache(serve_merges):
+    """serve.prefix_pool: the running mean is carried through the KV cache, padding stays out of it, and a
+    masked expert is still exactly absent. Reference: greedy decoding with a full forward per token."""
+    import torch
+
+    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.serving.engine import decode_batch, load_handle
+
+    def uncached(model_dir, prompt, n):
+        loaded = load_flexolmo(model_dir, prefix_pool=0.5)
+        ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+        for _ in range(n):
+            with torch.no_grad():
+                ids = torch.cat([ids, loaded.model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        return ids[0, -n:].tolist()
+
+    handle = load_handle(serve_merges["all"], prefix_pool=0.5)
+    cases = [(PROMPTS[0], ["public", "code", "news"], "all"), (PROMPTS[1], ["public", "code"], "code"),
+             (PROMPTS[2], ["public", "news"], "news")]
+    jobs = [job(handle, p, allowed, 6) for p, allowed, _ in cases]
+    jobs[0].handle.eos_ids = lambda: set()  # compare all 6 tokens of each: no early stop
+    decode_batch(handle, jobs)
+    for (prompt, allowed, ref), j in zip(cases, jobs):
+        assert j.tokens == uncached(serve_merges[ref], prompt, 6), allowed

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built-in hub tasks must fail fas
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from flexolmo_core.evaluation import suite  # noqa: E402
-from flexolmo_core.params import NO_FLAG, at_least, check_ranges  # noqa: E402
+from flexolmo_core.params import NO_FLAG, at_least, between, check_ranges  # noqa: E402
 
 log = logging.getLogger(__name__)
 # Two lm-eval loggers warn once per request/task about expected things here: left truncation of 5-shot
@@ -46,6 +46,8 @@ class EvalConfig:
     threads: int = at_least(0, 0)                    # torch threads per worker (0 = torch's default; 1 when workers > 1)
     max_length: int | None = at_least(1, None)       # context window for lm-eval (None = the model's)
     top_k: int | None = at_least(1, None)            # FlexOlmo experts per token (None = the checkpoint's)
+    # prefix-pooled routing weight for every merged (MoE) variant (0: off, the paper's routing; moe.FlexRouter.pool)
+    prefix_pool: float = between(0.0, 1.0, 0.0)
     btm_top_k: int = at_least(1, 2)                  # BTM keeps this many experts per position
     variants: list[str] | None = None   # evaluate only these variants: names or patterns such as optout_* (None = all)
     skip_variants: list[str] | None = None  # never evaluate these (names or patterns), e.g. [dense_*] to save time

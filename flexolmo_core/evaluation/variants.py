@@ -103,6 +103,11 @@ def make_lm(variant: Variant, cfg: runner.EvalConfig):
         from flexolmo_core.evaluation.routed import PromptRoutedLM
         return PromptRoutedLM(variant.paths[0], batch_size=cfg.batch_size, max_length=cfg.max_length,
                               device=cfg.device)
+    if variant.flexolmo and cfg.prefix_pool:  # routers that pool need the batch shape: our inference loader
+        from flexolmo_core.inference import load_flexolmo
+
+        loaded = load_flexolmo(variant.paths[0], device=cfg.device, prefix_pool=cfg.prefix_pool)
+        return runner.hf_lm(loaded.model, cfg, loaded.tokenizer)
     return runner.hf_lm(variant.paths[0], cfg)
 
 

@@ -118,7 +118,8 @@ class Server:
             if release.get("version") == current.get("version"):
                 continue
             try:
-                handle = load_handle(release["path"], self.cfg.top_k, release=release, device=self.cfg.device)
+                handle = load_handle(release["path"], self.cfg.top_k, release=release, device=self.cfg.device,
+                                     prefix_pool=self.cfg.prefix_pool)
             except Exception as err:  # noqa: BLE001  (a bad release must not stop the one being served)
                 self.swaps.append(f"v{release.get('version')}: not loaded ({type(err).__name__}: {err})")
                 current = release
@@ -382,7 +383,7 @@ def run(cfg: ServeConfig, model: str | None = None, releases: str | None = None,
             raise InputError(f"{current}: no current release yet (the re-merge flow publishes it)")
         release = json.loads(current.read_text())
         model = release["path"]
-    server = Server(cfg, load_handle(model, cfg.top_k, release=release, device=cfg.device), policy=policy,
+    server = Server(cfg, load_handle(model, cfg.top_k, release=release, device=cfg.device, prefix_pool=cfg.prefix_pool), policy=policy,
                     releases=releases)
     print(f"flexolmo serve: {server.engine.handle.name} ({', '.join(server.engine.handle.domains)}) on "
           f"http://{cfg.host}:{cfg.port}/v1; policy {server.policy.policy.source}; audit log {cfg.audit_log}", flush=True)

@@ -57,8 +57,8 @@ class ModelHandle:
 
 
 def load_handle(model_dir: str | Path, top_k: int | None = None, release: dict | None = None,
-                device: str = "auto") -> ModelHandle:
-    loaded = load_flexolmo(model_dir, top_k=top_k, device=device)
+                device: str = "auto", prefix_pool: float = 0.0) -> ModelHandle:
+    loaded = load_flexolmo(model_dir, top_k=top_k, device=device, prefix_pool=prefix_pool)
     name = f"flexolmo-v{release['version']:04d}" if release else Path(model_dir).name
     return ModelHandle(loaded=loaded, name=name, path=str(model_dir), release=release)
 
