@@ -112,3 +112,32 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+def _own_top1(model_dir, windows) -> float:
+    """Share of (token, layer) pairs whose top-1 expert is the window's own, over the proxy windows (router
+    logits read with forward hooks, as the evaluation's routing diagnostics read them)."""
+    import torch
+
+    from flexolmo_core.inference import load_flexolmo
+
+    model = load_flexolmo(model_dir).model
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out[0].argmax(-1).reshape(-1)))
+             for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    hits = total = 0
+    for expert, ids in windows.items():
+        seen.clear()
+        with torch.no_grad():
+            model(ids)
+        hits += sum(int((top == expert).sum()) for top in seen)
+        total += sum(top.numel() for top in seen)
+    for h in hooks:
+        h.remove()
+    return hits / total
+
+
+@pytest.fixture(scope="session")
+def own_top1():
+    """own_top1(model_dir, {expert: ids}) -> share of token-layers routed top-1 to each window's own expert."""
+    return _own_top1

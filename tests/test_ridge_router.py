@@ -29,26 +29,8 @@ def test_targets_put_the_public_expert_beside_each_owner():
     assert y.tolist() == [[1, 0, 0], [0.5, 1, 0], [0.5, 0, 1]]
 
 
-def own_top1(model_dir, windows: dict[int, torch.Tensor]) -> float:
-    """Share of (token, layer) pairs whose top-1 expert is the window's own, over the proxy windows (router
-    logits read with forward hooks, as the evaluation's routing diagnostics read them)."""
-    model = load_flexolmo(model_dir).model
-    seen = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out[0].argmax(-1).reshape(-1)))
-             for name, m in model.named_modules() if name.endswith("mlp.gate")]
-    hits = total = 0
-    for expert, ids in windows.items():
-        seen.clear()
-        with torch.no_grad():
-            model(ids)
-        hits += sum(int((top == expert).sum()) for top in seen)
-        total += sum(top.numel() for top in seen)
-    for h in hooks:
-        h.remove()
-    return hits / total
-
-
-def test_the_fitted_router_routes_proxy_tokens_to_their_own_expert(merged, owner_data, small_texts, tmp_path):
+def test_the_fitted_router_routes_proxy_tokens_to_their_own_expert(merged, owner_data, small_texts, tmp_path,
+                                                                    own_top1):
     from flexolmo_core.training.data import open_windows
 
     public = tmp_path / "public.jsonl"

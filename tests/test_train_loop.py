@@ -434,3 +434,69 @@ def test_a_run_killed_while_dvclive_wrote_its_summary_resumes(tmp_path, smoke_an
     result = train_expert(smoke_anchor, "code", [owner_data["code"]], tmp_path / "run",
                           dataclasses.replace(loop, steps=4))
     assert result["resumed_from"] == "step-00000002" and json.loads(summary.read_text())["step"] >= 3
+
+
+def test_router_tuning_with_the_auxiliary_cross_entropy_routes_each_proxy_set_to_its_expert(merged, owner_data,
+                                                                                           small_texts, tmp_path,
+                                                                                           own_top1):
+    """router_aux_ce (issue 29's lever): the routing cross-entropy against each window's proxy set, beside the LM
+    loss, moves each proxy set's tokens to its own expert; only router rows train, as in plain router tuning."""
+    from dataclasses import replace
+
+    from flexolmo_core.training.data import Mixture, open_windows
+    from flexolmo_core.training.stages import Take, read_merged, tune_router
+
+    public = tmp_path / "public.txt"
+    public.write_text("\n\n".join(small_texts["public"][:60]))
+    sets = [public, owner_data["code"], owner_data["news"]]
+    loop = replace(LOOP, steps=12, lr=5e-2, warmup=1)
+    shares = {}
+    for aux in (0.0, 1.0):
+        out = tmp_path / f"rt_{aux:g}"
+        tune_router(merged, sets[0], sets[1:], out, replace(loop, router_aux_ce=aux), public_windows=8, proxy_windows=8)
+        windows = {e: torch.stack([torch.as_tensor(w[i][:LOOP.seq_len]) for i in range(len(w))])
+                   for e, w in enumerate(Take(open_windows(p, LOOP.seq_len, merged), 8, 0) for p in sets)}
+        shares[aux] = own_top1(out / "model", windows)
+        _, before, _ = read_merged(merged)
+        _, after, _ = read_merged(out / "model")
+        assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("gate.weight"))
+    assert shares[1.0] > shares[0.0] + 0.15, shares
+    labelled = Mixture([Take(open_windows(p, 8, merged), 2, 0) for p in sets])
+    assert [labelled.label_of(i) for i in range(len(labelled))] == [0, 0, 1, 1, 2, 2]
+
+
+def test_the_auxiliary_cross_entropy_is_the_routing_cross_entropy_written_out(merged):
+    import torch.nn.functional as F
+
+    from flexolmo_core.layout import from_hf_moe
+    from flexolmo_core.training.model import MoEShape, build
+    from flexolmo_core.training.stages import read_merged
+
+    cfg, state, _ = read_merged(merged)
+    model = build(cfg, MoEShape(3, 3), from_hf_moe(state, cfg.n_layers), lambda n: ".router_" in n, torch.float32)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([1, 2])
+    model.set_router_targets(targets)
+    model(ids)
+    expected = []
+    for u in model.hidden_states(ids):
+        expected.append(F.cross_entropy(u.reshape(-1, u.shape[-1]) @ torch.stack(
+            [getattr(model.layers[len(expected)].w, f"router_{e}") for e in range(3)]).T, targets.repeat_interleave(9)))
+    torch.testing.assert_close(model.routing_ce(), torch.stack(expected).mean())
+
+
+def test_the_auxiliary_cross_entropy_refuses_windows_without_labels(merged, owner_data, tmp_path):
+    from dataclasses import replace
+
+    from flexolmo_core.errors import InputError
+    from flexolmo_core.layout import from_hf_moe
+    from flexolmo_core.training.data import open_windows
+    from flexolmo_core.training.loop import train
+    from flexolmo_core.training.model import MoEShape, build
+    from flexolmo_core.training.stages import read_merged
+
+    cfg, state, _ = read_merged(merged)
+    model = build(cfg, MoEShape(3, 3), from_hf_moe(state, cfg.n_layers), lambda n: ".router_" in n, torch.float32)
+    with pytest.raises(InputError, match="router_aux_ce needs windows labelled by proxy set"):
+        train(model, open_windows(owner_data["code"], 32, merged), replace(LOOP, router_aux_ce=1.0), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

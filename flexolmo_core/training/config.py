@@ -30,6 +30,9 @@ class LoopConfig:
     eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # global gradient-norm clip
     router_z_loss: float = 1e-3  # x mean logsumexp(router logits)^2, summed over layers
+    # x cross-entropy of each layer's routing (softmax over experts) against the label of the window's proxy set,
+    # averaged over layers (router tuning only; 0 = the paper's LM loss alone; issue 29's lever, not in the paper)
+    router_aux_ce: float = 0.0
     logit_z_loss: float = 1e-5  # x mean logsumexp(output logits)^2
     seed: int = 0  # data order (and fresh init where there is one)
     # matmul compute dtype; master weights and optimiser state stay fp32. auto (params.yaml's sections): bf16 on a
@@ -57,6 +60,8 @@ class LoopConfig:
                 raise InputError(f"loop.{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 < self.lr < float("inf"):
             raise InputError(f"loop.lr must be a positive number, got {self.lr}")
+        if not 0 <= self.router_aux_ce < float("inf"):
+            raise InputError(f"loop.router_aux_ce must be a number >= 0, got {self.router_aux_ce}")
         if not 0 <= self.final_lr_ratio <= 1:
             raise InputError(f"loop.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         if self.dtype not in DTYPE_NAMES:

@@ -62,15 +62,23 @@ class Mixture:
     """Several window sets read as one (router tuning's proxy data, the unrestricted MoE's joint data)."""
 
     def __init__(self, parts: list):
-        self.parts = [p for p in parts if len(p)]
+        self.labels = [k for k, p in enumerate(parts) if len(p)]  # a window's label: its part's index in `parts`
+        self.parts = [parts[k] for k in self.labels]
         self.bounds = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
 
     def __getitem__(self, i: int):
-        k = int(np.searchsorted(self.bounds, i, side="right")) - 1
+        k = self._part(i)
         return self.parts[k][i - int(self.bounds[k])]
+
+    def label_of(self, i: int) -> int:
+        """Which of the given parts window i comes from (router tuning: the proxy set, so the expert)."""
+        return self.labels[self._part(i)]
+
+    def _part(self, i: int) -> int:
+        return int(np.searchsorted(self.bounds, i, side="right")) - 1
 
 
 class Order:
@@ -91,6 +99,11 @@ def batch(windows, order: Order, start: int, size: int) -> torch.Tensor:
     """Rows for global sample indices [start, start + size) as a LongTensor [size, seq_len + 1]."""
     return torch.stack([torch.as_tensor(np.asarray(windows[order(g)]), dtype=torch.long)
                         for g in range(start, start + size)])
+
+
+def batch_labels(windows, order: Order, start: int, size: int) -> torch.Tensor:
+    """The label of each row `batch` returns for the same arguments (windows that know their labels only)."""
+    return torch.tensor([windows.label_of(order(g)) for g in range(start, start + size)], dtype=torch.long)
 
 
 def fixed_batches(windows, size: int, count: int) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 from . import distributed as D
 from .checkpoint import RESUMABLE_CHANGES, check_run_record, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LoopConfig
-from .data import Order, batch, fixed_batches
+from .data import Order, batch, batch_labels, fixed_batches
 from .model import FastOlmo, count_matmul_flops
 from .objective import objective
 from .schedule import lr_at
@@ -152,6 +152,9 @@ def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, 
           inputs: dict | None = None) -> dict:
     """Train `model` in place (resuming from run_dir/checkpoints if there are any); returns the summary.
     `inputs` (data hash, anchor fingerprint, ...) joins the loop settings in the run record a resume must match."""
+    if cfg.router_aux_ce and not hasattr(windows, "label_of"):
+        raise InputError(f"{label}: loop.router_aux_ce needs windows labelled by proxy set (router tuning's "
+                         f"Mixture); these are {type(windows).__name__}")
     run = setup(model, windows, cfg, run_dir, label, inputs or {})
     run.wrapped.train()
     for step in range(run.start_step, cfg.steps):
@@ -233,12 +236,17 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor]:
         group["lr"] = group_lr(group, lr, cfg)
     step_ce = 0.0
     for m in range(run.accum):
-        rows = batch(run.windows, run.order, step * cfg.global_batch + (m * dist.world + dist.rank) * cfg.micro_batch,
-                     cfg.micro_batch).to(run.device, non_blocking=True)
+        start = step * cfg.global_batch + (m * dist.world + dist.rank) * cfg.micro_batch
+        rows = batch(run.windows, run.order, start, cfg.micro_batch).to(run.device, non_blocking=True)
+        if cfg.router_aux_ce:
+            run.inner.set_router_targets(batch_labels(run.windows, run.order, start, cfg.micro_batch).to(run.device))
         sync = m == run.accum - 1 or not hasattr(wrapped, "no_sync")
         with (contextlib.nullcontext() if sync else wrapped.no_sync()):
             logits, router_z = run.forward(rows[:, :-1])
             loss, ce = objective(logits, rows[:, 1:], router_z, cfg.router_z_loss, cfg.logit_z_loss)
+            if cfg.router_aux_ce:
+                loss = loss + cfg.router_aux_ce * run.inner.routing_ce()
+                run.inner.set_router_targets(None)  # validation and checkpoints run without labels
             (loss / run.accum).backward()
         step_ce += float(ce) / run.accum
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad], cfg.grad_clip)

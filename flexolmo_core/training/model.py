@@ -104,6 +104,10 @@ class Block(nn.Module):
         super().__init__()
         self.cfg, self.moe = cfg, moe
         self.w = Slots()
+        # Router tuning's auxiliary loss: with targets [B] set (FastOlmo.set_router_targets), the forward leaves
+        # this layer's routing cross-entropy against them in `router_ce`.
+        self.router_targets: torch.Tensor | None = None
+        self.router_ce: torch.Tensor | None = None
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm(x, self.w.get(name, torch.float32), self.cfg.norm_eps, cast_first=self.cfg.pre_norm)
@@ -144,6 +148,8 @@ class Block(nn.Module):
             return self.expert(0, xc, dt).view(B, T, d)
         logits = self.router_logits(flat)
         router_z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
+        if self.router_targets is not None:  # one label per sequence, so every token of row b has label b
+            self.router_ce = F.cross_entropy(logits, self.router_targets.repeat_interleave(T))
         probs = torch.softmax(logits, dim=-1)
         E, k = self.moe.num_experts, self.moe.top_k
         if k == E:  # dense soft mixture, as top-k of k with raw (unrenormalised) weights
@@ -211,6 +217,15 @@ class FastOlmo(nn.Module):
             ffn = layer.ffn(out[-1], dt, [])
             x = h + (ffn.float() if self.cfg.pre_norm else layer.norm(ffn, "ffn_norm").float())
         return out
+
+    def set_router_targets(self, targets: torch.Tensor | None) -> None:
+        """Expert labels [B] for the next forward's rows (None: off)."""
+        for layer in self.layers:
+            layer.router_targets, layer.router_ce = targets, None
+
+    def routing_ce(self) -> torch.Tensor:
+        """Mean over layers of the last forward's routing cross-entropy against the targets."""
+        return torch.stack([layer.router_ce for layer in self.layers]).mean()
 
     # ---- weights ------------------------------------------------------------------------------------------
     def slots(self):
