@@ -388,14 +388,16 @@ def goals(work: Path) -> list[str]:
         results = json.loads(base.read_text())
         text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: domain-embedding router "
                            "(the paper's)", results, point["domains"])
-        ridge = work / "points" / f"{point['name']}_ridge.json"
-        if ridge.exists():
-            chosen = json.loads(ridge.read_text())["chosen"]
+        for lever, (label, _) in ROUTER_LEVERS.items():
+            found = work / "points" / f"{point['name']}_{lever}.json"
+            if not found.exists():
+                continue
+            chosen = json.loads(found.read_text())["chosen"]
             results["flexolmo"] = json.loads((work / "results" / f"{point['name']}_{chosen}_test.json").read_text())
             for d in point["domains"]:
                 results[f"optout_{d}"] = json.loads(
                     (work / "results" / f"{point['name']}_{chosen}_optout_{d}_test.json").read_text())
-            text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: closed-form router "
+            text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: {label} "
                                f"({chosen}, chosen on validation)", results, point["domains"])
     return text
 
@@ -513,9 +515,32 @@ def router_tuned(base: Path, pipeline: Path, domains: list[str], rt_steps: int, 
 # ---- the closed-form router on a finished point (issue 29, item 3) -------------------------------------------
 # (public target, scale): with target 1 an owner's tokens score about 1 for public and for the owner, 0 for the
 # rest, so the scale sets both how sharply the others are left out and how far the public/owner mix moves from
-# the even one owners trained with. Three candidates, each scored on --ridge-val-docs validation documents per
-# domain: a SmolLM2 validation pass costs minutes on 2 cores.
+# the even one owners trained with. Three candidates per lever, each scored on --lever-val-docs validation
+# documents per domain: a SmolLM2 validation pass costs minutes on 2 cores.
 RIDGE_GRID = [(1.0, 2.0), (1.0, 4.0), (0.0, 4.0)]
+AUX_CE_WEIGHTS = [0.0, 0.1, 1.0]  # router tuning's auxiliary routing cross-entropy; 0 is the paper's router tuning
+ROUTER_LEVERS = {
+    "ridge": ("closed-form router", {f"ridge_p{t:g}_x{x:g}": {"public_target": t, "scale": x} for t, x in RIDGE_GRID}),
+    "auxce": ("router tuning + routing cross-entropy", {f"rt_aux{w:g}": {"router_aux_ce": w} for w in AUX_CE_WEIGHTS}),
+}
+
+
+def build_router(lever: str, settings: dict, point: Path, data: Path, domains: list[str], preset: str,
+                 params: Path, out: Path) -> None:
+    """One candidate router on `point`'s merge, written to out/model, with the pipeline's own stage functions."""
+    import dataclasses
+
+    from flexolmo_core.training.config import RouterTuneConfig, load_stage
+    from flexolmo_core.training.stages import fit_router, tune_router
+
+    _, rt, loop = load_stage(RouterTuneConfig, "router_tune", params, preset=preset)
+    proxy = [data / d / "train" for d in domains]
+    if lever == "ridge":
+        fit_router(point / "merged", data / "public/train", proxy, out, loop.seq_len, rt.public_windows,
+                   rt.proxy_windows, alpha=rt.ridge_alpha, **settings)
+    else:
+        tune_router(point / "merged", data / "public/train", proxy, out, dataclasses.replace(loop, **settings),
+                    rt.public_windows, rt.proxy_windows, top_k=rt.top_k)
 
 
 def model_result(name: str, model_dir: Path, domains_dir: Path, all_domains: list[str], args) -> dict:
@@ -537,39 +562,35 @@ def cached_result(path: Path, make) -> dict:
     return json.loads(path.read_text())
 
 
-def run_ridge(name: str, data: Path, pipeline: Path, domains: list[str], preset: str, args) -> dict:
-    """Fit the closed-form router on point `name`'s merge for each (public target, scale) of RIDGE_GRID, choose
-    on the validation split, and score the chosen one on the test split beside the point's own variants (paired
-    intervals on the same documents), with its opt-outs and routing diagnostics. Every fit and evaluation is
-    kept, so an interrupted run resumes."""
+def run_router_lever(name: str, lever: str, data: Path, pipeline: Path, domains: list[str], preset: str,
+                     args) -> dict:
+    """Build each candidate router of ROUTER_LEVERS[lever] on point `name`'s merge, choose on the validation split,
+    and score the chosen one on the test split beside the point's own variants (paired intervals on the same
+    documents), with its opt-outs and routing diagnostics. Every build and evaluation is kept, so an interrupted
+    run resumes."""
     from flexolmo_core.merge import opt_out, read_manifest
-    from flexolmo_core.training.config import RouterTuneConfig, load_stage
-    from flexolmo_core.training.stages import fit_router
 
     work = Path(args.work)
-    point, record = work / name, work / "points" / f"{name}_ridge.json"
+    point, record = work / name, work / "points" / f"{name}_{lever}.json"
     if record.exists():
         return json.loads(record.read_text())
     start = time.perf_counter()
-    _, rt, loop = load_stage(RouterTuneConfig, "router_tune", pipeline / "params.yaml", preset=preset)
+    label, candidates = ROUTER_LEVERS[lever]
     all_domains = ["public", *domains]
     split_of = {split: split_dir(pipeline / "outputs/prepare", split, all_domains, work / "splits")
                 for split in ("validation", "test")}
+    val_args = argparse.Namespace(**{**vars(args), "docs": args.lever_val_docs or args.docs})
     validation = {}
-    for target, scale in RIDGE_GRID:
-        tag = f"ridge_p{target:g}_x{scale:g}"
+    for tag, settings in candidates.items():
         if not (point / tag / "model/config.json").exists():
-            say(f"{name}: fitting {tag}")
-            fit_router(point / "merged", data / "public/train", [data / d / "train" for d in domains], point / tag,
-                       loop.seq_len, rt.public_windows, rt.proxy_windows, alpha=rt.ridge_alpha, public_target=target,
-                       scale=scale)
-        val_args = argparse.Namespace(**{**vars(args), "docs": args.ridge_val_docs or args.docs})
+            say(f"{name}: building {tag}")
+            build_router(lever, settings, point, data, domains, preset, pipeline / "params.yaml", point / tag)
         res = cached_result(work / "results" / f"{name}_{tag}_validation.json",
                             lambda: model_result(tag, point / tag / "model", split_of["validation"], all_domains,
                                                  val_args))
         validation[tag] = sum(bpb_of({"m": res})["m"].values()) / len(all_domains)
     best = min(validation, key=validation.get)
-    say(f"{name}: chosen on validation: {best} ({validation[best]:.4f})")
+    say(f"{name}: {lever} chosen on validation: {best} ({validation[best]:.4f})")
     results = json.loads((work / "results" / f"{name}_test.json").read_text())  # the point's own variants
     top_k = read_manifest(point / "merged")["top_k"]
     results["flexolmo"] = cached_result(work / "results" / f"{name}_{best}_test.json",
@@ -584,7 +605,7 @@ def run_ridge(name: str, data: Path, pipeline: Path, domains: list[str], preset:
                                      all_domains, args))
     bpb = bpb_of(results)
     base = json.loads((work / "points" / f"{name}.json").read_text())
-    result = {"name": f"{name}_ridge", "lever": f"closed-form router ({best})", "anchor": base["anchor"],
+    result = {"name": f"{name}_{lever}", "lever": f"{label} ({best})", "anchor": base["anchor"],
               "owner_steps": base["owner_steps"], "owner_tokens": base["owner_tokens"], "domains": domains,
               "validation_mean_bpb": validation, "chosen": best,
               "splits": {"validation": {"mean": {"bpb_flexolmo": validation[best]}},
@@ -612,15 +633,20 @@ def main() -> None:
     ap.add_argument("--smollm2-steps", default=None,
                     help="owner steps there, comma-separated (e.g. 40,160,640; default: the preset's)")
     ap.add_argument("--levers", action="store_true", help="also the faithful levers at the first anchor")
-    ap.add_argument("--ridge", action="store_true", help="also the closed-form router at each SmolLM2 point")
-    ap.add_argument("--ridge-val-docs", type=int, default=None,
-                    help="validation documents per domain for choosing the closed-form router (default: --docs)")
+    ap.add_argument("--router-levers", default="", help="router levers at each SmolLM2 point, comma-separated: "
+                    + ", ".join(f"{k} ({v[0]})" for k, v in ROUTER_LEVERS.items()))
+    ap.add_argument("--lever-val-docs", type=int, default=None,
+                    help="validation documents per domain for choosing a router lever's candidate (default: --docs)")
     ap.add_argument("--rt-budgets", default="25,75,200", help="router-tuning steps measured with --levers")
     ap.add_argument("--docs", type=int, default=12, help="held-out documents per domain")
     ap.add_argument("--chars", type=int, default=1500, help="characters per held-out document")
     ap.add_argument("--report-only", action="store_true", help="table and plot what W/points holds; train nothing")
     args = ap.parse_args()
     args.rt_budgets = [int(x) for x in args.rt_budgets.split(",") if x]
+    args.router_levers = [x for x in args.router_levers.split(",") if x]
+    unknown = set(args.router_levers) - set(ROUTER_LEVERS)
+    if unknown:
+        ap.error(f"--router-levers: unknown {sorted(unknown)}; known: {sorted(ROUTER_LEVERS)}")
     work, pipeline = Path(args.work), Path(args.pipeline).resolve()
     domains = args.domains.split(",")
     if not args.report_only:
@@ -641,8 +667,8 @@ def main() -> None:
             for s in [int(x) for x in args.smollm2_steps.split(",")] if args.smollm2_steps else [None]:
                 run_point(f"smollm2_s{s or 'preset'}", folder, sdata, pipeline, domains, s, "smollm2", args,
                           splits=("validation", "test"))
-                if args.ridge:
-                    run_ridge(f"smollm2_s{s or 'preset'}", sdata, pipeline, domains, "smollm2", args)
+                for lever in args.router_levers:
+                    run_router_lever(f"smollm2_s{s or 'preset'}", lever, sdata, pipeline, domains, "smollm2", args)
         if first:
             run_point(f"a{anchor_steps[0]}_s{owner_steps[-1]}", first, data, pipeline, domains, owner_steps[-1], "tiny",
                       args)
