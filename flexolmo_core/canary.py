@@ -18,10 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .package import ExpertPackage, PackageError
+from .errors import PackageError
+
+if TYPE_CHECKING:  # annotations only: package.py calls this module
+    from .package import ExpertPackage
 
 TOKENS, VOCAB, DECIMALS, ATOL = 16, 16, 4, 1e-3
 

@@ -20,6 +20,10 @@ class InputError(FlexError, ValueError):
     """A file, field or argument that is not what it must be."""
 
 
+class PackageError(InputError):
+    """An expert package that must not be used; the message names the file and the problem."""
+
+
 class MissingInput(FlexError, FileNotFoundError):
     """A file or folder that a command needs and that is not there."""
 

@@ -20,8 +20,8 @@ from . import layout
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from .dtypes import checkpoint_dtype, dtype_name
 from .stream_safetensors import DEFAULT_SHARD_BYTES, write_model
-from .package import ExpertPackage, PackageError, load_package
-from .errors import InputError, MissingInput, require, read_json
+from .package import ExpertPackage, load_package
+from .errors import InputError, MissingInput, PackageError, read_json, require
 
 MERGED_MANIFEST = "flexolmo.json"
 MODEL_SIGNATURE = ("config.json", MERGED_MANIFEST)  # what every model folder this project writes has
@@ -255,9 +255,7 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
     names, get = checkpoint_getter(merged_dir)
     if any(".mlp.experts." in n and not n.endswith(FUSED_EXPERT_TENSORS) for n in names):
         # transformers' save_pretrained writes one tensor per expert: convert in memory, write fused
-        from .baselines import load_state
-
-        state = layout.to_hf_moe(layout.from_hf_moe(load_state(merged_dir)), experts=keep)
+        state = layout.to_hf_moe(layout.from_hf_moe({n: get(n, None) for n in names}), experts=keep)
         specs = [(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in state.items()]
     else:  # fused: stream one tensor at a time
         meta = checkpoint_meta(merged_dir)

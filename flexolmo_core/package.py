@@ -17,16 +17,13 @@ from .atomic import atomic_dir, write_json
 from .dtypes import dtype_name
 from .stream_safetensors import TensorFiles, check_safetensors_file, save_tensors
 from .data.config import check_domain_name
-from .errors import InputError, require, read_json
+from .canary import compute_canary
+from .errors import InputError, PackageError, require, read_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "expert.safetensors"
 MANIFEST_FILE = "manifest.json"
 PACKAGE_SIGNATURE = (MANIFEST_FILE, WEIGHTS_FILE)  # what every package folder has
-
-
-class PackageError(InputError):
-    """A package that must not be used; the message names the file and the problem."""
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -84,8 +81,6 @@ def save_package(tensors: dict[str, torch.Tensor], out: str | os.PathLike, domai
         write_json(tmp / MANIFEST_FILE, manifest)
         if anchor_dir is not None:
             from transformers import AutoConfig
-
-            from .canary import compute_canary
 
             manifest["canary"] = compute_canary(anchor_dir, AutoConfig.from_pretrained(anchor_dir), load_package(tmp))
             write_json(tmp / MANIFEST_FILE, manifest)

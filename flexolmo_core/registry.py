@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .atomic import dead_writer, locked, temp_dir, write_json, writer_tag
-from .package import MANIFEST_FILE, WEIGHTS_FILE, ExpertPackage, PackageError, load_package
-from .errors import InputError, require, read_json
+from .package import MANIFEST_FILE, WEIGHTS_FILE, ExpertPackage, load_package
+from .errors import InputError, PackageError, read_json, require
 from .data.config import check_domain_name
 
 INDEX_FILE = "registry.json"

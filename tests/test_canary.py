@@ -11,7 +11,8 @@ from transformers import AutoConfig
 
 from flexolmo_core.canary import ATOL, check_canary, compute_canary
 from flexolmo_core.merge import merge
-from flexolmo_core.package import PackageError, load_package
+from flexolmo_core.errors import PackageError
+from flexolmo_core.package import load_package
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexolmo_core.merge import merge
-from flexolmo_core.package import PackageError, load_package, tensor_sha256
+from flexolmo_core.errors import PackageError
+from flexolmo_core.package import load_package, tensor_sha256
 
 
 def copy_package(src, dst):

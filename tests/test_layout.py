@@ -59,12 +59,9 @@ def test_opt_out_refuses_what_it_cannot_do(variants, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_layout_round_trips_and_reads_the_per_expert_form(variants):
-    out, _ = variants
-    fused = load_state(out / "flexolmo")
-    back = layout.to_hf_moe(layout.from_hf_moe(fused))
-    assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
-    per_expert = {}  # the per-expert form (transformers writes it for some models): experts.<e>.<proj>_proj
+def per_expert_form(fused: dict) -> dict:
+    """The per-expert form (transformers writes it for some models): experts.<e>.<proj>_proj.weight."""
+    per_expert = {}
     for name, tensor in fused.items():
         if name.endswith("experts.gate_up_proj"):
             for e, w in enumerate(tensor):
@@ -75,7 +72,34 @@ def test_layout_round_trips_and_reads_the_per_expert_form(variants):
             per_expert.update({name.replace("down_proj", f"{e}.down_proj.weight"): w for e, w in enumerate(tensor)})
         else:
             per_expert[name] = tensor
+    return per_expert
+
+
+def test_layout_round_trips_and_reads_the_per_expert_form(variants):
+    out, _ = variants
+    fused = load_state(out / "flexolmo")
+    back = layout.to_hf_moe(layout.from_hf_moe(fused))
+    assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
+    per_expert = per_expert_form(fused)
     again = layout.to_hf_moe(layout.from_hf_moe(per_expert))
     assert set(again) == set(fused) and all(torch.equal(again[k], fused[k]) for k in fused)
     dense = load_state(out / "dense_public")
     assert all(torch.equal(v, layout.to_hf_dense(layout.from_hf_dense(dense))[k]) for k, v in dense.items())
+
+
+def test_opt_out_of_a_per_expert_checkpoint_equals_opt_out_of_the_fused_one(variants, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out, _ = variants
+    per_expert = tmp_path / "per_expert"
+    shutil.copytree(out / "flexolmo", per_expert)
+    for f in per_expert.glob("*.safetensors*"):
+        f.unlink()
+    save_file(per_expert_form(load_state(out / "flexolmo")), str(per_expert / "model.safetensors"),
+              metadata={"format": "pt"})
+    opt_out(per_expert, ["code"], tmp_path / "a", top_k=2)
+    opt_out(out / "flexolmo", ["code"], tmp_path / "b", top_k=2)
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flexolmo_core.package import PackageError
+from flexolmo_core.errors import PackageError
 from flexolmo_core.registry import Registry, RegistryError, merged_contents
 
 ROOT = Path(__file__).resolve().parents[1]

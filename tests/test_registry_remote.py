@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from flexolmo_core.package import PackageError
+from flexolmo_core.errors import PackageError
 from flexolmo_core.registry import RegistryError
 from flexolmo_core.remote_registry import RemoteRegistry, open_registry
 

@@ -80,7 +80,8 @@ def test_bf16_anchor_end_to_end(bf16_anchor, owner_data, tmp_path, device):
 
 def test_a_package_of_another_dtype_is_refused(bf16_anchor, packages, tmp_path):
     """fp32 packages (trained against the fp32 smoke anchor) are refused by dtype before anything else reads them."""
-    from flexolmo_core.package import PackageError, load_package
+    from flexolmo_core.errors import PackageError
+    from flexolmo_core.package import load_package
 
     with pytest.raises(PackageError, match="float32, the anchor's weights are bfloat16"):
         load_package(packages["news"], expected_dtype="bfloat16")

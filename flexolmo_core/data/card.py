@@ -2,6 +2,7 @@
 dedup and decontamination counts, proxy notes), written next to the splits they describe."""
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -22,9 +23,15 @@ def debian_version(package: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else "not installed"
 
 
-def domain_card(result, config) -> dict:
-    from .prepare import split_sha256  # local import: prepare imports this module
+def split_sha256(docs) -> str:
+    """A split's identity: sha256 over its documents' ids and texts, in order."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.id.encode("utf-8") + b"\x00" + d.text.encode("utf-8") + b"\x1e")
+    return h.hexdigest()
 
+
+def domain_card(result, config) -> dict:
     splits, by_source = {}, {}
     for split, docs in result.splits.items():
         splits[split] = {

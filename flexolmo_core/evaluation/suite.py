@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 from ..errors import InputError
+from . import sources
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -178,10 +179,17 @@ def bpb_yaml(spec: TaskSpec) -> dict:
             "metric_list": [{"metric": "bpb", "aggregation": "mean", "higher_is_better": False}]}
 
 
+def load_domain(flexolmo_domain, domains_dir=None, domain_max_chars=None, domain_limit=None, **_metadata):
+    """lm-eval's custom dataset for one domain's held-out text (its kwargs come from the task's metadata)."""
+    import datasets
+
+    docs = sources.domain_texts(domains_dir, flexolmo_domain, max_chars=domain_max_chars)
+    docs = docs[:domain_limit] if domain_limit else docs
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
 def domain_config(domain: str) -> dict:
     """The lm-eval task config of one domain's held-out bpb, built per run (an inline config, not a file)."""
-    from .tasks.utils import load_domain
-
     return {"task": domain_task(domain), "tag": ["flexolmo_domains"], "dataset_path": "json",
             "custom_dataset": load_domain, "dataset_kwargs": {"flexolmo_domain": domain},
             "test_split": "test", "num_fewshot": 0, "output_type": "loglikelihood_rolling",

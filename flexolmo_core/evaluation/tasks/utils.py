@@ -28,12 +28,6 @@ def cut_at_space(text: str, max_chars: int) -> str:
     return head[:space] if space > max_chars // 2 else head
 
 
-def load_domain(flexolmo_domain, domains_dir=None, domain_max_chars=None, domain_limit=None, **_metadata):
-    docs = sources.domain_texts(domains_dir, flexolmo_domain, max_chars=domain_max_chars)
-    docs = docs[:domain_limit] if domain_limit else docs
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
-
-
 # Multiple choice. Partial-scoring tasks (WinoGrande) put the choice in the context: returning an int from
 # doc_to_text is lm-eval's switch to "one context per choice, one shared continuation".
 def mc_text(doc):
