@@ -161,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         return 0
-    from test_orch_helpers import clone_env, make_clone, set_domains
-
     import yaml
+    from test_orch_helpers import clone_env, make_clone, set_domains
 
     domains = [d for d in args.domains.split(",") if d]
     modes = args.modes.split(",")

@@ -67,8 +67,8 @@ def variant_results(point: Path, anchor_dir: Path, domains_dir: Path, all_domain
     """The evaluate stage's result per variant (held-out bpb per domain, with the per-document values behind it),
     through its variants and lm-eval tasks."""
     from flexolmo_core.evaluation import suite
-    from flexolmo_core.evaluation.variants import build_variants, evaluate_variant
     from flexolmo_core.evaluation.scores import domain_bpb
+    from flexolmo_core.evaluation.variants import build_variants, evaluate_variant
 
     cfg = eval_config(domains_dir, all_domains, docs, chars)
     tasks = [suite.domain_task(d) for d in all_domains]
@@ -269,8 +269,8 @@ def plot(points: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.lines
+    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))

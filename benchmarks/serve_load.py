@@ -144,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.hostile_client:
         hostile_client(args.hostile_client, args.hostile_mb, args.hostile_pause, args.seconds)
         return 0
+    import httpx
     from machine import machine
     from test_orch_helpers import free_port, stop, wait_for
-
-    import httpx
 
     print("machine:", json.dumps(machine()))
     port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="serve-load-"))

@@ -97,15 +97,14 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
 
 def main() -> None:
     from flexolmo_core.anchor import load_anchor, model_config_from_hf
+    from flexolmo_core.families import RENORMALIZES
+    from flexolmo_core.layout import from_hf_dense, from_hf_moe
     from flexolmo_core.merge import merge
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.data import open_windows
     from flexolmo_core.training.loop import evaluate
-    from flexolmo_core.layout import from_hf_dense, from_hf_moe
-    from flexolmo_core.families import RENORMALIZES
     from flexolmo_core.training.model import MoEShape, build
     from flexolmo_core.training.stages import read_merged
-    from flexolmo_core.moe import hf_state_dict
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--top-k", type=int, default=None, help="merged model's k (default: half, rounded up)")
@@ -148,11 +147,10 @@ def main() -> None:
                              torch.float32)
     if args.router_tune:
         import dataclasses
+        import hashlib
 
         from flexolmo_core.training.config import RouterTuneConfig, load_stage
         from flexolmo_core.training.stages import tune_router
-
-        import hashlib
 
         overrides = (args.rt_loop or "") + (args.rt or "")
         suffix = f"_{hashlib.sha256(overrides.encode()).hexdigest()[:8]}" if overrides else ""
@@ -173,8 +171,8 @@ def main() -> None:
         if "merged_rt" in models:
             row["merged_rt"] = evaluate(models["merged_rt"], val, loop)
         if d != "public":
-            from flexolmo_core.training.stages import owner_fast_model
             from flexolmo_core.package import load_package
+            from flexolmo_core.training.stages import owner_fast_model
 
             pkg = load_package(out / f"expert/{d}/package")
             L = cfg.n_layers

@@ -39,10 +39,10 @@ def fake_anchor(cfg):
 
 
 def ours(kind: str, anchor, cfg, args) -> dict:
+    from flexolmo_core.layout import from_hf_dense
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.data import TokenWindows
     from flexolmo_core.training.loop import train
-    from flexolmo_core.layout import from_hf_dense
     from flexolmo_core.training.model import MoEShape, build
     from flexolmo_core.training.stages import owner_fast_model
 
@@ -66,14 +66,13 @@ def ours(kind: str, anchor, cfg, args) -> dict:
 
 def reference(anchor, cfg, args, autocast: bool) -> dict:
     """transformers FlexOlmo (fused experts), experts + router trainable, expert 0 / row 0 gradients zeroed."""
+    from transformers import FlexOlmoForCausalLM
+
+    from flexolmo_core.dtypes import resolve_device
+    from flexolmo_core.families import moe_config
     from flexolmo_core.training.loop import measure_matmul_peak
     from flexolmo_core.training.model import MoEShape, count_matmul_flops
     from flexolmo_core.training.objective import objective
-    from transformers import FlexOlmoForCausalLM
-
-    from flexolmo_core.families import moe_config
-
-    from flexolmo_core.dtypes import resolve_device
 
     device = resolve_device(args.device)
     model = FlexOlmoForCausalLM(moe_config(anchor.config, num_experts=2, top_k=2)).to(device)

@@ -11,9 +11,11 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from .atomic import atomic_dir, write_json
 from .config import ModelConfig, get_preset
-from .errors import InputError, MissingInput, require, read_json
+from .errors import InputError, MissingInput, read_json, require
+from .families import DENSE_TYPE, FAMILY_OF, family_of_type
 from .stream_safetensors import TensorFiles, check_safetensors_file, read_index
 
 ANCHOR_MANIFEST = "flexolmo_anchor.json"
@@ -43,8 +45,6 @@ def olmo2_config(cfg: ModelConfig, tokenizer):
 def model_config_from_hf(hf_config) -> ModelConfig:
     """The ModelConfig that an HF Olmo2 / FlexOlmo / Llama / Mistral / Mixtral config describes; anything
     else is refused, naming the supported types."""
-    from .families import family_of_type
-
     family = family_of_type(hf_config.model_type)  # refuses anything else, naming the supported types
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
@@ -105,8 +105,6 @@ def init_anchor(preset: str | ModelConfig, tokenizer_dir: str | os.PathLike, out
 
 def check_anchor(path: str | os.PathLike) -> dict:
     """config.json of a dense anchor checkpoint folder (Olmo2, Llama, Mistral), after checking its files."""
-    from .families import DENSE_TYPE, FAMILY_OF
-
     path = Path(path)
     if not (path / "config.json").exists():
         raise MissingInput(f"{path}: not an anchor checkpoint (no config.json)")

@@ -8,16 +8,23 @@ unpickled: a folder with only `.bin` / `.pt` weights is refused. Every refusal n
 expected, and nothing is written unless the whole import succeeds."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, checkpoint_meta, copy_tokenizer, model_config_from_hf
-from .families import DENSE_TYPE, FAMILY_OF
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from .dtypes import dtype_name
 from .errors import InputError
-from .stream_safetensors import DEFAULT_SHARD_BYTES, read_index
+from .families import ARCHITECTURE, DENSE_TYPE, FAMILY_OF
+from .stream_safetensors import DEFAULT_SHARD_BYTES, TensorFiles, read_index, write_model
+from .training.data import open_windows
+from .training.embeddings import write_projection
+from .training.replay import write_public_replay
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,8 +43,6 @@ def resolve_source(source: str | os.PathLike) -> Path:
     id (fetched with huggingface_hub when online)."""
     text = str(source)
     if text.startswith(PACKAGE_PREFIX):
-        import importlib.util
-
         package, _, rest = text.removeprefix(PACKAGE_PREFIX).partition("/")
         spec = importlib.util.find_spec(package) if package.isidentifier() else None
         if spec is None or not spec.submodule_search_locations:
@@ -79,8 +84,6 @@ def check_safetensors_folder(folder: Path) -> list[Path]:
 def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
     """Every shard the index names lies inside the folder, exists, holds exactly the tensors the index says, and
     no tensor twice."""
-    from safetensors import safe_open
-
     if not index_path.is_file():
         raise AnchorImportError(f"{index_path}: missing; {len(shards)} safetensors shards need their index")
     weight_map = read_index(folder)  # every shard path checked before any is opened
@@ -173,7 +176,6 @@ def load_checkpoint(folder: Path, gguf_file: str | None):
 def expected_shapes(config) -> dict[str, tuple]:
     """The tensors transformers' class for `config` saves, with their shapes (built on the meta device: no
     memory)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -186,8 +188,6 @@ def expected_shapes(config) -> dict[str, tuple]:
 def streamed_specs(folder: Path, config) -> list | None:
     """Lazy specs that copy the folder's tensors as they are, or None when their names are not exactly what
     transformers' class holds (then transformers loads and renames them)."""
-    from .stream_safetensors import TensorFiles
-
     files = TensorFiles(folder)
     names = set(files.names()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     if names != set(expected_shapes(config)):
@@ -211,9 +211,6 @@ def write_weights(specs: list, config, folder: Path, shard_bytes: int) -> None:
     """The weights (sharded as transformers does past `shard_bytes`) + config.json. Written directly:
     transformers refuses to re-save a model loaded from GGUF (it marks it quantised, though the tensors are
     already de-quantised), and a tied LM head is one tensor."""
-    from .families import ARCHITECTURE
-    from .stream_safetensors import write_model
-
     write_model(folder, specs, shard_bytes, metadata={"format": "pt"})
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
@@ -247,8 +244,6 @@ def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int
                   replay_data=None, replay_tokens: int = 0, seq_len: int = 256,
                   shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Write the anchor folder `out` from `source`; returns its manifest."""
-    from .training.embeddings import write_projection
-
     folder, gguf_file = locate(source, gguf_file)
     out = Path(out)
     try:
@@ -264,9 +259,6 @@ def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int
                     "family": cfg.family, "model_type": config.model_type, "dtype": dtype,
                     "projection_sha256": write_projection(tmp, projection_dim, cfg.d_model, projection_seed)}
         if replay_data and replay_tokens > 0:
-            from .training.data import open_windows
-            from .training.replay import write_public_replay
-
             manifest["public_replay"] = write_public_replay(tmp, open_windows(replay_data, seq_len, tmp),
                                                             replay_tokens, projection_seed)
         write_json(tmp / ANCHOR_MANIFEST, manifest)

@@ -20,13 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from . import layout
-from .anchor import copy_tokenizer
+from .anchor import checkpoint_getter, checkpoint_meta, copy_tokenizer
 from .atomic import atomic_dir, write_json
+from .errors import InputError, MissingInput, read_json
 from .families import dense_config_dict
 from .merge import FUSED_EXPERT_TENSORS, MERGED_MANIFEST, MODEL_SIGNATURE, expert_domains, read_manifest
-from .errors import InputError, MissingInput, read_json
 from .stream_safetensors import DEFAULT_SHARD_BYTES, check_safetensors_file, write_model
-
 
 
 def load_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -88,8 +87,6 @@ def dense_expert_state(merged: dict[str, torch.Tensor], index: int) -> dict[str,
 def dense_expert_specs(merged_dir, index: int) -> list:
     """Lazy specs of expert `index` of a fused merged checkpoint as a dense model: every tensor read from disk
     when written (one expert's slice of the fused FFN tensors), so memory stays about one tensor."""
-    from .anchor import checkpoint_getter, checkpoint_meta
-
     names, get = checkpoint_getter(merged_dir)
     meta = checkpoint_meta(merged_dir)
     if not all(n.endswith(FUSED_EXPERT_TENSORS) for n in names if ".mlp." in n):  # per-expert files: in memory
@@ -121,8 +118,6 @@ def model_soup(dense_dirs: list, out_dir, weights: list[float] | None = None,
                shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Average the FFNs of dense experts; every other tensor must be bit-identical across them. Streamed: one
     tensor of each model at a time (the average accumulates in fp32 and is stored in the models' dtype)."""
-    from .anchor import checkpoint_getter, checkpoint_meta
-
     weights = weights or [1.0 / len(dense_dirs)] * len(dense_dirs)
     getters = [checkpoint_getter(d)[1] for d in dense_dirs]
     meta = checkpoint_meta(dense_dirs[0])

@@ -21,8 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
+from .anchor import checkpoint_getter, model_config_from_hf
 from .errors import PackageError
+from .families import RENORMALIZES
+from .layout import SHARED, TOP, dense_ffn_names
+from .training.model import Block, MoEShape, rms_norm, rope_tables
 
 if TYPE_CHECKING:  # annotations only: package.py calls this module
     from .package import ExpertPackage
@@ -39,13 +44,6 @@ def owner_logits(anchor_dir: str | Path, anchor_cfg, package: ExpertPackage, tok
                  vocab: list[int]) -> torch.Tensor:
     """fp32 logits [len(tokens), len(vocab)] of the owner model (anchor + `package`, top-2 of 2), computed one
     layer at a time from the files."""
-    import torch.nn.functional as F
-
-    from .anchor import checkpoint_getter, model_config_from_hf
-    from .families import RENORMALIZES
-    from .layout import SHARED, TOP, dense_ffn_names
-    from .training.model import Block, MoEShape, rms_norm, rope_tables
-
     cfg = model_config_from_hf(anchor_cfg)
     _, get = checkpoint_getter(anchor_dir)
     f32 = torch.float32

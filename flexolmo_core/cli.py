@@ -7,9 +7,10 @@ import contextlib
 import importlib
 import sys
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 
-from .cli_config import FlexParser, build_parser_for
 from .atomic import replacing_allowed
+from .cli_config import FlexParser, build_parser_for
 from .errors import FlexError
 
 COMMAND_MODULES = (
@@ -37,8 +38,6 @@ def _build():
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("flexolmo")
     except PackageNotFoundError:  # run from a checkout that was not installed

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from simple_parsing import ArgumentParser, DashVariant
 
+from .training.config import LoopConfig, load_stage
+
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default only where there is one to show: not for required options, not `None`,
@@ -96,8 +98,6 @@ def stage_defaults(command: tuple[str, ...], cls, section: str, loop: bool, per_
                    params_default: str | None):
     """(stage config, LoopConfig or None): from params when this command runs with --params, else the
     dataclass defaults (which is all `--help` of another command needs)."""
-    from .training.config import LoopConfig, load_stage
-
     params = _scan.params or params_default
     if not _scan.params and params and not Path(params).exists():
         params = None  # a default params.yaml that is not here: the dataclass defaults (a given one must exist)
@@ -111,8 +111,6 @@ def stage_defaults(command: tuple[str, ...], cls, section: str, loop: bool, per_
 def add_stage_args(p, command: tuple[str, ...], cls, section: str, loop: bool = False, per_domain: bool = False,
                    params_default: str | None = None) -> None:
     """Flags for `cls` (into args.stage) and, with `loop`, LoopConfig (into args.loop), plus --params."""
-    from .training.config import LoopConfig
-
     stage, loop_cfg = stage_defaults(command, cls, section, loop, per_domain, params_default)
     p.add_arguments(cls, dest="stage", default=stage)
     p.set_defaults(stage_base=stage)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from .errors import InputError
 
+from .errors import InputError
 
 FAMILIES = {"olmo2": "post", "llama": "pre"}  # architecture family -> where the RMSNorms sit
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .anchor import ANCHOR_MANIFEST, anchor_fingerprint, check_checkpoint, model_config_from_hf
+from .baselines import load_state, shared_sha256
+from .errors import InputError, MissingInput
 from .families import is_moe
 from .merge import MERGED_MANIFEST, read_manifest
 from .package import MANIFEST_FILE, load_package
-from .errors import InputError, MissingInput
 
 DENSE_BASELINES = ("dense_expert", "model_soup")
 
@@ -33,8 +34,6 @@ def describe(path: Path) -> dict:
                       "ffn_hidden": cfg.ffn_hidden, "vocab_size": cfg.vocab_size}}
     m = read_manifest(path) if (path / MERGED_MANIFEST).exists() else None
     if m is not None and m.get("baseline") in DENSE_BASELINES:
-        from .baselines import load_state, shared_sha256
-
         # A dense baseline's FFN is not the anchor's, so its fingerprint differs by design; its shared weights
         # must still be the ones recorded when it was cut from a merged model of this anchor.
         info.update(kind=f"baseline ({m['baseline']})", recorded_anchor_fingerprint=m.get("anchor_fingerprint"),

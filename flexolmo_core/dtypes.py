@@ -24,8 +24,12 @@ GPU is refused with what it needs (`resolve_device`)."""
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
+
+from .anchor import checkpoint_meta
+from .errors import InputError
 
 
 def storage_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -35,8 +39,6 @@ def storage_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dic
 
 def checkpoint_dtype(model_dir: str | os.PathLike) -> torch.dtype:
     """The storage dtype of a checkpoint folder: that of its embedding (read from the safetensors header)."""
-    from .anchor import checkpoint_meta
-
     return checkpoint_meta(model_dir)["model.embed_tokens.weight"][0]
 
 
@@ -45,8 +47,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """auto | cpu | cuda (| cuda:N) -> a torch device; refuses cuda where torch sees no GPU."""
-    from .errors import InputError
-
     if name not in DEVICES and not str(name).startswith("cuda:"):
         raise InputError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -82,8 +82,6 @@ def compute_dtype(name: str, device: torch.device, measure,
 
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), or what the platform says."""
-    import platform
-
     try:
         with open("/proc/cpuinfo") as f:
             found = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -114,8 +112,6 @@ def resolve_numerics(previous: dict | None, measure, margin: float = AUTO_BF16_M
 
 def pinned_dtype(name: str, device: str, numerics: dict, where: str = "numerics") -> str:
     """`loop.dtype` with `auto` replaced by the choice `resolve_numerics` recorded for the device this run uses."""
-    from .errors import InputError
-
     if name != "auto":
         return name
     kind = resolve_device(device).type

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .merge import read_manifest
-from .families import expert_count, load_weights, renormalizes, set_expert_count
-from .moe import FlexRouter, routers
+from .anchor import checkpoint_getter
+from .dtypes import inference_dtype, resolve_device
 from .errors import InputError
+from .families import expert_count, load_weights, renormalizes, set_expert_count
+from .merge import read_manifest
+from .moe import FlexRouter, routers
 
 
 @dataclass
@@ -91,8 +93,6 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: in
     dtype None: the checkpoint's own on a GPU, fp32 on the CPU (flexolmo_core/dtypes.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .dtypes import inference_dtype, resolve_device
-
     where = resolve_device(device)
     dtype = dtype or inference_dtype(where, model_dir)
 
@@ -124,8 +124,6 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: in
 
 def _read_kept(model_dir: Path, keep_idx: list[int]) -> dict[str, torch.Tensor]:
     """Read the checkpoint, slicing expert and router tensors to the kept experts without touching the rest."""
-    from .anchor import checkpoint_getter
-
     names, get = checkpoint_getter(model_dir)
     return {name: torch.stack([get(name, j) for j in keep_idx])
             if name.endswith(("experts.gate_up_proj", "experts.down_proj", "gate.weight")) else get(name, None)

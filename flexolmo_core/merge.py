@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .anchor import anchor_fingerprint, checkpoint_getter, checkpoint_meta, copy_tokenizer
 from . import layout
+from .anchor import anchor_fingerprint, check_checkpoint, checkpoint_getter, checkpoint_meta, copy_tokenizer
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
+from .canary import check_canary
+from .data.config import check_domain_name
 from .dtypes import checkpoint_dtype, dtype_name
-from .stream_safetensors import DEFAULT_SHARD_BYTES, write_model
-from .package import ExpertPackage, load_package
 from .errors import InputError, MissingInput, PackageError, read_json, require
+from .families import DENSE_TYPE, expert_count, is_moe, moe_config, set_expert_count
+from .package import ExpertPackage, load_package
+from .stream_safetensors import DEFAULT_SHARD_BYTES, write_model
 
 MERGED_MANIFEST = "flexolmo.json"
 MODEL_SIGNATURE = ("config.json", MERGED_MANIFEST)  # what every model folder this project writes has
@@ -58,8 +61,6 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     """Write the merged checkpoint to `out`; returns its flexolmo.json manifest."""
     from transformers import AutoConfig
 
-    from .families import DENSE_TYPE
-
     anchor_dir, package_paths = Path(anchor_dir), list(package_paths)
     refuse_overwriting_inputs(out, anchor_dir, *package_paths)
     if not (anchor_dir / "config.json").is_file():
@@ -75,7 +76,6 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     top_k = default_top_k(num_experts) if top_k is None else top_k
     if not 1 <= top_k <= num_experts:
         raise InputError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
-    from .canary import check_canary
 
     for package in packages:  # the weights back the fingerprint's claim: anchor + package must give its logits
         check_canary(anchor_dir, anchor_cfg, package)
@@ -102,8 +102,6 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
 
 def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], top_k: int):
     """(tensor specs, MoE config) of the anchor merged with `packages`: lazy tensors, produced one at a time."""
-    from .families import moe_config
-
     names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
     meta = checkpoint_meta(anchor_dir)  # dtypes and shapes from the headers, nothing loaded yet
     public_rows = _agreed_public_rows(packages, anchor_cfg.num_hidden_layers, anchor_cfg.hidden_size)
@@ -186,10 +184,6 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
     """The one reader of flexolmo.json (merged models, opt-outs, router-tuned and baseline models). Its expert
     list must agree with the weights: one record per expert (indices 0..E-1, distinct valid domains), E being
     the expert count of config.json and of every router; otherwise an opt-out could miss an unlisted expert."""
-    from .anchor import check_checkpoint, checkpoint_meta
-    from .data.config import check_domain_name
-    from .families import expert_count, is_moe
-
     model_dir = Path(model_dir)
     path = model_dir / MERGED_MANIFEST
     if not path.exists():
@@ -234,8 +228,6 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
     over the kept router rows is the softmax with the others masked to -inf), and needs no package.
     top_k None = merge's default for the kept count. Returns the new manifest."""
     from transformers import AutoConfig
-
-    from .families import set_expert_count
 
     merged_dir, exclude = Path(merged_dir), sorted(set(exclude))
     refuse_overwriting_inputs(out, merged_dir)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .moe import FlexRouter, SplitExperts, hf_state_dict, install_routers
 from .errors import InputError
+from .families import moe_config
+from .moe import FlexRouter, SplitExperts, hf_state_dict, install_routers
 
 
 def rows_per_layer(rows: torch.Tensor | None, n_layers: int, d_model: int) -> list[torch.Tensor]:
@@ -36,8 +37,6 @@ def upcycle(anchor, public_rows: torch.Tensor | None = None, domain_rows: torch.
     Owner training itself runs on the training model (training.stages.owner_fast_model, both families); this
     HF module form, with its frozen/trainable split, is kept for OLMo-2 anchors."""
     from transformers import FlexOlmoForCausalLM
-
-    from .families import moe_config
 
     cfg = anchor.config
     if cfg.model_type != "olmo2":

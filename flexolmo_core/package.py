@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_dir, write_json
-from .dtypes import dtype_name
-from .stream_safetensors import TensorFiles, check_safetensors_file, save_tensors
-from .data.config import check_domain_name
 from .canary import compute_canary
-from .errors import InputError, PackageError, require, read_json
+from .data.config import check_domain_name
+from .dtypes import dtype_name
+from .errors import InputError, PackageError, read_json, require
+from .stream_safetensors import TensorFiles, check_safetensors_file, save_tensors
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "expert.safetensors"

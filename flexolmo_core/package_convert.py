@@ -18,10 +18,10 @@ from . import layout
 from .anchor import anchor_fingerprint
 from .atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from .baselines import load_state
+from .errors import PackageError
 from .families import expert_count, family_of_type, is_moe
 from .merge import MERGED_MANIFEST, merge, read_manifest
 from .package import save_package
-from .errors import PackageError
 
 # |source - anchor| <= ATOL + RTOL * |anchor| per element. RTOL = 2^-8 is bf16's rounding (half an ulp): a
 # bf16 copy of fp32 anchor weights (norm weights near 1 move by up to 0.004) passes. ATOL = 1e-3 is what the

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
 from .errors import InputError
 
 T = TypeVar("T")

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .anchor import read_fingerprint
 from .atomic import dead_writer, locked, temp_dir, write_json, writer_tag
-from .package import MANIFEST_FILE, WEIGHTS_FILE, ExpertPackage, load_package
-from .errors import InputError, PackageError, read_json, require
 from .data.config import check_domain_name
+from .errors import InputError, PackageError, read_json, require
+from .package import MANIFEST_FILE, WEIGHTS_FILE, ExpertPackage, load_package
 
 INDEX_FILE = "registry.json"
 FORMAT_VERSION = 1
@@ -165,8 +166,6 @@ class Registry:
 
     def init(self, anchor_dir: str | os.PathLike) -> dict:
         """Create the registry for this anchor. Idempotent for the same anchor; refused for another."""
-        from .anchor import read_fingerprint
-
         fingerprint, shapes = read_fingerprint(anchor_dir), anchor_shapes_of(anchor_dir)
         with self._locked(must_exist=False):
             if self.exists():

@@ -25,6 +25,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from .anchor import read_fingerprint
 from .atomic import locked, write_json
 from .package import MANIFEST_FILE, WEIGHTS_FILE
 from .registry import INDEX_FILE, Entry, Registry, RegistryError, add_entry, check_index, drop_entry
@@ -111,8 +112,6 @@ class RemoteRegistry:
         return self.mirror
 
     def init(self, anchor_dir: str | os.PathLike) -> dict:
-        from .anchor import read_fingerprint
-
         fingerprint = read_fingerprint(anchor_dir)
         with self._index_lock():
             index = self.remote_index()

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
 from .errors import InputError, MissingInput
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -94,8 +96,6 @@ def write_model(folder: str | os.PathLike, specs: Iterable[TensorSpec], shard_by
                 metadata: dict[str, str] | None = None, progress=None) -> list[str]:
     """A model's weights into `folder` (which the caller writes atomically): one file, or shards + index.
     `progress(done, total, file)` after each shard. Returns the file names written."""
-    from pathlib import Path
-
     if shard_bytes < 1:
         raise InputError(f"shard size must be at least 1 byte, got {shard_bytes}")
     folder = Path(folder)
@@ -138,8 +138,6 @@ class TensorFiles:
 
     def __init__(self, folder: str | os.PathLike):
         """`folder`: a checkpoint folder (every *.safetensors in it), or one .safetensors file."""
-        from pathlib import Path
-
         folder = Path(folder)
         files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))
         if not files:
@@ -187,8 +185,6 @@ def shard_in_folder(folder, index_path, name) -> "Path":
     checkpoint folder: absolute, with a `..` part, or not a plain relative path. The test is on the name and not
     on where the file resolves, so a hub-cache snapshot stays allowed: its files are symlinks into the cache's
     blobs/, which the hub client made; what the index may not do is name a path outside the folder."""
-    from pathlib import Path
-
     parts = Path(name).parts if isinstance(name, str) and name else ()
     if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
         raise InputError(f"{index_path}: shard path {name!r} leaves the checkpoint folder")
@@ -198,8 +194,6 @@ def shard_in_folder(folder, index_path, name) -> "Path":
 def read_index(folder) -> dict[str, str] | None:
     """The weight map of a sharded checkpoint's index (tensor -> shard file), after checking that it is one and
     that every shard it names lies inside the folder; None when the folder has no index."""
-    from pathlib import Path
-
     index_path = Path(folder) / INDEX_FILE
     if not index_path.is_file():
         return None

@@ -16,10 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-import flows  # noqa: F401  (offline environment defaults, before prefect is imported)
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
+
+import flows  # noqa: F401  (offline environment defaults, before prefect is imported)
 
 PUBLISHED_EVENT = "flexolmo.expert.published"
 
@@ -27,9 +28,9 @@ PUBLISHED_EVENT = "flexolmo.expert.published"
 @task(task_run_name="embed-{domain}")
 def embed(domain: str, data: str, anchor: str, out: str, params: str, preset: str | None,
           public_embedding: str | None = None) -> str:
+    from flexolmo_core.data.readers import read_texts
     from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
     from flexolmo_core.training.embeddings import write_domain_embedding
-    from flexolmo_core.data.readers import read_texts
 
     _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=domain, preset=preset)
     meta = {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}

@@ -18,16 +18,24 @@ import os
 import sys
 import time
 
-import flows  # noqa: F401  (offline environment defaults, before prefect is imported)
 from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import artifacts
-from flows.stages import (Stage, TransientStageError, cancel_stages, forget_cancelled, load_stages, root,
-                          run_stage_flow, set_root)
+import flows  # noqa: F401  (offline environment defaults, before prefect is imported)
 from flexolmo_core.errors import InputError
+from flows import artifacts
+from flows.stages import (
+    Stage,
+    TransientStageError,
+    cancel_stages,
+    forget_cancelled,
+    load_stages,
+    root,
+    run_stage_flow,
+    set_root,
+)
 
 
 def retry_transient(task_, task_run, state) -> bool:

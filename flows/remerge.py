@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-import flows  # noqa: F401  (offline environment defaults, before prefect is imported)
 from prefect import flow, get_run_logger, task
 
+import flows  # noqa: F401  (offline environment defaults, before prefect is imported)
 from flows import artifacts
 
 CURRENT = "current.json"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from flexolmo_core.data.readers import read_texts
 from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
 from flexolmo_core.training.embeddings import write_domain_embedding
-from flexolmo_core.data.readers import read_texts
 from tasks import run
 
 ANCHOR = "outputs/anchor/model"

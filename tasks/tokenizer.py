@@ -9,8 +9,8 @@ import json
 from flexolmo_core.data.config import TokenizerConfig, flexmix_domains, tokenizer_vocab
 from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
 from flexolmo_core.params import load_section, read_params
-from tasks import run, say
 from flexolmo_core.training.config import AnchorConfig, load_stage
+from tasks import run, say
 
 PREPARED = "outputs/prepare"
 OUT = "outputs/tokenizer"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
-import zipfile
 from pathlib import Path
 
 import pytest

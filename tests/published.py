@@ -29,7 +29,7 @@ def released_style_expert(anchor_dir: Path, public_row: torch.Tensor, out: Path,
     """A 2-expert FlexOlmo (OLMo-2 anchor) or Mixtral (Llama anchor) model as released per domain: the anchor's
     weights, expert 0 = its FFN, expert 1 = a different FFN, router rows [public; domain]. FlexOlmo keeps the
     released config values (norm_topk_prob false, num_experts_per_tok 2)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, FlexOlmoConfig, MixtralConfig
+    from transformers import AutoModelForCausalLM, FlexOlmoConfig, MixtralConfig
 
     anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
     values = {k: v for k, v in anchor.config.to_dict().items() if k in SHAPE or k.endswith("_token_id")}

@@ -9,17 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from published import SHAPE, save, token_ids
 
 from flexolmo_core.anchor import ANCHOR_MANIFEST, anchor_fingerprint
 from flexolmo_core.anchor_import import AnchorImportError, import_anchor
 from flexolmo_core.cli import main
-from published import SHAPE, save, token_ids
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, smoke_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, \
-        Olmo2Config, Olmo2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Olmo2Config,
+        Olmo2ForCausalLM,
+    )
 
     ids = token_ids(smoke_tokenizer)
     root = tmp_path_factory.mktemp("published")

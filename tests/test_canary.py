@@ -10,8 +10,8 @@ import torch
 from transformers import AutoConfig
 
 from flexolmo_core.canary import ATOL, check_canary, compute_canary
-from flexolmo_core.merge import merge
 from flexolmo_core.errors import PackageError
+from flexolmo_core.merge import merge
 from flexolmo_core.package import load_package
 
 

@@ -11,8 +11,14 @@ from flexolmo_core.cli_config import field_names
 from flexolmo_core.data.config import PrepareConfig, TokenizerConfig
 from flexolmo_core.evaluation.runner import EvalConfig
 from flexolmo_core.params import load_section
-from flexolmo_core.training.config import (AnchorConfig, DomainEmbeddingConfig, ExpertConfig, RouterTuneConfig,
-                                           UnrestrictedConfig, load_stage)
+from flexolmo_core.training.config import (
+    AnchorConfig,
+    DomainEmbeddingConfig,
+    ExpertConfig,
+    RouterTuneConfig,
+    UnrestrictedConfig,
+    load_stage,
+)
 
 PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
 # (command words + required non-config arguments, config class, params section, per-domain stage)

@@ -6,7 +6,13 @@ from safetensors.torch import load_file
 
 from flexolmo_core.anchor import load_anchor
 from flexolmo_core.cli import main
-from flexolmo_core.owner import frozen_differences, project_after_step, trainable_parameter_names, trainable_parameters, upcycle
+from flexolmo_core.owner import (
+    frozen_differences,
+    project_after_step,
+    trainable_parameter_names,
+    trainable_parameters,
+    upcycle,
+)
 
 
 def tokens(seed=0, shape=(2, 24), vocab=1000):

@@ -1,14 +1,14 @@
 import json
-import re
 import pickle
+import re
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexolmo_core.merge import merge
 from flexolmo_core.errors import PackageError
+from flexolmo_core.merge import merge
 from flexolmo_core.package import load_package, tensor_sha256
 
 

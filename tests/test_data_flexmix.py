@@ -159,6 +159,7 @@ def test_a_ninth_domain_from_local_files_is_a_params_change(dev_mix, tmp_path):
         "tokenizer": {"vocab_size": 1000, "seq_len": 64},
     }
     import yaml
+
     from flexolmo_core.cli import main
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from flexolmo_core import baselines  # noqa: E402
-from flexolmo_core.inference import load_flexolmo  # noqa: E402
 from flexolmo_core.evaluation import report, runner, smoke, suite, variants  # noqa: E402
+from flexolmo_core.inference import load_flexolmo  # noqa: E402
 
 DOMAINS = ["code", "math"]
 
@@ -87,6 +87,7 @@ def test_model_soup_averages_ffns_and_refuses_different_anchors(models, tmp_path
 
 def test_btm_class_equals_bayesian_mixture_when_keeping_all(models, tmp_path):
     from lm_eval.api.instance import Instance
+
     from flexolmo_core.evaluation.btm import BTMLM
 
     dirs = [baselines.extract_dense_expert(models / "merged", i, tmp_path / f"d{i}") for i in (1, 2)]
@@ -192,6 +193,7 @@ def test_btm_cached_generation_matches_the_scoring_path(models, tmp_path):
 
 def test_evaluate_stage_end_to_end(models, tmp_path, monkeypatch):
     import yaml
+
     import tasks.evaluate as stage
 
     params = {"evaluate": {"suites": ["smoke"], "limit": 2, "gen_limit": 1, "domain_limit": 2,

@@ -100,6 +100,7 @@ def test_btm_top2_drops_the_least_likely_expert_and_renormalises():
 
 def test_params_yaml_evaluate_section_loads():
     from pathlib import Path
+
     from flexolmo_core.evaluation.runner import EvalConfig, suites_for
     from flexolmo_core.params import load_section
 

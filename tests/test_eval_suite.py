@@ -103,6 +103,7 @@ def test_local_copy_makes_a_missing_task_runnable(tmp_path):
 def test_code_tasks_pass_with_their_reference_solutions():
     """The programs built for HumanEval/MBPP pass with the gold code and fail with a wrong body."""
     import json as _json
+
     from flexolmo_core.evaluation import metrics
 
     he = sources.load_docs("humaneval")[0]

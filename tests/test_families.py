@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from published import SHAPE, released_style_expert, save, token_ids
 
-from flexolmo_core import layout
 from flexolmo_core.anchor_import import import_anchor
-from flexolmo_core.merge import merge, opt_out
 from flexolmo_core.errors import PackageError
+from flexolmo_core.merge import merge, opt_out
 from flexolmo_core.package import load_package
 from flexolmo_core.package_convert import export_package, import_package, read_internal, split_merged
-from published import SHAPE, released_style_expert, save, token_ids
 
 FAMILIES = {"olmo2_gqa_sharded": "FlexOlmoForCausalLM", "llama_gqa_tied": "MixtralForCausalLM"}
 

@@ -315,9 +315,8 @@ def test_an_imported_llama_anchor_runs_every_stage(clone, harness):
     with its tokenizer, the anchor stage imports it, and the experts merge into a Mixtral model."""
     import torch
     import yaml
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from published import SHAPE, save, token_ids
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     baseline(clone)
     tokenizer = clone / "outputs/tokenizer/tokenizer"

@@ -13,7 +13,7 @@ CHATTER = re.compile(r"it/s\]|\d+%\|| LOAD_| RESUME | RETURN_VALUE|Running logli
 
 async def _logs_and_release(flow_run_id):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId
 
     async with get_client() as client:
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))

@@ -10,7 +10,6 @@ import asyncio
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 from test_orch_helpers import scripted_repo  # noqa: E402
 
@@ -55,9 +54,16 @@ DVC_YAML = """stages:
 
 async def _runs_logs_artifacts(parent_id):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
-                                                FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId,
-                                                TaskRunFilter, TaskRunFilterFlowRunId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
 
     async with get_client() as client:
         children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(

@@ -36,8 +36,8 @@ def _writer(rank: int, registry: str, plan: list, barrier, results, cache: str) 
 @pytest.mark.parametrize("kind", ["directory", "file-url"])
 def test_four_processes_ten_rounds_index_files_and_exit_codes_agree(kind, tmp_path, smoke_anchor, packages):
     from flexolmo_core.package import load_package
-    from flexolmo_core.remote_registry import RemoteRegistry, open_registry
     from flexolmo_core.registry import Registry
+    from flexolmo_core.remote_registry import RemoteRegistry, open_registry
 
     if kind == "directory":
         registry = str(tmp_path / "registry")

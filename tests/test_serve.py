@@ -161,7 +161,6 @@ def test_policies_keys_forbidden_experts_and_reload(server):
 def test_a_broken_policy_edit_is_loud_at_once_and_the_last_good_one_stays(server, broken, message):
     """With no request coming, /healthz and the log show a broken edit within a poll (0.2 s here; it once still
     said `policy_error: null` 3 s after an edit to invalid YAML), and requests keep the last good policy."""
-    import time
 
     def serving_the_good_policy():  # the one an earlier test restored may still be on its way in
         info = client(server).completions.create(model="flexolmo", prompt="a", max_tokens=1).model_extra["flexolmo"]

@@ -127,8 +127,14 @@ def test_flops_count_only_needed_work():
 def family_models():
     """Each family's unusual shapes at smoke size, built by transformers itself: Llama with grouped-query
     attention and tied embeddings, Olmo2 with GQA, and Mixtral (3 experts, top-2, renormalised weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, \
-        Olmo2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Olmo2Config,
+        Olmo2ForCausalLM,
+    )
 
     shape = dict(vocab_size=CFG.vocab_size, hidden_size=CFG.d_model, intermediate_size=CFG.ffn_hidden,
                  num_hidden_layers=CFG.n_layers, num_attention_heads=CFG.n_heads, num_key_value_heads=2,

@@ -4,9 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..anchor import init_anchor
+from ..anchor_import import import_anchor
 from ..cli_config import add_stage_args
-from ..training.config import AnchorConfig, ExpertConfig
+from ..config import get_preset
+from ..describe import describe
 from ..errors import InputError
+from ..merge import merge
+from ..params import read_params
+from ..stream_safetensors import parse_size
+from ..training.config import AnchorConfig, ExpertConfig
+from ..training.embeddings import load_embedding
+from ..training.stages import train_anchor, train_expert
 
 
 def register(subparsers) -> None:
@@ -95,8 +104,6 @@ def add_expert_train_args(p) -> None:
 
 
 def cmd_params(args) -> None:
-    from ..config import get_preset
-
     cfg = get_preset(args.preset)
     top_k = args.top_k or args.experts
     out = {"preset": args.preset, "experts": args.experts, "top_k": top_k, **cfg.counts(args.experts, top_k),
@@ -105,16 +112,12 @@ def cmd_params(args) -> None:
 
 
 def cmd_anchor_init(args) -> None:
-    from ..anchor import init_anchor
-
     fingerprint = init_anchor(args.preset, args.tokenizer, args.out, seed=args.seed)
     print(json.dumps({"anchor": args.out, "fingerprint": fingerprint}))
 
 
 def model_preset(args) -> str:
     """--preset, else the top-level `preset` of --params."""
-    from ..params import read_params
-
     if args.preset:
         return args.preset
     if not args.params:
@@ -123,8 +126,6 @@ def model_preset(args) -> str:
 
 
 def cmd_anchor_train(args) -> None:
-    from ..training.stages import train_anchor
-
     stage = args.stage
     if stage.source != "train":
         raise InputError(f"anchor.source is {stage.source!r}: that anchor is imported, not trained "
@@ -139,8 +140,6 @@ def cmd_anchor_train(args) -> None:
 
 
 def cmd_anchor_import(args) -> None:
-    from ..anchor_import import import_anchor
-
     stage = args.stage
     source = args.source or (stage.source if stage.source != "train" else None)
     if source is None:
@@ -152,9 +151,6 @@ def cmd_anchor_import(args) -> None:
 
 
 def cmd_expert_train(args) -> None:
-    from ..training.embeddings import load_embedding
-    from ..training.stages import train_expert
-
     loop = args.loop
     rows = {k: load_embedding(v) if v else None
             for k, v in (("public", args.public_embedding), ("domain", args.domain_embedding))}
@@ -167,10 +163,6 @@ def cmd_expert_train(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from ..merge import merge
-
-    from ..stream_safetensors import parse_size
-
     manifest = merge(args.anchor, args.expert, args.out, top_k=args.top_k, exclude=args.exclude,
                      shard_bytes=parse_size(args.shard_size))
     print(json.dumps({"model": args.out, "experts": [e["domain"] for e in manifest["experts"]],
@@ -200,6 +192,4 @@ def cmd_generate(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from ..describe import describe
-
     print(json.dumps(describe(Path(args.path)), indent=2))

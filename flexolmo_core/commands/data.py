@@ -5,7 +5,12 @@ import dataclasses
 import json
 
 from ..cli_config import add_stage_args
-from ..data.config import PrepareConfig, TokenizerConfig, tokenizer_vocab
+from ..data.config import PrepareConfig, TokenizerConfig, flexmix_domains, tokenizer_vocab
+from ..data.prepare import build_flexmix
+from ..data.readers import read_texts
+from ..data.tokenize_stage import build_tokenizer_and_pack
+from ..data.tokenizer import train_tokenizer
+from ..params import read_params
 
 
 def register(subparsers) -> None:
@@ -30,18 +35,11 @@ def register(subparsers) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from ..data.config import flexmix_domains
-    from ..data.prepare import build_flexmix
-    from ..params import read_params
-
     card = build_flexmix(args.stage, flexmix_domains(read_params(args.params).get("domains")), args.out)
     print(json.dumps(card["domains"], indent=2))
 
 
 def cmd_tokenizer_train(args) -> None:
-    from ..data.readers import read_texts
-    from ..data.tokenizer import train_tokenizer
-
     cfg = args.stage
     vocab = tokenizer_vocab(cfg, _preset(args))
     texts = read_texts(args.data)
@@ -50,16 +48,10 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def _preset(args) -> str | None:
-    from ..params import read_params
-
     return read_params(args.params).get("preset") if args.params else None
 
 
 def cmd_tokenizer_pack(args) -> None:
-    from ..data.config import flexmix_domains
-    from ..data.tokenize_stage import build_tokenizer_and_pack
-    from ..params import read_params
-
     stage = dataclasses.replace(args.stage, vocab_size=tokenizer_vocab(args.stage, _preset(args)))
     card = build_tokenizer_and_pack(stage, args.prepared, flexmix_domains(read_params(args.params).get("domains")), args.out)
     print(json.dumps(card["domains"], indent=2))

@@ -4,10 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flexolmo_core.data.config import flexmix_domains
+from flexolmo_core.evaluation import report, suite, variants
+from flexolmo_core.merge import MERGED_MANIFEST, read_manifest
+from flexolmo_core.params import read_params
+
 from ..cli_config import add_stage_args
+from ..errors import InputError, MissingInput
 from ..evaluation import runner
 from ..families import is_moe
-from ..errors import InputError, MissingInput
 
 
 def register(subparsers) -> None:
@@ -27,8 +32,6 @@ def register(subparsers) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from flexolmo_core.evaluation import report, suite, variants
-
     if args.report:
         summary = report.write_report(args.report[0], args.report[1])
         print(f"report for {len(summary)} variants in {args.report[1]}/results.md")
@@ -55,10 +58,6 @@ def cmd_evaluate(args) -> int:
 
 def _domains(model: str, params: str) -> list[str]:
     """The `domains` suite's domains: a merged model's experts, else public + params.yaml's domains."""
-    from flexolmo_core.data.config import flexmix_domains
-    from flexolmo_core.merge import MERGED_MANIFEST, read_manifest
-    from flexolmo_core.params import read_params
-
     experts = read_manifest(model).get("experts") if (Path(model) / MERGED_MANIFEST).exists() else None
     if experts:
         return [e["domain"] for e in sorted(experts, key=lambda e: e["index"])]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from ..package_convert import export_package, import_package, split_merged
+
 
 def register(subparsers) -> None:
     pkg = subparsers.add_parser("package", help="convert between expert packages and standalone MoE checkpoints")
@@ -28,21 +30,15 @@ def register(subparsers) -> None:
 
 
 def cmd_import(args) -> None:
-    from ..package_convert import import_package
-
     manifest = import_package(args.source, args.anchor, args.out, domain=args.domain, expert=args.expert)
     print(json.dumps({"package": args.out, "domain": manifest["domain"], "anchor_fingerprint": manifest["anchor_fingerprint"],
                       "max_abs_difference_from_anchor": manifest["training"]["max_abs_difference_from_anchor"]}))
 
 
 def cmd_export(args) -> None:
-    from ..package_convert import export_package
-
     manifest = export_package(args.package, args.anchor, args.out)
     print(json.dumps({"model": args.out, "experts": [e["domain"] for e in manifest["experts"]], "top_k": manifest["top_k"]}))
 
 
 def cmd_split(args) -> None:
-    from ..package_convert import split_merged
-
     print(json.dumps({"packages": split_merged(args.merged, args.anchor, args.out)}))

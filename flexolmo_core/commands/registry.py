@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from ..remote_registry import open_registry, writable_registry
+
 DEFAULT_REGISTRY = "runs/registry"
 # The core CLI does not talk to Prefect (flexolmo_core is orchestration-free), so it says so instead of emitting.
 NO_EVENT = ("no event was sent: the scheduled re-merge (python -m flows.deploy serve --cron ...) picks this "
@@ -46,8 +48,6 @@ def register(subparsers) -> None:
 
 
 def cmd_publish(args) -> None:
-    from ..remote_registry import writable_registry
-
     entry = writable_registry(args.registry).publish(args.package, replace=args.replace)
     print(json.dumps({"registry": args.registry, "domain": entry.domain, "sha256": entry.sha256,
                       "path": str(entry.path), "version": entry.version, "event_emitted": False,
@@ -55,16 +55,12 @@ def cmd_publish(args) -> None:
 
 
 def cmd_init(args) -> None:
-    from ..remote_registry import writable_registry
-
     index = writable_registry(args.registry).init(args.anchor)
     print(json.dumps({"registry": args.registry, "anchor_fingerprint": index["anchor_fingerprint"],
                       "experts": sorted(index["experts"])}))
 
 
 def cmd_list(args) -> None:
-    from ..remote_registry import open_registry
-
     registry = open_registry(args.registry)
     index = registry.index()
     print(json.dumps({"anchor_fingerprint": index["anchor_fingerprint"], "version": index["version"],
@@ -73,23 +69,17 @@ def cmd_list(args) -> None:
 
 
 def cmd_verify(args) -> int:
-    from ..remote_registry import open_registry
-
     report = open_registry(args.registry).verify()
     print(json.dumps(report, indent=2))
     return 0 if all(v == "ok" for v in report.values()) else 1
 
 
 def cmd_remove(args) -> None:
-    from ..remote_registry import writable_registry
-
     writable_registry(args.registry).remove(args.domain)
     print(json.dumps({"registry": args.registry, "removed": args.domain}))
 
 
 def cmd_gc(args) -> None:
-    from ..remote_registry import writable_registry
-
     found = writable_registry(args.registry).gc(apply=args.apply)
     print(json.dumps({"registry": args.registry, "removed" if args.apply else "would_remove": found,
                       "bytes": sum(f["bytes"] for f in found),

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 
 from ..cli_config import add_stage_args
+from ..serving.audit import read_log, usage_table
 from ..serving.config import ServeConfig
+from ..serving.policy import hash_key
 
 
 def register(subparsers) -> None:
@@ -30,8 +32,6 @@ def register(subparsers) -> None:
 
 def cmd_serve(args) -> int:
     if args.hash_key is not None:
-        from ..serving.policy import hash_key
-
         print(hash_key(args.hash_key))
         return 0
     from ..serving.app import run
@@ -41,8 +41,6 @@ def cmd_serve(args) -> int:
 
 
 def cmd_usage(args) -> int:
-    from ..serving.audit import read_log, usage_table
-
     rows = usage_table(read_log(args.log), by=args.by)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from ..cli_config import add_stage_args
+from ..data.readers import read_texts
+from ..merge import default_top_k
 from ..training.config import DomainEmbeddingConfig, RouterTuneConfig, UnrestrictedConfig
+from ..training.embeddings import write_domain_embedding
+from ..training.stages import flops_budget, train_unrestricted, tune_router
+from .core import model_preset
 
 
 def register(subparsers) -> None:
@@ -49,9 +55,6 @@ def register(subparsers) -> None:
 
 
 def cmd_embedding(args) -> None:
-    from ..data.readers import read_texts
-    from ..training.embeddings import write_domain_embedding
-
     cfg = args.stage
     meta = {"domain": args.domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
     rows = write_domain_embedding(args.out, args.domain, read_texts(args.data), args.anchor, cfg, meta,
@@ -60,8 +63,6 @@ def cmd_embedding(args) -> None:
 
 
 def cmd_router_tune(args) -> None:
-    from ..training.stages import tune_router
-
     cfg = args.stage
     summary = tune_router(args.model, args.public_data, args.proxy_data, args.out, args.loop, cfg.public_windows,
                           cfg.proxy_windows, val_data=args.val_data, top_k=cfg.top_k)
@@ -69,12 +70,6 @@ def cmd_router_tune(args) -> None:
 
 
 def cmd_unrestricted(args) -> None:
-    from pathlib import Path
-
-    from ..merge import default_top_k
-    from ..training.stages import flops_budget, train_unrestricted
-    from .core import model_preset
-
     top_k = args.stage.top_k or default_top_k(args.experts)
     budget = flops_budget([json.loads(Path(s).read_text()) for s in args.budget_from]) if args.budget_from else None
     summary = train_unrestricted(args.tokenizer, args.data, args.out, model_preset(args), args.experts, top_k,

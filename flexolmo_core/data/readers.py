@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError, MissingInput
 from .builtin_sources import BUILTINS, read_utf8
 from .config import SourceSpec
 from .text import normalize_paragraphs
-from ..errors import InputError, MissingInput
 
 
 @dataclass(frozen=True)

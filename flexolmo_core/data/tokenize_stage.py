@@ -7,12 +7,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
+from ..anchor_import import locate, write_tokenizer
 from ..atomic import atomic_dir, atomic_file, write_json
+from ..errors import InputError
 from .config import TokenizerConfig, check_domain_name
 from .packing import tokenize_documents, write_packed
 from .prepare import SPLITS, load_split
 from .tokenizer import tokenizer_sha256, train_tokenizer
-from ..errors import InputError
 
 
 def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, domains: list[str],
@@ -23,7 +26,6 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
     The tokenizer is trained on `config.train_domain`'s train split, or, with `anchor_source` = (source,
     gguf_file) of an imported anchor, is that checkpoint's own. Each domain's packed data sits in its own
     folder so an expert stage can depend on that folder alone."""
-    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
     for d in domains:
@@ -41,8 +43,6 @@ def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, d
                             config.min_frequency, config.eos_token, config.pad_token)
             origin = f"byte-level BPE trained on `{config.train_domain}/train` only"
         else:
-            from ..anchor_import import locate, write_tokenizer
-
             (tmp / "tokenizer").mkdir()
             write_tokenizer(*locate(*anchor_source), tmp / "tokenizer")
             origin = f"the imported anchor's own tokenizer ({anchor_source[0]})"

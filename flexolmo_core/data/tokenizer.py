@@ -6,13 +6,14 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 from ..atomic import atomic_dir
 from ..errors import InputError, MissingInput
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2,
                     eos_token: str = "<|endoftext|>", pad_token: str = "<|pad|>") -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if not 256 + 2 <= vocab_size <= 65_536 * 16:

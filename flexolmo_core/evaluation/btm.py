@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
+from ..dtypes import inference_dtype, resolve_device
 from ..errors import InputError
 
 
@@ -42,8 +44,6 @@ class BTMLM(HFLM):
     def __init__(self, experts, top_k: int = 2, tokenizer=None, batch_size: int = 8, max_length=None,
                  device: str = "auto", **kwargs):
         import transformers
-
-        from ..dtypes import inference_dtype, resolve_device
 
         where = resolve_device(device)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from flexolmo_core.evaluation.doc_format import DataUnavailable, doc_record, interleave
 
 AGIEVAL_EN = ("aqua-rat", "logiqa-en", "lsat-ar", "lsat-lr", "lsat-rc", "sat-en", "sat-en-without-passage", "sat-math")
@@ -53,7 +55,6 @@ def agieval_docs() -> list[dict]:
 
 def bbh_docs() -> list[dict]:
     """BBH, 3-shot chain of thought; the shots are lm-eval's own (bundled, offline), the test data is not."""
-    import yaml
     import lm_eval
 
     folder = Path(lm_eval.__file__).parent / "tasks" / "bbh" / "cot_fewshot"

@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from flexolmo_core.atomic import atomic_file, write_json
 from flexolmo_core.evaluation import intervals, scores, suite
 
@@ -350,7 +352,6 @@ def make_plots(summary: dict, out_dir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     paths = []
     # 1. Gold bpb per group (the small-scale signal) and primary score per group: only the variants that ran

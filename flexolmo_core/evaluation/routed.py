@@ -11,12 +11,12 @@ from lm_eval.models.huggingface import HFLM
 from flexolmo_core import baselines
 from flexolmo_core.families import dense_config_dict, expert_count, load_weights
 
+from ..dtypes import inference_dtype, resolve_device
+
 
 def dense_experts_from_merged(merged_dir, device: str = "auto") -> tuple[object, list]:
     """(merged model, [dense model per expert]) built in memory from the safetensors, on `device`."""
     import transformers
-
-    from ..dtypes import inference_dtype, resolve_device
 
     where = resolve_device(device)
     dtype = inference_dtype(where, merged_dir)

@@ -16,8 +16,12 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built-in hub tasks must fail fast, never hang on the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from fnmatch import fnmatchcase
+
 from flexolmo_core.evaluation import suite  # noqa: E402
 from flexolmo_core.params import NO_FLAG, at_least, between, check_ranges  # noqa: E402
+
+from ..dtypes import inference_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 # Two lm-eval loggers warn once per request/task about expected things here: left truncation of 5-shot
@@ -69,8 +73,6 @@ class EvalConfig:
 
 def selected(variant: str, cfg: "EvalConfig") -> bool:
     """Whether `variant` is evaluated: it matches `variants` (when given) and no `skip_variants` pattern."""
-    from fnmatch import fnmatchcase
-
     if cfg.variants and not any(fnmatchcase(variant, p) for p in cfg.variants):
         return False
     return not any(fnmatchcase(variant, p) for p in cfg.skip_variants or [])
@@ -219,10 +221,8 @@ def evaluate_lm(lm, task_names: list[str], cfg: EvalConfig, *, variant: str = "m
 def hf_lm(model: str | Path | Any, cfg: EvalConfig, tokenizer: Any = None):
     """lm-eval's `hf` model on `cfg.device` for a local checkpoint dir (Olmo2ForCausalLM or FlexOlmoForCausalLM load
     with AutoModelForCausalLM, no custom code) or an already built model object."""
-    from lm_eval.models.huggingface import HFLM
     import transformers
-
-    from ..dtypes import inference_dtype, resolve_device
+    from lm_eval.models.huggingface import HFLM
 
     device = resolve_device(cfg.device)
     if isinstance(model, (str, Path)):

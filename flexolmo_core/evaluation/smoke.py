@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
+from ..data import tokenizer
+
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=512)
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 512):
     """Byte-level BPE trained on a few stdlib modules, saved as a transformers tokenizer."""
-    from ..data import tokenizer
-
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     text = [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "string.py", "calendar.py")]
     tokenizer.train_tokenizer(text, vocab_size, out_dir)

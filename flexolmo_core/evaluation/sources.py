@@ -23,6 +23,7 @@ from collections import OrderedDict
 from importlib import util as importlib_util
 from pathlib import Path
 
+from flexolmo_core.data.readers import read_texts
 from flexolmo_core.evaluation.doc_format import DataUnavailable, doc_record, interleave
 from flexolmo_core.evaluation.hub_sources import HUB_LOADERS
 
@@ -230,7 +231,6 @@ def domain_texts(domains_dir: str | os.PathLike | None, domain: str, max_chars: 
     found = next((path for path in candidates if path.exists()), None)
     if found is None:
         raise DataUnavailable(f"no test split for domain '{domain}' under {base}")
-    from flexolmo_core.data.readers import read_texts
 
     texts = read_texts([found])  # the one text reader: a `datasets` split or .jsonl
     # Why truncate: rolling bpb costs grow with document length; a fixed character cap keeps it bounded.

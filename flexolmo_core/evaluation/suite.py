@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 
 import yaml
+
+from ..data.config import check_domain_name
 from ..errors import InputError
 from . import sources
 
@@ -111,8 +113,6 @@ SUITE_NAMES = sorted([*SUITES, "domains"])
 def resolve_suite(name: str, domains=()) -> list[str]:
     """Suite name -> lm-eval task names (`domains` and `all` need the domain list); a comma list of task
     names is accepted too."""
-    from ..data.config import check_domain_name
-
     if name == "domains":
         if not domains:
             raise InputError("the `domains` suite needs the domain list (evaluate.domains, or a merged model's experts)")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from flexolmo_core import baselines
 from flexolmo_core.atomic import write_json
-from flexolmo_core.evaluation import runner, sources, suite
+from flexolmo_core.evaluation import runner, sources
+from flexolmo_core.evaluation.routing import routing_share
 from flexolmo_core.families import is_moe
 from flexolmo_core.merge import expert_domains, opt_out, read_manifest
 
@@ -132,8 +133,6 @@ def evaluate_variant(variant: Variant, task_names: list[str], cfg: runner.EvalCo
 
 
 def _routing_share(lm, model_dir, cfg: runner.EvalConfig) -> dict | None:
-    from flexolmo_core.evaluation.routing import routing_share
-
     texts = {}
     for d in cfg.domains or expert_domains(model_dir):
         try:

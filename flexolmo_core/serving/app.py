@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -369,7 +370,6 @@ def create_app(server: Server) -> FastAPI:
 
 def run(cfg: ServeConfig, model: str | None = None, releases: str | None = None, policy: str | None = None) -> None:
     """Load the model (or the releases folder's current release) and serve until interrupted."""
-    import torch
     import uvicorn
 
     if cfg.threads:

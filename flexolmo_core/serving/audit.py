@@ -9,6 +9,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from ..errors import InputError, MissingInput
+
 
 class AuditLog:
     def __init__(self, path: str | os.PathLike):
@@ -29,8 +31,6 @@ class AuditLog:
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
-    from ..errors import InputError, MissingInput
-
     path = Path(path)
     if not path.exists():
         raise MissingInput(f"{path}: no audit log here")

@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from ..errors import InputError
 
@@ -125,7 +130,6 @@ def parse_policy(data, source: str) -> Policy:
 def load_policy(path: str | os.PathLike | None) -> Policy:
     if path is None:
         return Policy(open=True)
-    import yaml
 
     path = Path(path)
     try:
@@ -141,9 +145,6 @@ class PolicyFile:
     reports the error (/healthz) until the file is fixed."""
 
     def __init__(self, path: str | os.PathLike | None, poll_seconds: float = 2.0):
-        import threading
-        import time
-
         self.path, self.poll_seconds, self._clock = (Path(path) if path else None), poll_seconds, time.monotonic
         self._lock = threading.Lock()
         self.policy, self.error, self._stamp, self._checked = load_policy(self.path), None, self._stat(), 0.0
@@ -178,6 +179,4 @@ class PolicyFile:
 
 def log(message: str) -> None:
     """One line in the server's log (stderr)."""
-    import sys
-
     print(f"flexolmo serve: {message}", file=sys.stderr, flush=True)

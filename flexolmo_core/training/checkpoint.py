@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..atomic import atomic_dir, write_json
 from ..errors import InputError, read_json
@@ -26,8 +27,6 @@ HYPER = ("lr", "betas", "eps", "weight_decay")
 
 
 def _state(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     # full (unsharded) state on every rank under FSDP; plain names under DDP
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -72,8 +71,6 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 def load_checkpoint(path, model, optimizer) -> dict:
     """Restore trainable weights, optimiser state and RNG in place; returns state.json."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))

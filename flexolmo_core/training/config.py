@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..params import NO_FLAG, ParamsError, at_least, check_ranges, from_dict, read_params
+from ..dtypes import DEVICES
 from ..errors import InputError
-
+from ..params import NO_FLAG, ParamsError, at_least, check_ranges, from_dict, read_params
 
 DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")  # compute dtypes the loop accepts (torch names, or auto)
 
@@ -66,7 +66,6 @@ class LoopConfig:
             raise InputError(f"loop.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         if self.dtype not in DTYPE_NAMES:
             raise InputError(f"loop.dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        from ..dtypes import DEVICES
 
         if self.device not in DEVICES:
             raise InputError(f"loop.device must be one of {', '.join(DEVICES)}, got {self.device!r}")

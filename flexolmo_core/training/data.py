@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..data.packing import PackedDataset, tokenize_documents
+from ..data.readers import read_texts
 from ..errors import InputError
 
 
@@ -38,14 +41,10 @@ def open_windows(sources, seq_len: int, tokenizer_dir: str | os.PathLike | None 
     """Windows from one packed split directory, or from text files/folders tokenized with `tokenizer_dir`."""
     sources = [Path(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
     if len(sources) == 1 and is_packed(sources[0]):
-        from ..data.packing import PackedDataset
-
         return PackedDataset(sources[0], seq_len=seq_len + 1)
     if tokenizer_dir is None:
         raise InputError("text data needs a tokenizer directory (the anchor's)")
     from transformers import AutoTokenizer
-
-    from ..data.readers import read_texts
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return TokenWindows(tokenize(read_texts(sources), tokenizer), seq_len)
@@ -53,8 +52,6 @@ def open_windows(sources, seq_len: int, tokenizer_dir: str | os.PathLike | None 
 
 def tokenize(texts: list[str], tokenizer) -> np.ndarray:
     """Text files as one token stream (EOS after each document), through the packer's tokenizer."""
-    from ..data.packing import tokenize_documents
-
     return tokenize_documents(texts, tokenizer.backend_tokenizer, tokenizer.eos_token_id).astype(np.int64)
 
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from ..dtypes import resolve_device
 from ..errors import InputError
 
 
@@ -39,8 +43,6 @@ def setup(requested_device: str = "auto") -> Dist:
 
 def device(d: Dist, requested: str = "auto") -> torch.device:
     """This rank's device: `requested` (auto | cpu | cuda) as dtypes.resolve_device reads it, at LOCAL_RANK."""
-    from ..dtypes import resolve_device
-
     return resolve_device(requested, d.local_rank)
 
 
@@ -50,13 +52,9 @@ def wrap(model, d: Dist, strategy: str):
     if not d.active:
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [d.local_rank] if torch.cuda.is_available() else None
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)

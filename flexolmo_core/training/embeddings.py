@@ -22,8 +22,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..anchor import load_anchor, model_config_from_hf
 from ..atomic import atomic_dir, write_json
 from ..errors import InputError, MissingInput
+from ..layout import from_hf_dense
+from .model import MoEShape, build
 
 PROJECTION_DIR = "router_projection"  # a subfolder: not a model weight file, so merges never copy it
 EMBEDDING_FILE = "embedding.safetensors"
@@ -81,10 +84,6 @@ def encoder_embedding(texts: list[str], encoder: str, anchor_dir, batch_size: in
 def anchor_hidden_embedding(texts: list[str], anchor_dir, seq_len: int) -> torch.Tensor:
     """Per layer, the mean hidden state over every token of the documents, one document per forward pass."""
     from transformers import AutoTokenizer
-
-    from ..anchor import load_anchor, model_config_from_hf
-    from ..layout import from_hf_dense
-    from .model import MoEShape, build
 
     anchor = load_anchor(anchor_dir)
     cfg = model_config_from_hf(anchor.config)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import dataclasses
+import itertools
+import json
 import math
 import sys
 import time
@@ -18,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from ..dtypes import compute_dtype, dtype_name
+from ..errors import InputError
 from . import distributed as D
 from .checkpoint import RESUMABLE_CHANGES, check_run_record, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LoopConfig
@@ -26,8 +30,6 @@ from .data import Order, batch, batch_labels, fixed_batches
 from .model import FastOlmo, count_matmul_flops
 from .objective import objective
 from .schedule import lr_at
-from ..dtypes import compute_dtype, dtype_name
-from ..errors import InputError
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None,
@@ -55,8 +57,6 @@ def drop_torn_summary(live_dir: Path) -> None:
     """dvclive rewrites its summary (metrics.json) in place at every logged step, so a run killed in the middle
     of that write leaves torn JSON, and dvclive's resume cannot read it (a kill-and-resume test hit this). The
     summary is rewritten at the next step, so a torn one is dropped; the curves (.tsv, appended) stay."""
-    import json
-
     summary = Path(live_dir) / "metrics.json"
     try:
         json.loads(summary.read_text())
@@ -219,8 +219,6 @@ def setup(model: FastOlmo, windows, cfg: LoopConfig, run_dir, label: str, inputs
         drop_torn_summary(run_dir / "dvclive")
         run.live = Live(dir=str(run_dir / "dvclive"), resume=run.start_step > 0, save_dvc_exp=False, dvcyaml=False)
         if cfg.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
             run.bar = tqdm(total=cfg.steps, initial=run.start_step, desc=label, unit="step", dynamic_ncols=True)
         elif cfg.progress:  # a log file or the Prefect UI: a bar's carriage returns would be one line per step
             run.report_every = max(1, cfg.steps // PLAIN_REPORTS)

@@ -13,7 +13,6 @@ the compute dtype when that differs (bf16 on CPUs with AVX-512 BF16), so they ar
 the MoE is a dense soft mixture: no gather/scatter."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-
 ROWS_PER_CHUNK = 64  # 64 x vocab 8192 fp32 = 2 MiB: each chunk's upcast, exp and cast stay in cache
 
 

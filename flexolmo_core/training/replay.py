@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir, write_json
-from .data import Mixture, TokenWindows
 from ..errors import InputError, MissingInput
+from .data import Mixture, TokenWindows
 
 REPLAY_DIR = "public_replay"  # a subfolder of the anchor model folder: merges never copy it
 REPLAY_FILE = "tokens.safetensors"

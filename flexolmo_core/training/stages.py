@@ -7,24 +7,45 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..anchor import (
+    check_anchor,
+    checkpoint_getter,
+    copy_tokenizer,
+    fingerprint_from,
+    model_config_from_hf,
+    olmo2_config,
+    read_fingerprint,
+    save_anchor,
+    state_getter,
+    tokenizer_hash,
+)
 from ..atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
-from ..errors import InputError
-from ..dtypes import checkpoint_dtype, storage_tensors
 from ..config import ModelConfig, get_preset
+from ..data.config import check_domain_name
+from ..dtypes import checkpoint_dtype, storage_tensors
+from ..errors import InputError
+from ..families import RENORMALIZES, moe_config
+from ..layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe, to_package
+from ..merge import MERGED_MANIFEST, MODEL_SIGNATURE, read_manifest
+from ..package import PACKAGE_SIGNATURE, save_package
+from ..stream_safetensors import write_model
 from . import distributed as D
 from .config import LoopConfig
-from .data import Mixture, open_windows
+from .data import Mixture, is_packed, open_windows
+from .embeddings import write_projection
 from .loop import train
-from ..layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe
-from .model import MoEShape, build, init_tensors, upcycle_tensors
+from .model import MoEShape, build, count_matmul_flops, init_tensors, upcycle_tensors
+from .replay import read_public_replay, with_public_mix, write_public_replay
+from .ridge_router import fit_ridge_router
 
 
 def _finish(out: Path, summary: dict) -> None:
@@ -49,9 +70,6 @@ def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop
     + `replay_tokens` of public text for the owners' public mix)."""
     from transformers import AutoTokenizer, Olmo2ForCausalLM
 
-    from ..anchor import olmo2_config, save_anchor, tokenizer_hash
-    from .embeddings import write_projection
-
     out = Path(out)
     cfg = get_preset(preset) if isinstance(preset, str) else preset
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -72,8 +90,6 @@ def train_anchor(tokenizer_dir, train_data, out, preset: str | ModelConfig, loop
                                   extra={"seed": init_seed, "training": summary})
         summary["projection_sha256"] = write_projection(out / "model", projection_dim, cfg.d_model, projection_seed)
         if replay_tokens > 0:
-            from .replay import write_public_replay
-
             summary["public_replay"] = write_public_replay(out / "model", windows, replay_tokens, projection_seed)
         summary["fingerprint"] = fingerprint
     _finish(out, summary)
@@ -87,8 +103,6 @@ def anchor_state(anchor) -> tuple[object, dict]:
     if isinstance(anchor, (str, os.PathLike)):
         from transformers import AutoConfig
 
-        from ..anchor import check_anchor, checkpoint_getter
-
         check_anchor(anchor)
         names, get = checkpoint_getter(anchor)
         return AutoConfig.from_pretrained(anchor), {n: get(n, None) for n in names}
@@ -99,8 +113,6 @@ def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool, top_k: in
     """The owner's 2-expert model as a FastOlmo: only expert 1, router row 1 and bias 1 are Parameters (fp32
     masters); the frozen anchor weights stay in the anchor's dtype. `anchor`: its folder or a loaded model.
     top_k 2 is the paper's soft mixture; 1 is the expert-training top-k lever."""
-    from ..anchor import model_config_from_hf
-    from ..families import RENORMALIZES
     from ..owner import rows_per_layer
 
     hf_config, state = anchor_state(anchor)
@@ -124,11 +136,6 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     fraction of the training windows comes from the public replay sample inside the anchor folder."""
     from transformers import AutoConfig
 
-    from ..anchor import read_fingerprint
-    from ..data.config import check_domain_name
-    from ..layout import to_package
-    from ..package import PACKAGE_SIGNATURE, save_package
-
     check_domain_name(domain, expert=True)
     out = Path(out)
     package_dir = Path(package_dir or out / "package")
@@ -146,8 +153,6 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     val = open_windows(val_data, loop.seq_len, anchor_dir) if val_data else None
     stream = windows
     if public_mix > 0:
-        from .replay import read_public_replay, with_public_mix
-
         stream = with_public_mix(windows, read_public_replay(anchor_dir, loop.seq_len), public_mix)
     data_sha256 = _data_hash(train_data)
     inputs = {"domain": domain, "data_sha256": data_sha256, "anchor_fingerprint": read_fingerprint(anchor_dir),
@@ -172,8 +177,6 @@ def check_contract(trained: dict, public_before: dict, anchor_dir) -> None:
     """The owner's contract after training: the shared weights and the public FFN still hash to the anchor's
     fingerprint, and the public router row (and bias) did not move. Structurally impossible to break (they are
     buffers); this guards against regressions, one tensor at a time (no second copy of the model)."""
-    from ..anchor import fingerprint_from, read_fingerprint, state_getter, tokenizer_hash
-
     if fingerprint_from(*state_getter(to_hf_dense(trained)), tokenizer_hash(anchor_dir)) != read_fingerprint(anchor_dir):
         raise RuntimeError("training changed frozen tensors: the shared weights no longer match the anchor's fingerprint")
     moved = [n for n, t in public_before.items() if not torch.equal(trained[n].cpu(), t.cpu())]
@@ -199,8 +202,6 @@ def _count_documents(windows, eos: int) -> int:
 def _data_hash(paths) -> str:
     """A hash of the training data files (the package and the run record keep it; never the data). A packed
     split is hashed by its index.json, which holds every shard's sha256: the shards are not read again."""
-    from .data import is_packed
-
     h = hashlib.sha256()
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     for p in paths:
@@ -219,8 +220,6 @@ class Take:
 
     def __init__(self, windows, n: int | None, seed: int):
         """n None: every window (in the seeded order)."""
-        import numpy as np
-
         self.windows = windows
         self.index = np.random.Generator(np.random.PCG64(seed)).permutation(len(windows))[:n]
 
@@ -233,11 +232,6 @@ class Take:
 
 def read_merged(model_dir) -> tuple[ModelConfig, dict, dict]:
     from transformers import AutoConfig
-
-    from ..anchor import model_config_from_hf
-    from ..merge import read_manifest
-
-    from ..anchor import checkpoint_getter
 
     model_dir = Path(model_dir)
     hf = AutoConfig.from_pretrained(model_dir)
@@ -256,8 +250,6 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
     router_init "merged" starts from the merged rows (the domain embeddings: FlexOlmo-RT); "random" draws
     every row from normal(0, init_std) first, which with all the training data as `proxy_data` (windows None)
     is the BTX baseline (`train_btx`)."""
-    from ..families import RENORMALIZES
-
     if router_init not in ("merged", "random"):
         raise InputError(f"router_init must be merged or random, got {router_init!r}")
     merged_dir, out = Path(merged_dir), Path(out)
@@ -296,11 +288,6 @@ def fit_router(merged_dir, public_data, proxy_data: list, out, seq_len: int, pub
     """The closed-form router (ridge_router.py) on router tuning's proxy sets: writes out/model, the merged
     checkpoint with fitted rows, flexolmo.json noting it (`router_tuned.method: ridge`). The model routes at
     its merged top-k while fitting: the inputs each layer sees are the ones it will see at inference."""
-    import time
-
-    from ..families import RENORMALIZES
-    from .ridge_router import fit_ridge_router
-
     start = time.perf_counter()
     merged_dir, out = Path(merged_dir), Path(out)
     cfg, state, manifest = read_merged(merged_dir)
@@ -345,11 +332,6 @@ def train_btx(merged_dir, data: list, out, loop: LoopConfig, val_data=None, init
 
 
 def _write_moe(source_dir: Path, out: Path, tensors: dict, manifest: dict, config=None) -> None:
-    from ..anchor import copy_tokenizer
-    from ..merge import MERGED_MANIFEST, MODEL_SIGNATURE
-
-    from ..stream_safetensors import write_model
-
     with atomic_dir(out, signature=MODEL_SIGNATURE) as tmp:
         write_model(tmp, [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()],
                     metadata={"format": "pt"})
@@ -371,13 +353,7 @@ def train_unrestricted(tokenizer_dir, data: list, out, preset: str | ModelConfig
                        loop: LoopConfig, budget_flops: float | None = None, val_data=None, init_seed: int = 0) -> dict:
     """The same MoE shape as the merged model, trained jointly from scratch on public + every domain.
     With `budget_flops`, the step count is set so that training FLOPs match anchor + all experts."""
-    from dataclasses import replace
-
     from transformers import AutoTokenizer
-
-    from ..anchor import copy_tokenizer, olmo2_config
-    from ..families import moe_config
-    from .model import count_matmul_flops
 
     out = Path(out)
     cfg = get_preset(preset) if isinstance(preset, str) else preset
