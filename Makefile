@@ -18,6 +18,7 @@ run-smollm2: setup
 # 333 tests in 932 s on an Intel Xeon of this kind (2026-12-02, set-up already done); from a fresh clone at 830575b
 # `make test` took 1110 s there, 335 tests in 985 s (beside a niced benchmark run). From a fresh clone at b506eb2
 # on an AMD EPYC of this kind (2026-12-04): 896 s with set-up, 363 tests in 783.14 s; at dc9a171 780 s, 368 in 684.93 s.
+# At 67bacf7, beside a SmolLM2 study that kept both cores busy: 1486 s with set-up, 387 tests in 1338.10 s.
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
