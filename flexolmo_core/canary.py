@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,14 @@ from .families import RENORMALIZES
 from .layout import SHARED, TOP, dense_ffn_names
 from .training.model import Block, MoEShape, rms_norm, rope_tables
 
-if TYPE_CHECKING:  # annotations only: package.py calls this module
-    from .package import ExpertPackage
+
+class ExpertPackage(Protocol):
+    """What the canary reads of a package (package.ExpertPackage; not imported: package.py calls this module)."""
+
+    path: Path
+    manifest: dict
+
+    def tensor(self, name: str) -> torch.Tensor: ...
 
 TOKENS, VOCAB, DECIMALS, ATOL = 16, 16, 4, 1e-3
 

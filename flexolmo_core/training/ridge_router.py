@@ -43,7 +43,8 @@ def fit_ridge_router(model: FastOlmo, ids: torch.Tensor, labels: torch.Tensor, a
                      public_target: float = 1.0, scale: float = 1.0, chunk: int = 16,
                      progress=None) -> tuple[list[torch.Tensor], list[float]]:
     """Fit every layer's router in place; returns the rows per layer ([E, d] each, fp32) and, per layer, the
-    share of the proxy tokens whose top-1 expert is their window's own (on the data fitted: a sanity figure).
+    share of the proxy tokens whose top-1 expert is their window's own (on the data fitted: a sanity figure; with
+    public_target 1 an owner's tokens score public and owner alike, so about half of them top-1 the public expert).
 
     ids [N, T]: proxy windows; labels [N]: the expert each window's domain belongs to (0 = public).
     `scale` multiplies the rows (a router temperature: the fitted scores are near 0 and 1, so at scale 1 the
