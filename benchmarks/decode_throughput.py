@@ -19,8 +19,8 @@ from benchmarks.machine import machine  # noqa: E402
 def models(preset: str, experts: int, top_k: int):
     from transformers import FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
-    from flexolmo_core.config import get_preset
-    from flexolmo_core.families import moe_config
+    from flexolmo_core.anchor.families import moe_config
+    from flexolmo_core.anchor.presets import get_preset
 
     cfg = get_preset(preset)
     dense = Olmo2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
@@ -48,7 +48,7 @@ def decode_speed(model, tokens: int, device, repeats: int = 3) -> float:
 
 
 def main() -> None:
-    from flexolmo_core.dtypes import resolve_device
+    from flexolmo_core.io.dtypes import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = ap.parse_args()
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # flexolmo_core/dtypes.py rule 5
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # flexolmo_core/io/dtypes.py rule 5
     dense, merged = (m.to(device, dtype).eval() for m in models(args.preset, args.experts, args.top_k))
     m = machine()
     speeds = {"dense anchor": decode_speed(dense, args.tokens, device),

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from flexolmo_core.evaluation import runner, smoke, suite, variants
-from flexolmo_core.params import load_section, read_params
+from flexolmo_core.io.params import load_section, read_params
 
 TINY = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=512, vocab_size=8192)

@@ -8,7 +8,7 @@ import platform
 def machine() -> dict:
     import torch
 
-    from flexolmo_core.dtypes import cpu_name
+    from flexolmo_core.io.dtypes import cpu_name
 
     cpu = cpu_name()
 

@@ -28,7 +28,7 @@ CHILD = """
 import inspect, json, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch, transformers, safetensors  # imports count as the baseline
-from flexolmo_core.merge import merge
+from flexolmo_core.merge.merging import merge
 def hwm_kb():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
 base = hwm_kb()
@@ -54,11 +54,11 @@ def make_inputs(root: Path, shape: dict, n_experts: int) -> tuple[Path, list[Pat
     import torch
     from transformers import Olmo2Config
 
-    from flexolmo_core.anchor import ANCHOR_MANIFEST, anchor_fingerprint
-    from flexolmo_core.atomic import write_json
+    from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint
     from flexolmo_core.data.tokenizer import train_tokenizer
-    from flexolmo_core.package import save_package
-    from flexolmo_core.stream_safetensors import write_model
+    from flexolmo_core.expert.package import save_package
+    from flexolmo_core.io.atomic import write_json
+    from flexolmo_core.io.stream_safetensors import write_model
 
     d, inter, L, vocab = shape["d_model"], shape["ffn_hidden"], shape["n_layers"], shape["vocab_size"]
     bf16 = torch.bfloat16
@@ -133,7 +133,7 @@ def main() -> None:
                         help="checkout whose flexolmo_core runs the merge (default: this one)")
     parser.add_argument("--keep", default=None, help="build the inputs here and keep them (reused if present)")
     args = parser.parse_args()
-    from flexolmo_core.stream_safetensors import parse_size
+    from flexolmo_core.io.stream_safetensors import parse_size
 
     m = machine()
     shape = shape_for(args.gb, args.experts, args.layers)
@@ -158,8 +158,8 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"merge failed:\n{proc.stderr[-3000:]}")
         stats = json.loads(proc.stdout.strip().splitlines()[-1])
-        from flexolmo_core.anchor import checkpoint_meta
-        from flexolmo_core.stream_safetensors import nbytes
+        from flexolmo_core.anchor.model import checkpoint_meta
+        from flexolmo_core.io.stream_safetensors import nbytes
 
         meta = checkpoint_meta(out)
         largest_tensor = max(nbytes(dt, s) for dt, s in meta.values())

@@ -1,5 +1,5 @@
 """The prefix-pooling lever (issue 14, ours): held-out bpb per domain of a merged model with each token's router
-logits pooled with the running mean over its sequence (flexolmo_core.moe.pool_prefix), for a grid of weights.
+logits pooled with the running mean over its sequence (flexolmo_core.inference.moe.pool_prefix), for a grid of weights.
 The weight is chosen on the validation split and reported on the test split (never tuned on what is reported).
 
     python benchmarks/prefix_pool.py --run DIR [--models flexolmo,flexolmo_rt] [--weights 0,0.25,0.5,0.75]
@@ -34,7 +34,7 @@ def split_dir(prepare: Path, split: str, domains: list[str], root: Path) -> Path
 
 def domain_bpb(model_dir: Path, weight: float, domains_dir: Path, domains: list[str], limit: int, chars: int) -> dict:
     from flexolmo_core.evaluation import runner
-    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.inference.model import load_flexolmo
 
     loaded = load_flexolmo(model_dir, device="cpu", prefix_pool=weight)
     cfg = runner.EvalConfig(domain_limit=limit, domain_max_chars=chars, domains_dir=str(domains_dir), batch_size=16,
@@ -45,7 +45,7 @@ def domain_bpb(model_dir: Path, weight: float, domains_dir: Path, domains: list[
 
 
 def main() -> None:
-    from flexolmo_core.merge import expert_domains
+    from flexolmo_core.merge.merging import expert_domains
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a finished pipeline folder")

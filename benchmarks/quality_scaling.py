@@ -141,10 +141,10 @@ def tiny_anchor(work: Path, pipeline: Path, steps: int, dtype: str | None = None
 
 def smollm2_anchor(work: Path, pipeline: Path, domains: list[str]) -> tuple[Path, Path]:
     """(work/smollm2 with the imported anchor, the FlexMix splits packed with SmolLM2's own tokenizer)."""
-    from flexolmo_core.anchor_import import import_anchor
+    from flexolmo_core.anchor.importing import import_anchor
     from flexolmo_core.data.config import TokenizerConfig
     from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
-    from flexolmo_core.params import load_section
+    from flexolmo_core.io.params import load_section
     from flexolmo_core.training.config import AnchorConfig, load_stage
 
     folder, data = work / "smollm2", work / "smollm2/tokenizer"
@@ -165,7 +165,7 @@ def smollm2_anchor(work: Path, pipeline: Path, domains: list[str]) -> tuple[Path
 def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domains: list[str], owner_steps: int | None,
               preset: str, args, expert=None, expert_loop=None, splits=("test",)) -> dict:
     """Train the owners against one anchor, merge, evaluate; the result is also written to points/<name>.json."""
-    from flexolmo_core.merge import merge
+    from flexolmo_core.merge.merging import merge
     from flexolmo_core.training.config import ExpertConfig, load_stage
 
     work = Path(args.work)
@@ -474,7 +474,7 @@ def run_levers(anchor_folder: Path, pipeline: Path, domains: list[str], steps: i
 def bias_bpb(merged: Path, pipeline: Path, all_domains: list[str], split: str, args) -> dict[str, float]:
     from flexolmo_core.evaluation import runner, suite
     from flexolmo_core.evaluation.scores import domain_bpb
-    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.inference.model import load_flexolmo
 
     loaded = load_flexolmo(merged, use_bias=True, device="cpu")
     domains_dir = split_dir(pipeline / "outputs/prepare", split, all_domains, Path(args.work) / "splits")
@@ -568,7 +568,7 @@ def run_router_lever(name: str, lever: str, data: Path, pipeline: Path, domains:
     and score the chosen one on the test split beside the point's own variants (paired intervals on the same
     documents), with its opt-outs and routing diagnostics. Every build and evaluation is kept, so an interrupted
     run resumes."""
-    from flexolmo_core.merge import opt_out, read_manifest
+    from flexolmo_core.merge.merging import opt_out, read_manifest
 
     work = Path(args.work)
     point, record = work / name, work / "points" / f"{name}_{lever}.json"

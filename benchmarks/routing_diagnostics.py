@@ -29,7 +29,7 @@ def token_batch(data: Path, domain: str, split: str, batches: int) -> torch.Tens
 
 
 def routing(merged: Path, data: Path, batches: int) -> list[dict]:
-    from flexolmo_core.layout import from_hf_moe
+    from flexolmo_core.io.layout import from_hf_moe
     from flexolmo_core.training.model import MoEShape, build
     from flexolmo_core.training.stages import read_merged
 
@@ -53,8 +53,8 @@ def routing(merged: Path, data: Path, batches: int) -> list[dict]:
 
 
 def separability(anchor_dir: Path, data: Path, domains: list[str], batches: int) -> list[dict]:
-    from flexolmo_core.anchor import load_anchor, model_config_from_hf
-    from flexolmo_core.layout import from_hf_dense
+    from flexolmo_core.anchor.model import load_anchor, model_config_from_hf
+    from flexolmo_core.io.layout import from_hf_dense
     from flexolmo_core.training.model import MoEShape, build
 
     anchor = load_anchor(anchor_dir)

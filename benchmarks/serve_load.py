@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("machine:", json.dumps(machine()))
     port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="serve-load-"))
-    proc = subprocess.Popen([sys.executable, "-m", "flexolmo_core.cli", "serve", "--model", args.model, "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "flexolmo_core.cli.main", "serve", "--model", args.model, "--port",
                              str(port), "--audit-log", str(tmp / "audit.jsonl"), "--queue-depth", "256",
                              "--max-batch", "16"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=(tmp / "serve.log").open("w"), stderr=subprocess.STDOUT)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.inference.model import load_flexolmo
 
     merged = load_flexolmo(args.model)
     dense = AutoModelForCausalLM.from_pretrained(args.anchor, dtype=torch.float32).eval()

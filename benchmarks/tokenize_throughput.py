@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.domains is None:
         from flexolmo_core.data.config import flexmix_domains
-        from flexolmo_core.params import read_params
+        from flexolmo_core.io.params import read_params
 
         args.domains = flexmix_domains(read_params("params.yaml")["domains"])
     tok = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json")

@@ -96,10 +96,10 @@ def stages(out: Path, data: Path, domains: list[str], anchor_steps=None, expert_
 
 
 def main() -> None:
-    from flexolmo_core.anchor import load_anchor, model_config_from_hf
-    from flexolmo_core.families import RENORMALIZES
-    from flexolmo_core.layout import from_hf_dense, from_hf_moe
-    from flexolmo_core.merge import merge
+    from flexolmo_core.anchor.families import RENORMALIZES
+    from flexolmo_core.anchor.model import load_anchor, model_config_from_hf
+    from flexolmo_core.io.layout import from_hf_dense, from_hf_moe
+    from flexolmo_core.merge.merging import merge
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.data import open_windows
     from flexolmo_core.training.loop import evaluate
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--rt", default=None, help='router_tune overrides as JSON, e.g. \'{"top_k": 4}\'')
     ap.add_argument("--rt-loop", default=None, help='router-tuning loop overrides as JSON, e.g. \'{"steps": 60}\'')
     args = ap.parse_args()
-    from flexolmo_core.params import read_params
+    from flexolmo_core.io.params import read_params
 
     domains = args.domains.split(",") if args.domains else list(read_params(ROOT / "params.yaml")["domains"])
     out = Path(args.work)
@@ -171,7 +171,7 @@ def main() -> None:
         if "merged_rt" in models:
             row["merged_rt"] = evaluate(models["merged_rt"], val, loop)
         if d != "public":
-            from flexolmo_core.package import load_package
+            from flexolmo_core.expert.package import load_package
             from flexolmo_core.training.stages import owner_fast_model
 
             pkg = load_package(out / f"expert/{d}/package")

@@ -39,7 +39,7 @@ def fake_anchor(cfg):
 
 
 def ours(kind: str, anchor, cfg, args) -> dict:
-    from flexolmo_core.layout import from_hf_dense
+    from flexolmo_core.io.layout import from_hf_dense
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.data import TokenWindows
     from flexolmo_core.training.loop import train
@@ -68,8 +68,8 @@ def reference(anchor, cfg, args, autocast: bool) -> dict:
     """transformers FlexOlmo (fused experts), experts + router trainable, expert 0 / row 0 gradients zeroed."""
     from transformers import FlexOlmoForCausalLM
 
-    from flexolmo_core.dtypes import resolve_device
-    from flexolmo_core.families import moe_config
+    from flexolmo_core.anchor.families import moe_config
+    from flexolmo_core.io.dtypes import resolve_device
     from flexolmo_core.training.loop import measure_matmul_peak
     from flexolmo_core.training.model import MoEShape, count_matmul_flops
     from flexolmo_core.training.objective import objective
@@ -146,7 +146,7 @@ def kernels(cfg, args) -> dict:
 
 
 def main() -> None:
-    from flexolmo_core.config import get_preset
+    from flexolmo_core.anchor.presets import get_preset
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")

@@ -21,7 +21,7 @@ from prefect import serve
 from prefect.events import DeploymentEventTrigger
 
 import flows  # noqa: F401  (offline environment defaults, before prefect is imported)
-from flexolmo_core.remote_registry import registry_id
+from flexolmo_core.registry.remote import registry_id
 from flows.owner import PUBLISHED_EVENT, owner
 from flows.remerge import remerge
 

@@ -55,9 +55,9 @@ def train(domain: str, data: str, anchor: str, public_embedding: str, own_embedd
 
 @task(task_run_name="validate-{package}")
 def validate(package: str, anchor: str) -> dict:
-    from flexolmo_core.anchor import read_fingerprint
-    from flexolmo_core.package import load_package
-    from flexolmo_core.registry import anchor_shapes_of
+    from flexolmo_core.anchor.model import read_fingerprint
+    from flexolmo_core.expert.package import load_package
+    from flexolmo_core.registry.local import anchor_shapes_of
 
     pkg = load_package(package, anchor_fingerprint=read_fingerprint(anchor), anchor_shapes=anchor_shapes_of(anchor))
     return {"domain": pkg.domain, "sha256": pkg.sha256, "path": str(pkg.path)}
@@ -65,7 +65,7 @@ def validate(package: str, anchor: str) -> dict:
 
 @task(task_run_name="publish-{package}")
 def publish_package(package: str, registry: str, replace: bool) -> dict:
-    from flexolmo_core.remote_registry import open_registry, registry_id, writable_registry
+    from flexolmo_core.registry.remote import open_registry, registry_id, writable_registry
 
     before = open_registry(registry).contents().get(json.loads((Path(package) / "manifest.json").read_text())["domain"])
     entry = writable_registry(registry).publish(package, replace=replace)

@@ -22,7 +22,7 @@ CURRENT = "current.json"
 
 
 def releases_lock(releases: Path):
-    from flexolmo_core.atomic import locked
+    from flexolmo_core.io.atomic import locked
 
     return locked(releases / ".lock")
 
@@ -34,7 +34,7 @@ def current_release(releases: Path) -> dict | None:
 
 @task
 def merge_release(anchor: str, packages: list[str], out: str, top_k: int | None, extra: dict) -> dict:
-    from flexolmo_core.merge import merge
+    from flexolmo_core.merge.merging import merge
 
     return merge(anchor, packages, out, top_k=top_k, extra_manifest=extra)
 
@@ -43,7 +43,7 @@ def merge_release(anchor: str, packages: list[str], out: str, top_k: int | None,
 def check_release(model: str, experts: list[str]) -> str:
     """Load the release with plain transformers through the core's loader and generate a few tokens with
     every expert enabled: the release must load, run and report attribution over exactly its experts."""
-    from flexolmo_core.inference import generate, load_flexolmo
+    from flexolmo_core.inference.model import generate, load_flexolmo
 
     result = generate(load_flexolmo(model), "The", max_new_tokens=4)
     seen = sorted(result["attribution"])
@@ -56,13 +56,13 @@ def check_release(model: str, experts: list[str]) -> str:
 def evaluate_release(model: str, out_json: str, params: str, suites: list[str]) -> dict | None:
     """The evaluation stage's own functions on the release (held-out domain bpb by default)."""
     from flexolmo_core.evaluation import runner, suite, variants
-    from flexolmo_core.params import load_section
+    from flexolmo_core.io.params import load_section
 
     cfg = load_section(runner.EvalConfig, "evaluate", params)
     if cfg.domains_dir and not Path(cfg.domains_dir).exists() and "domains" in suites:
         get_run_logger().warning(f"evaluation not run: held-out data {cfg.domains_dir} is not here")
         return None
-    from flexolmo_core.merge import expert_domains
+    from flexolmo_core.merge.merging import expert_domains
 
     tasks_ = [t for s in suites for t in suite.resolve_suite(s, cfg.domains or expert_domains(model))]
     variant = variants.Variant("flexolmo", "hf", [model], flexolmo=True, note="release")
@@ -84,10 +84,10 @@ def heldout_bpb(result: dict | None) -> dict:
 def remerge(registry: str, anchor: str, releases: str = "runs/releases", top_k: int | None = None,
             evaluate: bool = True, params: str = "params.yaml", suites: list[str] | None = None) -> dict:
     """Merge a new release if the registry differs from the current one; returns what happened."""
-    from flexolmo_core.atomic import write_json
-    from flexolmo_core.merge import read_manifest
-    from flexolmo_core.registry import merged_contents
-    from flexolmo_core.remote_registry import open_registry
+    from flexolmo_core.io.atomic import write_json
+    from flexolmo_core.merge.merging import read_manifest
+    from flexolmo_core.registry.local import merged_contents
+    from flexolmo_core.registry.remote import open_registry
 
     log = get_run_logger()
     reg, rel = open_registry(registry), Path(releases).resolve()  # a URL is pulled into its local mirror

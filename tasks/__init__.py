@@ -23,8 +23,8 @@ def pin_dtype(loop):
     import dataclasses
     import json
 
-    from flexolmo_core.dtypes import pinned_dtype
     from flexolmo_core.errors import MissingInput
+    from flexolmo_core.io.dtypes import pinned_dtype
 
     if loop.dtype != "auto":
         return loop
@@ -41,7 +41,7 @@ def not_run(out, stage: str, reason: str) -> dict:
     import shutil
     from pathlib import Path
 
-    from flexolmo_core.atomic import write_json
+    from flexolmo_core.io.atomic import write_json
 
     out = Path(out)
     if out.exists():
@@ -84,7 +84,7 @@ def run(main) -> None:
     """A stage module's entry point: its arguments parsed from main's signature (`stage_parser`), then main with
     the CLI's one error handler (bad input: one line naming the file and field, exit 2; a bug: its traceback,
     exit 70)."""
-    from flexolmo_core.cli import guarded
+    from flexolmo_core.cli.main import guarded
 
     module = main.__module__
     if module == "__main__":  # run as `python -m tasks.<stage>`: the module's import name is in its spec

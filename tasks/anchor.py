@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flexolmo_core.atomic import write_json
+from flexolmo_core.io.atomic import write_json
 from flexolmo_core.training.config import AnchorConfig, load_stage
 from flexolmo_core.training.stages import train_anchor
 from tasks import pin_dtype, run
@@ -19,7 +19,7 @@ OUT = Path("outputs/anchor")
 
 
 def import_published(cfg: AnchorConfig, seq_len: int, data: str) -> dict:
-    from flexolmo_core.anchor_import import import_anchor
+    from flexolmo_core.anchor.importing import import_anchor
 
     start = time.perf_counter()
     manifest = import_anchor(cfg.source, OUT / "model", gguf_file=cfg.gguf_file, projection_dim=cfg.projection_dim,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from flexolmo_core.params import read_params
+from flexolmo_core.io.params import read_params
 from flexolmo_core.training.config import BTXConfig, RouterTuneConfig, load_stage
 from flexolmo_core.training.stages import train_btx
 from tasks import not_run, pin_dtype, run

@@ -5,9 +5,9 @@ depend on this file instead of on the `domains` params, so editing one domain's 
 the data stages: this stage reruns (milliseconds), writes the same bytes, and DVC skips what follows."""
 from __future__ import annotations
 
-from flexolmo_core.atomic import write_json
 from flexolmo_core.data.config import check_domain_name
-from flexolmo_core.params import ParamsError, read_params
+from flexolmo_core.io.atomic import write_json
+from flexolmo_core.io.params import ParamsError, read_params
 from tasks import run
 
 OUT = "outputs/domains/domains.json"

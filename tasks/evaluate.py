@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from flexolmo_core.atomic import atomic_dir
 from flexolmo_core.evaluation import report, runner, variants
-from flexolmo_core.merge import expert_domains
+from flexolmo_core.io.atomic import atomic_dir
+from flexolmo_core.merge.merging import expert_domains
 from flexolmo_core.training.config import load_stage
 from tasks import NUMERICS, run
 

@@ -1,7 +1,7 @@
 """DVC stage `merge`: outputs/anchor + outputs/expert/<d> -> outputs/merge/<variant>/ (no training).
 
 Variants: `flexolmo` (every domain in params.yaml), `optout_<d>` (merged without d: the exact opt-out
-model, `merge.opt_out` of the full merge), and the baselines from flexolmo_core/baselines.py: `dense_<d>` (one expert alone as a dense
+model, `merge.opt_out` of the full merge), and the baselines from flexolmo_core/merge/baselines.py: `dense_<d>` (one expert alone as a dense
 model, public included) and `soup` (mean FFN of the dense experts). `outputs/merge/index.json` lists
 them with the experts each contains. The whole folder is replaced in one rename."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexolmo_core.atomic import atomic_dir, write_json
-from flexolmo_core.merge import merge, opt_out
-from flexolmo_core.params import load_section, read_params
+from flexolmo_core.io.atomic import atomic_dir, write_json
+from flexolmo_core.io.params import load_section, read_params
+from flexolmo_core.merge.merging import merge, opt_out
 from tasks import run
 
 ANCHOR = Path("outputs/anchor")
@@ -53,7 +53,7 @@ def build_variants(cfg: MergeConfig, anchor: Path, packages: dict[str, Path], ou
         index[name] = {"path": str(OUT / name), "experts": experts, "seconds": round(time.perf_counter() - start, 3)}
         print(f"merge: {name} ({', '.join(experts)}) in {index[name]['seconds']} s", flush=True)
 
-    from flexolmo_core.stream_safetensors import parse_size
+    from flexolmo_core.io.stream_safetensors import parse_size
 
     shard = parse_size(cfg.shard_size)
     paths = [packages[d] for d in sorted(packages)]
@@ -65,7 +65,7 @@ def build_variants(cfg: MergeConfig, anchor: Path, packages: dict[str, Path], ou
             top_k = None if cfg.top_k is None else min(cfg.top_k, len(packages))
             timed(f"optout_{d}", lambda o, d=d, k=top_k: domains_of(opt_out(out / "flexolmo", [d], o, top_k=k, shard_bytes=shard)))
     if cfg.dense_experts or cfg.soup:
-        from flexolmo_core import baselines
+        from flexolmo_core.merge import baselines
 
         names = ["public", *sorted(packages)]
         for i, d in enumerate(names):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 
-from flexolmo_core.atomic import write_json
-from flexolmo_core.dtypes import resolve_numerics
-from flexolmo_core.params import load_section
+from flexolmo_core.io.atomic import write_json
+from flexolmo_core.io.dtypes import resolve_numerics
+from flexolmo_core.io.params import load_section
 from flexolmo_core.training.config import NumericsConfig
 from flexolmo_core.training.loop import measure_matmul_peak
 from tasks import NUMERICS, run, say

@@ -6,7 +6,7 @@ import time
 
 from flexolmo_core.data.config import PrepareConfig, flexmix_domains
 from flexolmo_core.data.prepare import build_flexmix
-from flexolmo_core.params import load_section, read_params
+from flexolmo_core.io.params import load_section, read_params
 from tasks import run, say
 
 OUT = "outputs/prepare"

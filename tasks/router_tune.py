@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flexolmo_core.params import read_params
+from flexolmo_core.io.params import read_params
 from flexolmo_core.training.config import RouterTuneConfig, load_stage
 from flexolmo_core.training.stages import fit_router, tune_router
 from tasks import pin_dtype, run

@@ -8,7 +8,7 @@ import json
 
 from flexolmo_core.data.config import TokenizerConfig, flexmix_domains, tokenizer_vocab
 from flexolmo_core.data.tokenize_stage import build_tokenizer_and_pack
-from flexolmo_core.params import load_section, read_params
+from flexolmo_core.io.params import load_section, read_params
 from flexolmo_core.training.config import AnchorConfig, load_stage
 from tasks import run, say
 

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from flexolmo_core.params import read_params
+from flexolmo_core.io.params import read_params
 from flexolmo_core.training.config import UnrestrictedConfig, load_stage
 from flexolmo_core.training.stages import flops_budget, train_unrestricted
 from tasks import not_run, pin_dtype, run

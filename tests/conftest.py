@@ -46,7 +46,7 @@ def smoke_tokenizer(tmp_path_factory, small_texts) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_anchor(tmp_path_factory, smoke_tokenizer) -> Path:
-    from flexolmo_core.anchor import init_anchor
+    from flexolmo_core.anchor.model import init_anchor
 
     out = tmp_path_factory.mktemp("anchor") / "anchor"
     init_anchor("smoke", smoke_tokenizer, out, seed=0)
@@ -84,7 +84,7 @@ def packages(tmp_path_factory, smoke_anchor, owner_data) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def merged(tmp_path_factory, smoke_anchor, packages) -> Path:
-    from flexolmo_core.merge import merge
+    from flexolmo_core.merge.merging import merge
 
     out = tmp_path_factory.mktemp("merged") / "model"
     merge(smoke_anchor, [packages["code"], packages["news"]], out, top_k=2)
@@ -94,7 +94,7 @@ def merged(tmp_path_factory, smoke_anchor, packages) -> Path:
 @pytest.fixture(scope="session")
 def serve_merges(tmp_path_factory, smoke_anchor, packages) -> dict[str, Path]:
     """For serving: the full merge (public, code, news) and the merges with fewer experts, all at top_k 2."""
-    from flexolmo_core.merge import merge
+    from flexolmo_core.merge.merging import merge
 
     root = tmp_path_factory.mktemp("serve")
     out = {}
@@ -118,7 +118,7 @@ def _own_top1(model_dir, windows) -> float:
     logits read with forward hooks, as the evaluation's routing diagnostics read them)."""
     import torch
 
-    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.inference.model import load_flexolmo
 
     model = load_flexolmo(model_dir).model
     seen = []

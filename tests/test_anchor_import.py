@@ -11,9 +11,9 @@ import pytest
 import torch
 from published import SHAPE, save, token_ids
 
-from flexolmo_core.anchor import ANCHOR_MANIFEST, anchor_fingerprint
-from flexolmo_core.anchor_import import AnchorImportError, import_anchor
-from flexolmo_core.cli import main
+from flexolmo_core.anchor.importing import AnchorImportError, import_anchor
+from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint
+from flexolmo_core.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,8 @@ def smollm2(tmp_path_factory):
 def test_real_smollm2_from_gguf(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flexolmo_core import layout
-    from flexolmo_core.anchor import model_config_from_hf
+    from flexolmo_core.anchor.model import model_config_from_hf
+    from flexolmo_core.io import layout
     from flexolmo_core.training.model import MoEShape, build
 
     out, manifest = smollm2
@@ -155,9 +155,9 @@ def test_real_smollm2_owner_package_merge_generate(smollm2, tmp_path, owner_data
     second expert (Mixtral, 3 experts), generate with and without the code expert."""
     from transformers import AutoConfig
 
-    from flexolmo_core.inference import generate, load_flexolmo
-    from flexolmo_core.merge import merge
-    from flexolmo_core.package import load_package
+    from flexolmo_core.expert.package import load_package
+    from flexolmo_core.inference.model import generate, load_flexolmo
+    from flexolmo_core.merge.merging import merge
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.stages import train_expert
 

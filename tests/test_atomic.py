@@ -8,7 +8,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from flexolmo_core.atomic import atomic_dir, atomic_file, locked, write_json
+from flexolmo_core.io.atomic import atomic_dir, atomic_file, locked, write_json
 
 
 def _mode(path) -> int:
@@ -35,7 +35,7 @@ def test_artifacts_follow_the_umask(tmp_path):
 
 
 def test_a_registry_is_group_readable_under_umask_002(tmp_path, smoke_anchor, packages):
-    from flexolmo_core.registry import Registry
+    from flexolmo_core.registry.local import Registry
 
     old = os.umask(0o002)
     try:
@@ -76,7 +76,7 @@ def test_lock_serialises_two_processes(tmp_path):
 KILLED_WRITER = r"""
 import os, signal, sys
 from pathlib import Path
-import flexolmo_core.atomic as atomic
+import flexolmo_core.io.atomic as atomic
 
 final, mode = Path(sys.argv[1]), sys.argv[2]
 real_replace, real_rmtree = os.replace, atomic.shutil.rmtree
@@ -118,7 +118,7 @@ def test_a_kill_after_the_exchange_leaves_the_new_folder_and_the_next_writer_swe
 
 
 def test_a_kill_between_two_renames_is_repaired_by_the_next_writer(tmp_path, monkeypatch):
-    import flexolmo_core.atomic as atomic
+    import flexolmo_core.io.atomic as atomic
 
     final = tmp_path / "out"
     with atomic_dir(final) as tmp:
@@ -134,7 +134,7 @@ def test_the_sweep_leaves_live_and_foreign_writers_alone(tmp_path):
     import subprocess
     import sys
 
-    import flexolmo_core.atomic as atomic
+    import flexolmo_core.io.atomic as atomic
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)

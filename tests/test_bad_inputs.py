@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flexolmo_core.cli import main
-from flexolmo_core.stream_safetensors import TensorFiles
+from flexolmo_core.cli.main import main
+from flexolmo_core.io.stream_safetensors import TensorFiles
 
 LOOP = ["--steps", "1", "--global-batch", "2", "--micro-batch", "2", "--seq-len", "32", "--progress", "false"]
 
@@ -343,7 +343,7 @@ def test_bad_input_is_one_clear_line(name, world, tmp_path, capsys):
 
 def test_an_operating_system_refusal_is_one_line(monkeypatch, capsys, tmp_path):
     """A read-only output folder (root ignores modes, so the refusal is raised where the write would be)."""
-    import flexolmo_core.commands.core as core
+    import flexolmo_core.cli.commands.core as core
 
     def read_only(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "model.safetensors"))
@@ -356,7 +356,7 @@ def test_an_operating_system_refusal_is_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_a_bug_shows_its_traceback_and_says_so(monkeypatch, capsys):
-    import flexolmo_core.commands.core as core
+    import flexolmo_core.cli.commands.core as core
 
     monkeypatch.setattr(core, "cmd_merge", lambda args: {}["missing"])
     rc = main(["merge", "--anchor", "a", "--expert", "p", "--out", "o"])

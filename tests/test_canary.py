@@ -1,4 +1,4 @@
-"""Package canaries (flexolmo_core/canary.py): the weights back the anchor fingerprint a package claims."""
+"""Package canaries (flexolmo_core/expert/canary.py): the weights back the anchor fingerprint a package claims."""
 from __future__ import annotations
 
 import hashlib
@@ -9,17 +9,17 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from flexolmo_core.canary import ATOL, check_canary, compute_canary
 from flexolmo_core.errors import PackageError
-from flexolmo_core.merge import merge
-from flexolmo_core.package import load_package
+from flexolmo_core.expert.canary import ATOL, check_canary, compute_canary
+from flexolmo_core.expert.package import load_package
+from flexolmo_core.merge.merging import merge
 
 
 @pytest.fixture(scope="module")
 def forged(tmp_path_factory, smoke_tokenizer, smoke_anchor, owner_data):
     """A package trained against another anchor (same tokenizer and shapes, seed 1), its manifest edited to
     claim the smoke anchor's fingerprint."""
-    from flexolmo_core.anchor import init_anchor, read_fingerprint
+    from flexolmo_core.anchor.model import init_anchor, read_fingerprint
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.stages import train_expert
 

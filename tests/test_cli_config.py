@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flexolmo_core.cli import build_parser
-from flexolmo_core.cli_config import field_names
+from flexolmo_core.cli.config import field_names
+from flexolmo_core.cli.main import build_parser
 from flexolmo_core.data.config import PrepareConfig, TokenizerConfig
 from flexolmo_core.evaluation.runner import EvalConfig
-from flexolmo_core.params import load_section
+from flexolmo_core.io.params import load_section
 from flexolmo_core.training.config import (
     AnchorConfig,
     DomainEmbeddingConfig,
@@ -110,7 +110,7 @@ def test_every_field_has_a_flag_with_its_one_line_doc(argv, cls, section, per_do
     ("--lr", "nan", "loop.lr must be a positive number, got nan"), ("--dtype", "int8", "loop.dtype must be one of")])
 def test_loop_values_that_train_on_nothing_are_refused(flag, value, message, tmp_path, capsys):
     """--steps -5 once wrote an untrained package (manifest steps: -5); --seq-len 0 wrote NaN into manifest.json."""
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     argv = ["expert", "train", "--anchor", "a", "--domain", "code", "--data", "d", "--out", str(tmp_path / "o")]
     assert main(argv + [flag, value]) == 2
@@ -129,7 +129,7 @@ def test_loop_values_in_params_are_refused_naming_the_file(tmp_path):
 def test_version(capsys):
     from importlib.metadata import version
 
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
@@ -140,7 +140,7 @@ def test_every_option_of_every_command_has_help():
     """Generated or hand-written, each option says what it is; a default is shown only where there is one."""
     import argparse
 
-    from flexolmo_core import cli
+    from flexolmo_core.cli import main as cli
 
     def walk(parser, path):
         yield path, parser

@@ -4,8 +4,8 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexolmo_core.anchor import anchor_fingerprint, load_anchor, read_fingerprint, save_anchor
-from flexolmo_core.cli import main
+from flexolmo_core.anchor.model import anchor_fingerprint, load_anchor, read_fingerprint, save_anchor
+from flexolmo_core.cli.main import main
 
 
 def test_fingerprint_is_stable_across_save_and_load(smoke_anchor, smoke_tokenizer, tmp_path):

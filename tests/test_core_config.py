@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from flexolmo_core.cli import main
-from flexolmo_core.config import PRESETS, get_preset
+from flexolmo_core.anchor.presets import PRESETS, get_preset
+from flexolmo_core.cli.main import main
 
 
 def test_paper_scale_counts_match_the_paper():

@@ -4,9 +4,9 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexolmo_core.cli import main
-from flexolmo_core.inference import generate, load_flexolmo
-from flexolmo_core.merge import merge
+from flexolmo_core.cli.main import main
+from flexolmo_core.inference.model import generate, load_flexolmo
+from flexolmo_core.merge.merging import merge
 
 X = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(2))
 PROMPT = "def read_lines(path):"
@@ -78,9 +78,10 @@ def test_generate_cli(merged, capsys):
 
 
 def test_use_bias_reapplies_the_learned_router_bias(smoke_anchor, tmp_path):
-    from flexolmo_core.anchor import load_anchor, read_fingerprint
-    from flexolmo_core.owner import upcycle
-    from flexolmo_core.package import package_tensors, save_package
+    from reference.owner import upcycle
+
+    from flexolmo_core.anchor.model import load_anchor, read_fingerprint
+    from flexolmo_core.expert.package import package_tensors, save_package
 
     anchor = load_anchor(smoke_anchor)
     d = anchor.config.hidden_size

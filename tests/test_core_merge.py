@@ -5,13 +5,13 @@ import sys
 
 import pytest
 import torch
+from reference.owner import project_after_step, trainable_parameters, upcycle
 from safetensors.torch import load_file
 
-from flexolmo_core.anchor import anchor_fingerprint, load_anchor, read_fingerprint
-from flexolmo_core.cli import main
-from flexolmo_core.merge import merge
-from flexolmo_core.owner import project_after_step, trainable_parameters, upcycle
-from flexolmo_core.package import package_tensors, save_package
+from flexolmo_core.anchor.model import anchor_fingerprint, load_anchor, read_fingerprint
+from flexolmo_core.cli.main import main
+from flexolmo_core.expert.package import package_tensors, save_package
+from flexolmo_core.merge.merging import merge
 
 X = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
 
@@ -66,7 +66,7 @@ def test_merge_is_deterministic(smoke_anchor, packages, merged, tmp_path):
 
 
 def test_a_failed_merge_leaves_the_previous_output_untouched(smoke_anchor, packages, tmp_path, monkeypatch):
-    import flexolmo_core.merge as merge_module
+    import flexolmo_core.merge.merging as merge_module
 
     out = tmp_path / "out"
     merge(smoke_anchor, [packages["news"]], out)
@@ -87,7 +87,7 @@ def test_a_failed_merge_leaves_the_previous_output_untouched(smoke_anchor, packa
 def test_a_killed_merge_leaves_no_output(smoke_anchor, packages, tmp_path):
     out = tmp_path / "killed"
     script = (
-        "import os, signal, flexolmo_core.merge as m\n"
+        "import os, signal, flexolmo_core.merge.merging as m\n"
         "real = m.write_model\n"
         "def die(folder, specs, shard_bytes, metadata=None):\n"
         "    real(folder, specs, shard_bytes, metadata=metadata)\n"
@@ -114,7 +114,7 @@ def test_merge_cli_and_inspect(smoke_anchor, packages, tmp_path, capsys):
 
 
 def test_merge_refuses_a_package_from_another_anchor(smoke_tokenizer, packages, tmp_path, capsys):
-    from flexolmo_core.anchor import init_anchor
+    from flexolmo_core.anchor.model import init_anchor
 
     other = tmp_path / "other_anchor"
     init_anchor("smoke", smoke_tokenizer, other, seed=1)
@@ -126,7 +126,7 @@ def test_merge_refuses_a_package_from_another_anchor(smoke_tokenizer, packages, 
 def test_streaming_writer_matches_safetensors(tmp_path):
     from safetensors.torch import save_file
 
-    from flexolmo_core.stream_safetensors import write_streaming
+    from flexolmo_core.io.stream_safetensors import write_streaming
 
     tensors = {"b": torch.randn(3, 5), "a.weight": torch.randn(7).to(torch.bfloat16), "c": torch.randn(2, 2, 2),
                "scalar": torch.tensor(1.5)}

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexolmo_core.errors import PackageError
-from flexolmo_core.merge import merge
-from flexolmo_core.package import load_package, tensor_sha256
+from flexolmo_core.expert.package import load_package, tensor_sha256
+from flexolmo_core.merge.merging import merge
 
 
 def copy_package(src, dst):
@@ -26,7 +26,7 @@ def write(pkg, tensors=None, manifest=None):
 
 
 def test_valid_package_loads(packages, smoke_anchor):
-    from flexolmo_core.anchor import anchor_fingerprint
+    from flexolmo_core.anchor.model import anchor_fingerprint
 
     pkg = load_package(packages["code"], anchor_fingerprint=anchor_fingerprint(smoke_anchor))
     assert pkg.domain == "code" and pkg.uses_bias and len(pkg.sha256) == 64
@@ -122,7 +122,7 @@ def test_identical_tensors_give_identical_package_bytes(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys, torch; from flexolmo_core.package import save_package; torch.manual_seed(0); "
+    script = ("import sys, torch; from flexolmo_core.expert.package import save_package; torch.manual_seed(0); "
               "t = {f'layers.0.{n}': torch.randn(*s) for n, s in (('gate_up_proj', (8, 4)), ('down_proj', (4, 4)), "
               "('router', (4,)), ('public_router', (4,)))}; save_package(t, sys.argv[1], 'code', 'anchor-x')")
     digests = set()

@@ -108,7 +108,7 @@ def test_a_new_domain_without_sources_and_a_bad_source_field(tmp_path):
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     (tmp_path / "params.yaml").write_text("domains: {'Bad-Name': {}}\nprepare: {tier: dev}\n")
     assert main(["prepare", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out")]) == 2

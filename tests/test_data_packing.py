@@ -118,7 +118,7 @@ def test_the_tokenizer_follows_the_model_preset_unless_told_otherwise(tmp_path):
     import yaml
 
     from flexolmo_core.data.config import TokenizerConfig, tokenizer_vocab
-    from flexolmo_core.params import load_section
+    from flexolmo_core.io.params import load_section
 
     shipped = load_section(TokenizerConfig, "tokenizer", "params.yaml")
     assert shipped.vocab_size is None
@@ -128,7 +128,7 @@ def test_the_tokenizer_follows_the_model_preset_unless_told_otherwise(tmp_path):
         tokenizer_vocab(shipped, None)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"preset": "smoke", "tokenizer": {}}))
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     data = tmp_path / "docs"  # enough text for 8192 merges: the preset's 1024 is what stops it
     data.mkdir()

@@ -10,9 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from flexolmo_core import baselines  # noqa: E402
 from flexolmo_core.evaluation import report, runner, smoke, suite, variants  # noqa: E402
-from flexolmo_core.inference import load_flexolmo  # noqa: E402
+from flexolmo_core.inference.model import load_flexolmo  # noqa: E402
+from flexolmo_core.merge import baselines  # noqa: E402
 
 DOMAINS = ["code", "math"]
 
@@ -168,7 +168,7 @@ def test_variants_report_and_cli(models, tmp_path):
     headline = json.loads((tmp_path / "reports" / "heldout_bpb.json").read_text())  # what `dvc metrics show` lists
     assert headline["flexolmo"] == round(summary["flexolmo"]["domains_bpb_avg"], 4) and "optout_code" not in headline
 
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
     out = tmp_path / "cli.json"
     (tmp_path / "params.yaml").write_text("evaluate: {limit: 7}\n")
     assert main(["evaluate", "--model", str(models / "anchor"), "--suite", "flexolmo_arc_easy_bpb", "--limit", "2",

@@ -102,7 +102,7 @@ def test_params_yaml_evaluate_section_loads():
     from pathlib import Path
 
     from flexolmo_core.evaluation.runner import EvalConfig, suites_for
-    from flexolmo_core.params import load_section
+    from flexolmo_core.io.params import load_section
 
     cfg = load_section(EvalConfig, "evaluate", Path(__file__).parents[1] / "params.yaml")
     cfg.domains = ["public", "code", "legal"]  # the stage fills this from the merged model's experts

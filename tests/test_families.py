@@ -8,11 +8,11 @@ import pytest
 import torch
 from published import SHAPE, released_style_expert, save, token_ids
 
-from flexolmo_core.anchor_import import import_anchor
+from flexolmo_core.anchor.importing import import_anchor
 from flexolmo_core.errors import PackageError
-from flexolmo_core.merge import merge, opt_out
-from flexolmo_core.package import load_package
-from flexolmo_core.package_convert import export_package, import_package, read_internal, split_merged
+from flexolmo_core.expert.convert import export_package, import_package, read_internal, split_merged
+from flexolmo_core.expert.package import load_package
+from flexolmo_core.merge.merging import merge, opt_out
 
 FAMILIES = {"olmo2_gqa_sharded": "FlexOlmoForCausalLM", "llama_gqa_tied": "MixtralForCausalLM"}
 
@@ -97,7 +97,7 @@ def test_anchor_plus_one_package_at_k2_is_the_owner_model(world, tmp_path):
 
 @pytest.mark.parametrize("top_k", [1, 2])  # at k=1 of 2, Mixtral's renormalised weight (1) differs from FlexOlmo's
 def test_masking_an_expert_equals_the_merge_without_it(world, tmp_path, top_k):
-    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.inference.model import load_flexolmo
 
     root = world["root"]
     merge(world["anchor"], [root / "code"], tmp_path / "without", top_k=top_k)
@@ -115,7 +115,7 @@ def test_masking_an_expert_equals_the_merge_without_it(world, tmp_path, top_k):
 
 
 def test_released_expert_round_trip_and_split(world, tmp_path, capsys):
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     root, anchor = world["root"], str(world["anchor"])
     assert main(["package", "export", str(root / "released"), "--anchor", anchor, "--out", str(tmp_path / "exported")]) == 0

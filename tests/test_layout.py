@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from flexolmo_core import layout
-from flexolmo_core.baselines import load_state
-from flexolmo_core.describe import describe
-from flexolmo_core.merge import merge, opt_out
+from flexolmo_core.cli.inspect import describe
+from flexolmo_core.io import layout
+from flexolmo_core.merge.baselines import load_state
+from flexolmo_core.merge.merging import merge, opt_out
 
 
 @pytest.fixture(scope="module")

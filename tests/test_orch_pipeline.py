@@ -171,7 +171,7 @@ def test_publish_event_triggers_remerge(clone, harness, tmp_path, small_texts):
     """owner flow -> registry -> `flexolmo.expert.published` -> served remerge deployment -> new release."""
     from prefect.settings import PREFECT_API_URL
 
-    from flexolmo_core.registry import Registry
+    from flexolmo_core.registry.local import Registry
     from flows.owner import owner, publish
     from flows.remerge import remerge
 

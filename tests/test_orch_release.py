@@ -26,7 +26,7 @@ def test_release_artifact_compares_held_out_bpb_and_the_log_stays_quiet(tmp_path
                                                                         small_texts):
     from prefect.logging.handlers import APILogHandler
 
-    from flexolmo_core.registry import Registry
+    from flexolmo_core.registry.local import Registry
     from flows.remerge import remerge
     from flows.stages import ROOT
 

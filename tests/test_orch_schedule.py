@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_scheduled_remerge_starts_by_itself_and_publishes_a_release(tmp_path, smoke_anchor, packages):
-    from flexolmo_core.registry import Registry
+    from flexolmo_core.registry.local import Registry
 
     registry, releases = tmp_path / "registry", tmp_path / "releases"
     Registry(registry).init(smoke_anchor)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexolmo_core.inference import load_flexolmo
-from flexolmo_core.merge import opt_out
-from flexolmo_core.moe import pool_prefix
+from flexolmo_core.inference.model import load_flexolmo
+from flexolmo_core.inference.moe import pool_prefix
+from flexolmo_core.merge.merging import opt_out
 
 
 def test_pool_prefix_is_the_running_mean_written_out():
@@ -75,8 +75,8 @@ def test_left_padding_is_left_out_of_the_mean(merged):
 def test_the_evaluation_pools_merged_variants_when_asked(merged):
     from flexolmo_core.evaluation import runner
     from flexolmo_core.evaluation.variants import Variant, make_lm
-    from flexolmo_core.moe import routers
-    from flexolmo_core.params import ParamsError
+    from flexolmo_core.inference.moe import routers
+    from flexolmo_core.io.params import ParamsError
 
     cfg = runner.EvalConfig(prefix_pool=0.25, device="cpu")
     lm = make_lm(Variant("flexolmo", "hf", [str(merged)], flexolmo=True), cfg)

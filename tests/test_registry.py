@@ -1,4 +1,4 @@
-"""Expert registry: atomic, validated, concurrency-safe publishing (flexolmo_core/registry.py)."""
+"""Expert registry: atomic, validated, concurrency-safe publishing (flexolmo_core/registry/local.py)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flexolmo_core.errors import PackageError
-from flexolmo_core.registry import Registry, RegistryError, merged_contents
+from flexolmo_core.registry.local import Registry, RegistryError, merged_contents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_duplicate_domain_refused_unless_replace(registry, packages, tmp_path):
 
 
 def test_registry_refuses_another_anchor_at_init(registry, tmp_path, smoke_tokenizer):
-    from flexolmo_core.anchor import init_anchor
+    from flexolmo_core.anchor.model import init_anchor
 
     other = tmp_path / "other_anchor"
     init_anchor("smoke", smoke_tokenizer, other, seed=1)
@@ -106,7 +106,7 @@ def test_registry_refuses_another_anchor_at_init(registry, tmp_path, smoke_token
 
 
 def test_merged_contents_matches_registry(registry, packages, smoke_anchor, tmp_path):
-    from flexolmo_core.merge import merge
+    from flexolmo_core.merge.merging import merge
 
     registry.publish(packages["code"])
     registry.publish(packages["news"])
@@ -116,7 +116,7 @@ def test_merged_contents_matches_registry(registry, packages, smoke_anchor, tmp_
 
 def _cli(*args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "flexolmo_core.cli", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "flexolmo_core.cli.main", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -139,7 +139,7 @@ def test_concurrent_publishes_do_not_corrupt(registry, packages, tmp_path):
 
 
 def test_cli_publish_refusal_is_a_clear_error(registry, packages, tmp_path, capsys):
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     assert main(["publish", str(packages["code"]), "--registry", str(registry.root)]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -154,7 +154,7 @@ def test_cli_publish_refusal_is_a_clear_error(registry, packages, tmp_path, caps
 def test_gc_lists_then_removes_only_what_no_one_uses(registry, packages, tmp_path, capsys):
     import socket
 
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     registry.publish(packages["code"])
     registry.publish(packages["news"])

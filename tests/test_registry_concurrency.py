@@ -20,10 +20,10 @@ def _writer(rank: int, registry: str, plan: list, barrier, results, cache: str) 
     import contextlib
     import io
 
-    import flexolmo_core.remote_registry as remote
+    import flexolmo_core.registry.remote as remote
 
     remote.CACHE_ROOT = Path(cache)  # all writers share this one mirror, as processes on one host do
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     for round_packages in plan:
         barrier.wait(timeout=120)
@@ -35,9 +35,9 @@ def _writer(rank: int, registry: str, plan: list, barrier, results, cache: str) 
 
 @pytest.mark.parametrize("kind", ["directory", "file-url"])
 def test_four_processes_ten_rounds_index_files_and_exit_codes_agree(kind, tmp_path, smoke_anchor, packages):
-    from flexolmo_core.package import load_package
-    from flexolmo_core.registry import Registry
-    from flexolmo_core.remote_registry import RemoteRegistry, open_registry
+    from flexolmo_core.expert.package import load_package
+    from flexolmo_core.registry.local import Registry
+    from flexolmo_core.registry.remote import RemoteRegistry, open_registry
 
     if kind == "directory":
         registry = str(tmp_path / "registry")

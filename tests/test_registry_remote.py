@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from flexolmo_core.errors import PackageError
-from flexolmo_core.registry import RegistryError
-from flexolmo_core.remote_registry import RemoteRegistry, open_registry
+from flexolmo_core.registry.local import RegistryError
+from flexolmo_core.registry.remote import RemoteRegistry, open_registry
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -54,7 +54,7 @@ def test_publish_pull_and_refusals_through_a_url(url, tmp_path, smoke_anchor, pa
 
 
 def test_another_anchor_is_refused(url, tmp_path, smoke_anchor, smoke_tokenizer):
-    from flexolmo_core.anchor import init_anchor
+    from flexolmo_core.anchor.model import init_anchor
 
     RemoteRegistry(url, mirror=tmp_path / "a").init(smoke_anchor)
     other = tmp_path / "other_anchor"

@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from flexolmo_core.inference import load_flexolmo
-from flexolmo_core.merge import opt_out
+from flexolmo_core.inference.model import load_flexolmo
+from flexolmo_core.merge.merging import opt_out
 from flexolmo_core.training.ridge_router import ridge_rows, token_targets
 from flexolmo_core.training.stages import fit_router, read_merged
 
@@ -77,7 +77,7 @@ def test_masking_an_expert_of_the_fitted_router_equals_the_model_without_it(merg
 def test_a_bad_method_or_ridge_value_is_refused_by_name():
     import pytest
 
-    from flexolmo_core.params import ParamsError
+    from flexolmo_core.io.params import ParamsError
     from flexolmo_core.training.config import RouterTuneConfig
 
     with pytest.raises(ParamsError, match="router_tune.method must be gradient or ridge"):

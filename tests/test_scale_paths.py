@@ -13,9 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from flexolmo_core import baselines  # noqa: E402
-from flexolmo_core.anchor import anchor_fingerprint, checkpoint_meta  # noqa: E402
-from flexolmo_core.merge import merge, opt_out  # noqa: E402
+from flexolmo_core.anchor.model import anchor_fingerprint, checkpoint_meta  # noqa: E402
+from flexolmo_core.merge import baselines  # noqa: E402
+from flexolmo_core.merge.merging import merge, opt_out  # noqa: E402
 from flexolmo_core.training.config import LoopConfig  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -32,8 +32,8 @@ def bf16_anchor(tmp_path_factory, smoke_anchor):
     """The smoke anchor as a published bf16 checkpoint, imported (the import keeps its dtype)."""
     from transformers import AutoModelForCausalLM
 
-    from flexolmo_core.anchor import copy_tokenizer
-    from flexolmo_core.anchor_import import import_anchor
+    from flexolmo_core.anchor.importing import import_anchor
+    from flexolmo_core.anchor.model import copy_tokenizer
 
     root = tmp_path_factory.mktemp("bf16")
     published = root / "published"
@@ -46,8 +46,8 @@ def bf16_anchor(tmp_path_factory, smoke_anchor):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_anchor_end_to_end(bf16_anchor, owner_data, tmp_path, device):
     from flexolmo_core.evaluation import runner, smoke
-    from flexolmo_core.inference import generate, load_flexolmo
-    from flexolmo_core.package import load_package
+    from flexolmo_core.expert.package import load_package
+    from flexolmo_core.inference.model import generate, load_flexolmo
     from flexolmo_core.training.stages import train_expert, tune_router
 
     assert dtypes_of(bf16_anchor) == {"bfloat16"}
@@ -81,7 +81,7 @@ def test_bf16_anchor_end_to_end(bf16_anchor, owner_data, tmp_path, device):
 def test_a_package_of_another_dtype_is_refused(bf16_anchor, packages, tmp_path):
     """fp32 packages (trained against the fp32 smoke anchor) are refused by dtype before anything else reads them."""
     from flexolmo_core.errors import PackageError
-    from flexolmo_core.package import load_package
+    from flexolmo_core.expert.package import load_package
 
     with pytest.raises(PackageError, match="float32, the anchor's weights are bfloat16"):
         load_package(packages["news"], expected_dtype="bfloat16")
@@ -130,7 +130,7 @@ def test_sharded_outputs_read_back_unchanged(smoke_anchor, packages, tmp_path):
 def test_tensor_files_read_what_safe_open_reads(merged):
     from safetensors import safe_open
 
-    from flexolmo_core.stream_safetensors import TensorFiles
+    from flexolmo_core.io.stream_safetensors import TensorFiles
 
     files = TensorFiles(merged)
     with safe_open(str(merged / "model.safetensors"), framework="pt") as handle:
@@ -145,7 +145,7 @@ def test_tensor_files_read_what_safe_open_reads(merged):
 
 def test_pieces_must_add_up_to_the_declared_tensor(tmp_path):
     from flexolmo_core.errors import InputError
-    from flexolmo_core.stream_safetensors import write_streaming
+    from flexolmo_core.io.stream_safetensors import write_streaming
 
     spec = ("w", torch.float32, (3, 2), lambda: (torch.ones(1, 2) for _ in range(2)))
     with pytest.raises(InputError, match="produced 2 rows"):
@@ -153,8 +153,8 @@ def test_pieces_must_add_up_to_the_declared_tensor(tmp_path):
 
 
 def test_cuda_is_refused_plainly_without_a_gpu():
-    from flexolmo_core.dtypes import resolve_device
     from flexolmo_core.errors import InputError
+    from flexolmo_core.io.dtypes import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +169,7 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path
     """A header of 128 + 256k bytes begins with 0x80, a pickle's protocol marker; the JSON after it decides."""
     import struct
 
-    from flexolmo_core.stream_safetensors import TensorFiles, check_safetensors_file, save_tensors
+    from flexolmo_core.io.stream_safetensors import TensorFiles, check_safetensors_file, save_tensors
 
     for pad in range(300):
         path = tmp_path / "w.safetensors"

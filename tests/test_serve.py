@@ -35,7 +35,7 @@ def write_policy(path: Path, experts: dict, on_forbidden: str = "refuse") -> Non
 def start_server(tmp_path: Path, *args: str, log_name: str = "serve.log") -> tuple[subprocess.Popen, str, Path]:
     port, audit = free_port(), tmp_path / f"audit-{log_name}.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flexolmo_core.cli", "serve", *args, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "flexolmo_core.cli.main", "serve", *args, "--port", str(port),
                              "--audit-log", str(audit), "--poll-seconds", "0.2", "--queue-depth", "8",
                              "--max-prompt-tokens", "64", "--max-tokens-cap", "32", "--max-body-bytes", "65536"],
                             env=env, cwd=tmp_path, stdout=(tmp_path / log_name).open("w"), stderr=subprocess.STDOUT)
@@ -73,7 +73,7 @@ def client(server, key="alice"):
 
 
 def reference(model_dir, prompt, n):
-    from flexolmo_core.inference import generate, load_flexolmo
+    from flexolmo_core.inference.model import generate, load_flexolmo
 
     loaded = load_flexolmo(model_dir)
     return loaded.tokenizer.decode(generate(loaded, prompt, max_new_tokens=n)["token_ids"], skip_special_tokens=True)
@@ -279,7 +279,7 @@ def test_a_hammer_of_requests_gets_429s_past_the_queue_a_disconnect_and_one_audi
 
 
 def test_usage_summarises_the_audit_log(server, capsys):
-    from flexolmo_core.cli import main
+    from flexolmo_core.cli.main import main
 
     client(server, "bob").completions.create(model="flexolmo", prompt="a", max_tokens=2)  # code masked for bob
     client(server).completions.create(model="flexolmo", prompt="a", max_tokens=2)
@@ -294,7 +294,7 @@ def test_usage_summarises_the_audit_log(server, capsys):
 def test_a_real_remerge_is_swapped_in_while_a_client_loops(tmp_path, smoke_anchor, packages, harness):
     """The re-merge flow publishes v1 (public + code); the server serves it; while a client loops, an owner
     publishes news and the re-merge flow writes v2; the server loads v2 beside v1, switches, and no request fails."""
-    from flexolmo_core.registry import Registry
+    from flexolmo_core.registry.local import Registry
     from flows.remerge import remerge
 
     registry, releases = tmp_path / "registry", tmp_path / "releases"

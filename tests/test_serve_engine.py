@@ -7,7 +7,7 @@ PROMPTS = ["def main(args):\n    return", "The history of the city", "import os\
 
 
 def reference(model_dir, prompt, max_new_tokens):
-    from flexolmo_core.inference import generate, load_flexolmo
+    from flexolmo_core.inference.model import generate, load_flexolmo
 
     return generate(load_flexolmo(model_dir), prompt, max_new_tokens=max_new_tokens)["token_ids"]
 
@@ -48,7 +48,7 @@ def test_prefix_pooled_batches_decode_as_each_smaller_merge_does_without_the_cac
     masked expert is still exactly absent. Reference: greedy decoding with a full forward per token."""
     import torch
 
-    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.inference.model import load_flexolmo
     from flexolmo_core.serving.engine import decode_batch, load_handle
 
     def uncached(model_dir, prompt, n):

@@ -20,7 +20,7 @@ def run(args, nproc: int, tmp: Path):
            "OMP_NUM_THREADS": "1"}
     head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
             if nproc > 1 else [sys.executable, "-m"])
-    done = subprocess.run(head + ["flexolmo_core.cli", *args], env=env, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(head + ["flexolmo_core.cli.main", *args], env=env, capture_output=True, text=True, timeout=300,
                           cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
 

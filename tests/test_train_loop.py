@@ -38,8 +38,8 @@ def trained_expert(tmp_path_factory, smoke_anchor, owner_data):
 
 
 def test_expert_training_keeps_contract_and_reports(trained_expert, smoke_anchor):
-    from flexolmo_core.anchor import read_fingerprint
-    from flexolmo_core.package import load_package
+    from flexolmo_core.anchor.model import read_fingerprint
+    from flexolmo_core.expert.package import load_package
 
     out, summary = trained_expert
     package = load_package(out / "package", anchor_fingerprint=read_fingerprint(smoke_anchor))
@@ -79,7 +79,7 @@ def test_resume_in_process_is_bit_identical(tmp_path, smoke_anchor, owner_data, 
 
 
 def anchor_cmd(tokenizer, data, out, steps):
-    return [sys.executable, "-m", "flexolmo_core.cli", "anchor", "train", "--preset", "smoke", "--tokenizer",
+    return [sys.executable, "-m", "flexolmo_core.cli.main", "anchor", "train", "--preset", "smoke", "--tokenizer",
             str(tokenizer), "--data", str(data), "--out", str(out), "--steps", str(steps), "--global-batch", "4",
             "--micro-batch", "2", "--seq-len", "32", "--warmup", "2", "--checkpoint-every", "2", "--threads", "1",
             "--lr", "3e-3"]
@@ -148,7 +148,7 @@ def test_expert_stage_runs_with_only_its_own_domain(tmp_path, smoke_anchor, smal
 def test_router_tuning_moves_only_router_rows(tmp_path, merged, owner_data, small_texts, device):
     from dataclasses import replace
 
-    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.inference.model import load_flexolmo
     from flexolmo_core.training.stages import tune_router
 
     (tmp_path / "public.txt").write_text("\n\n".join(small_texts["public"][:60]))
@@ -165,7 +165,7 @@ def test_router_tuning_moves_only_router_rows(tmp_path, merged, owner_data, smal
 def test_router_rows_get_their_own_learning_rate(smoke_anchor):
     import dataclasses
 
-    from flexolmo_core.anchor import load_anchor
+    from flexolmo_core.anchor.model import load_anchor
     from flexolmo_core.training.loop import group_lr, make_optimizer
     from flexolmo_core.training.stages import owner_fast_model
 
@@ -189,7 +189,7 @@ def test_expert_top_k_one_routes_each_token_to_one_ffn(tmp_path, smoke_anchor, o
     (checked inside train_expert) and records k."""
     import dataclasses
 
-    from flexolmo_core.anchor import load_anchor
+    from flexolmo_core.anchor.model import load_anchor
     from flexolmo_core.training.stages import owner_fast_model, train_expert
 
     anchor = load_anchor(smoke_anchor)
@@ -220,8 +220,8 @@ def test_expert_top_k_one_routes_each_token_to_one_ffn(tmp_path, smoke_anchor, o
 def test_unrestricted_moe_matches_flop_budget_and_loads(tmp_path, smoke_tokenizer, owner_data, device):
     from dataclasses import replace
 
-    from flexolmo_core.config import get_preset
-    from flexolmo_core.inference import load_flexolmo
+    from flexolmo_core.anchor.presets import get_preset
+    from flexolmo_core.inference.model import load_flexolmo
     from flexolmo_core.training.model import MoEShape, count_matmul_flops
     from flexolmo_core.training.stages import train_unrestricted
 
@@ -271,7 +271,7 @@ def test_btx_learns_a_fresh_router_on_all_data_with_the_tuning_budget(tmp_path, 
     rows redrawn and zero steps of learning it could not match FlexOlmo-RT's start (the domain embeddings)."""
     from dataclasses import replace
 
-    from flexolmo_core.merge import read_manifest
+    from flexolmo_core.merge.merging import read_manifest
     from flexolmo_core.training.stages import train_btx, tune_router
 
     (tmp_path / "public.txt").write_text("\n\n".join(small_texts["public"][:60]))
@@ -308,7 +308,7 @@ def test_switched_off_stages_record_why_and_clear_old_outputs(tmp_path, monkeypa
 def test_auto_dtype_takes_the_faster_matmul_on_the_cpu_and_bf16_on_a_gpu(monkeypatch):
     """loop.dtype auto: on the CPU bf16 only when its measured matmul rate clearly beats fp32's (a near tie keeps
     fp32); on a GPU bf16 without measuring, fp32 on one without bf16; a named dtype is taken as given."""
-    from flexolmo_core.dtypes import compute_dtype
+    from flexolmo_core.io.dtypes import compute_dtype
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
 
@@ -332,7 +332,7 @@ def test_auto_dtype_run_records_the_dtype_it_chose(tmp_path, smoke_anchor, owner
     denominator is the chosen dtype's measured rate."""
     import dataclasses
 
-    from flexolmo_core.anchor import load_anchor
+    from flexolmo_core.anchor.model import load_anchor
     from flexolmo_core.training import loop
     from flexolmo_core.training.stages import train_expert
 
@@ -364,7 +364,7 @@ def test_the_expert_stage_trains_the_same_package_whatever_the_matmul_timing_say
     import tasks
     import tasks.expert
     import tasks.numerics
-    from flexolmo_core.package import load_package
+    from flexolmo_core.expert.package import load_package
     from flexolmo_core.training import loop as training_loop
     from flexolmo_core.training.embeddings import save_embedding
 
@@ -406,7 +406,7 @@ def test_the_expert_stage_trains_the_same_package_whatever_the_matmul_timing_say
 
 
 def test_numerics_measures_again_on_another_machine_or_margin(monkeypatch):
-    from flexolmo_core import dtypes
+    from flexolmo_core.io import dtypes
 
     rates = {torch.bfloat16: 3e9, torch.float32: 1e9}
     first = dtypes.resolve_numerics(None, lambda dtype, on: rates[dtype])
@@ -468,7 +468,7 @@ def test_router_tuning_with_the_auxiliary_cross_entropy_routes_each_proxy_set_to
 def test_the_auxiliary_cross_entropy_is_the_routing_cross_entropy_written_out(merged):
     import torch.nn.functional as F
 
-    from flexolmo_core.layout import from_hf_moe
+    from flexolmo_core.io.layout import from_hf_moe
     from flexolmo_core.training.model import MoEShape, build
     from flexolmo_core.training.stages import read_merged
 
@@ -489,7 +489,7 @@ def test_the_auxiliary_cross_entropy_refuses_windows_without_labels(merged, owne
     from dataclasses import replace
 
     from flexolmo_core.errors import InputError
-    from flexolmo_core.layout import from_hf_moe
+    from flexolmo_core.io.layout import from_hf_moe
     from flexolmo_core.training.data import open_windows
     from flexolmo_core.training.loop import train
     from flexolmo_core.training.model import MoEShape, build

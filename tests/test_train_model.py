@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from flexolmo_core.config import get_preset
-from flexolmo_core.layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe
+from flexolmo_core.anchor.presets import get_preset
+from flexolmo_core.io.layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe
 from flexolmo_core.training.model import MoEShape, build, count_matmul_flops
 from flexolmo_core.training.objective import objective
 from flexolmo_core.training.schedule import lr_at
@@ -47,8 +47,9 @@ def test_dense_matches_transformers_and_round_trips():
 
 
 def test_owner_model_matches_transformers_and_freezes_structurally():
-    from flexolmo_core.moe import hf_state_dict
-    from flexolmo_core.owner import upcycle
+    from reference.owner import upcycle
+
+    from flexolmo_core.inference.moe import hf_state_dict
 
     hf = hf_anchor()
     pub, dom = torch.randn(CFG.n_layers, CFG.d_model), torch.randn(CFG.n_layers, CFG.d_model)
@@ -70,7 +71,7 @@ def test_owner_model_matches_transformers_and_freezes_structurally():
 def test_top_k_routing_matches_transformers():
     from transformers import FlexOlmoForCausalLM
 
-    from flexolmo_core.families import moe_config
+    from flexolmo_core.anchor.families import moe_config
 
     hf = FlexOlmoForCausalLM(moe_config(hf_anchor().config, num_experts=4, top_k=2)).eval()
     with torch.no_grad():
@@ -152,7 +153,7 @@ def family_models():
 
 @pytest.mark.parametrize("name", ["llama_gqa_tied", "olmo2_gqa", "mixtral_3x_top2"])
 def test_both_families_match_transformers_and_round_trip(name):
-    from flexolmo_core.anchor import model_config_from_hf
+    from flexolmo_core.anchor.model import model_config_from_hf
 
     torch.manual_seed(3)
     hf, moe = family_models()[name]

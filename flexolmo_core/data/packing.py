@@ -15,9 +15,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..atomic import write_json
-from ..errors import InputError, MissingInput
-from .config import check_domain_name
+from flexolmo_core.data.config import check_domain_name
+from flexolmo_core.errors import InputError, MissingInput
+from flexolmo_core.io.atomic import write_json
 
 INDEX = "index.json"
 FORMAT = "flexolmo-packed-v1"

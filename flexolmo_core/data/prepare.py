@@ -15,15 +15,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from ..atomic import atomic_dir
-from ..errors import InputError, MissingInput
-from ..params import from_dict
-from .builtin_sources import BUILTINS, package_dir
-from .card import split_sha256, write_cards
-from .config import PrepareConfig, SourceSpec, check_domain_name
-from .decontam import EvalIndex, olmo_eval_index
-from .readers import Document, read_source, source_label
-from .text import chunk_document, paragraphs
+from flexolmo_core.data.builtin_sources import BUILTINS, package_dir
+from flexolmo_core.data.card import split_sha256, write_cards
+from flexolmo_core.data.config import PrepareConfig, SourceSpec, check_domain_name
+from flexolmo_core.data.decontam import EvalIndex, olmo_eval_index
+from flexolmo_core.data.readers import Document, read_source, source_label
+from flexolmo_core.data.text import chunk_document, paragraphs
+from flexolmo_core.errors import InputError, MissingInput
+from flexolmo_core.io.atomic import atomic_dir
+from flexolmo_core.io.params import from_dict
 
 SPLITS = ("train", "validation", "test")
 BATCH = 256  # candidate documents filtered and token-counted together

@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, MissingInput
-from .builtin_sources import BUILTINS, read_utf8
-from .config import SourceSpec
-from .text import normalize_paragraphs
+from flexolmo_core.data.builtin_sources import BUILTINS, read_utf8
+from flexolmo_core.data.config import SourceSpec
+from flexolmo_core.data.text import normalize_paragraphs
+from flexolmo_core.errors import InputError, MissingInput
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from ..anchor_import import locate, write_tokenizer
-from ..atomic import atomic_dir, atomic_file, write_json
-from ..errors import InputError
-from .config import TokenizerConfig, check_domain_name
-from .packing import tokenize_documents, write_packed
-from .prepare import SPLITS, load_split
-from .tokenizer import tokenizer_sha256, train_tokenizer
+from flexolmo_core.anchor.importing import locate, write_tokenizer
+from flexolmo_core.data.config import TokenizerConfig, check_domain_name
+from flexolmo_core.data.packing import tokenize_documents, write_packed
+from flexolmo_core.data.prepare import SPLITS, load_split
+from flexolmo_core.data.tokenizer import tokenizer_sha256, train_tokenizer
+from flexolmo_core.errors import InputError
+from flexolmo_core.io.atomic import atomic_dir, atomic_file, write_json
 
 
 def build_tokenizer_and_pack(config: TokenizerConfig, prepare_dir: str | Path, domains: list[str],

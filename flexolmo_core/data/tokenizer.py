@@ -8,8 +8,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from ..atomic import atomic_dir
-from ..errors import InputError, MissingInput
+from flexolmo_core.errors import InputError, MissingInput
+from flexolmo_core.io.atomic import atomic_dir
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2,

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..dtypes import inference_dtype, resolve_device
-from ..errors import InputError
+from flexolmo_core.errors import InputError
+from flexolmo_core.io.dtypes import inference_dtype, resolve_device
 
 
 def btm_log_probs(expert_log_probs: torch.Tensor, input_ids: torch.Tensor, top_k: int = 2,

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from . import suite
+import flexolmo_core.evaluation.suite as suite
 
 ITERS = 1000  # draws: the 2.5% and 97.5% quantiles move by about 0.01 of the interval from one seed to another
 LEVEL = 0.95

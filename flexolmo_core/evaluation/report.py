@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flexolmo_core.atomic import atomic_file, write_json
 from flexolmo_core.evaluation import intervals, scores, suite
+from flexolmo_core.io.atomic import atomic_file, write_json
 
 MERGING_BASELINES = ("soup", "btm", "prompt_routing", "btx")  # the paper's "prior merging methods"
 BASELINES = (*MERGING_BASELINES, "unrestricted")  # what "the best baseline" is chosen from

@@ -8,10 +8,9 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from flexolmo_core import baselines
-from flexolmo_core.families import dense_config_dict, expert_count, load_weights
-
-from ..dtypes import inference_dtype, resolve_device
+from flexolmo_core.anchor.families import dense_config_dict, expert_count, load_weights
+from flexolmo_core.io.dtypes import inference_dtype, resolve_device
+from flexolmo_core.merge import baselines
 
 
 def dense_experts_from_merged(merged_dir, device: str = "auto") -> tuple[object, list]:

@@ -19,9 +19,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from fnmatch import fnmatchcase
 
 from flexolmo_core.evaluation import suite  # noqa: E402
-from flexolmo_core.params import NO_FLAG, at_least, between, check_ranges  # noqa: E402
-
-from ..dtypes import inference_dtype, resolve_device
+from flexolmo_core.io.dtypes import inference_dtype, resolve_device
+from flexolmo_core.io.params import NO_FLAG, at_least, between, check_ranges  # noqa: E402
 
 log = logging.getLogger(__name__)
 # Two lm-eval loggers warn once per request/task about expected things here: left truncation of 5-shot

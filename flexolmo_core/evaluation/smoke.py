@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import tokenizer
+from flexolmo_core.data import tokenizer
 
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=512)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from ..data.config import check_domain_name
-from ..errors import InputError
-from . import sources
+import flexolmo_core.evaluation.sources as sources
+from flexolmo_core.data.config import check_domain_name
+from flexolmo_core.errors import InputError
 
-TASKS_DIR = Path(__file__).parent / "tasks"
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 
 
 @dataclasses.dataclass(frozen=True)

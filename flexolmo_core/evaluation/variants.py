@@ -12,12 +12,13 @@ import json
 import time
 from pathlib import Path
 
-from flexolmo_core import baselines
-from flexolmo_core.atomic import write_json
+from flexolmo_core.anchor.families import is_moe
 from flexolmo_core.evaluation import runner, sources
 from flexolmo_core.evaluation.routing import routing_share
-from flexolmo_core.families import is_moe
-from flexolmo_core.merge import expert_domains, opt_out, read_manifest
+from flexolmo_core.inference.model import load_flexolmo
+from flexolmo_core.io.atomic import write_json
+from flexolmo_core.merge import baselines
+from flexolmo_core.merge.merging import expert_domains, opt_out, read_manifest
 
 
 @dataclasses.dataclass
@@ -105,8 +106,6 @@ def make_lm(variant: Variant, cfg: runner.EvalConfig):
         return PromptRoutedLM(variant.paths[0], batch_size=cfg.batch_size, max_length=cfg.max_length,
                               device=cfg.device)
     if variant.flexolmo and cfg.prefix_pool:  # routers that pool need the batch shape: our inference loader
-        from flexolmo_core.inference import load_flexolmo
-
         loaded = load_flexolmo(variant.paths[0], device=cfg.device, prefix_pool=cfg.prefix_pool)
         return runner.hf_lm(loaded.model, cfg, loaded.tokenizer)
     return runner.hf_lm(variant.paths[0], cfg)

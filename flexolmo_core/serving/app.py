@@ -20,12 +20,12 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import InputError
-from ..inference import resolve_experts
-from .audit import AuditLog
-from .config import ServeConfig
-from .engine import Engine, Job, ModelHandle, load_handle
-from .policy import PUBLIC, PolicyFile, Unauthorized
+from flexolmo_core.errors import InputError
+from flexolmo_core.inference.model import resolve_experts
+from flexolmo_core.serving.audit import AuditLog
+from flexolmo_core.serving.config import ServeConfig
+from flexolmo_core.serving.engine import Engine, Job, ModelHandle, load_handle
+from flexolmo_core.serving.policy import PUBLIC, PolicyFile, Unauthorized
 
 
 class HTTPError(Exception):

@@ -9,7 +9,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import InputError, MissingInput
+from flexolmo_core.errors import InputError, MissingInput
 
 
 class AuditLog:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..params import at_least, between, check_ranges
+from flexolmo_core.io.params import at_least, between, check_ranges
 
 
 @dataclasses.dataclass
@@ -21,7 +21,7 @@ class ServeConfig:
     max_json_depth: int = at_least(1, 32)  # deeper nesting of arrays and objects gets 400, before parsing
     top_k: int | None = at_least(1, None)  # experts per token (None = the checkpoint's)
     # prefix-pooled routing weight (0: off, the paper's routing): each token's router logits mixed with the
-    # running mean over its sequence, carried through the KV cache (flexolmo_core/moe.py, FlexRouter.pool)
+    # running mean over its sequence, carried through the KV cache (flexolmo_core/inference/moe.py, FlexRouter.pool)
     prefix_pool: float = between(0.0, 1.0, 0.0)
     audit_log: str = "runs/serve/audit.jsonl"  # one JSON line per request (appended, flushed, fsynced)
     log_text: bool = False  # also record prompts and completions in the audit log

@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from ..inference import LoadedModel, load_flexolmo
-from ..moe import routers
+from flexolmo_core.inference.model import LoadedModel, load_flexolmo
+from flexolmo_core.inference.moe import routers
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import InputError
+from flexolmo_core.errors import InputError
 
 PUBLIC = "public"
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..atomic import atomic_dir, write_json
-from ..errors import InputError, read_json
+from flexolmo_core.errors import InputError, read_json
+from flexolmo_core.io.atomic import atomic_dir, write_json
 
 RUN_RECORD = "run.json"
 # loop settings that may change between a run and its resume: they do not change what the steps so far computed

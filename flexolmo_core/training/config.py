@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..dtypes import DEVICES
-from ..errors import InputError
-from ..params import NO_FLAG, ParamsError, at_least, check_ranges, from_dict, read_params
+from flexolmo_core.errors import InputError
+from flexolmo_core.io.dtypes import DEVICES
+from flexolmo_core.io.params import NO_FLAG, ParamsError, at_least, check_ranges, from_dict, read_params
 
 DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")  # compute dtypes the loop accepts (torch names, or auto)
 
@@ -37,7 +37,7 @@ class LoopConfig:
     seed: int = 0  # data order (and fresh init where there is one)
     # matmul compute dtype; master weights and optimiser state stay fp32. auto (params.yaml's sections): bf16 on a
     # GPU, and on a CPU the faster of bf16 and fp32 there, resolved once per machine by the pipeline's numerics
-    # stage, or measured when a run outside the pipeline starts (flexolmo_core/dtypes.py, rule 2). Made in code,
+    # stage, or measured when a run outside the pipeline starts (flexolmo_core/io/dtypes.py, rule 2). Made in code,
     # a run computes in fp32 unless told otherwise: exact, and the same on every machine (no timing decides).
     dtype: str = "float32"
     compile: bool = False  # torch.compile the model (pays on GPUs; on 2 CPU cores it costs a minute up front)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.packing import PackedDataset, tokenize_documents
-from ..data.readers import read_texts
-from ..errors import InputError
+from flexolmo_core.data.packing import PackedDataset, tokenize_documents
+from flexolmo_core.data.readers import read_texts
+from flexolmo_core.errors import InputError
 
 
 class TokenWindows:

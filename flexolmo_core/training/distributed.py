@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from ..dtypes import resolve_device
-from ..errors import InputError
+from flexolmo_core.errors import InputError
+from flexolmo_core.io.dtypes import resolve_device
 
 
 @dataclass

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..anchor import load_anchor, model_config_from_hf
-from ..atomic import atomic_dir, write_json
-from ..errors import InputError, MissingInput
-from ..layout import from_hf_dense
-from .model import MoEShape, build
+from flexolmo_core.anchor.model import load_anchor, model_config_from_hf
+from flexolmo_core.errors import InputError, MissingInput
+from flexolmo_core.io.atomic import atomic_dir, write_json
+from flexolmo_core.io.layout import from_hf_dense
+from flexolmo_core.training.model import MoEShape, build
 
 PROJECTION_DIR = "router_projection"  # a subfolder: not a model weight file, so merges never copy it
 EMBEDDING_FILE = "embedding.safetensors"

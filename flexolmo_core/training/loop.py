@@ -21,15 +21,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..dtypes import compute_dtype, dtype_name
-from ..errors import InputError
-from . import distributed as D
-from .checkpoint import RESUMABLE_CHANGES, check_run_record, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LoopConfig
-from .data import Order, batch, batch_labels, fixed_batches
-from .model import FastOlmo, count_matmul_flops
-from .objective import objective
-from .schedule import lr_at
+import flexolmo_core.training.distributed as D
+from flexolmo_core.errors import InputError
+from flexolmo_core.io.dtypes import compute_dtype, dtype_name
+from flexolmo_core.training.checkpoint import (
+    RESUMABLE_CHANGES,
+    check_run_record,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from flexolmo_core.training.config import LoopConfig
+from flexolmo_core.training.data import Order, batch, batch_labels, fixed_batches
+from flexolmo_core.training.model import FastOlmo, count_matmul_flops
+from flexolmo_core.training.objective import objective
+from flexolmo_core.training.schedule import lr_at
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None,

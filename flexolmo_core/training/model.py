@@ -3,7 +3,7 @@
 It computes the same function as transformers' `Olmo2ForCausalLM` / `LlamaForCausalLM` (one expert),
 `FlexOlmoForCausalLM` (E experts, top-k of a softmax over all E, raw probabilities as weights) and
 `MixtralForCausalLM` (the same, top-k weights renormalised to sum 1), reading and writing their weights through
-`flexolmo_core.layout`. The readable reference is transformers itself; tests/test_train_model.py checks
+`flexolmo_core.io.layout`. The readable reference is transformers itself; tests/test_train_model.py checks
 agreement for each.
 
 Why a separate path: every tensor is either a trainable Parameter or a frozen buffer, chosen per tensor
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from ..errors import InputError
+from flexolmo_core.anchor.presets import ModelConfig
+from flexolmo_core.errors import InputError
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Slots(nn.Module):
     def put(self, name: str, tensor: torch.Tensor, trainable: bool) -> None:
         """A trainable tensor becomes an fp32 master copy (its AdamW state is fp32 too); a frozen one is kept
         as given, in its own dtype and storage (frozen tensors are never written in place), so a bf16 anchor's
-        weights are held once, in bf16 (flexolmo_core/dtypes.py)."""
+        weights are held once, in bf16 (flexolmo_core/io/dtypes.py)."""
         if trainable:
             self.register_parameter(name, nn.Parameter(tensor.detach().to(torch.float32, copy=True).contiguous()))
         else:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_dir, write_json
-from ..errors import InputError, MissingInput
-from .data import Mixture, TokenWindows
+from flexolmo_core.errors import InputError, MissingInput
+from flexolmo_core.io.atomic import atomic_dir, write_json
+from flexolmo_core.training.data import Mixture, TokenWindows
 
 REPLAY_DIR = "public_replay"  # a subfolder of the anchor model folder: merges never copy it
 REPLAY_FILE = "tokens.safetensors"

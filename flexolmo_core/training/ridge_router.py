@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import FastOlmo, rope_tables
+from flexolmo_core.training.model import FastOlmo, rope_tables
 
 
 def ridge_rows(gram: torch.Tensor, cross: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..anchor import (
+import flexolmo_core.training.distributed as D
+from flexolmo_core.anchor.families import RENORMALIZES, moe_config
+from flexolmo_core.anchor.model import (
     check_anchor,
     checkpoint_getter,
     copy_tokenizer,
@@ -28,24 +30,23 @@ from ..anchor import (
     state_getter,
     tokenizer_hash,
 )
-from ..atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
-from ..config import ModelConfig, get_preset
-from ..data.config import check_domain_name
-from ..dtypes import checkpoint_dtype, storage_tensors
-from ..errors import InputError
-from ..families import RENORMALIZES, moe_config
-from ..layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe, to_package
-from ..merge import MERGED_MANIFEST, MODEL_SIGNATURE, read_manifest
-from ..package import PACKAGE_SIGNATURE, save_package
-from ..stream_safetensors import write_model
-from . import distributed as D
-from .config import LoopConfig
-from .data import Mixture, is_packed, open_windows
-from .embeddings import write_projection
-from .loop import train
-from .model import MoEShape, build, count_matmul_flops, init_tensors, upcycle_tensors
-from .replay import read_public_replay, with_public_mix, write_public_replay
-from .ridge_router import fit_ridge_router
+from flexolmo_core.anchor.presets import ModelConfig, get_preset
+from flexolmo_core.data.config import check_domain_name
+from flexolmo_core.errors import InputError
+from flexolmo_core.expert.package import PACKAGE_SIGNATURE, save_package
+from flexolmo_core.inference.moe import rows_per_layer
+from flexolmo_core.io.atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
+from flexolmo_core.io.dtypes import checkpoint_dtype, storage_tensors
+from flexolmo_core.io.layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe, to_package
+from flexolmo_core.io.stream_safetensors import write_model
+from flexolmo_core.merge.merging import MERGED_MANIFEST, MODEL_SIGNATURE, read_manifest
+from flexolmo_core.training.config import LoopConfig
+from flexolmo_core.training.data import Mixture, is_packed, open_windows
+from flexolmo_core.training.embeddings import write_projection
+from flexolmo_core.training.loop import train
+from flexolmo_core.training.model import MoEShape, build, count_matmul_flops, init_tensors, upcycle_tensors
+from flexolmo_core.training.replay import read_public_replay, with_public_mix, write_public_replay
+from flexolmo_core.training.ridge_router import fit_ridge_router
 
 
 def _finish(out: Path, summary: dict) -> None:
@@ -113,8 +114,6 @@ def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool, top_k: in
     """The owner's 2-expert model as a FastOlmo: only expert 1, router row 1 and bias 1 are Parameters (fp32
     masters); the frozen anchor weights stay in the anchor's dtype. `anchor`: its folder or a loaded model.
     top_k 2 is the paper's soft mixture; 1 is the expert-training top-k lever."""
-    from ..owner import rows_per_layer
-
     hf_config, state = anchor_state(anchor)
     cfg = model_config_from_hf(hf_config)
     L, d = cfg.n_layers, cfg.d_model
