@@ -20,13 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import machine  # noqa: E402
 
 # VmHWM (peak RSS of this process image), not ru_maxrss: Linux carries ru_maxrss across fork+exec.
 CHILD = """
 import inspect, json, sys, time
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1])  # the checkout whose merge is measured (--code DIR), not necessarily this one
 import torch, transformers, safetensors  # imports count as the baseline
 from flexolmo_core.merge.merging import merge
 def hwm_kb():
@@ -158,7 +157,7 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"merge failed:\n{proc.stderr[-3000:]}")
         stats = json.loads(proc.stdout.strip().splitlines()[-1])
-        from flexolmo_core.anchor.model import checkpoint_meta
+        from flexolmo_core.io.checkpoint import checkpoint_meta
         from flexolmo_core.io.stream_safetensors import nbytes
 
         meta = checkpoint_meta(out)

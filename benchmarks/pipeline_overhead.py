@@ -33,14 +33,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
 
 
 def direct_worker(root: Path) -> dict:
     """Run inside a fresh interpreter (see `direct`)."""
     os.chdir(root)
-    sys.path.insert(0, str(root))
+    sys.path.insert(0, str(root))  # the clone's own flows and tasks, not this checkout's
     from flows.stages import load_stages, set_root
 
     set_root(root)
@@ -72,7 +70,7 @@ def direct(root: Path, env: dict) -> dict:
 
 
 def dvc_repro(root: Path, env: dict, *args: str) -> dict:
-    from test_orch_helpers import dvc
+    from benchmarks.harness import dvc
 
     start = time.perf_counter()
     marks: list[tuple[str, float]] = []
@@ -162,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         return 0
     import yaml
-    from test_orch_helpers import clone_env, make_clone, set_domains
+
+    from benchmarks.harness import clone_env, make_clone, set_domains
 
     domains = [d for d in args.domains.split(",") if d]
     modes = args.modes.split(",")

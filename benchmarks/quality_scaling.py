@@ -40,7 +40,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from benchmarks.machine import machine  # noqa: E402
 from benchmarks.prefix_pool import split_dir  # noqa: E402
 from benchmarks.train_quality import embed_domains, train_anchor_into, train_experts  # noqa: E402

@@ -24,9 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))
 PROMPTS = ["The history of the", "def load(path):\n    ", "In the morning we", "import numpy as np\n", "The theorem states"]
 
 
@@ -145,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         hostile_client(args.hostile_client, args.hostile_mb, args.hostile_pause, args.seconds)
         return 0
     import httpx
-    from machine import machine
-    from test_orch_helpers import free_port, stop, wait_for
+
+    from benchmarks.harness import free_port, stop, wait_for
+    from benchmarks.machine import machine
 
     print("machine:", json.dumps(machine()))
     port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="serve-load-"))

@@ -43,14 +43,11 @@ def train(domain: str, data: str, anchor: str, public_embedding: str, own_embedd
           preset: str | None, val_data: str | None) -> dict:
     """The training stage's own function; a retry resumes from the run's last checkpoint."""
     from flexolmo_core.training.config import ExpertConfig, load_stage
-    from flexolmo_core.training.embeddings import load_embedding
-    from flexolmo_core.training.stages import train_expert
+    from flexolmo_core.training.jobs import ExpertJob, train_expert_job
 
     _, cfg, loop = load_stage(ExpertConfig, "expert", params, domain=domain, preset=preset)
-    meta = json.loads((Path(own_embedding) / "embedding.json").read_text())
-    return train_expert(anchor, domain, data, out, loop, val_data=val_data,
-                        public_rows=load_embedding(public_embedding), domain_rows=load_embedding(own_embedding),
-                        use_bias=cfg.use_bias, embedding_meta=meta, public_mix=cfg.public_mix, top_k=cfg.top_k)
+    return train_expert_job(ExpertJob(anchor, domain, data, out, cfg, loop, val_data=val_data,
+                                      public_embedding=public_embedding, domain_embedding=own_embedding))
 
 
 @task(task_run_name="validate-{package}")

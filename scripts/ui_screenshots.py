@@ -4,7 +4,7 @@ a failed run whose running sibling was cancelled.
 
     python scripts/ui_screenshots.py --out runs/ui-screens      # about 3 minutes on 2 cores
 
-It clones this working tree at the `smoke` preset (tests/test_orch_helpers.py), starts `prefect server start`
+It clones this working tree at the `smoke` preset (benchmarks/harness.py), starts `prefect server start`
 on a free port, runs `python -m flows.pipeline` twice (once through, then with `domains.math.steps: 0` so
 expert@math fails while expert@code trains and is cancelled), and writes one PNG per page with the run ids in `pages.json`."""
 from __future__ import annotations
@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars"]
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if chromium is None:
         print("needs Debian's chromium: apt-get install -y chromium", file=sys.stderr)
         return 2
-    from test_orch_helpers import clone_env, make_clone, set_domains, start_prefect_server, stop
+    from benchmarks.harness import clone_env, make_clone, set_domains, start_prefect_server, stop
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

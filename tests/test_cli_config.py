@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from flexolmo_core.cli.config import field_names
-from flexolmo_core.cli.main import build_parser
+from flexolmo_core.cli.main import parse_args
 from flexolmo_core.data.config import PrepareConfig, TokenizerConfig
 from flexolmo_core.evaluation.runner import EvalConfig
 from flexolmo_core.io.params import load_section
@@ -38,7 +38,7 @@ STAGE_COMMANDS = [
 
 
 def parse(argv):
-    return build_parser(argv).parse_args(argv)
+    return parse_args(argv)
 
 
 def flags(cfg) -> dict:
@@ -160,3 +160,32 @@ def test_every_option_of_every_command_has_help():
             shown_none.append(" ".join(path))
     assert not bare, bare
     assert not shown_none, shown_none
+
+
+def test_every_command_that_writes_an_out_folder_takes_force():
+    """--force comes with --out (cli.config.add_out), on every command that writes a folder."""
+    import argparse
+
+    from flexolmo_core.cli import main as cli
+
+    def walk(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+
+    with_out = [p for p in walk(cli.build_parser()) if any("--out" in a.option_strings for a in p._actions)]
+    assert len(with_out) >= 15
+    assert all(any("--force" in a.option_strings for a in p._actions) for p in with_out)
+
+
+def test_params_of_one_command_do_not_leak_into_another(tmp_path):
+    """The params choice belongs to the command that runs: `expert train`'s file does not change `anchor train`."""
+    data = yaml.safe_load(Path(PARAMS).read_text())
+    data["expert"]["presets"]["tiny"]["steps"] = 11
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    args = parse(STAGE_COMMANDS[1][0] + ["--params", str(tmp_path / "params.yaml")])
+    assert args.loop.steps == 11 and args.stage_command == ("expert", "train")
+    args = parse(STAGE_COMMANDS[0][0] + ["--params", str(tmp_path / "params.yaml")])
+    assert args.loop.steps == 250  # anchor's own section

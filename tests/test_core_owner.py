@@ -76,7 +76,7 @@ def test_expert_train_cli_keeps_shared_weights_bit_identical(smoke_anchor, owner
     assert not torch.equal(weights["layers.0.gate_up_proj"], gate_up0)  # the expert did train
     # Bit-identical: the anchor + this package merged holds every anchor tensor unchanged (expert 0 = its FFN).
     from flexolmo_core.io import layout
-    from flexolmo_core.merge.baselines import load_state
+    from flexolmo_core.io.checkpoint import load_state
     from flexolmo_core.merge.merging import merge
 
     merge(smoke_anchor, [pkg], tmp_path / "merged")

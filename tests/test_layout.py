@@ -7,16 +7,16 @@ import torch
 
 from flexolmo_core.cli.inspect import describe
 from flexolmo_core.io import layout
-from flexolmo_core.merge.baselines import load_state
+from flexolmo_core.io.checkpoint import load_state
 from flexolmo_core.merge.merging import merge, opt_out
 
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory, smoke_anchor, packages):
-    from tasks.merge import MergeConfig, build_variants
+    from flexolmo_core.merge.variants import MergeConfig, merge_variants
 
     out = tmp_path_factory.mktemp("merge_stage")
-    index = build_variants(MergeConfig(), smoke_anchor, packages, out)
+    index = merge_variants(MergeConfig(), smoke_anchor, packages, out, out)
     return out, index
 
 

@@ -1,11 +1,7 @@
 """benchmarks/pipeline_overhead.py --from-log: orchestration share from the stages' [stage-time] lines."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from pipeline_overhead import from_log  # noqa: E402
+from benchmarks.pipeline_overhead import from_log  # noqa: E402
 
 
 def test_overlapping_stages_count_once(tmp_path):

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_orch_helpers import clone_env, dvc, make_clone, repro, scripted_repo, set_domains, stop, wait_for  # noqa: E402
+from benchmarks.harness import clone_env, dvc, make_clone, repro, scripted_repo, set_domains, stop, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ALL_STAGES_2 = {"numerics", "domains", "prepare", "tokenizer", "anchor", "public_embedding", "domain_embedding@code",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_orch_helpers import start_prefect_server, stop, wait_for
+from benchmarks.harness import start_prefect_server, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -7,11 +7,8 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_orch_helpers import scripted_repo  # noqa: E402
+from benchmarks.harness import scripted_repo  # noqa: E402
 
 COUNTING = """import time
 for k in range(1, 7):

@@ -3,12 +3,9 @@ computed from held-out bpb, and the report (tables and a plot) from the points a
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import quality_scaling as qs  # noqa: E402
 
 DOMAINS = ["code", "math"]

@@ -13,7 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from flexolmo_core.anchor.model import anchor_fingerprint, checkpoint_meta  # noqa: E402
+from flexolmo_core.anchor.model import anchor_fingerprint
+from flexolmo_core.io.checkpoint import checkpoint_meta
 from flexolmo_core.merge import baselines  # noqa: E402
 from flexolmo_core.merge.merging import merge, opt_out  # noqa: E402
 from flexolmo_core.training.config import LoopConfig  # noqa: E402

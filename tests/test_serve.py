@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.test_orch_helpers import free_port, stop, wait_for
+from benchmarks.harness import free_port, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"alice": "key-alice", "bob": "key-bob"}

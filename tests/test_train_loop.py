@@ -142,6 +142,20 @@ def test_expert_stage_runs_with_only_its_own_domain(tmp_path, smoke_anchor, smal
     assert manifest["domain"] == "code" and manifest["training"]["steps"] == 3
     assert manifest["training"]["public_mix"] == 0.25
     assert sorted(p.name for p in (out / "outputs").iterdir()) == ["anchor", "domain_embedding", "expert", "tokenizer"]
+    # the CLI builds the same ExpertJob from the same params and inputs: the same expert, the same embedding record
+    o = "outputs"
+    done = subprocess.run([sys.executable, "-m", "flexolmo_core.cli.main", "expert", "train", "--params", "params.yaml",
+                           "--domain", "code", "--anchor", f"{o}/anchor/model", "--data", f"{o}/tokenizer/code/train",
+                           "--val-data", f"{o}/tokenizer/code/validation", "--public-embedding",
+                           f"{o}/domain_embedding/public", "--domain-embedding", f"{o}/domain_embedding/code",
+                           "--out", str(tmp_path / "by_hand")], cwd=out, env=env(), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    by_hand = json.loads((tmp_path / "by_hand/manifest.json").read_text())
+    recorded = manifest["training"]["router_embedding"]
+    assert by_hand["training"]["router_embedding"] == recorded and recorded["domain"] == "code"
+    assert (tmp_path / "by_hand/expert.safetensors").read_bytes() == \
+        (out / "outputs/expert/code/package/expert.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("device", DEVICES)

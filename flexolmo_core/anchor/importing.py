@@ -14,18 +14,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from flexolmo_core.anchor.families import ARCHITECTURE, DENSE_TYPE, FAMILY_OF
-from flexolmo_core.anchor.model import (
-    ANCHOR_MANIFEST,
-    anchor_fingerprint,
-    checkpoint_meta,
-    copy_tokenizer,
-    model_config_from_hf,
-)
+from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_config_from_hf
 from flexolmo_core.errors import InputError
 from flexolmo_core.io.atomic import atomic_dir, refuse_overwriting_inputs, write_json
+from flexolmo_core.io.checkpoint import checkpoint_meta
 from flexolmo_core.io.dtypes import dtype_name
 from flexolmo_core.io.stream_safetensors import DEFAULT_SHARD_BYTES, TensorFiles, read_index, write_model
 from flexolmo_core.training.data import open_windows
@@ -98,11 +92,10 @@ def check_shards(folder: Path, index_path: Path, shards: list[Path]) -> None:
         shard = folder / name
         if not shard.is_file():
             raise AnchorImportError(f"{index_path}: names shard {name}, which is missing")
-        with safe_open(str(shard), framework="pt") as handle:
-            for tensor in handle.keys():
-                if tensor in found:
-                    raise AnchorImportError(f"{shard}: tensor {tensor} is also in {found[tensor]}")
-                found[tensor] = name
+        for tensor in TensorFiles(shard).names():  # the header only
+            if tensor in found:
+                raise AnchorImportError(f"{shard}: tensor {tensor} is also in {found[tensor]}")
+            found[tensor] = name
     wrong = sorted(t for t in set(weight_map) | set(found) if weight_map.get(t) != found.get(t))
     if wrong:
         t = wrong[0]

@@ -16,7 +16,7 @@ from flexolmo_core.anchor.families import DENSE_TYPE, FAMILY_OF, family_of_type
 from flexolmo_core.anchor.presets import ModelConfig, get_preset
 from flexolmo_core.errors import InputError, MissingInput, read_json, require
 from flexolmo_core.io.atomic import atomic_dir, write_json
-from flexolmo_core.io.stream_safetensors import TensorFiles, check_safetensors_file, read_index
+from flexolmo_core.io.checkpoint import check_checkpoint, checkpoint_getter
 
 ANCHOR_MANIFEST = "flexolmo_anchor.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -168,34 +168,6 @@ def shared_tensors(names, get):
             inter = tensor.shape[0] // 2
             tensor = tensor[:inter] if half == "gate" else tensor[inter:]
         yield name, tensor
-
-
-def check_checkpoint(model_dir: str | os.PathLike) -> dict:
-    """A transformers checkpoint folder's config.json (a JSON object) after checking that every safetensors
-    file in it is whole and that its index names no shard outside it: bad files are refused by name before
-    transformers or safetensors parse them."""
-    model_dir = Path(model_dir)
-    config = read_json(model_dir / "config.json", what="model config")
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise MissingInput(f"{model_dir}: no .safetensors weights")
-    read_index(model_dir)  # transformers opens the shards an index names: none may lie outside the folder
-    for file in files:
-        check_safetensors_file(file)
-    return config
-
-
-def checkpoint_getter(model_dir: str | os.PathLike):
-    """(names, get) over a checkpoint's safetensors files (shards too); `get(name, expert)` reads one tensor or
-    one expert's slice from disk, nothing else (stream_safetensors.TensorFiles)."""
-    files = TensorFiles(model_dir)
-    return files.names(), files.get
-
-
-def checkpoint_meta(model_dir: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """dtype and shape of every tensor, read from the safetensors headers only."""
-    files = TensorFiles(model_dir)
-    return {name: files.meta(name) for name in files.names()}
 
 
 def state_getter(state: dict[str, torch.Tensor]):

@@ -8,13 +8,18 @@ sub-parsers; it takes each flag's help from the comment beside the field, which 
 is documented; and it takes the defaults from a config instance, which is what "flags override only what
 they name" needs. (jsonargparse reads docstrings, not comments; tyro wants to own the whole command tree.)
 
-Defaults depend on `--params`, which is only known once the command line is read, so the parser is built
-after a first look at argv (`scan`). Fields marked `metadata={"cmd": False}` (the `loop` and `presets`
-tables of params.yaml) get no flag."""
+`--params` is read in two passes of the parser itself: the first parse (dataclass defaults) finds the command
+and its `--params`, `--preset-params` and `--domain`; the parser is then built again with that command's config
+loaded from the file as its defaults (simple-parsing's `add_arguments(default=...)`), and parses the same argv.
+The choice travels down the parser tree as a constructor argument (`FlexParser(params=...)`), so there is no
+argv pre-scan and no module state. `--help` shows the dataclass defaults (the first pass answers it). Fields
+marked `metadata={"cmd": False}` (the `loop` and `presets` tables of params.yaml) get no flag; `parse` puts
+them back from the config the command started from."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,92 +39,81 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class FlexParser(ArgumentParser):
-    """simple-parsing's parser with our conventions: `--seq-len` style flags, defaults shown in help.
-    Sub-parsers inherit the class, so every command gets the same conventions."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
-        kwargs.setdefault("formatter_class", DefaultsFormatter)
-        super().__init__(*args, **kwargs)
-
-    def parse_known_args(self, args=None, namespace=None, **kwargs):
-        # simple-parsing rebuilds args.stage from flags alone; fields without a flag (params.yaml tables such
-        # as prepare.sources) come back from the config the command started from.
-        parsed, rest = super().parse_known_args(args, namespace, **kwargs)
-        base = getattr(parsed, "stage_base", None)
-        if base is not None and getattr(parsed, "stage", None) is not None:
-            parsed.stage = dataclasses.replace(base, **{n: getattr(parsed.stage, n) for n in field_names(type(base))})
-            del parsed.stage_base
-        return parsed, rest
-
-
-@dataclass
-class Scan:
-    """What a first look at the command line finds: the command words and the params options."""
+@dataclass(frozen=True)
+class ParamsChoice:
+    """What the first pass found: the stage command that runs and its params options (empty: none yet)."""
 
     command: tuple[str, ...] = ()
     params: str | None = None
-    preset_params: str | None = None
+    preset: str | None = None
     domain: str | None = None
 
 
-_scan = Scan()
+class FlexParser(ArgumentParser):
+    """simple-parsing's parser with our conventions: `--seq-len` style flags, defaults shown in help. Every
+    parser of the tree carries the same `params` choice, which its sub-parsers inherit."""
+
+    def __init__(self, *args, params: ParamsChoice = ParamsChoice(), **kwargs):
+        kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+        self.params = params
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", functools.partial(FlexParser, params=self.params))
+        return super().add_subparsers(**kwargs)
 
 
-def scan(argv: list[str]) -> Scan:
-    """Leading words (the command path) and the values of --params, --preset-params and --domain."""
-    words = []
-    for token in argv:
-        if token.startswith("-"):
-            break
-        words.append(token)
-    values = {}
-    for i, token in enumerate(argv):
-        for flag in ("--params", "--preset-params", "--domain"):
-            if token == flag and i + 1 < len(argv):
-                values[flag] = argv[i + 1]
-            elif token.startswith(flag + "="):
-                values[flag] = token.split("=", 1)[1]
-    return Scan(tuple(words), values.get("--params"), values.get("--preset-params"), values.get("--domain"))
+def parse(build, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv` with the parser `build(params)` makes, defaults from the command's --params (see above)."""
+    first, _ = build(ParamsChoice()).parse_known_args(argv)
+    command = getattr(first, "stage_command", ())
+    params = ParamsChoice(command, first.params, first.preset_params, getattr(first, "domain", None)) if command \
+        else ParamsChoice()
+    args = build(params).parse_args(argv)
+    base = getattr(args, "stage_base", None)
+    if base is not None:  # fields without a flag come back from the config the command started from
+        args.stage = dataclasses.replace(base, **{n: getattr(args.stage, n) for n in field_names(type(base))})
+        del args.stage_base
+    return args
 
 
-def build_parser_for(argv: list[str], build) -> ArgumentParser:
-    """Run `build()` (which registers every command) with the defaults this argv asks for."""
-    global _scan
-    _scan = scan(argv)
-    try:
-        return build()
-    finally:
-        _scan = Scan()
-
-
-def stage_defaults(command: tuple[str, ...], cls, section: str, loop: bool, per_domain: bool,
+def stage_defaults(p: FlexParser, command: tuple[str, ...], cls, section: str, loop: bool, per_domain: bool,
                    params_default: str | None):
-    """(stage config, LoopConfig or None): from params when this command runs with --params, else the
-    dataclass defaults (which is all `--help` of another command needs)."""
-    params = _scan.params or params_default
-    if not _scan.params and params and not Path(params).exists():
-        params = None  # a default params.yaml that is not here: the dataclass defaults (a given one must exist)
-    if _scan.command[: len(command)] == command and params:
-        _, stage, loop_cfg = load_stage(cls, section, params, domain=_scan.domain if per_domain else None,
-                                        preset=_scan.preset_params)
-        return stage, (loop_cfg or LoopConfig()) if loop else None
-    return cls(), LoopConfig() if loop else None
+    """(stage config, LoopConfig or None): from the params file when this is the command that runs, else the
+    dataclass defaults (which is all another command's --help needs)."""
+    choice = p.params
+    params = choice.params
+    if choice.command != command or not params:
+        return cls(), LoopConfig() if loop else None
+    if params == params_default and not Path(params).exists():
+        return cls(), LoopConfig() if loop else None  # a default params.yaml that is not here (a given one must exist)
+    _, stage, loop_cfg = load_stage(cls, section, params, domain=choice.domain if per_domain else None,
+                                    preset=choice.preset)
+    return stage, (loop_cfg or LoopConfig()) if loop else None
 
 
-def add_stage_args(p, command: tuple[str, ...], cls, section: str, loop: bool = False, per_domain: bool = False,
-                   params_default: str | None = None) -> None:
+def add_stage_args(p: FlexParser, command: tuple[str, ...], cls, section: str, loop: bool = False,
+                   per_domain: bool = False, params_default: str | None = None) -> None:
     """Flags for `cls` (into args.stage) and, with `loop`, LoopConfig (into args.loop), plus --params."""
-    stage, loop_cfg = stage_defaults(command, cls, section, loop, per_domain, params_default)
+    stage, loop_cfg = stage_defaults(p, command, cls, section, loop, per_domain, params_default)
     p.add_arguments(cls, dest="stage", default=stage)
-    p.set_defaults(stage_base=stage)
+    p.set_defaults(stage_base=stage, stage_command=command)
     if loop:
         p.add_arguments(LoopConfig, dest="loop", default=loop_cfg)
-    p.add_argument("--params", default=params_default,
+    p.add_argument("--params", default=params_default, metavar="FILE",
                    help=f"params.yaml to start from: its `{section}` section" + (" (and domains.<domain>)" if per_domain else "")
-                   + ", with the preset's overrides; flags override only what they name")
+                   + ", with the preset's overrides; flags override only what they name (--help shows the "
+                   "dataclass defaults)" + (" (used when it exists)" if params_default else ""))
     p.add_argument("--preset-params", default=None, help="which preset's overrides to apply (default: params.yaml's)")
+
+
+def add_out(p, help: str, **kwargs) -> None:
+    """--out, and --force beside it: replace the folder even if it is not this command's own output."""
+    kwargs.setdefault("required", "default" not in kwargs)
+    p.add_argument("--out", help=help, **kwargs)
+    p.add_argument("--force", action="store_true",
+                   help="replace the --out folder even if it holds something this command did not write")
 
 
 def field_names(cls) -> list[str]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexolmo_core.anchor.families import is_moe
-from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint, check_checkpoint, model_config_from_hf
+from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint, model_config_from_hf
 from flexolmo_core.errors import InputError, MissingInput
 from flexolmo_core.expert.package import MANIFEST_FILE, load_package
-from flexolmo_core.merge.baselines import load_state, shared_sha256
+from flexolmo_core.io.checkpoint import check_checkpoint, load_state
+from flexolmo_core.merge.baselines import shared_sha256
 from flexolmo_core.merge.merging import MERGED_MANIFEST, read_manifest
 
 DENSE_BASELINES = ("dense_expert", "model_soup")

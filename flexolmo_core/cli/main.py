@@ -2,14 +2,13 @@
 exposes `register(subparsers)`; add a group by listing its module here."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 
-from flexolmo_core.cli.config import FlexParser, build_parser_for
+from flexolmo_core.cli.config import FlexParser, ParamsChoice, parse
 from flexolmo_core.errors import FlexError
 from flexolmo_core.io.atomic import replacing_allowed
 
@@ -24,16 +23,16 @@ COMMAND_MODULES = (
 )
 
 
-def _build():
+def build_parser(params: ParamsChoice = ParamsChoice()) -> FlexParser:
+    """The whole command tree; stage flags default to what `params` loads (see cli/config.py)."""
     parser = FlexParser(
-        prog="flexolmo",
+        prog="flexolmo", params=params,
         description="FlexOlmo: train experts apart on closed data, merge them without joint training, opt out at inference.",
     )
     parser.add_argument("--version", action="version", version=f"flexolmo {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
-    _add_force(parser)
     return parser
 
 
@@ -44,28 +43,16 @@ def _version() -> str:
         return "(not installed)"
 
 
-def _add_force(parser) -> None:
-    """Every command that writes an --out folder gets --force: replace a folder that is not its own output."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _add_force(sub)
-    options = {o for a in parser._actions for o in a.option_strings}
-    if "--out" in options and "--force" not in options:
-        parser.add_argument("--force", action="store_true",
-                            help="replace the --out folder even if it holds something this command did not write")
-
-
-def build_parser(argv: list[str] | None = None):
-    """The whole command tree; stage flags default to what `argv`'s --params gives (see cli_config)."""
-    return build_parser_for(list(sys.argv[1:] if argv is None else argv), _build)
+def parse_args(argv: list[str]):
+    """`argv` parsed, with the running command's defaults from its --params."""
+    return parse(build_parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def command():
-        args = build_parser(argv).parse_args(argv)
+        args = parse_args(argv)
         with replacing_allowed() if getattr(args, "force", False) else contextlib.nullcontext():
             return args.func(args)
 

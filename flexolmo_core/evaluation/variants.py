@@ -16,6 +16,7 @@ from flexolmo_core.anchor.families import is_moe
 from flexolmo_core.evaluation import runner, sources
 from flexolmo_core.evaluation.routing import routing_share
 from flexolmo_core.inference.model import load_flexolmo
+from flexolmo_core.io.artifacts import stage_artifact
 from flexolmo_core.io.atomic import write_json
 from flexolmo_core.merge import baselines
 from flexolmo_core.merge.merging import expert_domains, opt_out, read_manifest
@@ -28,14 +29,6 @@ class Variant:
     paths: list[str]          # hf: [dir]; btm: dense dirs; prompt_routing: [merged dir]
     flexolmo: bool = False    # record routing shares
     note: str = ""
-
-
-def checkpoint_dir(path) -> Path | None:
-    """A stage's HF checkpoint: `<path>`, or `<path>/model` (training stages' layout); None if absent."""
-    for candidate in (Path(path), Path(path) / "model"):
-        if (candidate / "config.json").exists():
-            return candidate
-    return None
 
 
 def merge_index(merged_dir) -> dict[str, str]:
@@ -68,7 +61,7 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
 
     dense = [build(f"dense_{d}", lambda o, i=i: baselines.extract_dense_expert(merged_dir, i, o))
              for i, d in enumerate(domains)]
-    anchor = checkpoint_dir(anchor_dir) if anchor_dir else None
+    anchor = stage_artifact(anchor_dir) if anchor_dir else None
     public = str(anchor) if anchor else dense[0]
     out = [Variant("public", "hf", [public], note="anchor" if public != dense[0] else "expert 0 of the merge "
                    "(bit-identical to the anchor by construction)")]
@@ -87,7 +80,7 @@ def build_variants(merged_dir, work_dir, anchor_dir=None, extra: dict[str, str] 
         path = build(f"optout_{d}", lambda o, d=d: opt_out(merged_dir, [d], o, top_k=min(merged_k, n - 1)))
         out.append(Variant(f"optout_{d}", "hf", [path], flexolmo=True, note=f"merged without the {d} expert"))
     for name, path in (extra or {}).items():
-        path = checkpoint_dir(path) or Path(path)  # missing -> evaluated as `not run` with the reason
+        path = stage_artifact(path) or Path(path)  # missing -> evaluated as `not run` with the reason
         cfg = Path(path) / "config.json"
         moe = cfg.exists() and is_moe(json.loads(cfg.read_text()))
         out.append(Variant(name, "hf", [str(path)], flexolmo=moe, note="given in params"))

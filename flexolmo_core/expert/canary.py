@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from flexolmo_core.anchor.families import RENORMALIZES
-from flexolmo_core.anchor.model import checkpoint_getter, model_config_from_hf
+from flexolmo_core.anchor.model import model_config_from_hf
 from flexolmo_core.errors import PackageError
+from flexolmo_core.io.checkpoint import checkpoint_getter
 from flexolmo_core.io.layout import SHARED, TOP, dense_ffn_names
 from flexolmo_core.training.model import Block, MoEShape, rms_norm, rope_tables
 

@@ -20,7 +20,7 @@ from flexolmo_core.anchor.model import anchor_fingerprint
 from flexolmo_core.errors import PackageError
 from flexolmo_core.expert.package import save_package
 from flexolmo_core.io.atomic import atomic_dir, refuse_overwriting_inputs, write_json
-from flexolmo_core.merge.baselines import load_state
+from flexolmo_core.io.checkpoint import load_state
 from flexolmo_core.merge.merging import MERGED_MANIFEST, merge, read_manifest
 
 # |source - anchor| <= ATOL + RTOL * |anchor| per element. RTOL = 2^-8 is bf16's rounding (half an ulp): a

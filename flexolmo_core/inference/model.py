@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from flexolmo_core.anchor.families import expert_count, load_weights, renormalizes, set_expert_count
-from flexolmo_core.anchor.model import checkpoint_getter
 from flexolmo_core.errors import InputError
 from flexolmo_core.inference.moe import FlexRouter, routers
+from flexolmo_core.io.checkpoint import read_kept_experts
 from flexolmo_core.io.dtypes import inference_dtype, resolve_device
 from flexolmo_core.merge.merging import read_manifest
 
@@ -110,7 +110,7 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: in
         config = AutoConfig.from_pretrained(model_dir)
         set_expert_count(config, len(kept), k)
         model = AutoModelForCausalLM.from_config(config)
-        load_weights(model, _read_kept(model_dir, keep_idx), model_dir)
+        load_weights(model, read_kept_experts(model_dir, keep_idx), model_dir)
         model = model.to(dtype)
         _install_inference_routers(model, k, [], [bias[j] for j in keep_idx] if bias else None)
     else:
@@ -120,14 +120,6 @@ def load_flexolmo(model_dir: str | os.PathLike, exclude=(), only=None, top_k: in
     install_prefix_pool(model, prefix_pool)
     model.to(where).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, manifest=manifest, kept=kept)
-
-
-def _read_kept(model_dir: Path, keep_idx: list[int]) -> dict[str, torch.Tensor]:
-    """Read the checkpoint, slicing expert and router tensors to the kept experts without touching the rest."""
-    names, get = checkpoint_getter(model_dir)
-    return {name: torch.stack([get(name, j) for j in keep_idx])
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj", "gate.weight")) else get(name, None)
-            for name in names}
 
 
 class RoutingRecorder:

@@ -28,18 +28,13 @@ import platform
 
 import torch
 
-from flexolmo_core.anchor.model import checkpoint_meta
 from flexolmo_core.errors import InputError
+from flexolmo_core.io.checkpoint import checkpoint_dtype
 
 
 def storage_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Rule 3: floating tensors rounded to the storage dtype (others, such as token ids, unchanged)."""
     return {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-
-
-def checkpoint_dtype(model_dir: str | os.PathLike) -> torch.dtype:
-    """The storage dtype of a checkpoint folder: that of its embedding (read from the safetensors header)."""
-    return checkpoint_meta(model_dir)["model.embed_tokens.weight"][0]
 
 
 DEVICES = ("auto", "cpu", "cuda")

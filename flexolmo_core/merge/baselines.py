@@ -17,14 +17,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import flexolmo_core.io.layout as layout
 from flexolmo_core.anchor.families import dense_config_dict
-from flexolmo_core.anchor.model import checkpoint_getter, checkpoint_meta, copy_tokenizer
-from flexolmo_core.errors import InputError, MissingInput, read_json
+from flexolmo_core.anchor.model import copy_tokenizer
+from flexolmo_core.errors import InputError, read_json
 from flexolmo_core.io.atomic import atomic_dir, write_json
-from flexolmo_core.io.stream_safetensors import DEFAULT_SHARD_BYTES, check_safetensors_file, write_model
+from flexolmo_core.io.checkpoint import checkpoint_getter, checkpoint_meta, load_state
+from flexolmo_core.io.stream_safetensors import DEFAULT_SHARD_BYTES, write_model
 from flexolmo_core.merge.merging import (
     FUSED_EXPERT_TENSORS,
     MERGED_MANIFEST,
@@ -32,17 +32,6 @@ from flexolmo_core.merge.merging import (
     expert_domains,
     read_manifest,
 )
-
-
-def load_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise MissingInput(f"{model_dir}: no *.safetensors files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        check_safetensors_file(f)
-        state.update(load_file(str(f)))
-    return state
 
 
 def _config(model_dir) -> dict:

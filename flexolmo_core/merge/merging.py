@@ -17,19 +17,14 @@ import torch
 
 import flexolmo_core.io.layout as layout
 from flexolmo_core.anchor.families import DENSE_TYPE, expert_count, is_moe, moe_config, set_expert_count
-from flexolmo_core.anchor.model import (
-    anchor_fingerprint,
-    check_checkpoint,
-    checkpoint_getter,
-    checkpoint_meta,
-    copy_tokenizer,
-)
+from flexolmo_core.anchor.model import anchor_fingerprint, copy_tokenizer
 from flexolmo_core.data.config import check_domain_name
 from flexolmo_core.errors import InputError, MissingInput, PackageError, read_json, require
 from flexolmo_core.expert.canary import check_canary
 from flexolmo_core.expert.package import ExpertPackage, load_package
 from flexolmo_core.io.atomic import atomic_dir, refuse_overwriting_inputs, write_json
-from flexolmo_core.io.dtypes import checkpoint_dtype, dtype_name
+from flexolmo_core.io.checkpoint import check_checkpoint, checkpoint_dtype, checkpoint_getter, checkpoint_meta
+from flexolmo_core.io.dtypes import dtype_name
 from flexolmo_core.io.stream_safetensors import DEFAULT_SHARD_BYTES, write_model
 
 MERGED_MANIFEST = "flexolmo.json"

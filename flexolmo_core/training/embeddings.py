@@ -30,6 +30,7 @@ from flexolmo_core.training.model import MoEShape, build
 
 PROJECTION_DIR = "router_projection"  # a subfolder: not a model weight file, so merges never copy it
 EMBEDDING_FILE = "embedding.safetensors"
+EMBEDDING_META = "embedding.json"  # how the rows were made (mode, sources, shape): recorded in the package
 
 
 def write_projection(anchor_dir, in_dim: int, d_model: int, seed: int) -> str:
@@ -139,7 +140,7 @@ def save_embedding(out, rows: torch.Tensor, meta: dict, reference: torch.Tensor 
         tensors["reference"] = reference.float().contiguous()
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / EMBEDDING_FILE))
-        write_json(tmp / "embedding.json", {**meta, "shape": list(rows.shape),
+        write_json(tmp / EMBEDDING_META, {**meta, "shape": list(rows.shape),
                                             "norm": float(rows.float().norm(dim=-1).mean())})
 
 

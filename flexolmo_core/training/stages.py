@@ -20,7 +20,6 @@ import flexolmo_core.training.distributed as D
 from flexolmo_core.anchor.families import RENORMALIZES, moe_config
 from flexolmo_core.anchor.model import (
     check_anchor,
-    checkpoint_getter,
     copy_tokenizer,
     fingerprint_from,
     model_config_from_hf,
@@ -36,7 +35,8 @@ from flexolmo_core.errors import InputError
 from flexolmo_core.expert.package import PACKAGE_SIGNATURE, save_package
 from flexolmo_core.inference.moe import rows_per_layer
 from flexolmo_core.io.atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
-from flexolmo_core.io.dtypes import checkpoint_dtype, storage_tensors
+from flexolmo_core.io.checkpoint import checkpoint_dtype, checkpoint_getter
+from flexolmo_core.io.dtypes import storage_tensors
 from flexolmo_core.io.layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe, to_package
 from flexolmo_core.io.stream_safetensors import write_model
 from flexolmo_core.merge.merging import MERGED_MANIFEST, MODEL_SIGNATURE, read_manifest

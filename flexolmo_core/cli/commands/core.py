@@ -7,7 +7,7 @@ from pathlib import Path
 from flexolmo_core.anchor.importing import import_anchor
 from flexolmo_core.anchor.model import init_anchor
 from flexolmo_core.anchor.presets import get_preset
-from flexolmo_core.cli.config import add_stage_args
+from flexolmo_core.cli.config import add_out, add_stage_args
 from flexolmo_core.cli.inspect import describe
 from flexolmo_core.errors import InputError
 from flexolmo_core.inference.model import generate, load_flexolmo
@@ -15,8 +15,8 @@ from flexolmo_core.io.params import read_params
 from flexolmo_core.io.stream_safetensors import parse_size
 from flexolmo_core.merge.merging import merge
 from flexolmo_core.training.config import AnchorConfig, ExpertConfig
-from flexolmo_core.training.embeddings import load_embedding
-from flexolmo_core.training.stages import train_anchor, train_expert
+from flexolmo_core.training.jobs import ExpertJob, train_expert_job
+from flexolmo_core.training.stages import train_anchor
 
 
 def register(subparsers) -> None:
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p = anchor_sub.add_parser("init", help="a randomly initialised anchor checkpoint with its tokenizer")
     p.add_argument("--preset", required=True, help="model scale: a preset of flexolmo_core/anchor/presets.py (tiny, small, ...)")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
-    p.add_argument("--out", required=True, help="the anchor folder to write")
+    add_out(p, "the anchor folder to write")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed")
     p.set_defaults(func=cmd_anchor_init)
     p = anchor_sub.add_parser("train", help="pretrain the dense anchor on public data (resumes from its run dir)")
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
     p.add_argument("--data", nargs="+", required=True, help="a packed split directory, or .txt/.jsonl files/folders")
     p.add_argument("--val-data", nargs="+", default=None, help="public validation data (same forms as --data)")
-    p.add_argument("--out", required=True, help="stage folder: writes model/, run/, summary.json")
+    add_out(p, "stage folder: writes model/, run/, summary.json")
     add_stage_args(p, ("anchor", "train"), AnchorConfig, "anchor", loop=True)
     p.set_defaults(func=cmd_anchor_train)
 
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--from", dest="source", default=None, metavar="PATH_OR_HUB_ID",
                    help="a checkpoint folder (safetensors, one file or sharded), a .gguf file, "
                         "pkg:<package>/<file> or a hub id (needs network); default: --source (anchor.source)")
-    p.add_argument("--out", required=True, help="the anchor folder to write (replaced atomically)")
+    add_out(p, "the anchor folder to write (replaced atomically)")
     p.add_argument("--replay-data", nargs="+", default=None,
                    help="public text for the replay sample owners mix in (anchor.replay_tokens of it)")
     p.add_argument("--seq-len", type=int, default=256, help="window length of the replay sample")
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("merge", help="merge the anchor and expert packages (no training)")
     p.add_argument("--anchor", required=True, help="the anchor every package was trained against")
     p.add_argument("--expert", action="append", required=True, metavar="PKG", help="an expert package (repeatable)")
-    p.add_argument("--out", required=True, help="the merged checkpoint folder to write")
+    add_out(p, "the merged checkpoint folder to write")
     p.add_argument("--top-k", type=int, default=None, help="experts per token (default: half, rounded up)")
     p.add_argument("--exclude", action="append", default=[], metavar="NAME", help="leave this domain out")
     p.add_argument("--shard-size", default="5GB", help="split the weights into shards of at most this size, with an "
@@ -96,7 +96,7 @@ def add_expert_train_args(p) -> None:
     p.add_argument("--anchor", required=True, help="the anchor folder (frozen; its fingerprint goes into the package)")
     p.add_argument("--domain", required=True, help="the expert's domain name (lower-case letters, digits and _, starting with a letter)")
     p.add_argument("--data", nargs="+", required=True, help="the owner's data: a `datasets` split, .parquet, .jsonl or .txt")
-    p.add_argument("--out", required=True, help="expert package directory to write")
+    add_out(p, "expert package directory to write")
     p.add_argument("--val-data", nargs="+", default=None, help="the owner's validation data")
     p.add_argument("--public-embedding", default=None, help="router embedding dir for the public row (omitted: zeros)")
     p.add_argument("--domain-embedding", default=None, help="router embedding dir for this domain's row")
@@ -152,13 +152,10 @@ def cmd_anchor_import(args) -> None:
 
 
 def cmd_expert_train(args) -> None:
-    loop = args.loop
-    rows = {k: load_embedding(v) if v else None
-            for k, v in (("public", args.public_embedding), ("domain", args.domain_embedding))}
-    run_dir = Path(args.run_dir or f"{args.out}.run")
-    summary = train_expert(args.anchor, args.domain, args.data, run_dir, loop, val_data=args.val_data,
-                           public_rows=rows["public"], domain_rows=rows["domain"], use_bias=args.stage.use_bias,
-                           package_dir=args.out, public_mix=args.stage.public_mix, top_k=args.stage.top_k)
+    summary = train_expert_job(ExpertJob(
+        args.anchor, args.domain, args.data, Path(args.run_dir or f"{args.out}.run"), args.stage, args.loop,
+        val_data=args.val_data, public_embedding=args.public_embedding, domain_embedding=args.domain_embedding,
+        package_dir=args.out))
     print(json.dumps({"package": args.out, "domain": args.domain, "training": {
         k: summary[k] for k in ("steps", "train_loss", "val_loss", "tokens_per_s", "mfu")}}))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from flexolmo_core.cli.config import add_stage_args
+from flexolmo_core.cli.config import add_out, add_stage_args
 from flexolmo_core.data.config import PrepareConfig, TokenizerConfig, flexmix_domains, tokenizer_vocab
 from flexolmo_core.data.prepare import build_flexmix
 from flexolmo_core.data.readers import read_texts
@@ -15,7 +15,7 @@ from flexolmo_core.io.params import read_params
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("prepare", help="build the FlexMix corpus: splits, dedup, decontamination, data card")
-    p.add_argument("--out", default="outputs/prepare", help="output folder (replaced atomically)")
+    add_out(p, "output folder (replaced atomically)", default="outputs/prepare")
     add_stage_args(p, ("prepare",), PrepareConfig, "prepare", params_default="params.yaml")
     p.set_defaults(func=cmd_prepare)
 
@@ -24,12 +24,12 @@ def register(subparsers) -> None:
     p = sub.add_parser("train", help="train a byte-level BPE tokenizer (HF format) on the given text")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="parquet/jsonl/txt files or folders (a prepare split folder works: .../public/train)")
-    p.add_argument("--out", required=True, help="tokenizer folder (AutoTokenizer.from_pretrained loads it)")
+    add_out(p, "tokenizer folder (AutoTokenizer.from_pretrained loads it)")
     add_stage_args(p, ("tokenizer", "train"), TokenizerConfig, "tokenizer")
     p.set_defaults(func=cmd_tokenizer_train)
     p = sub.add_parser("pack", help="tokenizer stage by hand: train on public/train and pack every domain split")
     p.add_argument("--prepared", default="outputs/prepare", help="the prepare stage's output folder")
-    p.add_argument("--out", default="outputs/tokenizer", help="the tokenizer stage's output folder")
+    add_out(p, "the tokenizer stage's output folder", default="outputs/tokenizer")
     add_stage_args(p, ("tokenizer", "pack"), TokenizerConfig, "tokenizer", params_default="params.yaml")
     p.set_defaults(func=cmd_tokenizer_pack)
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from flexolmo_core.anchor.families import is_moe
-from flexolmo_core.cli.config import add_stage_args
+from flexolmo_core.cli.config import add_out, add_stage_args
 from flexolmo_core.data.config import flexmix_domains
 from flexolmo_core.errors import InputError, MissingInput
 from flexolmo_core.evaluation import report, runner, suite, variants
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
                         "prompt_routing: --model is a merged FlexOlmo dir")
     p.add_argument("--expert", action="append", default=[], metavar="DIR", help="more dense experts for --kind btm")
     p.add_argument("--suite", default="smoke", help="flexolmo31 | flexolmo31_bpb | domains | all | smoke | task,task")
-    p.add_argument("--out", default=None, help="write the result JSON here (default: print it)")
+    add_out(p, "write the result JSON here (default: print it)", default=None)
     p.add_argument("--name", default=None, help="variant name in the result (default: the model dir name)")
     p.add_argument("--report", nargs=2, metavar=("RESULTS_DIR", "REPORT_DIR"),
                    help="instead: build results.md, plots and metrics from a directory of result JSONs")

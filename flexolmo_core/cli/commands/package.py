@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from flexolmo_core.cli.config import add_out
 from flexolmo_core.expert.convert import export_package, import_package, split_merged
 
 
@@ -15,17 +16,17 @@ def register(subparsers) -> None:
     p.add_argument("--anchor", required=True, help="the anchor it was trained against (checked tensor by tensor)")
     p.add_argument("--domain", default=None, help="the domain name (default: from the checkpoint's flexolmo.json)")
     p.add_argument("--expert", type=int, default=1, help="which expert of the checkpoint to import (1..N-1)")
-    p.add_argument("--out", required=True, help="the package folder to write (atomically)")
+    add_out(p, "the package folder to write (atomically)")
     p.set_defaults(func=cmd_import)
     p = sub.add_parser("export", help="a package as a standalone 2-expert model (the anchor + that expert, top-2)")
     p.add_argument("package", help="the expert package folder")
     p.add_argument("--anchor", required=True, help="the anchor the package was trained against")
-    p.add_argument("--out", required=True, help="the model folder to write (atomically)")
+    add_out(p, "the model folder to write (atomically)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("split", help="a merged N-expert model of ours back into N-1 packages, OUT/<domain>")
     p.add_argument("merged", help="the merged model folder (with flexolmo.json)")
     p.add_argument("--anchor", required=True, help="the anchor it was merged from")
-    p.add_argument("--out", required=True, help="the folder to write the packages into (atomically)")
+    add_out(p, "the folder to write the packages into (atomically)")
     p.set_defaults(func=cmd_split)
 
 

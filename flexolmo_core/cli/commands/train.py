@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from flexolmo_core.cli.commands.core import model_preset
-from flexolmo_core.cli.config import add_stage_args
+from flexolmo_core.cli.config import add_out, add_stage_args
 from flexolmo_core.data.readers import read_texts
 from flexolmo_core.merge.merging import default_top_k
 from flexolmo_core.training.config import DomainEmbeddingConfig, RouterTuneConfig, UnrestrictedConfig
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--anchor", required=True, help="the anchor folder (its router projection and encoder settings)")
     p.add_argument("--domain", required=True, help="a domain name, or 'public' for the public row")
     p.add_argument("--data", nargs="+", required=True, help="a `datasets` split, .parquet, .jsonl or .txt files/folders")
-    p.add_argument("--out", required=True, help="the embedding folder to write")
+    add_out(p, "the embedding folder to write")
     p.add_argument("--public-embedding", default=None, metavar="DIR",
                    help="with --center, a domain row subtracts this public embedding's saved reference mean")
     add_stage_args(p, ("embedding", "compute"), DomainEmbeddingConfig, "domain_embedding", per_domain=True)
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--public-data", nargs="+", required=True, help="public text the tuned router also sees")
     p.add_argument("--proxy-data", action="append", default=[], metavar="PATH", help="an owner's shared proxy set")
     p.add_argument("--val-data", nargs="+", default=None, help="validation text (default: none; no val loss)")
-    p.add_argument("--out", required=True, help="stage folder: writes model/, run/, summary.json")
+    add_out(p, "stage folder: writes model/, run/, summary.json")
     add_stage_args(p, ("router", "tune"), RouterTuneConfig, "router_tune", loop=True)
     p.set_defaults(func=cmd_router_tune)
 
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
     p.add_argument("--data", action="append", required=True, metavar="PATH", help="one per domain, public included")
     p.add_argument("--val-data", nargs="+", default=None, help="validation text (default: none; no val loss)")
-    p.add_argument("--out", required=True, help="stage folder: writes model/, run/, summary.json")
+    add_out(p, "stage folder: writes model/, run/, summary.json")
     p.add_argument("--experts", type=int, required=True, help="experts in the MoE (FlexOlmo's: public + one per domain)")
     p.add_argument("--budget-from", nargs="*", default=[], metavar="SUMMARY",
                    help="summary.json files of the anchor and experts: match their total training FLOPs")
