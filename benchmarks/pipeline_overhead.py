@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.machine import recorded_stamp
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.from_log:
-        report = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), **from_log(Path(args.from_log), args.wall)}
+        report = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "recorded": recorded_stamp(),
+                  **from_log(Path(args.from_log), args.wall)}
         for name, seconds in report["stages"].items():
             print(f"{name:>28} {seconds:>9.2f} s")
         print(f"inside {report['stage_processes']} stage processes: {report['inside_stages']} s; total "
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         add["ratio_to_first_run"] = round(add["total"] / first["total"], 4)
         add["cpu_ratio_to_first_run"] = round(add["cpu"] / first["cpu"], 4)
     report["loadavg_at_end"] = os.getloadavg()  # other work on the machine inflates wall times
+    report["recorded"] = recorded_stamp()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"pipeline_overhead_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

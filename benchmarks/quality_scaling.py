@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import recorded_stamp  # noqa: E402
 from benchmarks.prefix_pool import split_dir  # noqa: E402
 from benchmarks.train_quality import embed_domains, train_anchor_into, train_experts  # noqa: E402
 
@@ -210,7 +210,9 @@ def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domain
 
 
 def write_record(record: Path, result: dict) -> None:
-    """points/<name>.json, atomically: an interrupted grid never leaves half a point behind."""
+    """points/<name>.json, atomically: an interrupted grid never leaves half a point behind. Each record says
+    where it was measured (`recorded`), which the results pages print beside its tables."""
+    result.setdefault("recorded", recorded_stamp())
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -309,6 +311,20 @@ def plot(points: list[dict], out: Path) -> None:
     tmp.replace(out)
 
 
+def bpb_table(points: list[dict]) -> str:
+    """Every variant's held-out test bpb on every domain (public text included), point by point."""
+    rows = []
+    for p in points:
+        bpb = p["splits"]["test"]["bpb"]
+        domains = list(next(iter(bpb.values())))
+        label = (f"{p['anchor']}, {p['owner_steps']} owner steps" if "anchor" in p else p["name"]) \
+            + (f", {p['lever']}" if p.get("lever") else "")
+        rows += [f"**{label}**", "", "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        rows += [f"| {model} | " + " | ".join(f"{values[d]:.4f}" for d in domains) + " |" for model, values in bpb.items()]
+        rows.append("")
+    return "\n".join(rows).rstrip()
+
+
 def lever_table(levers: list[dict]) -> str:
     rows = ["| lever | FlexOlmo validation mean bpb | test mean bpb | test merged vs owner | test opt-out gain lost |",
             "|---|---|---|---|---|"]
@@ -316,6 +332,12 @@ def lever_table(levers: list[dict]) -> str:
         v, t = lv["splits"]["validation"]["mean"], lv["splits"]["test"]["mean"]
         rows.append(f"| {lv['lever']} | {v['bpb_flexolmo']:.4f} | {t['bpb_flexolmo']:.4f} | "
                     f"{pct(t.get('merged_vs_owner'))} | {share(t.get('gain_lost'))} |")
+    candidates = [(lv, name, bpb) for lv in levers for name, bpb in (lv.get("validation_mean_bpb") or {}).items()]
+    if candidates:  # every candidate a router lever tried, the losers too
+        rows += ["", "Every candidate of the router levers, validation mean bpb (the lowest is chosen):", "",
+                 "| lever | candidate | validation mean bpb |", "|---|---|---|"]
+        rows += [f"| {lv['lever']} | {name}{' (chosen)' if name == lv.get('chosen') else ''} | {bpb:.4f} |"
+                 for lv, name, bpb in candidates]
     return "\n".join(rows)
 
 
@@ -401,7 +423,19 @@ def goals(work: Path) -> list[str]:
     return text
 
 
-def report(work: Path) -> str:
+def stamp_line(points: list[dict]) -> str:
+    """Each point's name, commit, machine and seconds, from its record."""
+    def one(p):
+        rec = p.get("recorded") or {}
+        commit = rec.get("commit") or (f"not recorded, committed in {rec['committed_in']}" if rec.get("committed_in")
+                                       else "not recorded")
+        return f"{p['name']} ({p['seconds']} s; commit {commit}; {rec.get('machine', 'machine not recorded')})"
+    return "measured: " + "; ".join(one(p) for p in points)
+
+
+def report_text(work: Path, image: str | None = None, detail: bool = False) -> str:
+    """The study's tables from W/points (and W/results for the goals), stamped with each record's commit and
+    machine; `image`: the plot to show beside them; `detail`: every variant's bpb on every domain too."""
     points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
     grid = [p for p in points if not p.get("lever")]
     levers = sorted((p for p in points if p.get("lever")), key=lambda p: (p.get("rt_steps", 0), p["name"]))
@@ -413,18 +447,26 @@ def report(work: Path) -> str:
             lv["splits"]["test"]["mean"]["merged_vs_owner"] = sum(rt[d] / owners[f"owner_{d}"][d] - 1 for d in doms) / len(doms)
     grid.sort(key=lambda p: ("SmolLM2" in p["anchor"], p["anchor"], p["owner_tokens"]))
     text = ["## Scaling grid (held-out test split)", "", grid_table(grid), "", "Per domain:", "", domain_table(grid)]
-    if grid:
-        plot(grid, work / "scaling.png")
-        text += ["", f"![scaling]({work / 'scaling.png'})"]
+    if grid and image:
+        text += ["", f"![scaling]({image})"]
     if levers:
         text += ["", "## Levers (chosen on validation, reported on test)", "", lever_table(levers)]
+    if detail:
+        text += ["", "## Held-out test bpb of every variant on every domain", "", bpb_table(grid + levers)]
     goal_rows = goals(work)
     if goal_rows:
         text += ["", "## Issue 29's goals (held-out test split, paired 95% bootstrap over documents)", "", *goal_rows]
-    m = machine()
-    text += ["", f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
-             f"seconds per point: " + ", ".join(f"{p['name']} {p['seconds']}" for p in points)]
-    out = "\n".join(text) + "\n"
+    text += ["", stamp_line(points)]
+    return "\n".join(text) + "\n"
+
+
+def report(work: Path) -> str:
+    """W/scaling.md and W/scaling.png."""
+    points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
+    grid = [p for p in points if not p.get("lever")]
+    if grid:
+        plot(sorted(grid, key=lambda p: ("SmolLM2" in p["anchor"], p["anchor"], p["owner_tokens"])), work / "scaling.png")
+    out = report_text(work, str(work / "scaling.png") if grid else None)
     (work / "scaling.md").write_text(out)
     return out
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import machine, recorded_stamp  # noqa: E402
 
 
 def fake_anchor(cfg):
@@ -185,7 +185,8 @@ def main() -> None:
     timings = kernels(cfg, args) if args.kernels else {}
     for name, ms in timings.items():
         print(f"{name:38s} {ms:9.1f}")
-    print(json.dumps({"results": results, "expert_speedup": ratio, "kernels_ms": timings, "args": vars(args), "machine": m}))
+    print(json.dumps({"results": results, "expert_speedup": ratio, "kernels_ms": timings, "args": vars(args), "machine": m,
+                      "recorded": recorded_stamp()}))
 
 
 if __name__ == "__main__":

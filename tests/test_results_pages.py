@@ -1,0 +1,42 @@
+"""The results pages are generated from the records, so a figure cannot drift from what was measured."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from benchmarks import results_pages
+
+ROOT = Path(__file__).resolve().parents[1]
+# Sections of docs/results.md that quote a `make run` report or a run whose records are not kept here.
+EXTERNAL = ("### Levers (issue 14", "### The default run's goals")
+BPB = re.compile(r"(?<![\d.])\d\.\d{4}(?!\d)")
+
+
+def test_every_page_is_what_its_records_give():
+    assert results_pages.main(["--check"]) == 0
+
+
+def test_a_page_edited_by_hand_is_caught(tmp_path, capsys):
+    assert results_pages.main(["--out", str(tmp_path)]) == 0
+    page = tmp_path / "smollm2_routing.md"
+    page.write_text(page.read_text().replace("0.8964", "0.8864", 1))
+    assert results_pages.main(["--check", "--out", str(tmp_path)]) == 1
+    assert "smollm2_routing.md" in capsys.readouterr().err
+
+
+def test_every_page_is_stamped_with_commit_and_machine():
+    for name, text in results_pages.pages().items():
+        assert "Recorded at commit" in text or "measured:" in text or "commit 9125ffb" in text, name
+        assert "machine not recorded" not in text, name
+
+
+def test_bpb_figures_quoted_in_the_narrative_are_in_the_generated_pages():
+    generated = "".join(results_pages.pages().values())
+    section, missing = "", []
+    for line in (ROOT / "docs" / "results.md").read_text().splitlines():
+        if line.startswith("#"):
+            section = line
+        if section.startswith(EXTERNAL):
+            continue
+        missing += [(section, n) for n in BPB.findall(line) if n not in generated]
+    assert not missing, missing
