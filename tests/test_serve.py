@@ -122,6 +122,33 @@ def test_streaming_matches_the_whole_answer_and_carries_attribution(server):
     assert set(chunks[-1].model_extra["flexolmo"]["attribution"]) == {"public", "code", "news"}
 
 
+def test_the_openai_client_samples_with_n_seed_stop_and_logprobs(server):
+    """Sampled completions through the official client: n choices, each reproducible from the seed, usage and
+    finish_reason right, logprobs in the completions form; streamed, the same n texts arrive chunk by chunk."""
+    c = client(server)
+    ask = dict(model="flexolmo", prompt="The history of the city", max_tokens=10, n=3, temperature=1.0, top_p=0.95,
+               seed=5, logprobs=2)
+    first, again = c.completions.create(**ask), c.completions.create(**ask)
+    texts = [ch.text for ch in sorted(first.choices, key=lambda ch: ch.index)]
+    assert texts == [ch.text for ch in sorted(again.choices, key=lambda ch: ch.index)] and len(set(texts)) > 1
+    assert first.usage.completion_tokens == sum(len(ch.logprobs.tokens) for ch in first.choices)
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    for ch in first.choices:
+        assert ch.finish_reason in ("length", "stop") and "".join(ch.logprobs.tokens).startswith(ch.text[:1])
+        assert all(lp <= 0 for lp in ch.logprobs.token_logprobs) and all(len(t) == 2 for t in ch.logprobs.top_logprobs)
+        assert ch.finish_reason == "stop" or len(ch.logprobs.tokens) == 10
+    stop = texts[0][2:4]
+    cut = c.completions.create(**{**ask, "n": 1, "stop": [stop]}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == texts[0][:texts[0].find(stop)]
+    chunks = list(c.completions.create(**ask, stream=True))
+    streamed = ["".join(ch.choices[0].text for ch in chunks if ch.choices[0].index == i) for i in range(3)]
+    assert streamed == texts
+    assert {ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason} <= {"length", "stop"}
+    streamed_lp = [lp for ch in chunks if ch.choices[0].index == 0 and ch.choices[0].logprobs
+                   for lp in ch.choices[0].logprobs.token_logprobs]
+    assert streamed_lp == first.choices[[ch.index for ch in first.choices].index(0)].logprobs.token_logprobs
+
+
 def test_chat_without_a_template_is_a_400_naming_the_other_endpoint(server):
     import openai
 
@@ -208,7 +235,21 @@ BAD = [  # (what, raw body or json, status, message part)
     ("a prompt over the limit", {"prompt": "word " * 200}, 400, "the limit is 64 (serve.max_prompt_tokens)"),
     ("an empty prompt", {"prompt": ""}, 400, "empty prompt"),
     ("no prompt", {"max_tokens": 2}, 400, "prompt must be a string"),
-    ("sampling", {"prompt": "a", "temperature": 0.7}, 400, "only greedy decoding"),
+    ("temperature 3", {"prompt": "a", "temperature": 3}, 400, "temperature must be in [0, 2], got 3"),
+    ("temperature a string", {"prompt": "a", "temperature": "hot"}, 400, "temperature must be a number"),
+    ("top_p 0", {"prompt": "a", "top_p": 0}, 400, "top_p must be in (0, 1], got 0"),
+    ("top_k -1", {"prompt": "a", "top_k": -1}, 400, "top_k must be an integer >= 0"),
+    ("a negative seed", {"prompt": "a", "seed": -1}, 400, "seed must be an integer in [0, 2^62)"),
+    ("presence_penalty 5", {"prompt": "a", "presence_penalty": 5}, 400, "presence_penalty must be in [-2, 2]"),
+    ("frequency_penalty -3", {"prompt": "a", "frequency_penalty": -3}, 400, "frequency_penalty must be in [-2, 2]"),
+    ("five stop strings", {"prompt": "a", "stop": list("abcde")}, 400, "a list of up to 4"),
+    ("an empty stop string", {"prompt": "a", "stop": [""]}, 400, "stop must be"),
+    ("n over serve.max_n", {"prompt": "a", "n": 9}, 400, "n must be an integer in [1, 4] (serve.max_n), got 9"),
+    ("n 0", {"prompt": "a", "n": 0}, 400, "n must be an integer in [1, 4]"),
+    ("logprobs 6", {"prompt": "a", "logprobs": 6}, 400, "logprobs must be an integer in [0, 5], got 6"),
+    ("echo", {"prompt": "a", "echo": True}, 400, "echo is not served"),
+    ("best_of", {"prompt": "a", "best_of": 2}, 400, "best_of is not served"),
+    ("logit_bias", {"prompt": "a", "logit_bias": {"5": 10}}, 400, "logit_bias is not served"),
     # refused before parsing or tokenizing (a bare 500 with a RecursionError; a 30 MB prompt tokenized for 142 s)
     ("deeply nested JSON", b"[" * 60_000, 400, "nests 60000 levels deep; the limit is 32 (serve.max_json_depth)"),
     ("a body over the limit", {"prompt": "x" * 70_000}, 413, "the limit is 65536 (serve.max_body_bytes)"),
@@ -355,5 +396,12 @@ def test_chat_uses_the_tokenizers_chat_template(tmp_path, serve_merges):
         parts = list(c.chat.completions.create(model="m", messages=messages, max_tokens=8, stream=True,
                                                extra_body={"experts": {"only": ["public", "news"]}}))
         assert "".join(p.choices[0].delta.content or "" for p in parts) == chat.choices[0].message.content
+        sampled = c.chat.completions.create(model="m", messages=messages, max_tokens=6, n=2, temperature=0.9, seed=2,
+                                            logprobs=True, top_logprobs=3)
+        assert len(sampled.choices) == 2 and sampled.usage.completion_tokens == sum(
+            len(ch.logprobs.content) for ch in sampled.choices)
+        for ch in sampled.choices:
+            assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in ch.logprobs.content)
+            assert "".join(t.token for t in ch.logprobs.content).startswith(ch.message.content[:1])
     finally:
         stop(proc)

@@ -67,3 +67,71 @@ def test_prefix_pooled_batches_decode_as_each_smaller_merge_does_without_the_cac
     decode_batch(handle, jobs)
     for (prompt, allowed, ref), j in zip(cases, jobs):
         assert j.tokens == uncached(serve_merges[ref], prompt, 6), allowed
+
+
+def sampled(handle, prompt, allowed, max_tokens, **settings):
+    from flexolmo_core.serving.sampling import Sampling
+
+    j = job(handle, prompt, allowed, max_tokens)
+    j.sampling = Sampling(**settings)
+    return j
+
+
+def test_a_seeded_request_samples_the_same_tokens_alone_and_in_any_batch(serve_merges):
+    from flexolmo_core.serving.engine import decode_batch, load_handle
+
+    handle = load_handle(serve_merges["all"])
+    handle.eos_ids = lambda: set()  # all 12 tokens of each, no early stop
+    settings = dict(temperature=1.0, top_p=0.95, seed=7)
+    alone = sampled(handle, PROMPTS[1], ["public", "code"], 12, **settings)
+    decode_batch(handle, [alone])
+    neighbours = [sampled(handle, PROMPTS[0], ["public", "news"], 5, temperature=0.8, seed=1),
+                  job(handle, PROMPTS[2], ["public", "code", "news"], 12)]
+    batched = sampled(handle, PROMPTS[1], ["public", "code"], 12, **settings)
+    decode_batch(handle, [neighbours[0], batched, neighbours[1]])
+    assert batched.tokens == alone.tokens
+    other_seed = sampled(handle, PROMPTS[1], ["public", "code"], 12, temperature=1.0, top_p=0.95, seed=8)
+    decode_batch(handle, [other_seed])
+    assert other_seed.tokens != alone.tokens  # the seed is what fixes them (12 tokens of a 2k vocabulary)
+
+
+def test_logprobs_are_those_of_the_model_merged_without_the_masked_expert(serve_merges):
+    """Served with news masked, each token's logprob (and its top alternatives) is the log-softmax of a plain
+    forward pass of the merge that never had news, over the prompt and the tokens before it."""
+    import torch
+
+    from flexolmo_core.inference.model import load_flexolmo
+    from flexolmo_core.serving.engine import decode_batch, load_handle
+
+    handle = load_handle(serve_merges["all"])
+    served = sampled(handle, PROMPTS[0], ["public", "code"], 6, temperature=0.9, seed=3, logprobs=3)
+    decode_batch(handle, [served, job(handle, PROMPTS[3], ["public", "news"], 6)])
+    smaller = load_flexolmo(serve_merges["code"]).model
+    ids = torch.tensor([served.prompt_ids + served.tokens])
+    with torch.no_grad():
+        logp = torch.log_softmax(smaller(ids).logits[0].float(), dim=-1)
+    start = len(served.prompt_ids) - 1
+    for i, (token, (lp, top)) in enumerate(zip(served.tokens, served.logprobs)):
+        assert abs(lp - float(logp[start + i, token])) < 1e-4, (i, lp, float(logp[start + i, token]))
+        want = logp[start + i].topk(3)
+        assert [t for t, _ in top] == want.indices.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(top, want.values.tolist())) < 1e-4
+
+
+def test_stop_strings_end_the_text_and_penalties_change_the_choice(serve_merges):
+    from flexolmo_core.serving.engine import decode_batch, load_handle
+
+    handle = load_handle(serve_merges["all"])
+    handle.eos_ids = lambda: set()
+    free = job(handle, PROMPTS[0], ["public", "code", "news"], 10)
+    decode_batch(handle, [free])
+    text = handle.tokenizer.decode(free.tokens, skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # two characters from the middle of the greedy answer
+    cut = sampled(handle, PROMPTS[0], ["public", "code", "news"], 10, stop=(stop,))
+    decode_batch(handle, [cut])
+    assert cut.finish_reason == "stop" and len(cut.tokens) < 10 and cut.tokens == free.tokens[:len(cut.tokens)]
+    assert cut.text_end == text.find(stop)
+    repeated = len(free.tokens) - len(set(free.tokens))
+    penalised = sampled(handle, PROMPTS[0], ["public", "code", "news"], 10, frequency_penalty=2.0, presence_penalty=2.0)
+    decode_batch(handle, [penalised])
+    assert repeated > 0 and len(penalised.tokens) - len(set(penalised.tokens)) < repeated

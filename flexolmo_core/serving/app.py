@@ -24,8 +24,9 @@ from flexolmo_core.errors import InputError
 from flexolmo_core.inference.model import resolve_experts
 from flexolmo_core.serving.audit import AuditLog
 from flexolmo_core.serving.config import ServeConfig
-from flexolmo_core.serving.engine import Engine, Job, ModelHandle, load_handle
+from flexolmo_core.serving.engine import Engine, Job, ModelHandle, attribution, load_handle
 from flexolmo_core.serving.policy import PUBLIC, PolicyFile, Unauthorized
+from flexolmo_core.serving.sampling import Sampling, stop_at
 
 
 class HTTPError(Exception):
@@ -86,6 +87,68 @@ def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def _number_field(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise HTTPError(400, f"{name} must be a number, got {value!r}", param=name)
+    if not (low < value if low_open else low <= value) or value > high:
+        raise HTTPError(400, f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}", param=name)
+    return float(value)
+
+
+# OpenAI fields this server does not implement: refused by name rather than silently ignored (the value that
+# asks for nothing is accepted).
+REFUSED = {"best_of": (1, "best_of is not served (use n)"), "logit_bias": ({}, "logit_bias is not served"),
+           "echo": (False, "echo is not served"), "suffix": ("", "suffix (insertion) is not served"),
+           "tools": ([], "tool calling is not served"), "functions": ([], "function calling is not served"),
+           "response_format": ({"type": "text"}, "response_format is not served (plain text only)")}
+
+
+def request_sampling(body: dict, chat: bool, max_n: int) -> tuple[Sampling, int]:
+    """The request's decoding settings and n, each field checked against its range (400 naming it).
+    temperature defaults to 0 here (greedy; OpenAI's default is 1)."""
+    for name, (harmless, reason) in REFUSED.items():
+        value = body.get(name)
+        if value is not None and not (type(value) is type(harmless) and value == harmless):
+            raise HTTPError(400, reason, param=name)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
+        raise HTTPError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
+    if chat:
+        if body.get("logprobs") not in (None, True, False):
+            raise HTTPError(400, "logprobs must be true or false", param="logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise HTTPError(400, f"top_logprobs must be an integer in [0, 20], got {top!r}", param="top_logprobs")
+        if top is not None and not body.get("logprobs"):
+            raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (top or 0) if body.get("logprobs") else None
+    else:
+        logprobs = body.get("logprobs")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5):
+            raise HTTPError(400, f"logprobs must be an integer in [0, 5], got {logprobs!r}", param="logprobs")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62):
+        raise HTTPError(400, f"seed must be an integer in [0, 2^62), got {seed!r}", param="seed")
+    top_k = body.get("top_k", 0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise HTTPError(400, f"top_k must be an integer >= 0 (0: all tokens), got {top_k!r}", param="top_k")
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_n:
+        raise HTTPError(400, f"n must be an integer in [1, {max_n}] (serve.max_n), got {n!r}", param="n")
+    sampling = Sampling(temperature=_number_field(body, "temperature", 0.0, 0, 2),
+                        top_p=_number_field(body, "top_p", 1.0, 0, 1, low_open=True), top_k=top_k, seed=seed,
+                        presence_penalty=_number_field(body, "presence_penalty", 0.0, -2, 2),
+                        frequency_penalty=_number_field(body, "frequency_penalty", 0.0, -2, 2),
+                        stop=tuple(stop or ()), logprobs=logprobs)
+    return sampling, n
+
+
 class Server:
     """Everything one running server holds: the engine, the policy file, the audit log, the release watcher."""
 
@@ -135,9 +198,9 @@ class Server:
         self.audit.close()
 
     # ---- one request ----------------------------------------------------------------------------------
-    def admit(self, request: Request, body: dict, chat: bool) -> tuple[Job, dict]:
-        """Authenticate, validate and resolve the experts; returns the job (not yet submitted) and the audit
-        record so far. Raises HTTPError."""
+    def admit(self, request: Request, body: dict, chat: bool) -> tuple[list[Job], dict]:
+        """Authenticate, validate and resolve the experts; returns the request's n jobs (not yet submitted) and
+        the audit record so far. Raises HTTPError."""
         policy = self.policy.current()  # this request keeps this policy to its end
         try:
             who = policy.principal(bearer_key(request))
@@ -149,10 +212,8 @@ class Server:
         ids = self._prompt_ids(handle, body, chat)
         record["prompt_tokens"] = len(ids)
         max_tokens = _int_field(body, "max_tokens", self.cfg.default_max_tokens, 1, self.cfg.max_tokens_cap)
-        if body.get("temperature") not in (None, 0, 0.0):
-            raise HTTPError(400, "only greedy decoding is served: temperature must be 0 or absent", param="temperature")
-        if body.get("n", 1) != 1:
-            raise HTTPError(400, "n must be 1", param="n")
+        sampling, n = request_sampling(body, chat, self.cfg.max_n)
+        record.update(n=n, temperature=sampling.temperature, seed=sampling.seed)
         choice = body.get("experts") or {}
         if not isinstance(choice, dict) or set(choice) - {"only", "exclude"}:
             raise HTTPError(400, 'experts must be {"only": [...]} or {"exclude": [...]}', param="experts")
@@ -177,7 +238,8 @@ class Server:
         record.update(allowed=allowed, masked=forbidden)
         if self.cfg.log_text:
             record["prompt"] = body.get("prompt") if not chat else body.get("messages")
-        return Job(handle=handle, prompt_ids=ids, allowed=allowed, max_tokens=max_tokens), record
+        return [Job(handle=handle, prompt_ids=ids, allowed=allowed, max_tokens=max_tokens, sampling=sampling, index=i)
+                for i in range(n)], record
 
     def _refuse_by_length(self, handle: ModelHandle, chars: int, param: str) -> None:
         """A prompt that cannot fit max_prompt_tokens whatever its tokens: refused before tokenizing (a 30 MB prompt
@@ -215,16 +277,36 @@ class Server:
                                  "(serve.max_prompt_tokens)", param="prompt" if not chat else "messages")
         return ids
 
-    def answer_fields(self, job: Job, record: dict) -> dict:
-        attribution = job.attribution()
-        used = [d for d, s in attribution.items() if s > 0]
-        record.update(completion_tokens=len(job.tokens), attribution=attribution, used=used,
-                      finish_reason=job.finish_reason)
-        return {"attribution": attribution, "allowed": job.allowed, "used": used, "masked": record.get("masked", []),
-                "release": record.get("release"), "model": job.handle.name}
+    def answer_fields(self, jobs: list[Job], record: dict) -> dict:
+        share = attribution(jobs)
+        used = [d for d, s in share.items() if s > 0]
+        record.update(completion_tokens=sum(len(j.tokens) for j in jobs), attribution=share, used=used,
+                      finish_reason=[j.finish_reason for j in jobs] if len(jobs) > 1 else jobs[0].finish_reason)
+        return {"attribution": share, "allowed": jobs[0].allowed, "used": used, "masked": record.get("masked", []),
+                "release": record.get("release"), "model": jobs[0].handle.name}
 
     def text(self, job: Job) -> str:
-        return job.handle.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        """The job's text, ended before the first stop string."""
+        text = job.handle.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        return text if job.text_end is None else text[:job.text_end]
+
+
+def logprobs_field(job: Job, start: int, end: int, chat: bool) -> dict | None:
+    """OpenAI's logprobs object for the job's tokens [start, end): completions' legacy form or chat's `content`."""
+    if job.sampling.logprobs is None:
+        return None
+    tok = job.handle.tokenizer
+    piece = lambda token_id: tok.decode([token_id])  # noqa: E731
+    tokens, records = job.tokens[start:end], job.logprobs[start:end]
+    if chat:
+        entry = lambda i, lp: {"token": piece(i), "logprob": lp, "bytes": list(piece(i).encode())}  # noqa: E731
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+                            for t, (lp, top) in zip(tokens, records)]}
+    pieces = [piece(t) for t in tokens]
+    before = len(tok.decode(job.tokens[:start], skip_special_tokens=True)) if start else 0
+    offsets = list(itertools.accumulate([before, *(len(p) for p in pieces[:-1])])) if pieces else []
+    return {"tokens": pieces, "token_logprobs": [lp for lp, _ in records],
+            "top_logprobs": [{piece(i): v for i, v in top} for _, top in records], "text_offset": offsets}
 
 
 def create_app(server: Server) -> FastAPI:
@@ -268,52 +350,69 @@ def create_app(server: Server) -> FastAPI:
                 raise HTTPError(400, f"the request body is not JSON ({err})") from err
             if not isinstance(body, dict):
                 raise HTTPError(400, "the request body must be a JSON object")
-            job, record = server.admit(request, body, chat)
+            jobs, record = server.admit(request, body, chat)
         except HTTPError as err:
             finish(record, start, err.status, err.message)
             return err.response()
         loop, stream = asyncio.get_running_loop(), bool(body.get("stream"))
-        done, tokens = loop.create_future(), asyncio.Queue()
-        job.on_done = lambda j: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(j))
-        if stream:
-            job.on_token = lambda j, t: loop.call_soon_threadsafe(tokens.put_nowait, t)
+        dones, tokens = [loop.create_future() for _ in jobs], asyncio.Queue()
+        for job, done in zip(jobs, dones):
+            job.on_done = lambda j, done=done: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(j))
+            if stream:
+                job.on_token = lambda j, t: loop.call_soon_threadsafe(tokens.put_nowait, (j.index, t))
         try:
-            server.engine.submit(job)
+            for job in jobs:
+                server.engine.submit(job)
         except queue.Full:
+            for job in jobs:
+                job.cancelled = True  # all n or none: the ones already queued are dropped
             err = HTTPError(429, f"the server is busy ({server.cfg.queue_depth} requests waiting; serve.queue_depth)",
                             "rate_limit_error")
             finish(record, start, 429, err.message)
             return err.response()
-        rid, created, name = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), job.handle.name
+        all_done = asyncio.gather(*dones)
+        rid, created, name = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), jobs[0].handle.name
+        failed = lambda: next((j.error for j in jobs if j.error), None)  # noqa: E731
         if not stream:
             try:
-                await done
+                await all_done
             except asyncio.CancelledError:
-                job.cancelled = True
+                for job in jobs:
+                    job.cancelled = True
                 finish(record, start, 499, "client went away")
                 raise
-            if job.error:
-                finish(record, start, 500, job.error)
-                return HTTPError(500, f"generation failed: {job.error}", "server_error").response()
-            text, extra = server.text(job), server.answer_fields(job, record)
+            if failed():
+                finish(record, start, 500, failed())
+                return HTTPError(500, f"generation failed: {failed()}", "server_error").response()
+            texts, extra = [server.text(j) for j in jobs], server.answer_fields(jobs, record)
             if server.cfg.log_text:
-                record["completion"] = text
+                record["completion"] = texts if len(texts) > 1 else texts[0]
             finish(record, start, 200)
-            usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
-                     "total_tokens": len(job.prompt_ids) + len(job.tokens)}
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": job.finish_reason}
-                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": job.finish_reason})
+            completion = sum(len(j.tokens) for j in jobs)
+            usage = {"prompt_tokens": len(jobs[0].prompt_ids), "completion_tokens": completion,
+                     "total_tokens": len(jobs[0].prompt_ids) + completion}
+            choices = [{"index": j.index, **({"message": {"role": "assistant", "content": text}} if chat else
+                                             {"text": text}),
+                        "logprobs": logprobs_field(j, 0, len(j.tokens), chat), "finish_reason": j.finish_reason}
+                       for j, text in zip(jobs, texts)]
             return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                    "model": name, "choices": [choice], "usage": usage, "flexolmo": extra}
+                    "model": name, "choices": choices, "usage": usage, "flexolmo": extra}
+
+        stops = jobs[0].sampling.stop
+        hold = max((len(x) for x in stops), default=1) - 1  # text that may yet turn out to start a stop string
 
         async def events():
-            shown = ""
             kind = "chat.completion.chunk" if chat else "text_completion"
+            shown, sent = ["" for _ in jobs], [0 for _ in jobs]  # text streamed, tokens whose logprobs went with it
 
-            def chunk(delta: str, finish_reason=None, extra=None) -> str:
-                piece = ({"index": 0, "delta": {"content": delta} if delta or not finish_reason else {},
-                          "finish_reason": finish_reason} if chat else
-                         {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason})
+            def chunk(index: int, delta: str, finish_reason=None, extra=None, upto: int | None = None) -> str:
+                job = jobs[index]
+                upto = len(job.tokens) if upto is None else upto
+                logprobs = logprobs_field(job, sent[index], upto, chat) if upto > sent[index] else None
+                sent[index] = max(sent[index], upto)
+                piece = ({"index": index, "delta": {"content": delta} if delta or not finish_reason else {},
+                          "logprobs": logprobs, "finish_reason": finish_reason} if chat else
+                         {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason})
                 data = {"id": rid, "object": kind, "created": created, "model": name, "choices": [piece]}
                 if extra is not None:
                     data["flexolmo"] = extra
@@ -321,36 +420,43 @@ def create_app(server: Server) -> FastAPI:
 
             try:
                 if chat:
-                    first = {"id": rid, "object": kind, "created": created, "model": name,
-                             "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-                    yield f"data: {json.dumps(first)}\n\n"
-                got: list[int] = []
-                while not (done.done() and tokens.empty()):
+                    for job in jobs:
+                        first = {"id": rid, "object": kind, "created": created, "model": name,
+                                 "choices": [{"index": job.index, "delta": {"role": "assistant"}, "finish_reason": None}]}
+                        yield f"data: {json.dumps(first)}\n\n"
+                got: list[list[int]] = [[] for _ in jobs]
+                while not (all_done.done() and tokens.empty()):
                     waiter = asyncio.ensure_future(tokens.get())
-                    finished, _ = await asyncio.wait({waiter, done}, return_when=asyncio.FIRST_COMPLETED)
+                    finished, _ = await asyncio.wait({waiter, all_done}, return_when=asyncio.FIRST_COMPLETED)
                     if waiter not in finished:
                         waiter.cancel()
                         continue
-                    got.append(waiter.result())
-                    text = job.handle.tokenizer.decode(got, skip_special_tokens=True)
-                    if text.startswith(shown) and not text.endswith("\ufffd"):  # whole characters only
-                        delta, shown = text[len(shown):], text
-                        if delta:
-                            yield chunk(delta)
-                if job.error:
-                    finish(record, start, 500, job.error)
-                    yield f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n"
+                    index, token = waiter.result()
+                    got[index].append(token)
+                    text = jobs[index].handle.tokenizer.decode(got[index], skip_special_tokens=True)
+                    cut = stop_at(text, stops)
+                    visible = text[:cut] if cut is not None else text[:len(text) - hold]
+                    if visible.startswith(shown[index]) and len(visible) > len(shown[index]) \
+                            and not visible.endswith("\ufffd"):  # whole characters only
+                        delta, shown[index] = visible[len(shown[index]):], visible
+                        yield chunk(index, delta, upto=len(got[index]))
+                if failed():
+                    finish(record, start, 500, failed())
+                    yield f"data: {json.dumps({'error': {'message': failed(), 'type': 'server_error'}})}\n\n"
                     return
-                text, extra = server.text(job), server.answer_fields(job, record)
-                if len(text) > len(shown) and text.startswith(shown):
-                    yield chunk(text[len(shown):])
+                texts, extra = [server.text(j) for j in jobs], server.answer_fields(jobs, record)
+                for job, text in zip(jobs, texts):
+                    if len(text) > len(shown[job.index]) and text.startswith(shown[job.index]):
+                        yield chunk(job.index, text[len(shown[job.index]):])
                 if server.cfg.log_text:
-                    record["completion"] = text
+                    record["completion"] = texts if len(texts) > 1 else texts[0]
                 finish(record, start, 200)
-                yield chunk("", job.finish_reason, extra)
+                for job in jobs:
+                    yield chunk(job.index, "", job.finish_reason, extra if job is jobs[-1] else None)
                 yield "data: [DONE]\n\n"
             except (asyncio.CancelledError, GeneratorExit):
-                job.cancelled = True  # the client disconnected mid-stream: stop generating for it
+                for job in jobs:
+                    job.cancelled = True  # the client disconnected mid-stream: stop generating for it
                 if "status" not in record:
                     finish(record, start, 499, "client disconnected mid-stream")
                 raise

@@ -16,6 +16,7 @@ class ServeConfig:
     queue_depth: int = at_least(1, 64)  # requests waiting beyond the running batch; more get 429
     max_tokens_cap: int = at_least(1, 256)  # the largest max_tokens a request may ask for (more: 400)
     default_max_tokens: int = at_least(1, 16)  # when a request gives no max_tokens
+    max_n: int = at_least(1, 4)  # the most choices (n) one request may ask for; each is one sequence in the batch
     max_prompt_tokens: int = at_least(1, 1024)  # longer prompts get 400 (by characters first, before tokenizing)
     max_body_bytes: int = at_least(1, 1_048_576)  # a larger request body gets 413, before it is read whole or parsed
     max_json_depth: int = at_least(1, 32)  # deeper nesting of arrays and objects gets 400, before parsing

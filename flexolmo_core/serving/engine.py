@@ -1,4 +1,5 @@
-"""Batched greedy decoding over one merged model where every sequence has its own set of experts.
+"""Batched decoding over one merged model where every sequence has its own set of experts and its own
+sampling settings (greedy, or sampled with its own seeded generator: `serving/sampling.py`).
 
 A request's expert choice is a row of router logit offsets (0 allowed, -inf not), added to every token of
 that sequence in every layer (`FlexRouter.row_offset`). So one forward pass serves a batch that mixes
@@ -20,6 +21,7 @@ import torch
 
 from flexolmo_core.inference.model import LoadedModel, load_flexolmo
 from flexolmo_core.inference.moe import routers
+from flexolmo_core.serving.sampling import Sampling, choose, logprobs_of, stop_at
 
 
 @dataclass
@@ -73,17 +75,28 @@ class Job:
     on_token: Callable | None = None
     on_done: Callable | None = None
     cancelled: bool = False  # the client went away: stop generating for it
+    sampling: Sampling = field(default_factory=Sampling)
+    index: int = 0  # which of the request's n choices this is (choice i samples with seed + i)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per token, if asked
+    text_end: int | None = None  # where a stop string cut the decoded text
     finish_reason: str | None = None
     routing: torch.Tensor | None = None  # summed routing weight per expert over the generated tokens
     error: str | None = None
 
     def attribution(self) -> dict[str, float]:
         """Each allowed expert's share of routing weight over the generated tokens."""
-        if self.routing is None or float(self.routing.sum()) == 0:
-            return {d: 0.0 for d in self.allowed}
-        share = self.routing / self.routing.sum()
-        return {d: round(float(share[i]), 4) for i, d in enumerate(self.handle.domains) if d in self.allowed}
+        return attribution([self])
+
+
+def attribution(jobs: list[Job]) -> dict[str, float]:
+    """Each allowed expert's share of routing weight over the tokens of `jobs` (one request's n choices)."""
+    first = jobs[0]
+    total = sum((j.routing for j in jobs if j.routing is not None), torch.zeros(len(first.handle.domains)))
+    if float(total.sum()) == 0:
+        return {d: 0.0 for d in first.allowed}
+    share = total / total.sum()
+    return {d: round(float(share[i]), 4) for i, d in enumerate(first.handle.domains) if d in first.allowed}
 
 
 def _set_row_offsets(model, offsets: torch.Tensor | None) -> None:
@@ -93,7 +106,7 @@ def _set_row_offsets(model, offsets: torch.Tensor | None) -> None:
 
 @torch.no_grad()
 def decode_batch(handle: ModelHandle, jobs: list[Job]) -> None:
-    """Greedy decoding of `jobs` together (left-padded, one forward per step); fills each job's tokens,
+    """Decode `jobs` together (left-padded, one forward per step); fills each job's tokens, logprobs,
     finish_reason and routing, calling on_token as tokens appear."""
     model, tok = handle.loaded.model, handle.tokenizer
     n, width = len(jobs), max(len(j.prompt_ids) for j in jobs)
@@ -109,6 +122,7 @@ def decode_batch(handle: ModelHandle, jobs: list[Job]) -> None:
     eos, layers = handle.eos_ids(), routers(model)
     routing = torch.zeros(n, len(handle.domains), device=device)
     active = [not j.cancelled for j in jobs]
+    generators = [j.sampling.generator(j.index) for j in jobs]
     _set_row_offsets(model, torch.stack([handle.offsets(j.allowed) for j in jobs]).to(device))
     for router in layers:
         router.record = []
@@ -120,20 +134,27 @@ def decode_batch(handle: ModelHandle, jobs: list[Job]) -> None:
             for router in layers:  # the routing that chose this step's tokens
                 routing += router.record[-1][rows]
                 router.record.clear()
-            chosen = out.logits[:, -1, :].argmax(-1)
+            logits = out.logits[:, -1, :]
+            chosen = logits.argmax(-1)  # finished rows keep feeding a token; active rows get their own below
             for b, job in enumerate(jobs):
                 if not active[b]:
                     continue
                 if job.cancelled:
                     active[b], job.finish_reason = False, "cancelled"
                     continue
-                token = int(chosen[b])
+                token = choose(logits[b], job.sampling, job.tokens, generators[b])
+                chosen[b] = token
+                if job.sampling.logprobs is not None:
+                    job.logprobs.append(logprobs_of(logits[b], token, job.sampling.logprobs))
                 job.tokens.append(token)
                 job.routing = routing[b].cpu()
+                if job.sampling.stop:
+                    job.text_end = stop_at(tok.decode(job.tokens, skip_special_tokens=True), job.sampling.stop)
                 if job.on_token:
                     job.on_token(job, token)
-                if token in eos or len(job.tokens) >= job.max_tokens:
-                    active[b], job.finish_reason = False, "stop" if token in eos else "length"
+                if token in eos or job.text_end is not None or len(job.tokens) >= job.max_tokens:
+                    stopped = token in eos or job.text_end is not None
+                    active[b], job.finish_reason = False, "stop" if stopped else "length"
             if not any(active):
                 break
             for b, job in enumerate(jobs):
