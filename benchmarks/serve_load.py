@@ -33,16 +33,19 @@ def expert_sets(domains: list[str]) -> list[dict | None]:
             {"exclude": owners}]
 
 
-def run_clients(url: str, clients: int, seconds: float, max_tokens: int, domains: list[str]) -> dict:
+def run_clients(url: str, clients: int, seconds: float, max_tokens: int, domains: list[str],
+                long_tokens: int | None = None) -> dict:
+    """`clients` threads asking in a loop for `seconds`; with `long_tokens`, the odd-numbered clients ask for that
+    many tokens and the even ones for `max_tokens` (a mix of short and long requests), reported apart."""
     import httpx
 
     sets, results, errors, stop = expert_sets(domains), [], [], time.monotonic() + seconds
 
     def client(i: int) -> None:
-        n = i
+        n, tokens = i, long_tokens if long_tokens and i % 2 else max_tokens
         with httpx.Client(timeout=300) as http:
             while time.monotonic() < stop:
-                body = {"prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": max_tokens}
+                body = {"prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": tokens}
                 if sets[n % len(sets)]:
                     body["experts"] = sets[n % len(sets)]
                 start = time.perf_counter()
@@ -50,7 +53,7 @@ def run_clients(url: str, clients: int, seconds: float, max_tokens: int, domains
                 if r.status_code != 200:
                     errors.append(r.status_code)
                 else:
-                    results.append((time.perf_counter() - start, r.json()["usage"]["completion_tokens"]))
+                    results.append((time.perf_counter() - start, r.json()["usage"]["completion_tokens"], tokens))
                 n += clients
 
     start = time.perf_counter()
@@ -58,10 +61,17 @@ def run_clients(url: str, clients: int, seconds: float, max_tokens: int, domains
     [t.start() for t in threads]
     [t.join() for t in threads]
     wall = time.perf_counter() - start
-    latencies = sorted(lat for lat, _ in results)
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "wall_s": round(wall, 2),
-            "tokens_per_s": round(sum(t for _, t in results) / wall, 1),
-            "p50_s": round(statistics.median(latencies), 3) if latencies else None,
+    row = {"clients": clients, "requests": len(results), "errors": len(errors), "wall_s": round(wall, 2),
+           "tokens_per_s": round(sum(t for _, t, _ in results) / wall, 1), **percentiles(results)}
+    if long_tokens:
+        for kind, asked in (("short", max_tokens), ("long", long_tokens)):
+            row[kind] = {"max_tokens": asked, **percentiles([r for r in results if r[2] == asked])}
+    return row
+
+
+def percentiles(results: list[tuple]) -> dict:
+    latencies = sorted(lat for lat, *_ in results)
+    return {"requests": len(latencies), "p50_s": round(statistics.median(latencies), 3) if latencies else None,
             "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3) if latencies else None}
 
 
@@ -129,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     parser.add_argument("--seconds", type=float, default=20.0, help="load time per client count")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request")
+    parser.add_argument("--mixed", type=int, default=0, metavar="LONG_TOKENS",
+                        help="also a mixed load at the largest client count: half the clients ask for --max-tokens, "
+                             "half for LONG_TOKENS; p50/p95 reported for each kind")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed comparison")
     parser.add_argument("--hostile", action="store_true", help="also run the first client count beside a client "
                         "sending 30 MB prompts, and compare the normal clients' p95")
@@ -168,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(c) for c in args.clients.split(",")]:
             rows.append(run_clients(url, n, args.seconds, args.max_tokens, domains))
             print(json.dumps(rows[-1]), flush=True)
+        if args.mixed:
+            n = max(int(c) for c in args.clients.split(","))
+            mixed = run_clients(url, n, args.seconds, args.max_tokens, domains, long_tokens=args.mixed)
+            print(json.dumps(mixed), flush=True)
         if args.hostile:
             n = int(args.clients.split(",")[0])
             hostile = run_hostile(url, n, args.seconds, args.max_tokens, domains, args.hostile_mb, args.hostile_pause)
@@ -181,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one and one["tokens_per_s"] else "n/a"
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']} | {r['p50_s']} | "
               f"{r['p95_s']} | {ratio} |")
-    print(f"(the engine ran {batches} batches)")
+    print(f"(the engine admitted requests {batches} times)")
+    if args.mixed:
+        print(f"\nmixed load, {mixed['clients']} clients (half {args.max_tokens} tokens, half {args.mixed}): "
+              f"{mixed['tokens_per_s']} tokens/s")
+        print("| requests | count | p50 s | p95 s |\n|---|---|---|---|")
+        for kind in ("short", "long"):
+            k = mixed[kind]
+            print(f"| {kind} ({k['max_tokens']} tokens) | {k['requests']} | {k['p50_s']} | {k['p95_s']} |")
     if args.hostile:
         calm = next(r for r in rows if r["clients"] == hostile["clients"])
         ratio = hostile["p95_s"] / calm["p95_s"] if calm["p95_s"] and hostile["p95_s"] else float("nan")

@@ -11,7 +11,6 @@ anchor and emits the Prefect event `flexolmo.expert.published`, which the re-mer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,13 +27,11 @@ PUBLISHED_EVENT = "flexolmo.expert.published"
 @task(task_run_name="embed-{domain}")
 def embed(domain: str, data: str, anchor: str, out: str, params: str, preset: str | None,
           public_embedding: str | None = None) -> str:
-    from flexolmo_core.data.readers import read_texts
     from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
-    from flexolmo_core.training.embeddings import write_domain_embedding
+    from flexolmo_core.training.jobs import EmbeddingJob, embed_domain_job
 
     _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=domain, preset=preset)
-    meta = {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
-    write_domain_embedding(out, domain, read_texts([data]), anchor, cfg, meta, public_embedding)
+    embed_domain_job(EmbeddingJob(anchor, domain, data, out, cfg, public_embedding))
     return out
 
 

@@ -6,11 +6,8 @@ in:  outputs/anchor/model, outputs/prepare/<domain>/train (+ outputs/domain_embe
 out: outputs/domain_embedding/<domain>/ (embedding.safetensors, embedding.json)"""
 from __future__ import annotations
 
-import dataclasses
-
-from flexolmo_core.data.readers import read_texts
 from flexolmo_core.training.config import DomainEmbeddingConfig, load_stage
-from flexolmo_core.training.embeddings import write_domain_embedding
+from flexolmo_core.training.jobs import EmbeddingJob, embed_domain_job
 from tasks import run
 
 ANCHOR = "outputs/anchor/model"
@@ -19,9 +16,8 @@ PUBLIC = "outputs/domain_embedding/public"
 
 def main(domain: str, params: str = "params.yaml"):
     _, cfg, _ = load_stage(DomainEmbeddingConfig, "domain_embedding", params, domain=domain)
-    meta = {"domain": domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
-    return write_domain_embedding(f"outputs/domain_embedding/{domain}", domain,
-                                  read_texts([f"outputs/prepare/{domain}/train"]), ANCHOR, cfg, meta, PUBLIC)
+    return embed_domain_job(EmbeddingJob(ANCHOR, domain, f"outputs/prepare/{domain}/train",
+                                         f"outputs/domain_embedding/{domain}", cfg, PUBLIC))
 
 
 if __name__ == "__main__":

@@ -403,5 +403,13 @@ def test_chat_uses_the_tokenizers_chat_template(tmp_path, serve_merges):
         for ch in sampled.choices:
             assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in ch.logprobs.content)
             assert "".join(t.token for t in ch.logprobs.content).startswith(ch.message.content[:1])
+        parts = list(c.chat.completions.create(model="m", messages=messages, max_tokens=6, n=2, temperature=0.9,
+                                               seed=2, logprobs=True, top_logprobs=3, stream=True))
+        for ch in sampled.choices:  # streamed with the same seed: the same two answers, the same logprobs
+            mine = [p.choices[0] for p in parts if p.choices and p.choices[0].index == ch.index]
+            assert "".join(m.delta.content or "" for m in mine) == ch.message.content
+            assert [t.logprob for m in mine if m.logprobs for t in m.logprobs.content] == \
+                [t.logprob for t in ch.logprobs.content]
+            assert mine[-1].finish_reason == ch.finish_reason
     finally:
         stop(proc)

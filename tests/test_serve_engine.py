@@ -43,21 +43,24 @@ def test_a_request_alone_matches_too_and_masked_experts_get_no_routing(serve_mer
     assert float(alone.routing[handle.domains.index("code")]) == 0.0
 
 
-def test_prefix_pooled_batches_decode_as_each_smaller_merge_does_without_the_cache(serve_merges):
-    """serve.prefix_pool: the running mean is carried through the KV cache, padding stays out of it, and a
-    masked expert is still exactly absent. Reference: greedy decoding with a full forward per token."""
+def uncached(model_dir, prompt, n):
+    """Greedy decoding with prefix pooling and a full forward per token (no KV cache, no running state)."""
     import torch
 
     from flexolmo_core.inference.model import load_flexolmo
-    from flexolmo_core.serving.engine import decode_batch, load_handle
 
-    def uncached(model_dir, prompt, n):
-        loaded = load_flexolmo(model_dir, prefix_pool=0.5)
-        ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
-        for _ in range(n):
-            with torch.no_grad():
-                ids = torch.cat([ids, loaded.model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-        return ids[0, -n:].tolist()
+    loaded = load_flexolmo(model_dir, prefix_pool=0.5)
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    for _ in range(n):
+        with torch.no_grad():
+            ids = torch.cat([ids, loaded.model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, -n:].tolist()
+
+
+def test_prefix_pooled_batches_decode_as_each_smaller_merge_does_without_the_cache(serve_merges):
+    """serve.prefix_pool: the running mean is carried through the KV cache, padding stays out of it, and a
+    masked expert is still exactly absent. Reference: greedy decoding with a full forward per token."""
+    from flexolmo_core.serving.engine import decode_batch, load_handle
 
     handle = load_handle(serve_merges["all"], prefix_pool=0.5)
     cases = [(PROMPTS[0], ["public", "code", "news"], "all"), (PROMPTS[1], ["public", "code"], "code"),
@@ -135,3 +138,113 @@ def test_stop_strings_end_the_text_and_penalties_change_the_choice(serve_merges)
     penalised = sampled(handle, PROMPTS[0], ["public", "code", "news"], 10, frequency_penalty=2.0, presence_penalty=2.0)
     decode_batch(handle, [penalised])
     assert repeated > 0 and len(penalised.tokens) - len(set(penalised.tokens)) < repeated
+
+
+def test_requests_that_join_and_leave_mid_decode_stay_exact(serve_merges):
+    """Continuous batching: a request joins after the first has run some steps (a shorter prompt, then a longer
+    one than the running cache is wide), rows leave when done; each sequence still equals the merge with only
+    its experts, and a seeded sampled one equals itself decoded alone."""
+    from flexolmo_core.serving.engine import Running, decode_batch, load_handle
+
+    handle = load_handle(serve_merges["all"])
+    handle.eos_ids = lambda: set()
+    long = job(handle, PROMPTS[1], ["public", "code", "news"], 14)
+    short = job(handle, "x", ["public", "code"], 3)
+    wide = job(handle, PROMPTS[0] + " " + PROMPTS[2] + " " + PROMPTS[3], ["public", "news"], 6)
+    seeded = sampled(handle, PROMPTS[2], ["public", "code"], 8, temperature=1.0, seed=4)
+    running = Running(handle)
+    running.admit([long])
+    for _ in range(3):
+        running.step()
+    running.admit([short, seeded])  # prompts shorter than the running rows' width
+    running.step()
+    running.step()
+    running.admit([wide])  # a prompt wider than the running cache
+    assert len(running.jobs) == 3  # `short` has already left
+    while running.jobs:
+        running.step()
+    for j, ref in ((long, "all"), (short, "code"), (wide, "news")):
+        want = reference(serve_merges[ref], handle.tokenizer.decode(j.prompt_ids), j.max_tokens)
+        assert j.tokens == want and j.finish_reason == "length", (ref, j.tokens, want)
+    alone = sampled(handle, PROMPTS[2], ["public", "code"], 8, temperature=1.0, seed=4)
+    decode_batch(handle, [alone])
+    assert seeded.tokens == alone.tokens
+
+
+def test_a_short_request_is_answered_while_a_long_one_still_runs(monkeypatch):
+    """The engine loop admits a request beside running ones and hands it back as soon as it is done, not when the
+    longest is (the rows themselves are `Running`, tested above; here a stand-in takes 5 ms per step)."""
+    import threading
+    import time
+
+    import flexolmo_core.serving.engine as engine
+
+    class SlowRunning:
+        def __init__(self, handle):
+            self.handle, self.jobs = handle, []
+
+        def admit(self, jobs):
+            self.jobs += jobs
+
+        def step(self):
+            time.sleep(0.005)
+            for j in list(self.jobs):
+                j.tokens.append(0)
+                if len(j.tokens) >= j.max_tokens:
+                    j.finish_reason = "length"
+                    self.jobs.remove(j)
+                    j.on_done(j)
+
+    monkeypatch.setattr(engine, "Running", SlowRunning)
+    answered = threading.Event()
+    seen = {}
+
+    def on_done(j):
+        seen[j.max_tokens] = len(long.tokens)  # how far the long one had got when this one was answered
+        answered.set() if j.max_tokens == 3 else None
+
+    handle = object()
+    long = engine.Job(handle=handle, prompt_ids=[1], allowed=["public"], max_tokens=400, on_done=on_done)
+    short = engine.Job(handle=handle, prompt_ids=[1], allowed=["public"], max_tokens=3, on_done=on_done)
+    eng = engine.Engine(handle, max_batch=4, batch_wait_ms=0)
+    try:
+        eng.submit(long)
+        while not long.tokens:
+            time.sleep(0.001)
+        eng.submit(short)
+        assert answered.wait(10)
+    finally:
+        eng.stop()
+    assert 3 <= seen[3] < 400  # answered after its own 3 tokens, long before the long one's 400
+
+
+def test_prefix_pooled_rows_that_join_mid_decode_keep_their_own_running_mean(serve_merges):
+    """Continuous batching with serve.prefix_pool: the joining rows' prefill starts their sums, the running rows'
+    sums stay theirs, and a row that leaves takes its sums with it. Checked on the logprobs (to 1e-4), which any
+    mix-up of the running means would move, against a full forward of the smaller merge with pooling."""
+    import torch
+
+    from flexolmo_core.inference.model import load_flexolmo
+    from flexolmo_core.serving.engine import Running, load_handle
+
+    handle = load_handle(serve_merges["all"], prefix_pool=0.5)
+    handle.eos_ids = lambda: set()
+    first = sampled(handle, PROMPTS[0], ["public", "code", "news"], 8, logprobs=0)
+    gone = sampled(handle, "x", ["public", "news"], 2, logprobs=0)
+    late = sampled(handle, PROMPTS[1], ["public", "code"], 5, logprobs=0)
+    running = Running(handle)
+    running.admit([first, gone])
+    running.step()  # `gone` leaves here
+    running.step()
+    running.admit([late])
+    while running.jobs:
+        running.step()
+    for j, ref in ((first, "all"), (gone, "news"), (late, "code")):
+        assert j.tokens == uncached(serve_merges[ref], handle.tokenizer.decode(j.prompt_ids), j.max_tokens), ref
+        model = load_flexolmo(serve_merges[ref], prefix_pool=0.5).model
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([j.prompt_ids + j.tokens]), use_cache=False).logits[0], -1)
+        start = len(j.prompt_ids) - 1
+        got = [lp for lp, _ in j.logprobs]
+        want = [float(logp[start + i, t]) for i, t in enumerate(j.tokens)]
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (ref, got, want)

@@ -4,8 +4,8 @@ sampling settings (greedy, or sampled with its own seeded generator: `serving/sa
 A request's expert choice is a row of router logit offsets (0 allowed, -inf not), added to every token of
 that sequence in every layer (`FlexRouter.row_offset`). So one forward pass serves a batch that mixes
 policies, and each sequence's softmax over its allowed experts is exactly that of a model merged with only
-those experts (METHOD.md's opt-out). Sequences are left-padded; a batch runs until its longest request ends
-(no continuous batching: new requests wait for the next batch, which starts within `batch_wait_ms`)."""
+those experts (METHOD.md's opt-out). Batching is continuous (`Running`): requests join the running sequences
+at a step boundary, left-padded into the shared KV cache, and leave when their own tokens are done."""
 from __future__ import annotations
 
 import collections
@@ -104,70 +104,179 @@ def _set_row_offsets(model, offsets: torch.Tensor | None) -> None:
         router.row_offset = offsets
 
 
-@torch.no_grad()
-def decode_batch(handle: ModelHandle, jobs: list[Job]) -> None:
-    """Decode `jobs` together (left-padded, one forward per step); fills each job's tokens, logprobs,
-    finish_reason and routing, calling on_token as tokens appear."""
-    model, tok = handle.loaded.model, handle.tokenizer
-    n, width = len(jobs), max(len(j.prompt_ids) for j in jobs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(handle.eos_ids()), 0)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for b, job in enumerate(jobs):
-        ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-        mask[b, width - len(job.prompt_ids):] = 1
-    device = model.device
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    eos, layers = handle.eos_ids(), routers(model)
-    routing = torch.zeros(n, len(handle.domains), device=device)
-    active = [not j.cancelled for j in jobs]
-    generators = [j.sampling.generator(j.index) for j in jobs]
-    _set_row_offsets(model, torch.stack([handle.offsets(j.allowed) for j in jobs]).to(device))
-    for router in layers:
-        router.record = []
-    try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        last = torch.arange(n, device=device) * width + width - 1  # each row's last prompt position, flattened
-        for step in range(max(j.max_tokens for j in jobs)):
-            rows = last if step == 0 else torch.arange(n, device=device)
-            for router in layers:  # the routing that chose this step's tokens
-                routing += router.record[-1][rows]
-                router.record.clear()
-            logits = out.logits[:, -1, :]
-            chosen = logits.argmax(-1)  # finished rows keep feeding a token; active rows get their own below
-            for b, job in enumerate(jobs):
-                if not active[b]:
-                    continue
-                if job.cancelled:
-                    active[b], job.finish_reason = False, "cancelled"
-                    continue
-                token = choose(logits[b], job.sampling, job.tokens, generators[b])
-                chosen[b] = token
-                if job.sampling.logprobs is not None:
-                    job.logprobs.append(logprobs_of(logits[b], token, job.sampling.logprobs))
-                job.tokens.append(token)
-                job.routing = routing[b].cpu()
-                if job.sampling.stop:
-                    job.text_end = stop_at(tok.decode(job.tokens, skip_special_tokens=True), job.sampling.stop)
-                if job.on_token:
-                    job.on_token(job, token)
-                if token in eos or job.text_end is not None or len(job.tokens) >= job.max_tokens:
-                    stopped = token in eos or job.text_end is not None
-                    active[b], job.finish_reason = False, "stop" if stopped else "length"
-            if not any(active):
-                break
-            for b, job in enumerate(jobs):
-                if not active[b]:
-                    routing[b] = 0  # keep finished rows out of the totals
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
-                        past_key_values=out.past_key_values, use_cache=True)
-    finally:
-        _set_row_offsets(model, None)
+class Running:
+    """The sequences decoded together (continuous batching). Each row is one job with its own KV-cache row,
+    attention-mask row, position, expert mask and generator; rows join at a step boundary (`admit`: their prompts
+    are prefilled together, their cache left-padded to the running one's width and stacked under it) and leave
+    as soon as they finish (`step` drops them), so a short request never waits for a long one."""
+
+    def __init__(self, handle: ModelHandle):
+        self.handle, self.model = handle, handle.loaded.model
+        self.jobs: list[Job] = []
+        self.generators: list = []
+        self.cache = self.mask = self.positions = self.pending = self.offsets = None
+        self.pool: list | None = None  # prefix pooling's per-row running sums, one (sum, count) per router
+        self.eos = handle.eos_ids()
+
+    # ---- one token for one row -----------------------------------------------------------------------------
+    def _advance(self, b: int, logits: torch.Tensor) -> int:
+        """Choose row b's next token from its logits and record it; returns the token."""
+        job = self.jobs[b]
+        token = choose(logits, job.sampling, job.tokens, self.generators[b])
+        if job.sampling.logprobs is not None:
+            job.logprobs.append(logprobs_of(logits, token, job.sampling.logprobs))
+        job.tokens.append(token)
+        if job.sampling.stop:
+            job.text_end = stop_at(self.handle.tokenizer.decode(job.tokens, skip_special_tokens=True), job.sampling.stop)
+        if job.on_token:
+            job.on_token(job, token)
+        if token in self.eos or job.text_end is not None:
+            job.finish_reason = "stop"
+        elif len(job.tokens) >= job.max_tokens:
+            job.finish_reason = "length"
+        return token
+
+    def _forward(self, offsets: torch.Tensor, **inputs):
+        """One forward pass with these rows' expert masks; returns its output and each layer's routing records."""
+        layers = routers(self.model)
+        _set_row_offsets(self.model, offsets)
         for router in layers:
-            router.record = None
+            router.record = []
+        try:
+            out = self.model(use_cache=True, **inputs)
+            return out, [router.record[-1] for router in layers]
+        finally:
+            _set_row_offsets(self.model, None)
+            for router in layers:
+                router.record = None
+
+    # ---- rows join ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def admit(self, jobs: list[Job]) -> None:
+        """Prefill the new jobs' prompts (left-padded among themselves), choose their first tokens, and add them."""
+        jobs = [j for j in jobs if not j.cancelled]
+        if not jobs:
+            return
+        tok, device = self.handle.tokenizer, self.model.device
+        n, width = len(jobs), max(len(j.prompt_ids) for j in jobs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos), 0)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for b, job in enumerate(jobs):
+            ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
+            mask[b, width - len(job.prompt_ids):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        offsets = torch.stack([self.handle.offsets(j.allowed) for j in jobs]).to(device)
+        old_pool = self._pool_state()
+        out, records = self._forward(offsets, input_ids=ids, attention_mask=mask, position_ids=positions)
+        last = torch.arange(n, device=device) * width + width - 1  # each row's last prompt position, flattened
+        first = len(self.jobs)
+        self.jobs += jobs
+        self.generators += [j.sampling.generator(j.index) for j in jobs]
+        for b, job in enumerate(jobs):
+            job.routing = sum(r[last[b]] for r in records).cpu()
+        pending = torch.tensor([self._advance(first + b, out.logits[b, -1]) for b in range(n)], device=device)
+        self._stack(out.past_key_values, mask, positions[:, -1], pending, offsets, old_pool)
+        self._drop_finished()
+
+    def _stack(self, cache, mask, positions, pending, offsets, old_pool) -> None:
+        """Put the new rows' cache, mask and state under the running ones, left-padding the narrower side."""
+        if self.cache is None:
+            self.cache, self.mask, self.positions, self.pending, self.offsets = cache, mask, positions, pending, offsets
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width, dim=2), _left_pad(new.keys, width, dim=2)])
+            old.values = torch.cat([_left_pad(old.values, width, dim=2), _left_pad(new.values, width, dim=2)])
+        self.positions = torch.cat([self.positions, positions])
+        self.pending, self.offsets = torch.cat([self.pending, pending]), torch.cat([self.offsets, offsets])
+        if old_pool is not None:  # the prefill started fresh sums for the new rows: the old rows' go on top
+            for router, (total, count) in zip(routers(self.model), old_pool):
+                router.pool_sum = torch.cat([total, router.pool_sum])
+                router.pool_count = torch.cat([count, router.pool_count])
+
+    def _pool_state(self) -> list | None:
+        layers = routers(self.model)
+        if not layers[0].prefix_pool or not self.jobs:
+            return None
+        return [(r.pool_sum, r.pool_count) for r in layers]
+
+    # ---- one step for every row ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """Feed every row its last token, choose the next one, and let finished rows go."""
+        if not self.jobs:
+            return
+        device = self.model.device
+        self.mask = torch.cat([self.mask, torch.ones((len(self.jobs), 1), dtype=torch.long, device=device)], dim=1)
+        self.positions = self.positions + 1
+        out, records = self._forward(self.offsets, input_ids=self.pending[:, None], attention_mask=self.mask,
+                                     position_ids=self.positions[:, None], past_key_values=self.cache)
+        self.cache = out.past_key_values
+        for b, job in enumerate(self.jobs):
+            if job.cancelled:
+                job.finish_reason = "cancelled"
+                continue
+            job.routing = job.routing + sum(r[b] for r in records).cpu()
+            self.pending[b] = self._advance(b, out.logits[b, -1])
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Remove finished rows from every per-row state (and columns no row needs any more); tell their callers."""
+        for job in self.jobs:
+            if job.cancelled and job.finish_reason is None:
+                job.finish_reason = "cancelled"
+        keep = [b for b, j in enumerate(self.jobs) if j.finish_reason is None]
+        done = [j for j in self.jobs if j.finish_reason is not None]
+        if not done:
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.model.device)
+        self.jobs, self.generators = [self.jobs[b] for b in keep], [self.generators[b] for b in keep]
+        if keep:
+            self.mask, self.positions = self.mask[index], self.positions[index]
+            self.pending, self.offsets = self.pending[index], self.offsets[index]
+            cut = int((self.mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row left
+            self.mask = self.mask[:, cut:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[index, :, cut:], layer.values[index, :, cut:]
+            for router in routers(self.model):
+                if router.pool_sum is not None and router.prefix_pool:
+                    router.pool_sum, router.pool_count = router.pool_sum[index], router.pool_count[index]
+        else:
+            self.cache = self.mask = self.positions = self.pending = self.offsets = None
+        for job in done:
+            if job.on_done:
+                job.on_done(job)
+
+    def fail(self, error: str) -> None:
+        """A bug in a step: every running job says what failed and is answered."""
+        for job in self.jobs:
+            job.error = error
+            if job.on_done:
+                job.on_done(job)
+        self.jobs, self.generators = [], []
+        self.cache = self.mask = self.positions = self.pending = self.offsets = None
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """`t` grown to `width` along `dim` with zeros on the left (masked out: never attended to)."""
+    extra = width - t.shape[dim]
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def decode_batch(handle: ModelHandle, jobs: list[Job]) -> None:
+    """Decode `jobs` together from the same start to their ends (the engine admits later jobs as they come);
+    fills each job's tokens, logprobs, finish_reason and routing, calling on_token as tokens appear."""
+    running = Running(handle)
+    running.admit(jobs)
+    while running.jobs:
+        running.step()
 
 
 class Engine:
@@ -193,35 +302,48 @@ class Engine:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _next(self, timeout: float | None) -> Job | None:
-        if self._held:
-            return self._held.popleft()
+    def _next(self, timeout: float | None, handle: ModelHandle | None = None) -> Job | None:
+        """A held request (for `handle`'s release, or any when None), else the next from the queue."""
+        for job in self._held:  # requests for another release wait until the running sequences end
+            if handle is None or job.handle is handle:
+                self._held.remove(job)
+                return job
         try:
             return self.queue.get(timeout=timeout)
         except queue.Empty:
             return None
 
     def _run(self) -> None:
+        """Continuous batching: while sequences run, new requests for the same release join at each step
+        boundary (up to max_batch rows) and finished ones leave at once. From idle, the first request waits up to
+        batch_wait_ms for company."""
+        running: Running | None = None
         while not self._stop.is_set():
-            first = self._next(timeout=0.1)
-            if first is None:
-                continue
-            batch, deadline = [first], time.monotonic() + self.batch_wait
-            while len(batch) < self.max_batch:
-                job = self._next(timeout=max(0.0, deadline - time.monotonic()))
+            if running is None or not running.jobs:
+                first = self._next(timeout=0.1)
+                if first is None:
+                    continue
+                running, new, deadline = Running(first.handle), [first], time.monotonic() + self.batch_wait
+            else:
+                new, deadline = [], time.monotonic()  # running: take only what is already waiting
+            while len(running.jobs) + len(new) < self.max_batch:
+                job = self._next(timeout=max(0.0, deadline - time.monotonic()), handle=running.handle)
                 if job is None:
                     break
-                (batch if job.handle is first.handle else self._held).append(job)
-            live = [j for j in batch if not j.cancelled]
-            try:
-                if live:
-                    decode_batch(first.handle, live)
-                    self.batches += 1
-            except Exception as err:  # noqa: BLE001  (a bug must not kill the server: each job says what failed)
-                for job in live:
-                    job.error = f"{type(err).__name__}: {err}"
-            for job in batch:
-                if job.cancelled and job.finish_reason is None:
+                if job.cancelled:
                     job.finish_reason = "cancelled"
-                if job.on_done:
-                    job.on_done(job)
+                    if job.on_done:
+                        job.on_done(job)
+                    continue
+                (new if job.handle is running.handle else self._held).append(job)
+            try:
+                if new:
+                    running.admit(new)
+                    self.batches += 1
+                running.step()
+            except Exception as err:  # noqa: BLE001  (a bug must not kill the server: each job says what failed)
+                for job in new:
+                    job.error = job.error or f"{type(err).__name__}: {err}"
+                    if job not in running.jobs and job.on_done:
+                        job.on_done(job)
+                running.fail(f"{type(err).__name__}: {err}")

@@ -2,16 +2,40 @@
 and make one call, so what a step reads is said once."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from flexolmo_core.data.readers import read_texts
 from flexolmo_core.errors import read_json
-from flexolmo_core.training.config import ExpertConfig, LoopConfig
-from flexolmo_core.training.embeddings import EMBEDDING_META, load_embedding
+from flexolmo_core.training.config import DomainEmbeddingConfig, ExpertConfig, LoopConfig
+from flexolmo_core.training.embeddings import EMBEDDING_META, load_embedding, write_domain_embedding
 from flexolmo_core.training.stages import train_expert
 
 PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class EmbeddingJob:
+    """One domain's router embedding (the public one too), from its documents through the anchor."""
+
+    anchor: PathLike
+    domain: str
+    data: PathLike | list[PathLike]  # the domain's documents (.txt/.jsonl files or folders)
+    out: PathLike                    # the embedding folder: embedding.safetensors and its record, embedding.json
+    stage: DomainEmbeddingConfig
+    public_embedding: PathLike | None = None  # the public folder, whose raw mean a domain centers on (stage.center)
+
+
+def embed_domain_job(job: EmbeddingJob) -> torch.Tensor:
+    """Compute and save the job's rows; the record says the domain and every setting that made them."""
+    record = {"domain": job.domain, **{k: v for k, v in dataclasses.asdict(job.stage).items() if k != "presets"}}
+    data = [job.data] if isinstance(job.data, (str, os.PathLike)) else job.data
+    return write_domain_embedding(job.out, job.domain, read_texts(data), job.anchor, job.stage, record,
+                                  job.public_embedding)
 
 
 @dataclass(frozen=True)

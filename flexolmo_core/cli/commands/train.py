@@ -2,16 +2,14 @@
 unrestricted-MoE baseline. Each takes its flags from its stage's config (flexolmo_core/cli/config.py)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from flexolmo_core.cli.commands.core import model_preset
 from flexolmo_core.cli.config import add_out, add_stage_args
-from flexolmo_core.data.readers import read_texts
 from flexolmo_core.merge.merging import default_top_k
 from flexolmo_core.training.config import DomainEmbeddingConfig, RouterTuneConfig, UnrestrictedConfig
-from flexolmo_core.training.embeddings import write_domain_embedding
+from flexolmo_core.training.jobs import EmbeddingJob, embed_domain_job
 from flexolmo_core.training.stages import flops_budget, train_unrestricted, tune_router
 
 
@@ -55,10 +53,8 @@ def register(subparsers) -> None:
 
 
 def cmd_embedding(args) -> None:
-    cfg = args.stage
-    meta = {"domain": args.domain, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "presets"}}
-    rows = write_domain_embedding(args.out, args.domain, read_texts(args.data), args.anchor, cfg, meta,
-                                  args.public_embedding)
+    rows = embed_domain_job(EmbeddingJob(args.anchor, args.domain, args.data, args.out, args.stage,
+                                         args.public_embedding))
     print(json.dumps({"embedding": args.out, "shape": list(rows.shape)}))
 
 
