@@ -50,7 +50,7 @@ def uncached(model_dir, prompt, n):
     from flexolmo_core.inference.model import load_flexolmo
 
     loaded = load_flexolmo(model_dir, prefix_pool=0.5)
-    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.model.device)
     for _ in range(n):
         with torch.no_grad():
             ids = torch.cat([ids, loaded.model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
@@ -110,7 +110,7 @@ def test_logprobs_are_those_of_the_model_merged_without_the_masked_expert(serve_
     served = sampled(handle, PROMPTS[0], ["public", "code"], 6, temperature=0.9, seed=3, logprobs=3)
     decode_batch(handle, [served, job(handle, PROMPTS[3], ["public", "news"], 6)])
     smaller = load_flexolmo(serve_merges["code"]).model
-    ids = torch.tensor([served.prompt_ids + served.tokens])
+    ids = torch.tensor([served.prompt_ids + served.tokens], device=smaller.device)
     with torch.no_grad():
         logp = torch.log_softmax(smaller(ids).logits[0].float(), dim=-1)
     start = len(served.prompt_ids) - 1
@@ -243,7 +243,8 @@ def test_prefix_pooled_rows_that_join_mid_decode_keep_their_own_running_mean(ser
         assert j.tokens == uncached(serve_merges[ref], handle.tokenizer.decode(j.prompt_ids), j.max_tokens), ref
         model = load_flexolmo(serve_merges[ref], prefix_pool=0.5).model
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([j.prompt_ids + j.tokens]), use_cache=False).logits[0], -1)
+            ids = torch.tensor([j.prompt_ids + j.tokens], device=model.device)
+            logp = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
         start = len(j.prompt_ids) - 1
         got = [lp for lp, _ in j.logprobs]
         want = [float(logp[start + i, t]) for i, t in enumerate(j.tokens)]
