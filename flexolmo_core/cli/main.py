@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "flexolmo_core.cli.commands.registry",
     "flexolmo_core.cli.commands.evaluate",
     "flexolmo_core.cli.commands.serve",
+    "flexolmo_core.cli.commands.audit",
 )
 
 

@@ -1,0 +1,81 @@
+"""`flexolmo audit canaries`: plant canaries in an owner's data, and measure a model's exposure to them (with
+`--exclude`, the model with those experts opted out)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flexolmo_core.audit.canaries import exposure, exposure_table, plant, read_canaries, write_canaries
+from flexolmo_core.cli.config import add_out
+from flexolmo_core.errors import InputError
+from flexolmo_core.inference.model import load_flexolmo
+from flexolmo_core.io.dtypes import inference_dtype, resolve_device
+from flexolmo_core.merge.merging import MERGED_MANIFEST
+
+
+def register(subparsers) -> None:
+    audit = subparsers.add_parser("audit", help="what an owner's data leaves behind in a model")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT")
+    p = audit_sub.add_parser("canaries", help="plant canaries (--plant) or measure a model's exposure to them (--model)")
+    p.add_argument("--plant", type=int, default=None, metavar="N", help="write N canaries per repeat count to --out")
+    p.add_argument("--repeats", default="1,4,16", help="how many times each canary appears in the documents")
+    p.add_argument("--tokenizer", default=None, metavar="ANCHOR",
+                   help="with --plant: the anchor folder, whose tokenizer picks secrets of the most common length "
+                        "(recommended: exposure ranks a secret among candidates of its own token count)")
+    add_out(p, "with --plant: the canary folder to write (canaries.json, documents.txt)", default=None)
+    p.add_argument("--model", default=None, help="a merged, dense or anchor checkpoint folder to measure")
+    p.add_argument("--canaries", default=None, help="the canary folder --plant wrote")
+    p.add_argument("--exclude", default="", help="experts to opt out, comma-separated (merged models only)")
+    p.add_argument("--candidates", type=int, default=100_000, help="random secrets each canary is ranked among")
+    p.add_argument("--seed", type=int, default=0, help="seed for the secrets and the candidates")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", action="store_true", help="print the per-canary results as JSON")
+    p.set_defaults(func=cmd_canaries)
+
+
+def cmd_canaries(args) -> int:
+    if (args.plant is None) == (args.model is None):
+        raise InputError("give --plant N (with --out) to write canaries, or --model M (with --canaries) to measure")
+    if args.plant is not None:
+        if not args.out:
+            raise InputError("--plant needs --out, the folder to write the canaries to")
+        repeats = [int(r) for r in args.repeats.split(",") if r.strip()]
+        tokenizer = None
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        canaries = plant(args.plant, repeats, args.seed, tokenizer)
+        write_canaries(canaries, args.out, args.seed)
+        print(f"wrote {len(canaries)} canaries to {args.out}/ (mix documents.txt into the owner's training data)")
+        return 0
+    if not args.canaries:
+        raise InputError("--model needs --canaries, the folder --plant wrote")
+    model, tokenizer = scoring_model(args.model, [e for e in args.exclude.split(",") if e.strip()], args.device)
+    results = [exposure(model, tokenizer, c, args.candidates, args.seed) for c in read_canaries(args.canaries)]
+    table = exposure_table(results)
+    if args.json:
+        print(json.dumps({"model": args.model, "exclude": args.exclude, "canaries": results, "by_repeats": table}))
+        return 0
+    print(f"exposure of {args.model}{' without ' + args.exclude if args.exclude else ''} "
+          f"({args.candidates} candidates each; at most {max(r['exposure'] for r in results) if results else 0} "
+          "bits seen)")
+    print("| repeats | canaries | mean exposure (bits) | max |\n|---|---|---|---|")
+    for r, row in table.items():
+        print(f"| {r} | {row['canaries']} | {row['mean_exposure']} | {row['max_exposure']} |")
+    return 0
+
+
+def scoring_model(path: str, exclude: list[str], device: str):
+    """(model, tokenizer): a merged model through the inference loader (so --exclude is the exact opt-out), or
+    any other causal LM checkpoint as transformers loads it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (Path(path) / MERGED_MANIFEST).exists():
+        loaded = load_flexolmo(path, exclude=exclude, device=device)
+        return loaded.model, loaded.tokenizer
+    if exclude:
+        raise InputError(f"{path}: --exclude needs a merged model (with {MERGED_MANIFEST}); this one has no experts")
+    where = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(where, path)).to(where).eval()
+    return model, AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,65 @@
+"""Canary exposure: planted secrets an expert memorised are measured, and opting the expert out takes them back
+(the opt-out guarantee shown on what was memorised, not only on bpb)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flexolmo_core.audit.canaries import (
+    DOCUMENTS,
+    plant,
+    read_canaries,
+    write_canaries,
+)
+from flexolmo_core.cli.main import main
+from flexolmo_core.errors import InputError
+
+
+def test_planted_documents_hold_each_canary_as_often_as_asked(tmp_path):
+    canaries = plant(2, [1, 4, 0], seed=3)
+    write_canaries(canaries, tmp_path / "c")
+    assert read_canaries(tmp_path / "c") == canaries and len({c.secret for c in canaries}) == 6
+    docs = (tmp_path / "c" / DOCUMENTS).read_text().split("\n\n")
+    for c in canaries:
+        assert sum(d.strip() == c.text() for d in docs) == c.repeats
+    with pytest.raises(InputError, match="repeat counts >= 0"):
+        plant(1, [-1])
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory, smoke_anchor):
+    """A merge of the smoke anchor and one expert trained on nothing but canary documents (2 canaries x 16),
+    with 2 control canaries that were planted nowhere."""
+    from flexolmo_core.merge.merging import merge
+    from flexolmo_core.training.config import LoopConfig
+    from flexolmo_core.training.stages import train_expert
+
+    root = tmp_path_factory.mktemp("audit")
+    from transformers import AutoTokenizer
+
+    write_canaries(plant(4, [16, 0], seed=1, tokenizer=AutoTokenizer.from_pretrained(smoke_anchor)), root / "canaries")
+    loop = LoopConfig(steps=120, lr=1e-2, warmup=4, global_batch=8, micro_batch=8, seq_len=32, checkpoint_every=40,
+                      eval_batches=1, progress=False)
+    train_expert(smoke_anchor, "code", [root / "canaries" / DOCUMENTS], root / "run", loop, package_dir=root / "pkg")
+    merge(smoke_anchor, [root / "pkg"], root / "merged", top_k=2)
+    return root
+
+
+def measure(capsys, model, canaries, *extra) -> dict:
+    assert main(["audit", "canaries", "--model", str(model), "--canaries", str(canaries), "--candidates", "1000",
+                 "--device", "cpu", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_opting_the_expert_out_takes_back_what_it_memorised(memorised, smoke_anchor, capsys):
+    """With the expert, the planted canaries stand out; opted out, every canary ranks as it does in the anchor
+    that never saw them."""
+    canaries = memorised / "canaries"
+    with_expert = measure(capsys, memorised / "merged", canaries)
+    opted_out = measure(capsys, memorised / "merged", canaries, "--exclude", "code")
+    anchor = measure(capsys, smoke_anchor, canaries)
+    planted = with_expert["by_repeats"]["16"]["mean_exposure"]
+    assert planted > anchor["by_repeats"]["16"]["mean_exposure"] + 3, (with_expert, anchor)
+    assert planted > with_expert["by_repeats"]["0"]["mean_exposure"] + 3
+    assert [c["rank"] for c in opted_out["canaries"]] == [c["rank"] for c in anchor["canaries"]]
