@@ -52,6 +52,7 @@ def measure(capsys, model, canaries, *extra) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # trains an expert for 120 steps and scores 3 x 8,008 sentences (~80 s)
 def test_opting_the_expert_out_takes_back_what_it_memorised(memorised, smoke_anchor, capsys):
     """With the expert, the planted canaries stand out; opted out, every canary ranks as it does in the anchor
     that never saw them."""
