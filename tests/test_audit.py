@@ -64,3 +64,33 @@ def test_opting_the_expert_out_takes_back_what_it_memorised(memorised, smoke_anc
     assert planted > anchor["by_repeats"]["16"]["mean_exposure"] + 3, (with_expert, anchor)
     assert planted > with_expert["by_repeats"]["0"]["mean_exposure"] + 3
     assert [c["rank"] for c in opted_out["canaries"]] == [c["rank"] for c in anchor["canaries"]]
+
+
+@pytest.mark.slow  # shares the trained expert above; draws 4 continuations of 16 tokens per document
+# (20 prefix tokens hold the account name, which tells the 4 canaries apart; temperature 0.1: at 1.0 a smoke
+# model's memory of 16 repeats is a ranking, not a certainty, and its samples are noise: near-zero extraction
+# at small scale says little, as the issue says)
+def test_extraction_finds_memorised_documents_and_none_once_the_expert_is_out(memorised, capsys):
+    docs = memorised / "documents.jsonl"  # one training document per line (the .txt file is one document)
+    docs.write_text("".join(json.dumps({"text": c.text()}) + "\n" for c in read_canaries(memorised / "canaries")
+                            if c.repeats))
+
+    def audit(*extra) -> dict:
+        assert main(["audit", "extraction", "--model", str(memorised / "merged"), "--data", str(docs), "--prefixes", "8", "--prefix-tokens", "20",
+                     "--new-tokens", "16", "--samples", "4", "--temperature", "0.1", "--device", "cpu", "--json",
+                     *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    with_expert, opted_out = audit(), audit("--exclude", "code")
+    print(with_expert["rate"], with_expert["mean_similarity"], opted_out["rate"], opted_out["mean_similarity"])
+    assert with_expert["documents"] == 4 and with_expert["rate"] >= 0.75 and with_expert["interval_95"][0] > 0.3
+    assert opted_out["extracted"] == 0 and opted_out["mean_similarity"] < with_expert["mean_similarity"] - 0.3
+
+
+def test_the_wilson_interval_matches_its_formula_at_known_points():
+    from flexolmo_core.audit.extraction import wilson
+
+    low, high = wilson(0, 10)
+    assert low == 0.0 and abs(high - 0.2775) < 1e-3  # the textbook 95% upper bound for 0 of 10
+    low, high = wilson(5, 10)
+    assert abs(low - 0.2366) < 1e-3 and abs(high - 0.7634) < 1e-3

@@ -1,12 +1,15 @@
-"""`flexolmo audit canaries`: plant canaries in an owner's data, and measure a model's exposure to them (with
-`--exclude`, the model with those experts opted out)."""
+"""`flexolmo audit canaries` (plant canaries in an owner's data; measure a model's exposure to them) and
+`flexolmo audit extraction` (the paper's extraction audit); `--exclude` measures the model with those experts
+opted out."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from flexolmo_core.audit.canaries import exposure, exposure_table, plant, read_canaries, write_canaries
+from flexolmo_core.audit.extraction import ExtractionConfig, extraction_audit
 from flexolmo_core.cli.config import add_out
+from flexolmo_core.data.readers import read_texts
 from flexolmo_core.errors import InputError
 from flexolmo_core.inference.model import load_flexolmo
 from flexolmo_core.io.dtypes import inference_dtype, resolve_device
@@ -31,6 +34,33 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", action="store_true", help="print the per-canary results as JSON")
     p.set_defaults(func=cmd_canaries)
+
+    p = audit_sub.add_parser("extraction", help="the paper's extraction audit: can the model reproduce training "
+                                                "documents from their first tokens?")
+    p.add_argument("--model", required=True, help="a merged, dense or anchor checkpoint folder")
+    p.add_argument("--data", nargs="+", required=True, help="the domain's training documents (.txt/.jsonl files or "
+                                                            "folders, or the prepare stage's split)")
+    p.add_argument("--exclude", default="", help="experts to opt out, comma-separated (merged models only)")
+    p.add_argument("--only", default=None, help="keep only these experts, comma-separated (merged models only)")
+    p.add_arguments(ExtractionConfig, dest="audit")  # one flag per field, its comment as help
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", action="store_true", help="print the result (per document too) as JSON")
+    p.set_defaults(func=cmd_extraction)
+
+
+def cmd_extraction(args) -> int:
+    names = lambda text: [e for e in (text or "").split(",") if e.strip()]  # noqa: E731
+    model, tokenizer = scoring_model(args.model, names(args.exclude), args.device, names(args.only) or None)
+    result = extraction_audit(model, tokenizer, read_texts(args.data), args.audit)
+    if args.json:
+        print(json.dumps({"model": args.model, "exclude": args.exclude, "only": args.only, **result}))
+        return 0
+    low, high = result["interval_95"]
+    print(f"| model | documents | extracted | rate [95% interval] | mean similarity | max |\n|---|---|---|---|---|---|\n"
+          f"| {args.model}{' without ' + args.exclude if args.exclude else ''} | {result['documents']} | "
+          f"{result['extracted']} | {100 * result['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | "
+          f"{result['mean_similarity']} | {result['max_similarity']} |")
+    return 0
 
 
 def cmd_canaries(args) -> int:
@@ -66,16 +96,16 @@ def cmd_canaries(args) -> int:
     return 0
 
 
-def scoring_model(path: str, exclude: list[str], device: str):
+def scoring_model(path: str, exclude: list[str], device: str, only: list[str] | None = None):
     """(model, tokenizer): a merged model through the inference loader (so --exclude is the exact opt-out), or
     any other causal LM checkpoint as transformers loads it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (Path(path) / MERGED_MANIFEST).exists():
-        loaded = load_flexolmo(path, exclude=exclude, device=device)
+        loaded = load_flexolmo(path, exclude=exclude, only=only, device=device)
         return loaded.model, loaded.tokenizer
-    if exclude:
-        raise InputError(f"{path}: --exclude needs a merged model (with {MERGED_MANIFEST}); this one has no experts")
+    if exclude or only:
+        raise InputError(f"{path}: --exclude/--only need a merged model (with {MERGED_MANIFEST}); this one has no experts")
     where = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(where, path)).to(where).eval()
     return model, AutoTokenizer.from_pretrained(path)
