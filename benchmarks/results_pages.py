@@ -91,6 +91,20 @@ def gpu_page(folder: str) -> str:
     return "\n".join(text)
 
 
+def serve_load_page(folder: str) -> str:
+    """The load benchmark's output before and after continuous batching, as it printed them."""
+    base = RESULTS / folder
+    text = header("Serving under load: static batches (before) and continuous batching (after)",
+                  f"benchmarks/results/{folder}/",
+                  "python benchmarks/serve_load.py --model M --anchor A --clients 1,4,16 --seconds 20 "
+                  "--max-tokens 16 --mixed 128 --no-decode")
+    text += ["Recorded at commit 27fbf75 (before, run with the later script) and b2eedfb (after), on the machine "
+             "each run prints first.", ""]
+    for name in sorted(p.name for p in base.glob("*.txt")):
+        text += [f"## {name.removesuffix('.txt')}", "", "```", (base / name).read_text().rstrip(), "```", ""]
+    return "\n".join(text)
+
+
 def pages() -> dict[str, str]:
     return {
         "quality_scaling.md": study_page(
@@ -104,6 +118,7 @@ def pages() -> dict[str, str]:
         "pipeline_overhead.md": overhead_page(["pipeline_overhead_smoke", "pipeline_overhead_tiny_from_log",
                                                "pipeline_overhead_tiny_prefect_from_log"]),
         "gpu_check_h200.md": gpu_page("gpu_check_h200"),
+        "serve_load.md": serve_load_page("serve_load"),
     }
 
 
