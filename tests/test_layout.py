@@ -32,6 +32,8 @@ def test_every_variant_passes_inspect_and_strict_loading(variants, smoke_anchor,
     out, _ = variants
     info = describe(out / name)
     assert info["anchor_matches"] is True, info
+    dense = name.startswith(("dense_", "soup"))
+    assert info["tensor_layout"] == ("dense" if dense else "fused experts (transformers 5's runtime form)"), info
     if "recorded_anchor_fingerprint" in info:
         assert info["recorded_anchor_fingerprint"] == describe(smoke_anchor)["fingerprint"]
     _, loading = AutoModelForCausalLM.from_pretrained(out / name, output_loading_info=True)
@@ -103,3 +105,14 @@ def test_opt_out_of_a_per_expert_checkpoint_equals_opt_out_of_the_fused_one(vari
     opt_out(out / "flexolmo", ["code"], tmp_path / "b", top_k=2)
     a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inspect_names_each_layout_a_checkpoint_can_hold():
+    from flexolmo_core.io.layout import layout_name
+
+    per_layer = lambda fmt: [fmt.format(e=e, p=p) for e in range(2) for p in ("gate", "up", "down")]  # noqa: E731
+    assert layout_name(per_layer("model.layers.0.mlp.experts.{e}.{p}_proj.weight")).startswith("per-expert (FlexOlmo")
+    mixtral = [n.replace("gate_proj", "w1").replace("up_proj", "w3").replace("down_proj", "w2")
+               for n in per_layer("model.layers.0.block_sparse_moe.experts.{e}.{p}_proj.weight")]
+    assert layout_name(mixtral).startswith("per-expert (Mixtral")
+    assert layout_name(["model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"]) == "dense"

@@ -7,7 +7,8 @@ from flexolmo_core.anchor.families import is_moe
 from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint, model_config_from_hf
 from flexolmo_core.errors import InputError, MissingInput
 from flexolmo_core.expert.package import MANIFEST_FILE, load_package
-from flexolmo_core.io.checkpoint import check_checkpoint, load_state
+from flexolmo_core.io.checkpoint import check_checkpoint, checkpoint_meta, load_state
+from flexolmo_core.io.layout import layout_name
 from flexolmo_core.merge.baselines import shared_sha256
 from flexolmo_core.merge.merging import MERGED_MANIFEST, read_manifest
 
@@ -31,6 +32,7 @@ def describe(path: Path) -> dict:
     config = AutoConfig.from_pretrained(path)
     cfg = model_config_from_hf(config)
     info = {"path": str(path), "model_type": config.model_type, "fingerprint": anchor_fingerprint(path),
+            "tensor_layout": layout_name(checkpoint_meta(path)),
             "shape": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                       "ffn_hidden": cfg.ffn_hidden, "vocab_size": cfg.vocab_size}}
     m = read_manifest(path) if (path / MERGED_MANIFEST).exists() else None

@@ -36,6 +36,19 @@ _PART = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate"
 ROUTER_NAMES = ("mlp.gate.weight", "block_sparse_moe.gate.weight")
 
 
+def layout_name(names) -> str:
+    """Which on-disk layout a checkpoint's tensor names are in (what `flexolmo inspect` reports)."""
+    names = list(names)
+    if any(n.endswith("mlp.experts.gate_up_proj") for n in names):
+        return "fused experts (transformers 5's runtime form)"
+    found = [m for m in map(_PER_EXPERT.match, names) if m]
+    if found:
+        mixtral = any(m.group(3).startswith("w") for m in found)
+        return "per-expert (Mixtral's block_sparse_moe.experts.<e>.w1|w3|w2)" if mixtral else \
+            "per-expert (FlexOlmo's mlp.experts.<e>.gate_proj|up_proj|down_proj)"
+    return "dense"
+
+
 def n_layers_of(state: dict) -> int:
     return 1 + max(int(name.split(".")[2]) for name in state if name.startswith("model.layers."))
 
