@@ -27,6 +27,14 @@ def test_planted_documents_hold_each_canary_as_often_as_asked(tmp_path):
         plant(1, [-1])
 
 
+def test_bad_audit_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert main(["audit", "canaries", "--plant", "2", "--repeats", "1,x", "--out", str(tmp_path / "c")]) == 2
+    assert "--repeats must be comma-separated integers, got '1,x'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main(["audit", "canaries", "--model", "m", "--canaries", "c", "--candidates", "0"]) == 2
+    assert "--candidates must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory, smoke_anchor):
     """A merge of the smoke anchor and one expert trained on nothing but canary documents (2 canaries x 16),

@@ -174,9 +174,11 @@ class Running:
         first = len(self.jobs)
         self.jobs += jobs
         self.generators += [j.sampling.generator(j.index) for j in jobs]
+        routing = torch.stack(records).sum(0)[last].cpu()  # one copy to the CPU per forward, not one per row
+        logits = out.logits[:, -1].float().cpu()
         for b, job in enumerate(jobs):
-            job.routing = sum(r[last[b]] for r in records).cpu()
-        pending = torch.tensor([self._advance(first + b, out.logits[b, -1]) for b in range(n)], device=device)
+            job.routing = routing[b]
+        pending = torch.tensor([self._advance(first + b, logits[b]) for b in range(n)], device=device)
         self._stack(out.past_key_values, mask, positions[:, -1], pending, offsets, old_pool)
         self._drop_finished()
 
@@ -215,12 +217,14 @@ class Running:
         out, records = self._forward(self.offsets, input_ids=self.pending[:, None], attention_mask=self.mask,
                                      position_ids=self.positions[:, None], past_key_values=self.cache)
         self.cache = out.past_key_values
+        routing = torch.stack(records).sum(0).cpu()  # one copy to the CPU per step, not one per row
+        logits = out.logits[:, -1].float().cpu()
         for b, job in enumerate(self.jobs):
             if job.cancelled:
                 job.finish_reason = "cancelled"
                 continue
-            job.routing = job.routing + sum(r[b] for r in records).cpu()
-            self.pending[b] = self._advance(b, out.logits[b, -1])
+            job.routing = job.routing + routing[b]
+            self.pending[b] = self._advance(b, logits[b])
         self._drop_finished()
 
     def _drop_finished(self) -> None:

@@ -69,7 +69,10 @@ def cmd_canaries(args) -> int:
     if args.plant is not None:
         if not args.out:
             raise InputError("--plant needs --out, the folder to write the canaries to")
-        repeats = [int(r) for r in args.repeats.split(",") if r.strip()]
+        try:
+            repeats = [int(r) for r in args.repeats.split(",") if r.strip()]
+        except ValueError:
+            raise InputError(f"--repeats must be comma-separated integers, got {args.repeats!r}") from None
         tokenizer = None
         if args.tokenizer:
             from transformers import AutoTokenizer
@@ -81,6 +84,8 @@ def cmd_canaries(args) -> int:
         return 0
     if not args.canaries:
         raise InputError("--model needs --canaries, the folder --plant wrote")
+    if args.candidates < 1:
+        raise InputError(f"--candidates must be >= 1, got {args.candidates}")
     model, tokenizer = scoring_model(args.model, [e for e in args.exclude.split(",") if e.strip()], args.device)
     results = [exposure(model, tokenizer, c, args.candidates, args.seed) for c in read_canaries(args.canaries)]
     table = exposure_table(results)
