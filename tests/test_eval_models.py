@@ -12,6 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from flexolmo_core.evaluation import report, runner, smoke, suite, variants  # noqa: E402
 from flexolmo_core.inference.model import load_flexolmo  # noqa: E402
+from flexolmo_core.io.checkpoint import load_state  # noqa: E402
 from flexolmo_core.merge import baselines  # noqa: E402
 
 DOMAINS = ["code", "math"]
@@ -62,7 +63,7 @@ def test_offline_task_end_to_end_matches_hand_bpb(models):
 
 
 def test_dense_expert_extraction_is_exact(models, tmp_path):
-    a, b = baselines.load_state(models / "anchor"), baselines.load_state(
+    a, b = load_state(models / "anchor"), load_state(
         baselines.extract_dense_expert(models / "merged", 0, tmp_path / "d0"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # expert 0 is the anchor's FFN
     # Expert 2 alone as a dense model == the merged model restricted to expert 2 (softmax over one row = 1).
@@ -76,8 +77,8 @@ def test_dense_expert_extraction_is_exact(models, tmp_path):
 def test_model_soup_averages_ffns_and_refuses_different_anchors(models, tmp_path):
     d1 = baselines.extract_dense_expert(models / "merged", 1, tmp_path / "d1")
     d2 = baselines.extract_dense_expert(models / "merged", 2, tmp_path / "d2")
-    soup = baselines.load_state(baselines.model_soup([d1, d2], tmp_path / "soup"))
-    s1, s2 = baselines.load_state(d1), baselines.load_state(d2)
+    soup = load_state(baselines.model_soup([d1, d2], tmp_path / "soup"))
+    s1, s2 = load_state(d1), load_state(d2)
     k = "model.layers.1.mlp.down_proj.weight"
     torch.testing.assert_close(soup[k], (s1[k] + s2[k]) / 2)
     other = smoke.build_anchor(tmp_path / "other", smoke.train_tokenizer(tmp_path / "tok"), seed=7)

@@ -4,6 +4,8 @@ an OLMo-2 anchor with GQA saved sharded (-> FlexOlmo) and a Llama anchor with GQ
 merge, load with AutoModelForCausalLM, and check the method's guarantees."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from published import SHAPE, released_style_expert, save, token_ids
@@ -61,6 +63,44 @@ def logits(model_dir, ids):
 
 def sample_ids(seed: int = 0):
     return torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def converted_from(model_type: str) -> list:
+    """The per-expert names transformers' own conversion map converts from when it loads `model_type`."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return [re.compile(re.escape(pattern).replace(r"\*", r"\d+")) for rule in get_checkpoint_conversion_mapping(model_type)
+            if type(rule).__name__ == "WeightConverter" for pattern in rule.source_patterns]
+
+
+def test_every_written_expert_tensor_is_in_the_layout_transformers_converts_from(world, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from flexolmo_core.cli.inspect import describe
+    from flexolmo_core.inference.model import load_flexolmo
+    from flexolmo_core.io.checkpoint import checkpoint_meta
+
+    root = world["root"]
+    opt_out(root / "merged", ["code"], tmp_path / "optout", top_k=1)
+    for model in (root / "merged", tmp_path / "optout", world["released_model"]):
+        model_type = AutoConfig.from_pretrained(model).model_type
+        sources = converted_from(model_type)
+        names = list(checkpoint_meta(model))
+        experts = [n for n in names if ".experts." in n]
+        assert sources and experts and all(any(p.search(n) for p in sources) for n in experts), (model, experts[:3])
+        routers = [n for n in names if n.endswith("gate.weight")]
+        assert all(".block_sparse_moe." in n for n in experts + routers) == (model_type == "mixtral")
+        info = describe(model)
+        assert info["layout"] == {"flex_olmo": "released-flex_olmo", "mixtral": "released-mixtral"}[model_type]
+        assert info["renormalizes_top_k"] is (model_type == "mixtral")
+        hf, loading = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, output_loading_info=True)
+        assert not any(loading.values()), loading  # strict: nothing missing, unexpected or mismatched
+        if model == world["released_model"]:
+            continue
+        ours = load_flexolmo(model, strict=True, dtype=torch.float32, device="cpu").model  # our reader, not transformers'
+        with torch.no_grad():
+            diff = (hf.eval()(sample_ids()).logits - ours(sample_ids()).logits).abs().max()
+        assert diff < 1e-5, (model, diff)
 
 
 def test_public_parts_stay_bit_identical(world):

@@ -33,7 +33,9 @@ def test_every_variant_passes_inspect_and_strict_loading(variants, smoke_anchor,
     info = describe(out / name)
     assert info["anchor_matches"] is True, info
     dense = name.startswith(("dense_", "soup"))
-    assert info["tensor_layout"] == ("dense" if dense else "fused experts (transformers 5's runtime form)"), info
+    assert info["layout"] == ("dense" if dense else "released-flex_olmo"), info
+    assert json.loads((out / name / "flexolmo.json").read_text())["layout"] == info["layout"]
+    assert info.get("renormalizes_top_k") is (None if dense else False)  # FlexOlmo as released: raw top-k weights
     if "recorded_anchor_fingerprint" in info:
         assert info["recorded_anchor_fingerprint"] == describe(smoke_anchor)["fingerprint"]
     _, loading = AutoModelForCausalLM.from_pretrained(out / name, output_loading_info=True)
@@ -61,58 +63,71 @@ def test_opt_out_refuses_what_it_cannot_do(variants, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def per_expert_form(fused: dict) -> dict:
-    """The per-expert form (transformers writes it for some models): experts.<e>.<proj>_proj.weight."""
-    per_expert = {}
-    for name, tensor in fused.items():
-        if name.endswith("experts.gate_up_proj"):
-            for e, w in enumerate(tensor):
-                gate, up = w.chunk(2)
-                per_expert[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
-                per_expert[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
-        elif name.endswith("experts.down_proj"):
-            per_expert.update({name.replace("down_proj", f"{e}.down_proj.weight"): w for e, w in enumerate(tensor)})
-        else:
-            per_expert[name] = tensor
-    return per_expert
+def fused_form(released: dict) -> dict:
+    """The fused form this project wrote before (transformers 5's runtime names), from a released state."""
+    reader = layout.MoEReader(*layout.state_getter(released))
+    fused = {n: t for n, t in released.items() if not layout.is_moe_tensor(n)}
+    for i in sorted(reader.routers):
+        fused.update(layout.runtime_moe_state(reader, i, list(range(len(reader.router(i))))))
+    return fused
 
 
-def test_layout_round_trips_and_reads_the_per_expert_form(variants):
+def test_layout_round_trips_and_reads_the_fused_form(variants):
     out, _ = variants
-    fused = load_state(out / "flexolmo")
-    back = layout.to_hf_moe(layout.from_hf_moe(fused))
-    assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
-    per_expert = per_expert_form(fused)
-    again = layout.to_hf_moe(layout.from_hf_moe(per_expert))
-    assert set(again) == set(fused) and all(torch.equal(again[k], fused[k]) for k in fused)
+    released = load_state(out / "flexolmo")
+    assert layout.layout_name(released) == "released-flex_olmo"
+    back = layout.to_hf_moe(layout.from_hf_moe(released))
+    assert set(back) == set(released) and all(torch.equal(back[k], released[k]) for k in released)
+    fused = fused_form(released)
+    assert layout.layout_name(fused) == "fused" and len(fused) < len(released)
+    again = layout.to_hf_moe(layout.from_hf_moe(fused))
+    assert set(again) == set(released) and all(torch.equal(again[k], released[k]) for k in released)
     dense = load_state(out / "dense_public")
     assert all(torch.equal(v, layout.to_hf_dense(layout.from_hf_dense(dense))[k]) for k, v in dense.items())
 
 
-def test_opt_out_of_a_per_expert_checkpoint_equals_opt_out_of_the_fused_one(variants, tmp_path):
+def test_outputs_of_earlier_versions_still_work(variants, tmp_path):
+    """A fused checkpoint (what earlier versions wrote) opts out, cuts a dense expert, fingerprints and loads
+    strictly exactly as its released twin."""
     import shutil
 
     from safetensors.torch import save_file
 
+    from flexolmo_core.anchor.model import anchor_fingerprint
+    from flexolmo_core.inference.model import load_flexolmo
+    from flexolmo_core.merge.baselines import extract_dense_expert
+
     out, _ = variants
-    per_expert = tmp_path / "per_expert"
-    shutil.copytree(out / "flexolmo", per_expert)
-    for f in per_expert.glob("*.safetensors*"):
+    fused = tmp_path / "fused"
+    shutil.copytree(out / "flexolmo", fused)
+    for f in fused.glob("*.safetensors*"):
         f.unlink()
-    save_file(per_expert_form(load_state(out / "flexolmo")), str(per_expert / "model.safetensors"),
-              metadata={"format": "pt"})
-    opt_out(per_expert, ["code"], tmp_path / "a", top_k=2)
-    opt_out(out / "flexolmo", ["code"], tmp_path / "b", top_k=2)
-    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    save_file(fused_form(load_state(out / "flexolmo")), str(fused / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="says layout 'released-flex_olmo', but the weights are 'fused'"):
+        describe(fused)  # the manifest and the weights must agree
+    manifest = json.loads((fused / "flexolmo.json").read_text())
+    (fused / "flexolmo.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "layout"}))
+    assert describe(fused)["layout"] == "fused" and anchor_fingerprint(fused) == anchor_fingerprint(out / "flexolmo")
+    for source in (fused, out / "flexolmo"):
+        opt_out(source, ["code"], tmp_path / f"{source.name}_optout", top_k=2)
+        extract_dense_expert(source, 1, tmp_path / f"{source.name}_dense")
+    for kind in ("optout", "dense"):
+        a, b = load_state(tmp_path / f"fused_{kind}"), load_state(tmp_path / f"flexolmo_{kind}")
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[5, 9, 2, 7, 11, 3]])
+    with torch.no_grad():
+        a, b = (load_flexolmo(d, exclude=["news"], strict=True, device="cpu").model(ids).logits
+                for d in (fused, out / "flexolmo"))
+    assert torch.equal(a, b)
 
 
 def test_inspect_names_each_layout_a_checkpoint_can_hold():
     from flexolmo_core.io.layout import layout_name
 
     per_layer = lambda fmt: [fmt.format(e=e, p=p) for e in range(2) for p in ("gate", "up", "down")]  # noqa: E731
-    assert layout_name(per_layer("model.layers.0.mlp.experts.{e}.{p}_proj.weight")).startswith("per-expert (FlexOlmo")
+    assert layout_name(per_layer("model.layers.0.mlp.experts.{e}.{p}_proj.weight")) == "released-flex_olmo"
     mixtral = [n.replace("gate_proj", "w1").replace("up_proj", "w3").replace("down_proj", "w2")
                for n in per_layer("model.layers.0.block_sparse_moe.experts.{e}.{p}_proj.weight")]
-    assert layout_name(mixtral).startswith("per-expert (Mixtral")
+    assert layout_name(mixtral) == "released-mixtral"
+    assert layout_name(["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate.weight"]) == "fused"
     assert layout_name(["model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"]) == "dense"

@@ -81,8 +81,8 @@ def test_top_k_routing_matches_transformers():
             layer.mlp.experts.down_proj.normal_(0, 0.05)
     fast = build(CFG, MoEShape(4, 2), from_hf_moe(hf.state_dict(), CFG.n_layers), lambda n: True, torch.float32)
     assert torch.allclose(fast(IDS)[0], hf(IDS).logits, atol=1e-5, rtol=0)
-    back = to_hf_moe(fast.tensors(), CFG.n_layers)
-    assert all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
+    back, state = from_hf_moe(to_hf_moe(fast.tensors(), CFG.n_layers)), from_hf_moe(hf.state_dict())
+    assert set(back) == set(state) and all(torch.equal(back[k], v) for k, v in state.items())
 
 
 def test_objective_terms():
@@ -171,7 +171,6 @@ def test_both_families_match_transformers_and_round_trip(name):
     back = write(fast.tensors())  # the tied LM head is not written; transformers ties it on load
     _, info = type(hf).from_pretrained(None, config=hf.config, state_dict=back, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    state = hf.state_dict()
-    assert all(torch.equal(back[k], state[k]) for k in back)
+    assert all(torch.equal(v, read(hf.state_dict(), tied=cfg.tie_embeddings)[k]) for k, v in read(back).items())
     counts = cfg.counts(moe.num_experts, moe.top_k)
     assert counts["total_params"] == sum(p.numel() for p in hf.parameters())  # tied: counted once

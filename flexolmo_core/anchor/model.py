@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import flexolmo_core.io.layout as layout
 from flexolmo_core.anchor.families import DENSE_TYPE, FAMILY_OF, family_of_type
 from flexolmo_core.anchor.presets import ModelConfig, get_preset
 from flexolmo_core.errors import InputError, MissingInput, read_json, require
@@ -137,41 +138,20 @@ def tokenizer_hash(model_dir: str | os.PathLike) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _canonical_names(names) -> dict[str, tuple[str, int | None, str | None]]:
-    """Map each shared tensor to its anchor-style name: (source name, expert index or None, gate/up half)."""
-    out: dict[str, tuple[str, int | None, str | None]] = {}
-    for name in names:
-        if name.endswith("mlp.gate.weight"):
-            continue  # router rows are not shared weights
-        if ".mlp.experts.gate_up_proj" in name:
-            prefix = name.split(".mlp.experts.")[0]
-            out[f"{prefix}.mlp.gate_proj.weight"] = (name, 0, "gate")
-            out[f"{prefix}.mlp.up_proj.weight"] = (name, 0, "up")
-        elif ".mlp.experts.down_proj" in name:
-            out[f"{name.split('.mlp.experts.')[0]}.mlp.down_proj.weight"] = (name, 0, None)
-        else:
-            out[name] = (name, None, None)
-    return out
-
-
 def shared_tensors(names, get):
     """Yield (anchor-style name, tensor) for every shared weight and the public FFN, in sorted order.
 
-    `get(name, expert)` returns a tensor (expert None) or that expert's slice. Works on an anchor (Olmo2)
-    and on a FlexOlmo model (expert 0 is the public FFN), so a merged or owner model can be checked
-    against the anchor it claims."""
-    canonical = _canonical_names(names)
-    for name in sorted(canonical):
-        source, expert, half = canonical[name]
-        tensor = get(source, expert)
-        if half is not None:
-            inter = tensor.shape[0] // 2
-            tensor = tensor[:inter] if half == "gate" else tensor[inter:]
-        yield name, tensor
-
-
-def state_getter(state: dict[str, torch.Tensor]):
-    return list(state), lambda name, expert: state[name] if expert is None else state[name][expert]
+    `get(name, expert)` is a checkpoint getter. Works on an anchor (dense) and on a MoE model in either form
+    (expert 0 is the public FFN), so a merged or owner model can be checked against the anchor it claims."""
+    names = list(names)
+    sources = {n: (lambda n=n: get(n, None)) for n in names if not layout.is_moe_tensor(n)}
+    if len(sources) < len(names):  # a MoE model: its expert 0 in the anchor's dense names
+        reader = layout.MoEReader(names, get)
+        for i in range(layout.n_layers_of(dict.fromkeys(names))):
+            for part, name in zip(layout.PARTS, layout.dense_ffn_names(i)):
+                sources[name] = lambda i=i, part=part: reader.part(i, 0, part)
+    for name in sorted(sources):
+        yield name, sources[name]()
 
 
 def fingerprint_from(names, get, tokenizer_sha: str) -> str:

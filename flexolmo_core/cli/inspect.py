@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flexolmo_core.anchor.families import is_moe
+from flexolmo_core.anchor.families import is_moe, renormalizes
 from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint, model_config_from_hf
 from flexolmo_core.errors import InputError, MissingInput
 from flexolmo_core.expert.package import MANIFEST_FILE, load_package
 from flexolmo_core.io.checkpoint import check_checkpoint, checkpoint_meta, load_state
-from flexolmo_core.io.layout import layout_name
+from flexolmo_core.io.layout import LAYOUTS, layout_name
 from flexolmo_core.merge.baselines import shared_sha256
 from flexolmo_core.merge.merging import MERGED_MANIFEST, read_manifest
 
@@ -32,10 +32,15 @@ def describe(path: Path) -> dict:
     config = AutoConfig.from_pretrained(path)
     cfg = model_config_from_hf(config)
     info = {"path": str(path), "model_type": config.model_type, "fingerprint": anchor_fingerprint(path),
-            "tensor_layout": layout_name(checkpoint_meta(path)),
+            "layout": layout_name(checkpoint_meta(path)),
             "shape": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                       "ffn_hidden": cfg.ffn_hidden, "vocab_size": cfg.vocab_size}}
+    info["layout_means"] = LAYOUTS[info["layout"]]
+    if is_moe(config):
+        info["renormalizes_top_k"] = renormalizes(config)  # Mixtral: yes; FlexOlmo as released: no
     m = read_manifest(path) if (path / MERGED_MANIFEST).exists() else None
+    if m is not None and m.get("layout", info["layout"]) != info["layout"]:
+        raise InputError(f"{path / MERGED_MANIFEST}: says layout {m['layout']!r}, but the weights are {info['layout']!r}")
     if m is not None and m.get("baseline") in DENSE_BASELINES:
         # A dense baseline's FFN is not the anchor's, so its fingerprint differs by design; its shared weights
         # must still be the ones recorded when it was cut from a merged model of this anchor.

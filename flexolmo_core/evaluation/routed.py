@@ -9,6 +9,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from flexolmo_core.anchor.families import dense_config_dict, expert_count, load_weights
+from flexolmo_core.io.checkpoint import load_state
 from flexolmo_core.io.dtypes import inference_dtype, resolve_device
 from flexolmo_core.merge import baselines
 
@@ -21,7 +22,7 @@ def dense_experts_from_merged(merged_dir, device: str = "auto") -> tuple[object,
     dtype = inference_dtype(where, merged_dir)
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), use_safetensors=True,
                                                                dtype=dtype).to(where).eval()
-    state = baselines.load_state(merged_dir)
+    state = load_state(merged_dir)
     dense = dense_config_dict(merged.config.to_dict())
     cfg = transformers.AutoConfig.for_model(dense.pop("model_type"), **dense)
     experts = []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import flexolmo_core.io.layout as layout
 from flexolmo_core.errors import MissingInput, read_json
 from flexolmo_core.io.stream_safetensors import TensorFiles, check_safetensors_file, read_index
 
@@ -56,8 +57,11 @@ def load_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_kept_experts(model_dir: str | os.PathLike, keep_idx: list[int]) -> dict[str, torch.Tensor]:
-    """Read the checkpoint, slicing expert and router tensors to the kept experts without touching the rest."""
+    """A MoE checkpoint (either form) cut to the kept experts, in the fused form transformers 5's modules hold
+    (for load_state_dict), reading only the kept experts' matrices."""
     names, get = checkpoint_getter(model_dir)
-    return {name: torch.stack([get(name, j) for j in keep_idx])
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj", "gate.weight")) else get(name, None)
-            for name in names}
+    reader = layout.MoEReader(names, get)
+    state = {name: get(name, None) for name in names if not layout.is_moe_tensor(name)}
+    for i in sorted(reader.routers):
+        state.update(layout.runtime_moe_state(reader, i, keep_idx))
+    return state

@@ -23,10 +23,9 @@ from flexolmo_core.anchor.families import dense_config_dict
 from flexolmo_core.anchor.model import copy_tokenizer
 from flexolmo_core.errors import InputError, read_json
 from flexolmo_core.io.atomic import atomic_dir, write_json
-from flexolmo_core.io.checkpoint import checkpoint_getter, checkpoint_meta, load_state
+from flexolmo_core.io.checkpoint import checkpoint_getter, checkpoint_meta
 from flexolmo_core.io.stream_safetensors import DEFAULT_SHARD_BYTES, write_model
 from flexolmo_core.merge.merging import (
-    FUSED_EXPERT_TENSORS,
     MERGED_MANIFEST,
     MODEL_SIGNATURE,
     expert_domains,
@@ -70,7 +69,8 @@ def _write_dense(out_dir, specs: list, config: dict, src_dir, manifest: dict,
         write_model(tmp, specs, shard_bytes, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer(src_dir, tmp)
-        write_json(tmp / MERGED_MANIFEST, {**manifest, "shared_sha256": h.hexdigest()})
+        write_json(tmp / MERGED_MANIFEST, {**manifest, "shared_sha256": h.hexdigest(),
+                                           "layout": layout.layout_name(s[0] for s in specs)})
     return Path(out_dir)
 
 
@@ -80,22 +80,19 @@ def dense_expert_state(merged: dict[str, torch.Tensor], index: int) -> dict[str,
 
 
 def dense_expert_specs(merged_dir, index: int) -> list:
-    """Lazy specs of expert `index` of a fused merged checkpoint as a dense model: every tensor read from disk
-    when written (one expert's slice of the fused FFN tensors), so memory stays about one tensor."""
+    """Lazy specs of expert `index` of a merged checkpoint (either MoE form) as a dense model: every tensor read
+    from disk when written (one expert's matrix), so memory stays about one tensor."""
     names, get = checkpoint_getter(merged_dir)
-    meta = checkpoint_meta(merged_dir)
-    if not all(n.endswith(FUSED_EXPERT_TENSORS) for n in names if ".mlp." in n):  # per-expert files: in memory
-        state = dense_expert_state(load_state(merged_dir), index)
-        return [(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in state.items()]
-    specs = [(n, *meta[n], lambda n=n: get(n, None)) for n in names if ".mlp." not in n]
-    for i in range(layout.n_layers_of(meta)):
-        gate_up, down, _ = layout.fused_moe_names(i)
-        gate, up, down_out = layout.dense_ffn_names(i)
-        dtype, (_, two_inter, d) = meta[gate_up]
-        inter = two_inter // 2
-        specs += [(gate, dtype, (inter, d), lambda g=gate_up: get(g, index)[:inter].clone()),
-                  (up, dtype, (inter, d), lambda g=gate_up: get(g, index)[inter:].clone()),
-                  (down_out, dtype, tuple(meta[down][1][1:]), lambda g=down: get(g, index))]
+    meta, reader = checkpoint_meta(merged_dir), layout.MoEReader(names, get)
+    specs = [(n, *meta[n], lambda n=n: get(n, None)) for n in names if not layout.is_moe_tensor(n)]
+    config = _config(merged_dir)
+    shapes = {"gate": (config["intermediate_size"], config["hidden_size"]),
+              "up": (config["intermediate_size"], config["hidden_size"]),
+              "down": (config["hidden_size"], config["intermediate_size"])}
+    for i in sorted(reader.routers):
+        dtype = meta[reader.routers[i]][0]
+        specs += [(name, dtype, shapes[part], lambda i=i, part=part: reader.part(i, index, part))
+                  for part, name in zip(layout.PARTS, layout.dense_ffn_names(i))]
     return specs
 
 

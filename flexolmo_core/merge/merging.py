@@ -3,8 +3,8 @@ Llama-family anchor), with no training.
 
 Per layer: experts [FFN_public, FFN_1, ..., FFN_N], router [r_public; r_1; ...; r_N]; everything else
 from the anchor. Deterministic (sorted names, fixed metadata), atomic (temp dir + rename), and bounded in
-memory: tensors are read from disk one at a time and a fused expert tensor is written one expert at a time,
-so the peak is about one expert's FFN matrix, whatever the model size or the number of experts
+memory: tensors are read from disk one at a time and written one expert matrix at a time (the released
+per-expert layout, io/layout.py), so the peak is about one expert's FFN matrix, whatever the model size or the number of experts
 (`benchmarks/merge_memory.py`). The output is sharded in transformers' layout (`shard_size`)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import flexolmo_core.io.layout as layout
-from flexolmo_core.anchor.families import DENSE_TYPE, expert_count, is_moe, moe_config, set_expert_count
+from flexolmo_core.anchor.families import DENSE_TYPE, expert_count, family_of_type, is_moe, moe_config, set_expert_count
 from flexolmo_core.anchor.model import anchor_fingerprint, copy_tokenizer
 from flexolmo_core.data.config import check_domain_name
 from flexolmo_core.errors import InputError, MissingInput, PackageError, read_json, require
@@ -109,49 +109,46 @@ def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], to
     num_experts = 1 + len(packages)
 
     specs = [(name, *meta[name], (lambda name=name: get(name, None))) for name in names if ".mlp." not in name]
-    width = 1 + len(packages)
+    family = family_of_type(anchor_cfg.model_type)
     for i in range(anchor_cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}.mlp"
-        gate, up, down = (f"{prefix}.{p}_proj.weight" for p in ("gate", "up", "down"))
-        dtype, (inter, d) = meta[gate]
+        dense = dict(zip(layout.PARTS, layout.dense_ffn_names(i)))
+        dtype, (inter, d) = meta[dense["gate"]]
 
-        def gate_up(i=i, gate=gate, up=up):  # one expert at a time: [1, 2I, d] pieces of [E, 2I, d]
-            public = torch.cat([get(gate, None), get(up, None)])
-            yield public[None]
-            for p in packages:
-                yield _expert_tensor(p, f"layers.{i}.gate_up_proj", public)[None]
-
-        def down_proj(i=i, down=down):
-            public = get(down, None)
-            yield public[None]
-            for p in packages:
-                yield _expert_tensor(p, f"layers.{i}.down_proj", public)[None]
+        def part(e, name, i=i, dense=dense, inter=inter):  # expert 0: the anchor's FFN; e: package e-1's
+            if e == 0:
+                return get(dense[name], None)
+            if name == "down":
+                return _expert_tensor(packages[e - 1], f"layers.{i}.down_proj", meta[dense["down"]][0])
+            gate_up = _expert_tensor(packages[e - 1], f"layers.{i}.gate_up_proj", meta[dense["gate"]][0])
+            return (gate_up[:inter] if name == "gate" else gate_up[inter:]).clone()
 
         def router(i=i, dtype=dtype):
             public = public_rows[i].to(dtype)
-            return torch.stack([public] + [_expert_tensor(p, f"layers.{i}.router", public) for p in packages])
+            return torch.stack([public] + [_expert_tensor(p, f"layers.{i}.router", dtype) for p in packages])
 
-        specs += [(f"{prefix}.experts.gate_up_proj", dtype, (width, 2 * inter, d), gate_up),
-                  (f"{prefix}.experts.down_proj", dtype, (width, d, inter), down_proj),
-                  (f"{prefix}.gate.weight", dtype, (width, d), router)]
+        specs += layout.released_moe_specs(family, i, num_experts, dtype, inter, d, part, router)
 
     config = moe_config(anchor_cfg, num_experts=num_experts, top_k=top_k)  # FlexOlmo or Mixtral, by family
     return specs, config
 
 
 def write_merged(out, specs, config, tokenizer_dir, manifest: dict, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """A merged model folder, atomically: streamed (sharded) weights, config.json, the anchor's tokenizer,
-    flexolmo.json."""
+    """A model folder, atomically: streamed (sharded) weights, config.json (a transformers config or its dict),
+    the tokenizer of `tokenizer_dir`, and flexolmo.json with the tensor layout written (io/layout.LAYOUTS)."""
+    specs = list(specs)
     with atomic_dir(out, signature=MODEL_SIGNATURE) as tmp:
         write_model(tmp, specs, shard_bytes, metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        _strip_volatile(tmp / "config.json")
+        if not isinstance(config, dict):
+            config.save_pretrained(tmp)  # only what differs from the defaults, as transformers writes it
+            config = json.loads((tmp / "config.json").read_text())
+        config = {k: v for k, v in config.items() if k != "transformers_version"}  # identical inputs, identical files
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
-        write_json(tmp / MERGED_MANIFEST, manifest)
+        write_json(tmp / MERGED_MANIFEST, {**manifest, "layout": layout.layout_name(s[0] for s in specs)})
 
 
-def _expert_tensor(package: ExpertPackage, name: str, like: torch.Tensor) -> torch.Tensor:
-    return package.tensor(name).to(like.dtype)
+def _expert_tensor(package: ExpertPackage, name: str, dtype: torch.dtype) -> torch.Tensor:
+    return package.tensor(name).to(dtype)
 
 
 def _bias_list(package: ExpertPackage, n_layers: int) -> list[float] | None:
@@ -172,13 +169,6 @@ def _agreed_public_rows(packages: list[ExpertPackage], n_layers: int, d_model: i
                 raise PackageError(f"{other.path} and {first.path} were trained with different public router rows "
                                    f"(layer {i}); the public row belongs to the anchor and must be the same for all")
     return rows
-
-
-def _strip_volatile(config_path: Path) -> None:
-    """Drop the transformers version from config.json so identical inputs give identical files."""
-    data = json.loads(config_path.read_text())
-    data.pop("transformers_version", None)
-    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(model_dir: str | os.PathLike) -> dict:
@@ -219,13 +209,10 @@ def expert_domains(model_dir: str | os.PathLike) -> list[str]:
     return [e["domain"] for e in sorted(read_manifest(model_dir)["experts"], key=lambda e: e["index"])]
 
 
-FUSED_EXPERT_TENSORS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj", ".mlp.gate.weight")
-
-
 def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_k: int | None = None,
             shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """The one opt-out: `merged_dir` without the experts of the `exclude` domains, written as a merged
-    model (fused experts, flexolmo.json). It equals `merge(..., exclude=...)` tensor for tensor (a softmax
+    model (released layout, flexolmo.json; either MoE form is read). It equals `merge(..., exclude=...)` tensor for tensor (a softmax
     over the kept router rows is the softmax with the others masked to -inf), and needs no package.
     top_k None = merge's default for the kept count. Returns the new manifest."""
     from transformers import AutoConfig
@@ -245,16 +232,15 @@ def opt_out(merged_dir: str | os.PathLike, exclude, out: str | os.PathLike, top_
     top_k = default_top_k(len(keep)) if top_k is None else top_k
     if not 1 <= top_k <= len(keep):
         raise InputError(f"top_k must be between 1 and the number of kept experts ({len(keep)}), got {top_k}")
-    names, get = checkpoint_getter(merged_dir)
-    if any(".mlp.experts." in n and not n.endswith(FUSED_EXPERT_TENSORS) for n in names):
-        # transformers' save_pretrained writes one tensor per expert: convert in memory, write fused
-        state = layout.to_hf_moe(layout.from_hf_moe({n: get(n, None) for n in names}), experts=keep)
-        specs = [(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in state.items()]
-    else:  # fused: stream one tensor at a time
-        meta = checkpoint_meta(merged_dir)
-        specs = [(n, meta[n][0], (len(keep), *meta[n][1][1:]), lambda n=n: (get(n, e)[None] for e in keep))
-                 if n.endswith(FUSED_EXPERT_TENSORS) else (n, *meta[n], lambda n=n: get(n, None)) for n in names]
     config = AutoConfig.from_pretrained(merged_dir)
+    names, get = checkpoint_getter(merged_dir)  # either MoE form in; the released one out, streamed
+    meta, reader = checkpoint_meta(merged_dir), layout.MoEReader(names, get)
+    specs = [(n, *meta[n], lambda n=n: get(n, None)) for n in names if not layout.is_moe_tensor(n)]
+    for i in sorted(reader.routers):
+        specs += layout.released_moe_specs(family_of_type(config.model_type), i, len(keep),
+                                           meta[reader.routers[i]][0], config.intermediate_size, config.hidden_size,
+                                           lambda j, part, i=i: reader.part(i, keep[j], part),
+                                           lambda i=i: reader.router(i)[keep])
     set_expert_count(config, len(keep), top_k)
     kept = [dict(experts[i], index=j) for j, i in enumerate(keep)]
     new = dict(manifest, num_experts=len(keep), top_k=top_k, experts=kept,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,26 +19,23 @@ import flexolmo_core.training.distributed as D
 from flexolmo_core.anchor.families import RENORMALIZES, moe_config
 from flexolmo_core.anchor.model import (
     check_anchor,
-    copy_tokenizer,
     fingerprint_from,
     model_config_from_hf,
     olmo2_config,
     read_fingerprint,
     save_anchor,
-    state_getter,
     tokenizer_hash,
 )
 from flexolmo_core.anchor.presets import ModelConfig, get_preset
 from flexolmo_core.data.config import check_domain_name
-from flexolmo_core.errors import InputError
+from flexolmo_core.errors import InputError, read_json
 from flexolmo_core.expert.package import PACKAGE_SIGNATURE, save_package
 from flexolmo_core.inference.moe import rows_per_layer
-from flexolmo_core.io.atomic import atomic_dir, check_replaceable, refuse_overwriting_inputs, write_json
+from flexolmo_core.io.atomic import check_replaceable, refuse_overwriting_inputs, write_json
 from flexolmo_core.io.checkpoint import checkpoint_dtype, checkpoint_getter
 from flexolmo_core.io.dtypes import storage_tensors
-from flexolmo_core.io.layout import from_hf_dense, from_hf_moe, to_hf_dense, to_hf_moe, to_package
-from flexolmo_core.io.stream_safetensors import write_model
-from flexolmo_core.merge.merging import MERGED_MANIFEST, MODEL_SIGNATURE, read_manifest
+from flexolmo_core.io.layout import from_hf_dense, from_hf_moe, state_getter, to_hf_dense, to_hf_moe, to_package
+from flexolmo_core.merge.merging import read_manifest, write_merged
 from flexolmo_core.training.config import LoopConfig
 from flexolmo_core.training.data import Mixture, is_packed, open_windows
 from flexolmo_core.training.embeddings import write_projection
@@ -273,10 +269,8 @@ def tune_router(merged_dir, public_data, proxy_data: list, out, loop: LoopConfig
                    router_init=router_init)
     trained = D.full_tensors(model)
     if D.setup().main:
-        tuned = to_hf_moe(trained, cfg.n_layers)
         extra = {"router_tuned": summary} if router_init == "merged" else {"baseline": label, "router_trained": summary}
-        _write_moe(merged_dir, out / "model", {k: tuned[k].to(v.dtype) if k.endswith("gate.weight") else v
-                                               for k, v in state.items()}, {**manifest, **extra})
+        _write_moe(merged_dir, out / "model", _with_routers(state, trained, cfg.n_layers), {**manifest, **extra})
     _finish(out, summary)
     return summary
 
@@ -308,9 +302,8 @@ def fit_router(merged_dir, public_data, proxy_data: list, out, seq_len: int, pub
                "windows": [len(w) for w in parts], "experts": [e["domain"] for e in manifest["experts"]],
                "data_sha256": [_data_hash(public_data), *(_data_hash(p) for p in proxy_data)], "seed": seed,
                "fit_own_top1_per_layer": own_top1, "wall_seconds": round(time.perf_counter() - start, 1)}
-    fitted = to_hf_moe(D.full_tensors(model), cfg.n_layers)
-    _write_moe(merged_dir, out / "model", {k: fitted[k].to(v.dtype) if k.endswith("gate.weight") else v
-                                           for k, v in state.items()}, {**manifest, "router_tuned": summary})
+    _write_moe(merged_dir, out / "model", _with_routers(state, D.full_tensors(model), cfg.n_layers),
+               {**manifest, "router_tuned": summary})
     write_json(out / "run/fit_router.json", summary)  # the stage's run record (the gradient method's run/ holds
     write_json(out / "summary.json", summary)       # checkpoints and dvclive metrics)
     write_json(out / "metrics.json", {"wall_seconds": summary["wall_seconds"],
@@ -330,16 +323,19 @@ def train_btx(merged_dir, data: list, out, loop: LoopConfig, val_data=None, init
                        label="btx")
 
 
+def _with_routers(state: dict, trained: dict, n_layers: int) -> dict:
+    """A merged model's weights (either MoE form) with the router rows of `trained` (internal names), in the
+    released layout and the weights' own dtype."""
+    tensors = from_hf_moe(state, n_layers)
+    tensors.update({k: v.to(tensors[k].dtype) for k, v in trained.items() if ".router_" in k})
+    return to_hf_moe(tensors, n_layers)
+
+
 def _write_moe(source_dir: Path, out: Path, tensors: dict, manifest: dict, config=None) -> None:
-    with atomic_dir(out, signature=MODEL_SIGNATURE) as tmp:
-        write_model(tmp, [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()],
-                    metadata={"format": "pt"})
-        if config is None:
-            shutil.copyfile(source_dir / "config.json", tmp / "config.json")
-        else:
-            config.save_pretrained(tmp)
-        copy_tokenizer(source_dir, tmp)
-        write_json(tmp / MERGED_MANIFEST, manifest)
+    """A model folder from in-memory tensors, with `source_dir`'s tokenizer and (when `config` is None) config."""
+    config = read_json(source_dir / "config.json", what="model config") if config is None else config
+    write_merged(out, [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()], config, source_dir,
+                 manifest)
 
 
 # ---- unrestricted MoE baseline ---------------------------------------------------------------------------
