@@ -9,10 +9,12 @@ virtual environment) loading the same folder:
   - transformers 4.x in a separate virtual environment this script builds (`--tf4`, default 4.57.6, the last
     4.x release; it has FlexOlmoForCausalLM and MixtralForCausalLM and reads only the per-expert layout);
   - llama.cpp's converter, `convert_hf_to_gguf.py` from the llama-cpp-python source release on PyPI (no
-    wheel has it): Mixtral to GGUF, every expert tensor compared with ours (llama.cpp has no FlexOlmo).
+    wheel has it): Mixtral to GGUF, every expert tensor compared with ours (llama.cpp has no FlexOlmo); and,
+    where llama-cpp-python is built in that venv (`--build-llama-cpp`, about 10 minutes on 2 cores),
+    llama.cpp's own forward on that GGUF against transformers 5's logits.
 The record goes to benchmarks/results/interop/ and a table is printed.
 
-    python benchmarks/interop.py [--work DIR] [--tf4 4.57.6] [--llama-cpp 0.3.36] [--no-llama-cpp]
+    python benchmarks/interop.py [--work DIR] [--tf4 4.57.6] [--llama-cpp 0.3.36] [--build-llama-cpp | --no-llama-cpp]
 
 Needs the package registry once per --work folder (the venv and the source release are kept there)."""
 from __future__ import annotations
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results/interop"
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
+TEXT = "def mean(xs):\n    return sum(xs) / len(xs)  # the average, über alles"  # tokenizers must agree on it
 TOLERANCE = 1e-5  # fp32 logits of the same weights through two readers (the issue's bar)
 
 # runs inside the transformers 4.x venv: loads each folder strictly, writes logits as safetensors (no pickle)
@@ -41,7 +44,7 @@ TF4_CHILD = """
 import json, sys
 import torch, transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 job = json.load(open(sys.argv[1]))
 ids = load_file(job["ids"])["ids"]
 out, info = {}, {"transformers": transformers.__version__, "torch": torch.__version__, "models": {}}
@@ -50,7 +53,8 @@ for name, folder in job["models"].items():
         model, loading = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, output_loading_info=True)
         with torch.no_grad():
             out[name] = model.eval()(ids).logits.contiguous()
-        info["models"][name] = {"class": type(model).__name__, "loading": {k: sorted(map(str, v)) for k, v in loading.items()}}
+        info["models"][name] = {"class": type(model).__name__, "loading": {k: sorted(map(str, v)) for k, v in loading.items()},
+                                "token_ids": AutoTokenizer.from_pretrained(folder)(job["text"])["input_ids"]}
     except Exception as err:
         info["models"][name] = {"error": f"{type(err).__name__}: {err}"[:500]}
 save_file(out, job["logits"])
@@ -139,15 +143,17 @@ def reference_logits(models: dict, ids: torch.Tensor) -> tuple[dict, dict]:
 
 def tf4_rows(work: Path, version: str, models: dict, ids: torch.Tensor, ref: dict) -> list[dict]:
     from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
 
     venv = work / f"venv-transformers-{version}"
     if not (venv / "bin/python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        # torch 2.13.0: the CPU build this machine has on disk (a bare `torch` would fetch a CUDA build)
-        subprocess.run([str(venv / "bin/pip"), "install", "-q", "torch==2.13.0", f"transformers=={version}",
-                        "safetensors", "numpy"], check=True)
+    # torch 2.13.0: the CPU build this machine has on disk (a bare `torch` would fetch a CUDA build); sentencepiece
+    # and protobuf for llama.cpp's converter, which runs here too (its requirements pin transformers 4.57.6)
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", "torch==2.13.0", f"transformers=={version}", "safetensors",
+                    "numpy", "sentencepiece", "protobuf<5"], check=True)
     save_file({"ids": ids}, str(work / "ids.safetensors"))
-    job = {"ids": str(work / "ids.safetensors"), "models": {k: str(v) for k, v in models.items()},
+    job = {"ids": str(work / "ids.safetensors"), "text": TEXT, "models": {k: str(v) for k, v in models.items()},
            "logits": str(work / "tf4_logits.safetensors"), "info": str(work / "tf4_info.json")}
     (work / "tf4_job.json").write_text(json.dumps(job))
     (work / "tf4_child.py").write_text(TF4_CHILD)
@@ -160,12 +166,40 @@ def tf4_rows(work: Path, version: str, models: dict, ids: torch.Tensor, ref: dic
                "loads": "error" not in got and not any(got["loading"].values())}
         if name in logits:
             row["max_abs_diff"] = float((logits[name] - ref[name]).abs().max())
+            row["tokenizer_equal"] = got["token_ids"] == AutoTokenizer.from_pretrained(models[name])(TEXT)["input_ids"]
         row["note"] = got.get("error") or "; ".join(f"{k}: {v[:3]}" for k, v in got["loading"].items() if v) or ""
         rows.append(row)
     return rows
 
 
-def llama_cpp_rows(work: Path, version: str, models: dict, python: Path) -> list[dict]:
+# runs in the same venv when llama-cpp-python is built there: llama.cpp's own forward on the GGUF, every position
+LLAMA_CPP_CHILD = """
+import sys, numpy as np, torch
+from llama_cpp import Llama
+from safetensors.torch import load_file, save_file
+ids = load_file(sys.argv[2])["ids"]
+llm = Llama(model_path=sys.argv[1], logits_all=True, n_ctx=ids.shape[1], n_batch=ids.shape[1], n_threads=2, verbose=False)
+rows = []
+for row in ids.tolist():
+    llm.reset()
+    llm.eval(row)
+    rows.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32)))
+save_file({"logits": torch.stack(rows)}, sys.argv[3])
+"""
+
+
+def llama_cpp_logits(python: Path, gguf_path: Path, ids_path: Path) -> torch.Tensor | None:
+    """llama.cpp's logits on the batch, or None when llama-cpp-python is not built in that venv."""
+    from safetensors.torch import load_file
+
+    if subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode:
+        return None
+    out = gguf_path.with_suffix(".logits.safetensors")
+    subprocess.run([str(python), "-c", LLAMA_CPP_CHILD, str(gguf_path), str(ids_path), str(out)], check=True)
+    return load_file(str(out))["logits"]
+
+
+def llama_cpp_rows(work: Path, version: str, models: dict, python: Path, ref: dict) -> list[dict]:
     """llama.cpp's own converter on the Mixtral models: GGUF written, each expert tensor equal to ours. It runs
     in the transformers 4.x venv (`python`): its requirements pin transformers 4.57.6."""
     sdist = work / f"llama_cpp_python-{version}"
@@ -188,6 +222,12 @@ def llama_cpp_rows(work: Path, version: str, models: dict, python: Path) -> list
             row["note"] = (run.stderr or run.stdout).strip().splitlines()[-1][:300]
         else:
             row.update(_compare_gguf(out, models[name], llama / "gguf-py"))
+            logits = llama_cpp_logits(python, out, work / "ids.safetensors")
+            if logits is not None:  # llama.cpp's forward, not only its converter
+                rows.append(dict(row))
+                row.update(reader=f"llama.cpp (llama-cpp-python {version}, built here) on that GGUF",
+                           max_abs_diff=float((logits - ref[name]).abs().max()),
+                           note="llama.cpp's own forward, fp32 GGUF, against transformers 5's logits")
         rows.append(row)
     return rows
 
@@ -210,16 +250,17 @@ def _compare_gguf(gguf_path: Path, folder: Path, gguf_py: Path) -> dict:
             worst, count = max(worst, float((theirs.reshape(mine.shape) - mine).abs().max())), count + 1
         theirs = tensors[f"blk.{i}.ffn_gate_inp.weight"]
         worst = max(worst, float((theirs.reshape(ours.router(i).shape) - ours.router(i).float()).abs().max()))
-    return {"max_abs_diff": worst, "note": f"GGUF expert tensors vs ours ({count} stacks + routers); logits not run "
-            "(llama-cpp-python would have to be compiled)"}
+    return {"max_abs_diff": worst, "note": f"the GGUF's expert tensors vs ours ({count} stacks + routers)"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(ROOT / "outputs/interop"), help="models, venv and downloads (kept)")
+    parser.add_argument("--work", default=str(ROOT / "runs/interop"), help="models, venv and downloads (kept)")
     parser.add_argument("--tf4", default="4.57.6", help="the transformers 4.x release to check")
     parser.add_argument("--llama-cpp", default="0.3.36", help="llama-cpp-python source release carrying the converter")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's converter")
+    parser.add_argument("--build-llama-cpp", action="store_true",
+                        help="compile llama-cpp-python from that source release into the 4.x venv (once)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -228,8 +269,13 @@ def main() -> None:
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     ref, rows = reference_logits(models, ids)
     rows += tf4_rows(work, args.tf4, models, ids, ref)
+    if args.build_llama_cpp and not args.no_llama_cpp:
+        python = work / f"venv-transformers-{args.tf4}/bin/python"
+        if subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode:
+            subprocess.run([str(python), "-m", "pip", "install", "-q", f"llama-cpp-python=={args.llama_cpp}",
+                            "--no-binary", "llama-cpp-python"], check=True)
     if not args.no_llama_cpp:
-        rows += llama_cpp_rows(work, args.llama_cpp, models, work / f"venv-transformers-{args.tf4}/bin/python")
+        rows += llama_cpp_rows(work, args.llama_cpp, models, work / f"venv-transformers-{args.tf4}/bin/python", ref)
     for row in rows:
         if "max_abs_diff" in row:
             row["logits_equal"] = row["max_abs_diff"] <= TOLERANCE
@@ -237,10 +283,11 @@ def main() -> None:
               "seconds": round(time.time() - start, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "interop.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'reader':<58} {'model':<17} {'loads':<6} {'max |diff|':>11}  note")
+    print(f"{'reader':<58} {'model':<17} {'loads':<6} {'max |diff|':>11} {'tokens':<6}  note")
     for r in rows:
         diff = f"{r['max_abs_diff']:.3g}" if "max_abs_diff" in r else "-"
-        print(f"{r['reader']:<58} {r['model']:<17} {str(r['loads']):<6} {diff:>11}  {r.get('note', '')}")
+        tokens = str(r.get("tokenizer_equal", "-"))
+        print(f"{r['reader']:<58} {r['model']:<17} {str(r['loads']):<6} {diff:>11} {tokens:<6}  {r.get('note', '')}")
 
 
 if __name__ == "__main__":

@@ -110,10 +110,10 @@ def paper_arithmetic(measured_over_imports_gb: float, bench_layer_gb: float) -> 
     d, inter, L, vocab, experts = 4096, 11008, 32, 100352, 8
     total_params = L * (4 * d * d + experts * 3 * d * inter + experts * d + 4 * d) + 2 * vocab * d + d
     layer_gb = 4 * 2 * 3 * d * inter / GB  # the canary's one-layer owner FFNs (2 experts) in fp32: the largest term
-    piece_gb = 2 * 2 * inter * d / GB  # one expert's gate_up slice (bf16): the largest piece the writer holds
+    piece_gb = 2 * inter * d / GB  # one expert's gate, up or down matrix (bf16): the largest tensor written
     scaled = measured_over_imports_gb * layer_gb / bench_layer_gb
-    return [f"8x7B: {total_params / 1e9:.1f}B parameters, {2 * total_params / GB:.1f} GB in bf16; largest fused tensor "
-            f"(gate_up of 8 experts) {experts * piece_gb:.2f} GB, written one expert ({piece_gb:.2f} GB) at a time",
+    return [f"8x7B: {total_params / 1e9:.1f}B parameters, {2 * total_params / GB:.1f} GB in bf16; written in the "
+            f"released per-expert layout, one expert matrix ({piece_gb:.2f} GB) at a time",
             f"measured here: {measured_over_imports_gb:.2f} GB over the imports, with a {bench_layer_gb:.2f} GB canary "
             f"layer (2 experts' FFNs in fp32); the 7B layer is {layer_gb:.2f} GB",
             f"scaled by the layer ratio: about {scaled:.2f} GB over the imports for the 8x7B merge, independent of the "

@@ -105,6 +105,24 @@ def serve_load_page(folder: str) -> str:
     return "\n".join(text)
 
 
+def interop_page(folder: str) -> str:
+    """The reader matrix: each reader's strict load and its logits against transformers 5 on the same folder."""
+    record = json.loads((RESULTS / folder / "interop.json").read_text())
+    text = header("Readers of the checkpoints written here", f"benchmarks/results/{folder}/interop.json",
+                  "python benchmarks/interop.py")
+    text += [f"Smoke-size models (`{json.dumps(record['shape'])}`) merged by this project: 3 experts at top-2 "
+             f"(`merged`) and its opt-out to 2 experts at top-1 (`optout`). *max abs diff*: fp32 logits on one "
+             f"batch against transformers 5 on the same folder (for llama.cpp: the GGUF's expert tensors against "
+             f"ours); *equal*: within {record['tolerance']:g}. *tokens*: the tokenizer gives the same ids.", "",
+             "| reader | model | loads strictly | max abs diff | equal | tokens | note |", "|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        diff = f"{r['max_abs_diff']:.3g}" if "max_abs_diff" in r else "-"
+        text.append(f"| {r['reader']} | {r['model']} | {'yes' if r['loads'] else 'no'} | {diff} | "
+                    f"{({True: 'yes', False: 'no'}).get(r.get('logits_equal'), '-')} | "
+                    f"{({True: 'same', False: 'differ'}).get(r.get('tokenizer_equal'), '-')} | {r.get('note', '')} |")
+    return "\n".join(text + ["", stamp(record), ""])
+
+
 def pages() -> dict[str, str]:
     return {
         "quality_scaling.md": study_page(
@@ -119,6 +137,7 @@ def pages() -> dict[str, str]:
                                                "pipeline_overhead_tiny_prefect_from_log"]),
         "gpu_check_h200.md": gpu_page("gpu_check_h200"),
         "serve_load.md": serve_load_page("serve_load"),
+        "interop.md": interop_page("interop"),
     }
 
 

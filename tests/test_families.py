@@ -4,6 +4,7 @@ an OLMo-2 anchor with GQA saved sharded (-> FlexOlmo) and a Llama anchor with GQ
 merge, load with AutoModelForCausalLM, and check the method's guarantees."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -97,6 +98,11 @@ def test_every_written_expert_tensor_is_in_the_layout_transformers_converts_from
         assert not any(loading.values()), loading  # strict: nothing missing, unexpected or mismatched
         if model == world["released_model"]:
             continue
+        # what transformers 4.x reads the same way (benchmarks/interop.py runs it): RoPE's theta beside 5.x's
+        # rope_parameters, and a tokenizer class it knows
+        config = json.loads((model / "config.json").read_text())
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] and "transformers_version" not in config
+        assert json.loads((model / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
         ours = load_flexolmo(model, strict=True, dtype=torch.float32, device="cpu").model  # our reader, not transformers'
         with torch.no_grad():
             diff = (hf.eval()(sample_ids()).logits - ours(sample_ids()).logits).abs().max()

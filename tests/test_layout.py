@@ -131,3 +131,17 @@ def test_inspect_names_each_layout_a_checkpoint_can_hold():
     assert layout_name(mixtral) == "released-mixtral"
     assert layout_name(["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate.weight"]) == "fused"
     assert layout_name(["model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"]) == "dense"
+
+
+def test_configs_are_written_so_transformers_4_reads_rope_as_5_does(tmp_path):
+    from transformers import AutoConfig
+
+    from flexolmo_core.anchor.families import write_config
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    write_config(tmp_path, AutoConfig.for_model("mixtral", hidden_size=64, rope_parameters=rope))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == 500000.0 and written["rope_scaling"]["factor"] == 8.0
+    assert written["rope_scaling"]["rope_type"] == "llama3" and "transformers_version" not in written
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == rope  # 5.x reads back what it wrote

@@ -7,6 +7,9 @@
 Tensors are the same in both (flexolmo_core.io.layout); only norms and these configs differ."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from flexolmo_core.errors import InputError
 
 FAMILY_OF = {"olmo2": "olmo2", "flex_olmo": "olmo2", "llama": "llama", "mistral": "llama", "mixtral": "llama"}
@@ -81,6 +84,31 @@ def renormalizes(config) -> bool:
     """Whether the top-k routing weights are renormalised to sum 1 (Mixtral always; FlexOlmo if norm_topk_prob)."""
     values = _as_dict(config)
     return values["model_type"] == "mixtral" or bool(values.get("norm_topk_prob", False))
+
+
+def portable_config(values: dict) -> dict:
+    """config.json values that transformers 4.x reads as 5.x does: 5.x keeps RoPE in `rope_parameters`, which
+    4.x ignores, falling back to its own default theta (500,000 for FlexOlmo, 1,000,000 for Mixtral: logits off
+    by 0.2 at smoke size, benchmarks/interop.py), so its `rope_theta` / `rope_scaling` are written beside it.
+    No transformers version: identical inputs give identical files."""
+    values = {k: v for k, v in values.items() if k != "transformers_version"}
+    rope = values.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        values["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            values["rope_scaling"] = scaling
+    return values
+
+
+def write_config(folder, config) -> None:
+    """The one writer of a model folder's config.json (a transformers config, or its dict), portable to
+    transformers 4.x. A config object is written as transformers writes it (only what differs from the defaults)."""
+    path = Path(folder) / "config.json"
+    if not isinstance(config, dict):
+        config.save_pretrained(folder)
+        config = json.loads(path.read_text())
+    path.write_text(json.dumps(portable_config(config), indent=2, sort_keys=True) + "\n")
 
 
 def load_weights(model, state: dict, source) -> None:

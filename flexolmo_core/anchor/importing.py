@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from flexolmo_core.anchor.families import ARCHITECTURE, DENSE_TYPE, FAMILY_OF
+from flexolmo_core.anchor.families import ARCHITECTURE, DENSE_TYPE, FAMILY_OF, write_config
 from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint, copy_tokenizer, model_config_from_hf
+from flexolmo_core.data.tokenizer import save_tokenizer
 from flexolmo_core.errors import InputError
 from flexolmo_core.io.atomic import atomic_dir, refuse_overwriting_inputs, write_json
 from flexolmo_core.io.checkpoint import checkpoint_meta
@@ -215,7 +216,7 @@ def write_weights(specs: list, config, folder: Path, shard_bytes: int) -> None:
         if hasattr(config, attr):
             delattr(config, attr)
     config.architectures = [ARCHITECTURE.get(config.model_type, "MistralForCausalLM")]  # the dense types
-    config.save_pretrained(folder)
+    write_config(folder, config)
 
 
 def locate(source, gguf_file: str | None = None) -> tuple[Path, str | None]:
@@ -236,7 +237,7 @@ def write_tokenizer(folder: Path, gguf_file: str | None, out: Path, tokenizer=No
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
 
 
 def import_anchor(source, out, gguf_file: str | None = None, projection_dim: int = 384, projection_seed: int = 0,

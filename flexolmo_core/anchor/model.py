@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 import flexolmo_core.io.layout as layout
-from flexolmo_core.anchor.families import DENSE_TYPE, FAMILY_OF, family_of_type
+from flexolmo_core.anchor.families import DENSE_TYPE, FAMILY_OF, family_of_type, write_config
 from flexolmo_core.anchor.presets import ModelConfig, get_preset
+from flexolmo_core.data.tokenizer import make_tokenizer_portable
 from flexolmo_core.errors import InputError, MissingInput, read_json, require
 from flexolmo_core.io.atomic import atomic_dir, write_json
 from flexolmo_core.io.checkpoint import check_checkpoint, checkpoint_getter
@@ -76,6 +77,7 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)
+    make_tokenizer_portable(dst)  # a folder written by transformers 5 (data/tokenizer.py)
 
 
 def save_anchor(model, tokenizer_dir: str | os.PathLike, out: str | os.PathLike, preset: str | None = None,
@@ -83,6 +85,7 @@ def save_anchor(model, tokenizer_dir: str | os.PathLike, out: str | os.PathLike,
     """Save an Olmo2ForCausalLM anchor with its tokenizer atomically; returns the fingerprint."""
     with atomic_dir(out, signature=("config.json", ANCHOR_MANIFEST)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        write_config(tmp, model.config)  # portable to transformers 4.x (families.portable_config)
         copy_tokenizer(tokenizer_dir, tmp)
         fingerprint = anchor_fingerprint(tmp)
         write_json(tmp / ANCHOR_MANIFEST, {"fingerprint": fingerprint, "preset": preset, **(extra or {})})

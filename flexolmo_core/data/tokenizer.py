@@ -3,6 +3,7 @@ saved as a Hugging Face tokenizer that `AutoTokenizer.from_pretrained(dir)` load
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -32,8 +33,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token,
                                  model_max_length=1_000_000)
     with atomic_dir(out_dir, signature=("tokenizer.json",)) as tmp:
-        hf.save_pretrained(str(tmp))
+        save_tokenizer(hf, tmp)
     return Path(out_dir)
+
+
+# transformers 5 writes its fast tokenizer's class as TokenizersBackend, which 4.x cannot load; to 5.x
+# PreTrainedTokenizerFast is that same class, and 4.x knows it (benchmarks/interop.py: the same ids in both)
+PORTABLE_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """A transformers tokenizer into `folder`, loadable by transformers 4.x and 5.x."""
+    tokenizer.save_pretrained(str(folder))
+    make_tokenizer_portable(folder)
+
+
+def make_tokenizer_portable(folder: str | Path) -> None:
+    """Rewrite tokenizer_config.json's class to one both transformers 4.x and 5.x load (PORTABLE_CLASS)."""
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if config.get("tokenizer_class") in PORTABLE_CLASS:
+        config["tokenizer_class"] = PORTABLE_CLASS[config["tokenizer_class"]]
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_tokenizer(path: str | Path):

@@ -13,13 +13,12 @@ it, so a baseline is checked against the anchor its merged model was verified ag
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 import flexolmo_core.io.layout as layout
-from flexolmo_core.anchor.families import dense_config_dict
+from flexolmo_core.anchor.families import dense_config_dict, write_config
 from flexolmo_core.anchor.model import copy_tokenizer
 from flexolmo_core.errors import InputError, read_json
 from flexolmo_core.io.atomic import atomic_dir, write_json
@@ -67,7 +66,7 @@ def _write_dense(out_dir, specs: list, config: dict, src_dir, manifest: dict,
     specs = [(n, dt, shape, hashed(n, produce) if ".mlp." not in n else produce) for n, dt, shape, produce in specs]
     with atomic_dir(out_dir, signature=MODEL_SIGNATURE) as tmp:
         write_model(tmp, specs, shard_bytes, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(tmp, config)
         copy_tokenizer(src_dir, tmp)
         write_json(tmp / MERGED_MANIFEST, {**manifest, "shared_sha256": h.hexdigest(),
                                            "layout": layout.layout_name(s[0] for s in specs)})

@@ -8,7 +8,6 @@ per-expert layout, io/layout.py), so the peak is about one expert's FFN matrix, 
 (`benchmarks/merge_memory.py`). The output is sharded in transformers' layout (`shard_size`)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -16,7 +15,15 @@ from pathlib import Path
 import torch
 
 import flexolmo_core.io.layout as layout
-from flexolmo_core.anchor.families import DENSE_TYPE, expert_count, family_of_type, is_moe, moe_config, set_expert_count
+from flexolmo_core.anchor.families import (
+    DENSE_TYPE,
+    expert_count,
+    family_of_type,
+    is_moe,
+    moe_config,
+    set_expert_count,
+    write_config,
+)
 from flexolmo_core.anchor.model import anchor_fingerprint, copy_tokenizer
 from flexolmo_core.data.config import check_domain_name
 from flexolmo_core.errors import InputError, MissingInput, PackageError, read_json, require
@@ -138,11 +145,7 @@ def write_merged(out, specs, config, tokenizer_dir, manifest: dict, shard_bytes:
     specs = list(specs)
     with atomic_dir(out, signature=MODEL_SIGNATURE) as tmp:
         write_model(tmp, specs, shard_bytes, metadata={"format": "pt"})
-        if not isinstance(config, dict):
-            config.save_pretrained(tmp)  # only what differs from the defaults, as transformers writes it
-            config = json.loads((tmp / "config.json").read_text())
-        config = {k: v for k, v in config.items() if k != "transformers_version"}  # identical inputs, identical files
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(tmp, config)
         copy_tokenizer(tokenizer_dir, tmp)
         write_json(tmp / MERGED_MANIFEST, {**manifest, "layout": layout.layout_name(s[0] for s in specs)})
 
