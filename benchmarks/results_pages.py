@@ -91,15 +91,10 @@ def gpu_page(folder: str) -> str:
     return "\n".join(text)
 
 
-def serve_load_page(folder: str) -> str:
-    """The load benchmark's output before and after continuous batching, as it printed them."""
+def printed_page(folder: str, title: str, command: str, note: str) -> str:
+    """A benchmark's outputs (one .txt per run), as it printed them."""
     base = RESULTS / folder
-    text = header("Serving under load: static batches (before) and continuous batching (after)",
-                  f"benchmarks/results/{folder}/",
-                  "python benchmarks/serve_load.py --model M --anchor A --clients 1,4,16 --seconds 20 "
-                  "--max-tokens 16 --mixed 128 --no-decode")
-    text += ["Recorded at commit 27fbf75 (before, run with the later script) and b2eedfb (after), on the machine "
-             "each run prints first.", ""]
+    text = header(title, f"benchmarks/results/{folder}/", command) + [note, ""]
     for name in sorted(p.name for p in base.glob("*.txt")):
         text += [f"## {name.removesuffix('.txt')}", "", "```", (base / name).read_text().rstrip(), "```", ""]
     return "\n".join(text)
@@ -136,7 +131,17 @@ def pages() -> dict[str, str]:
         "pipeline_overhead.md": overhead_page(["pipeline_overhead_smoke", "pipeline_overhead_tiny_from_log",
                                                "pipeline_overhead_tiny_prefect_from_log"]),
         "gpu_check_h200.md": gpu_page("gpu_check_h200"),
-        "serve_load.md": serve_load_page("serve_load"),
+        "serve_load.md": printed_page(
+            "serve_load", "Serving under load: static batches (before) and continuous batching (after)",
+            "python benchmarks/serve_load.py --model M --anchor A --clients 1,4,16 --seconds 20 --max-tokens 16 "
+            "--mixed 128 --no-decode",
+            "Recorded at commit 27fbf75 (before, run with the later script) and b2eedfb (after), on the machine "
+            "each run prints first."),
+        "merge_memory.md": printed_page(
+            "merge_memory", "Merge memory: fused experts (before) and the released per-expert layout (after)",
+            "python benchmarks/merge_memory.py --keep DIR [--code CHECKOUT]",
+            "The same inputs merged by the code at each commit named (`--code`); the machine is printed first. The "
+            "last three lines (the 8x7B arithmetic) are the script's own, from the measured peak, in both runs."),
         "interop.md": interop_page("interop"),
     }
 
