@@ -178,7 +178,8 @@ import sys, numpy as np, torch
 from llama_cpp import Llama
 from safetensors.torch import load_file, save_file
 ids = load_file(sys.argv[2])["ids"]
-llm = Llama(model_path=sys.argv[1], logits_all=True, n_ctx=ids.shape[1], n_batch=ids.shape[1], n_threads=2, verbose=False)
+llm = Llama(model_path=sys.argv[1], logits_all=True, n_ctx=ids.shape[1], n_batch=ids.shape[1], n_threads=2, verbose=False,
+            type_k=0, type_v=0)  # an fp32 KV cache (GGML_TYPE_F32 = 0): its default f16 cache rounds keys and values
 rows = []
 for row in ids.tolist():
     llm.reset()
@@ -227,7 +228,7 @@ def llama_cpp_rows(work: Path, version: str, models: dict, python: Path, ref: di
                 rows.append(dict(row))
                 row.update(reader=f"llama.cpp (llama-cpp-python {version}, built here) on that GGUF",
                            max_abs_diff=float((logits - ref[name]).abs().max()),
-                           note="llama.cpp's own forward, fp32 GGUF, against transformers 5's logits")
+                           note="llama.cpp's own forward (fp32 GGUF, fp32 KV cache) against transformers 5's logits")
         rows.append(row)
     return rows
 

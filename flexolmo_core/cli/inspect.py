@@ -6,7 +6,7 @@ from pathlib import Path
 from flexolmo_core.anchor.families import is_moe, renormalizes
 from flexolmo_core.anchor.model import ANCHOR_MANIFEST, anchor_fingerprint, model_config_from_hf
 from flexolmo_core.errors import InputError, MissingInput
-from flexolmo_core.expert.package import MANIFEST_FILE, load_package
+from flexolmo_core.expert.package import MANIFEST_FILE, load_package, privacy_of
 from flexolmo_core.io.checkpoint import check_checkpoint, checkpoint_meta, load_state
 from flexolmo_core.io.layout import LAYOUTS, layout_name
 from flexolmo_core.merge.baselines import shared_sha256
@@ -23,7 +23,8 @@ def describe(path: Path) -> dict:
         m = package.manifest
         return {"kind": "expert package", "path": str(path), "domain": m["domain"],
                 "anchor_fingerprint": m["anchor_fingerprint"], "uses_bias": m["uses_bias"], "shapes": m["shapes"],
-                "package_sha256": package.sha256, "training": m.get("training"), "data": m.get("data")}
+                "package_sha256": package.sha256, "privacy": privacy_of(m) or "not trained with DP",
+                "training": m.get("training"), "data": m.get("data")}
     if not (path / "config.json").exists():
         raise InputError(f"{path}: not an anchor, expert package or merged model")
     from transformers import AutoConfig

@@ -195,3 +195,9 @@ def load_package(path: str | os.PathLike, anchor_fingerprint: str | None = None,
         if name.endswith("logit_bias") and float(tensor) > 0:
             raise PackageError(f"{weights_path}: tensor {name} is {float(tensor)} but the bias must be <= 0")
     return ExpertPackage(path=path, manifest=manifest, sha256=_sha256_file(weights_path), tensor_names=sorted(names))
+
+
+def privacy_of(manifest: dict) -> dict | None:
+    """A package's DP guarantee as its manifest records it (the training summary's `dp`), or None."""
+    dp = (manifest.get("training") or {}).get("dp")
+    return {"epsilon": dp["epsilon"], "delta": dp["delta"]} if dp else None

@@ -82,8 +82,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {value!r}")
         return value
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, where)
+    if dataclasses.is_dataclass(annotation):  # a nested section (expert.dp), or one already built
+        return value if isinstance(value, annotation) else from_dict(annotation, value, where)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool and not isinstance(value, bool):

@@ -30,7 +30,7 @@ from typing import Iterator
 from flexolmo_core.anchor.model import read_fingerprint
 from flexolmo_core.data.config import check_domain_name
 from flexolmo_core.errors import InputError, PackageError, read_json, require
-from flexolmo_core.expert.package import MANIFEST_FILE, WEIGHTS_FILE, ExpertPackage, load_package
+from flexolmo_core.expert.package import MANIFEST_FILE, WEIGHTS_FILE, ExpertPackage, load_package, privacy_of
 from flexolmo_core.io.atomic import dead_writer, locked, temp_dir, write_json, writer_tag
 
 INDEX_FILE = "registry.json"
@@ -48,6 +48,7 @@ class Entry:
     path: Path  # absolute path of the package directory inside the registry
     published_at: float
     version: int  # the registry version in which this entry was published
+    privacy: dict | None = None  # a DP-trained expert's {epsilon, delta} (training/privacy.py); None: not private
 
 
 STAGING = ".staging"
@@ -68,7 +69,8 @@ def add_entry(index: dict, package: ExpertPackage, replace: bool, source) -> tup
         raise RegistryError(f"{source}: domain '{package.domain}' is already published "
                             f"(package {current['sha256'][:16]}); use replace to publish a new version")
     version = index["version"] + 1
-    record = {"sha256": package.sha256, "path": package_path(package), "published_at": time.time(), "version": version}
+    record = {"sha256": package.sha256, "path": package_path(package), "published_at": time.time(), "version": version,
+              "privacy": privacy_of(package.manifest)}
     index["experts"][package.domain] = record
     index["version"] = version
     index["history"].append({"version": version, "action": "replace" if current else "publish",
@@ -218,7 +220,7 @@ class Registry:
 
     def entry(self, domain: str, record: dict) -> Entry:
         return Entry(domain=domain, sha256=record["sha256"], path=self.root / record["path"],
-                     published_at=record["published_at"], version=record["version"])
+                     published_at=record["published_at"], version=record["version"], privacy=record.get("privacy"))
 
     def gc(self, apply: bool = False) -> list[dict]:
         """What `registry gc` removes (with `apply`, removes it): staging folders of writers that are gone,

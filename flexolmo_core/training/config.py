@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from flexolmo_core.errors import InputError
 from flexolmo_core.io.dtypes import DEVICES
 from flexolmo_core.io.params import NO_FLAG, ParamsError, at_least, check_ranges, from_dict, read_params
+from flexolmo_core.training.privacy import DPConfig
 
 DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")  # compute dtypes the loop accepts (torch names, or auto)
 
@@ -131,6 +132,7 @@ class ExpertConfig:
     # Experts per token in the owner's 2-expert model: 2 = the paper's soft mixture; 1 routes each token to one
     # FFN, weighted by its raw probability (a lever; with Mixtral's renormalised weights the router gets no gradient).
     top_k: int = 2
+    dp: DPConfig = field(default_factory=DPConfig)  # DP-SGD on the expert's tensors (training/privacy.py); off
     loop: dict = field(default_factory=dict, metadata=NO_FLAG)  # LoopConfig values (flags: LoopConfig's)
     presets: dict = field(default_factory=dict, metadata=NO_FLAG)  # {preset: overrides}
 

@@ -63,4 +63,4 @@ def train_expert_job(job: ExpertJob) -> dict:
     return train_expert(job.anchor, job.domain, job.data, job.out, job.loop, val_data=job.val_data,
                         public_rows=rows["public"], domain_rows=rows["domain"], use_bias=job.stage.use_bias,
                         embedding_meta=meta, package_dir=job.package_dir, public_mix=job.stage.public_mix,
-                        top_k=job.stage.top_k)
+                        top_k=job.stage.top_k, dp=job.stage.dp)

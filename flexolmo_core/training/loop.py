@@ -35,6 +35,7 @@ from flexolmo_core.training.config import LoopConfig
 from flexolmo_core.training.data import Order, batch, batch_labels, fixed_batches
 from flexolmo_core.training.model import FastOlmo, count_matmul_flops
 from flexolmo_core.training.objective import objective
+from flexolmo_core.training.privacy import PrivateGradients
 from flexolmo_core.training.schedule import lr_at
 
 
@@ -148,6 +149,7 @@ class Run:
     timed_steps: int = 0
     timed_seconds: float = 0.0
     recent_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=SPEED_WINDOW))
+    private: PrivateGradients | None = None  # DP-SGD (owner experts, expert.dp); None: plain gradients
 
     @property
     def tokens_per_step(self) -> int:
@@ -155,13 +157,19 @@ class Run:
 
 
 def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, label: str = "train",
-          inputs: dict | None = None) -> dict:
+          inputs: dict | None = None, private: PrivateGradients | None = None) -> dict:
     """Train `model` in place (resuming from run_dir/checkpoints if there are any); returns the summary.
-    `inputs` (data hash, anchor fingerprint, ...) joins the loop settings in the run record a resume must match."""
+    `inputs` (data hash, anchor fingerprint, ...) joins the loop settings in the run record a resume must match.
+    `private`: DP-SGD's per-example clipping and noise replace the global gradient clip (training/privacy.py)."""
     if cfg.router_aux_ce and not hasattr(windows, "label_of"):
         raise InputError(f"{label}: loop.router_aux_ce needs windows labelled by proxy set (router tuning's "
                          f"Mixture); these are {type(windows).__name__}")
     run = setup(model, windows, cfg, run_dir, label, inputs or {})
+    if private is not None:
+        if run.dist.world > 1:
+            raise InputError(f"{label}: expert.dp runs in one process (noise is added once per step)")
+        private.bind(run.inner.parameters())
+        run.private = private
     run.wrapped.train()
     for step in range(run.start_step, cfg.steps):
         t0 = time.perf_counter()
@@ -244,6 +252,13 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor]:
         rows = batch(run.windows, run.order, start, cfg.micro_batch).to(run.device, non_blocking=True)
         if cfg.router_aux_ce:
             run.inner.set_router_targets(batch_labels(run.windows, run.order, start, cfg.micro_batch).to(run.device))
+        if run.private is not None:  # one example at a time: each gradient clipped before it joins the sum
+            for row in rows:
+                logits, router_z = run.forward(row[None, :-1])
+                loss, ce = objective(logits, row[None, 1:], router_z, cfg.router_z_loss, cfg.logit_z_loss)
+                run.private.add_example(loss)
+                step_ce += float(ce) / cfg.global_batch
+            continue
         sync = m == run.accum - 1 or not hasattr(wrapped, "no_sync")
         with (contextlib.nullcontext() if sync else wrapped.no_sync()):
             logits, router_z = run.forward(rows[:, :-1])
@@ -253,7 +268,12 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor]:
                 run.inner.set_router_targets(None)  # validation and checkpoints run without labels
             (loss / run.accum).backward()
         step_ce += float(ce) / run.accum
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad], cfg.grad_clip)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    if run.private is not None:
+        run.private.release(cfg.global_batch, step)
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable]))
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.inner.project_after_step()
@@ -304,6 +324,7 @@ def summarize(run: Run, val_loss: float | None) -> dict:
         "train_flops_per_token": run.flops["train_step"], "matmul_peak_flops": run.peak,
         "mfu": (achieved / run.peak) if achieved else None,
         "trainable_params": sum(p.numel() for p in run.inner.parameters() if p.requires_grad),
+        **({"dp": run.private.record()} if run.private is not None else {}),
     }
     if run.live is not None:
         if val_loss is not None:

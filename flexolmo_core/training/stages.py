@@ -41,6 +41,7 @@ from flexolmo_core.training.data import Mixture, is_packed, open_windows
 from flexolmo_core.training.embeddings import write_projection
 from flexolmo_core.training.loop import train
 from flexolmo_core.training.model import MoEShape, build, count_matmul_flops, init_tensors, upcycle_tensors
+from flexolmo_core.training.privacy import DPConfig, PrivateGradients
 from flexolmo_core.training.replay import read_public_replay, with_public_mix, write_public_replay
 from flexolmo_core.training.ridge_router import fit_ridge_router
 
@@ -124,11 +125,12 @@ def owner_fast_model(anchor, public_rows, domain_rows, use_bias: bool, top_k: in
 
 def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val_data=None,
                  public_rows=None, domain_rows=None, use_bias: bool = False, embedding_meta: dict | None = None,
-                 package_dir=None, public_mix: float = 0.0, top_k: int = 2) -> dict:
+                 package_dir=None, public_mix: float = 0.0, top_k: int = 2, dp: DPConfig | None = None) -> dict:
     """Train one owner's expert against the frozen anchor (either family); writes out/package (or `package_dir`).
 
     Receives only the anchor and this domain's data (paths), nothing else. With `public_mix` > 0 that
-    fraction of the training windows comes from the public replay sample inside the anchor folder."""
+    fraction of the training windows comes from the public replay sample inside the anchor folder. With
+    `dp.enabled`, DP-SGD (training/privacy.py); the package records the epsilon spent."""
     from transformers import AutoConfig
 
     check_domain_name(domain, expert=True)
@@ -153,7 +155,11 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     inputs = {"domain": domain, "data_sha256": data_sha256, "anchor_fingerprint": read_fingerprint(anchor_dir),
               "use_bias": use_bias, "public_mix": public_mix, "router_rows_sha256": rows_sha256,
               **({"top_k": top_k} if top_k != 2 else {})}  # absent at the default: older runs still resume
-    summary = train(model, stream, loop, out / "run", val, label=f"expert_{domain}", inputs=inputs)
+    private = None
+    if dp is not None and dp.enabled:
+        private = PrivateGradients(dp, len(windows), loop.global_batch, loop.steps)
+        inputs["dp"] = {**dataclasses.asdict(dp), "noise_multiplier": private.noise_multiplier}  # a resume must match
+    summary = train(model, stream, loop, out / "run", val, label=f"expert_{domain}", inputs=inputs, private=private)
     summary.update(domain=domain, use_bias=use_bias, public_mix=public_mix, top_k=top_k,
                    router_embedding=embedding_meta or {})
     trained = D.full_tensors(model)

@@ -64,7 +64,8 @@ def cmd_list(args) -> None:
     registry = open_registry(args.registry)
     index = registry.index()
     print(json.dumps({"anchor_fingerprint": index["anchor_fingerprint"], "version": index["version"],
-                      "experts": {d: {"sha256": e.sha256, "path": str(e.path), "version": e.version}
+                      "experts": {d: {"sha256": e.sha256, "path": str(e.path), "version": e.version,
+                                      "privacy": e.privacy or "not trained with DP"}
                                   for d, e in registry.entries().items()}}, indent=2))
 
 
