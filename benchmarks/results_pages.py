@@ -140,8 +140,9 @@ def pages() -> dict[str, str]:
         "merge_memory.md": printed_page(
             "merge_memory", "Merge memory: fused experts (before) and the released per-expert layout (after)",
             "python benchmarks/merge_memory.py --keep DIR [--code CHECKOUT]",
-            "The same inputs merged by the code at each commit named (`--code`); the machine is printed first. The "
-            "last three lines (the 8x7B arithmetic) are the script's own, from the measured peak, in both runs."),
+            "Recorded at commit 71c507b (before, fused experts, run with `--code` by the later script) and 803ec41 "
+            "(after), on the same inputs and on the machine each run prints first. The last three lines (the 8x7B "
+            "arithmetic) are the script's own, from the measured peak, in both runs."),
         "interop.md": interop_page("interop"),
     }
 
