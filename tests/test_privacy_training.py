@@ -67,7 +67,8 @@ def test_calibration_meets_the_target_epsilon():
     assert spent_epsilon(2 * sigma, 0.05, 200, 1e-5) < 2.0  # more noise, less spent
 
 
-def test_a_private_owner_records_the_accountants_epsilon_and_keeps_its_contract(smoke_anchor, owner_data, tmp_path):
+def test_a_private_owner_records_the_accountants_epsilon_and_keeps_its_contract(smoke_anchor, owner_data, tmp_path,
+                                                                                 capsys):
     from opacus.accountants import RDPAccountant
 
     from flexolmo_core.cli.inspect import describe
@@ -87,4 +88,13 @@ def test_a_private_owner_records_the_accountants_epsilon_and_keeps_its_contract(
     assert record["epsilon"] == round(accountant.get_epsilon(1e-3), 4) and record["epsilon"] <= 8.0
     assert summary["dp"] == record
     assert describe(tmp_path / "code/package")["privacy"] == {"epsilon": record["epsilon"], "delta": 1e-3}
+    from flexolmo_core.cli.main import main
+
+    registry = str(tmp_path / "registry")
+    assert main(["registry", "init", registry, "--anchor", str(smoke_anchor)]) == 0
+    assert main(["publish", str(tmp_path / "code/package"), "--registry", registry]) == 0
+    capsys.readouterr()
+    assert main(["registry", "list", registry]) == 0
+    listed = json.loads(capsys.readouterr().out)["experts"]["code"]["privacy"]
+    assert listed == {"epsilon": record["epsilon"], "delta": 1e-3}
     # check_contract ran inside train_expert: the anchor's weights and the public router row did not move
