@@ -102,3 +102,15 @@ def test_the_wilson_interval_matches_its_formula_at_known_points():
     assert low == 0.0 and abs(high - 0.2775) < 1e-3  # the textbook 95% upper bound for 0 of 10
     low, high = wilson(5, 10)
     assert abs(low - 0.2366) < 1e-3 and abs(high - 0.7634) < 1e-3
+
+
+def test_a_dense_model_with_a_manifest_is_scored_as_a_dense_model(merged, tmp_path):
+    """A dense baseline carries flexolmo.json too; it has no experts to mask, so it loads as the causal LM it is."""
+    from flexolmo_core.cli.commands.audit import scoring_model
+    from flexolmo_core.merge.baselines import extract_dense_expert
+
+    dense = extract_dense_expert(merged, 1, tmp_path / "dense")
+    model, _ = scoring_model(str(dense), [], "cpu")
+    assert type(model).__name__ == "Olmo2ForCausalLM"
+    with pytest.raises(InputError, match="need a merged model"):
+        scoring_model(str(dense), ["code"], "cpu")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flexolmo_core.anchor.families import is_moe
 from flexolmo_core.audit.canaries import exposure, exposure_table, plant, read_canaries, write_canaries
 from flexolmo_core.audit.extraction import ExtractionConfig, extraction_audit
 from flexolmo_core.cli.config import add_out
 from flexolmo_core.data.readers import read_texts
-from flexolmo_core.errors import InputError
+from flexolmo_core.errors import InputError, read_json
 from flexolmo_core.inference.model import load_flexolmo
 from flexolmo_core.io.dtypes import inference_dtype, resolve_device
 from flexolmo_core.merge.merging import MERGED_MANIFEST
@@ -106,11 +107,12 @@ def scoring_model(path: str, exclude: list[str], device: str, only: list[str] | 
     any other causal LM checkpoint as transformers loads it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (Path(path) / MERGED_MANIFEST).exists():
+    if (Path(path) / MERGED_MANIFEST).exists() and is_moe(read_json(Path(path) / "config.json", what="model config")):
         loaded = load_flexolmo(path, exclude=exclude, only=only, device=device)
         return loaded.model, loaded.tokenizer
     if exclude or only:
-        raise InputError(f"{path}: --exclude/--only need a merged model (with {MERGED_MANIFEST}); this one has no experts")
+        raise InputError(f"{path}: --exclude/--only need a merged model (a mixture of experts with {MERGED_MANIFEST}); "
+                         "this one has no experts")
     where = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(where, path)).to(where).eval()
     return model, AutoTokenizer.from_pretrained(path)
