@@ -18,6 +18,11 @@ def example_loss(model, row):
     return objective(logits, row[None, 1:], router_z, 1e-3, 1e-5)[0]
 
 
+def example_ce(model, row):
+    logits, router_z = model(row[None, :-1])
+    return objective(logits, row[None, 1:], router_z, 1e-3, 1e-5)[1]
+
+
 @pytest.fixture(scope="module")
 def owner(smoke_anchor):
     model, _ = owner_fast_model(smoke_anchor, None, None, False, 2)
@@ -29,7 +34,7 @@ def test_each_example_is_clipped_before_it_joins_the_update(owner):
     model, rows = owner
     private = PrivateGradients(DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=C), 100, 4, 10)
     private.noise_multiplier = 0.0  # no noise: the update is exactly the mean of the clipped gradients
-    private.bind(model.parameters())
+    private.bind(model)
     params = private.params
     assert params and all(".w." in n for n, p in model.named_parameters() if p.requires_grad)
     expected = [torch.zeros_like(p) for p in params]
@@ -51,7 +56,7 @@ def test_the_noise_has_standard_deviation_sigma_times_the_bound_over_the_batch(o
     model, rows = owner
     sigma, batch = 0.7, len(rows)
     private = PrivateGradients(DPConfig(enabled=True, noise_multiplier=sigma, max_grad_norm=C, noise_seed=3), 100, 4, 10)
-    private.bind(model.parameters())
+    private.bind(model)
     clean = [torch.zeros_like(p) for p in private.params]
     for row in rows:
         clean = [c + g for c, g in zip(clean, private.add_example(example_loss(model, row)))]
@@ -59,6 +64,23 @@ def test_the_noise_has_standard_deviation_sigma_times_the_bound_over_the_batch(o
     noise = torch.cat([(p.grad - c / batch).flatten() for p, c in zip(private.params, clean)])
     assert noise.numel() > 5 * 10**4  # std within 1%: about 4.5 standard errors at this count
     assert abs(float(noise.std()) / (sigma * C / batch) - 1) < 0.01 and abs(float(noise.mean())) < 0.02 * sigma * C / batch
+
+
+def test_the_vectorised_path_gives_the_reference_paths_clipped_gradients(owner):
+    from flexolmo_core.training.objective import reference_objective
+
+    model, rows = owner
+    cfg = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=0.05)
+    fast, slow = (PrivateGradients(cfg, 100, 4, 10) for _ in range(2))
+    fast.bind(model), slow.bind(model)
+    clipped, ce = fast.add_batch(rows, lambda out, targets: reference_objective(out[0], targets, out[1], 1e-3, 1e-5))
+    for i, row in enumerate(rows):
+        for a, b in zip(clipped, slow.add_example(example_loss(model, row))):
+            torch.testing.assert_close(a[i], b, rtol=1e-4, atol=1e-9)
+        assert torch.allclose(ce[i], example_ce(model, row), atol=1e-5)
+    assert fast.clipped == slow.clipped and fast.examples == slow.examples == len(rows)
+    for a, b in zip(fast.sum, slow.sum):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
 
 
 def test_calibration_meets_the_target_epsilon():

@@ -34,7 +34,7 @@ from flexolmo_core.training.checkpoint import (
 from flexolmo_core.training.config import LoopConfig
 from flexolmo_core.training.data import Order, batch, batch_labels, fixed_batches
 from flexolmo_core.training.model import FastOlmo, count_matmul_flops
-from flexolmo_core.training.objective import objective
+from flexolmo_core.training.objective import objective, reference_objective
 from flexolmo_core.training.privacy import PrivateGradients
 from flexolmo_core.training.schedule import lr_at
 
@@ -168,7 +168,7 @@ def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, 
     if private is not None:
         if run.dist.world > 1:
             raise InputError(f"{label}: expert.dp runs in one process (noise is added once per step)")
-        private.bind(run.inner.parameters())
+        private.bind(run.inner)
         run.private = private
     run.wrapped.train()
     for step in range(run.start_step, cfg.steps):
@@ -252,8 +252,13 @@ def train_step(run: Run, step: int) -> tuple[float, float, torch.Tensor]:
         rows = batch(run.windows, run.order, start, cfg.micro_batch).to(run.device, non_blocking=True)
         if cfg.router_aux_ce:
             run.inner.set_router_targets(batch_labels(run.windows, run.order, start, cfg.micro_batch).to(run.device))
-        if run.private is not None:  # one example at a time: each gradient clipped before it joins the sum
-            for row in rows:
+        if run.private is not None:  # each example's gradient clipped before it joins the sum
+            if run.private.cfg.vectorized:
+                _, ce = run.private.add_batch(rows, lambda out, targets: reference_objective(
+                    out[0], targets, out[1], cfg.router_z_loss, cfg.logit_z_loss))
+                step_ce += float(ce.sum()) / cfg.global_batch
+                continue
+            for row in rows:  # the reference: one example's backward at a time
                 logits, router_z = run.forward(row[None, :-1])
                 loss, ce = objective(logits, row[None, 1:], router_z, cfg.router_z_loss, cfg.logit_z_loss)
                 run.private.add_example(loss)

@@ -87,7 +87,7 @@ class Slots(nn.Module):
         t = getattr(self, name)
         if t.dtype == dtype:
             return t
-        if isinstance(t, nn.Parameter):
+        if name in self._parameters:  # (a plain tensor in its place under torch.func.functional_call)
             return t.to(dtype)  # differentiable cast of a trainable weight
         cached = self._cast_cache.get(name)
         if cached is None or cached.device != t.device:

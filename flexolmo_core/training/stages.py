@@ -158,7 +158,8 @@ def train_expert(anchor_dir, domain: str, train_data, out, loop: LoopConfig, val
     private = None
     if dp is not None and dp.enabled:
         private = PrivateGradients(dp, len(windows), loop.global_batch, loop.steps)
-        inputs["dp"] = {**dataclasses.asdict(dp), "noise_multiplier": private.noise_multiplier}  # a resume must match
+        # a resume must match (the path that computes the same gradients may change)
+        inputs["dp"] = {**dataclasses.asdict(dp), "noise_multiplier": private.noise_multiplier, "vectorized": None}
     summary = train(model, stream, loop, out / "run", val, label=f"expert_{domain}", inputs=inputs, private=private)
     summary.update(domain=domain, use_bias=use_bias, public_mix=public_mix, top_k=top_k,
                    router_embedding=embedding_meta or {})
