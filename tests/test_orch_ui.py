@@ -20,12 +20,18 @@ open("counted.txt", "w").write("6")
 SLOW = """import time
 for k in range(1, 121):
     print(f"slow: [{k}/120]", flush=True)
+    if k == 2:  # progress has been reported: `broken` may fail now (without this, a race the test could lose)
+        open("slow_started", "w").write("")
     time.sleep(0.5)
 open("slow.txt", "w").write("done")
 """
-BROKEN = """import atexit, time
+BROKEN = """import atexit, os, time
 atexit.register(lambda: print("[stage-time] broken start=0 end=2 seconds=2", flush=True))  # as tasks/ print
-time.sleep(2)
+for _ in range(600):  # fail only once `slow` runs and has reported progress (at most 60 s)
+    if os.path.exists("slow_started"):
+        break
+    time.sleep(0.1)
+time.sleep(1)
 rows = {}
 rows["row 7"]
 """

@@ -23,6 +23,7 @@ import secrets
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 from flexolmo_core.errors import InputError
 
@@ -99,8 +100,6 @@ class PrivateGradients:
         clipped per-example gradients [rows, ...], each row's cross-entropy). `loss_of(model outputs, targets)`
         -> (loss, cross-entropy) must be functorch-friendly (training/objective.reference_objective; the fused
         loss's autograd.Function is not)."""
-        from torch.func import functional_call, grad, vmap
-
         buffers = dict(self.model.named_buffers())
 
         def one(params, row):
