@@ -256,7 +256,9 @@ def _compare_gguf(gguf_path: Path, folder: Path, gguf_py: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(ROOT / "runs/interop"), help="models, venv and downloads (kept)")
+    # outside the checkout: the venv and llama.cpp's source release are third-party code, not ours
+    parser.add_argument("--work", default=str(Path.home() / ".cache/flexolmo/interop"),
+                        help="models, venv and downloads (kept)")
     parser.add_argument("--tf4", default="4.57.6", help="the transformers 4.x release to check")
     parser.add_argument("--llama-cpp", default="0.3.36", help="llama-cpp-python source release carrying the converter")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's converter")

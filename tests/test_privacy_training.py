@@ -120,3 +120,16 @@ def test_a_private_owner_records_the_accountants_epsilon_and_keeps_its_contract(
     listed = json.loads(capsys.readouterr().out)["experts"]["code"]["privacy"]
     assert listed == {"epsilon": record["epsilon"], "delta": 1e-3}
     # check_contract ran inside train_expert: the anchor's weights and the public router row did not move
+
+
+def test_dp_with_the_routing_cross_entropy_is_refused_before_anything_runs(owner, tmp_path):
+    from flexolmo_core.errors import InputError
+    from flexolmo_core.training.config import LoopConfig
+    from flexolmo_core.training.loop import train
+
+    model, rows = owner
+    private = PrivateGradients(DPConfig(enabled=True, noise_multiplier=1.0), 100, 4, 1)
+    with pytest.raises(InputError, match="expert.dp and loop.router_aux_ce cannot be combined"):
+        train(model, list(rows), LoopConfig(steps=1, global_batch=4, micro_batch=4, router_aux_ce=0.1),
+              tmp_path / "run", private=private)
+    assert not (tmp_path / "run").exists()

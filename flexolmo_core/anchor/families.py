@@ -88,8 +88,8 @@ def renormalizes(config) -> bool:
 
 def portable_config(values: dict) -> dict:
     """config.json values that transformers 4.x reads as 5.x does: 5.x keeps RoPE in `rope_parameters`, which
-    4.x ignores, falling back to its own default theta (500,000 for FlexOlmo, 1,000,000 for Mixtral: logits off
-    by 0.2 at smoke size, benchmarks/interop.py), so its `rope_theta` / `rope_scaling` are written beside it.
+    4.x ignores, falling back to its own default theta (500,000 for FlexOlmo, 1,000,000 for Mixtral: at smoke size
+    logits off by up to 0.728 and 0.00575, benchmarks/interop.py), so its `rope_theta` / `rope_scaling` are written beside it.
     No transformers version: identical inputs give identical files."""
     values = {k: v for k, v in values.items() if k != "transformers_version"}
     rope = values.get("rope_parameters")

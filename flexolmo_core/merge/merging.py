@@ -121,12 +121,12 @@ def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], to
         dense = dict(zip(layout.PARTS, layout.dense_ffn_names(i)))
         dtype, (inter, d) = meta[dense["gate"]]
 
-        def part(e, name, i=i, dense=dense, inter=inter):  # expert 0: the anchor's FFN; e: package e-1's
+        def part(e, name, i=i, dense=dense, inter=inter, dtype=dtype):  # expert 0: the anchor's FFN; e: package e-1's
             if e == 0:
                 return get(dense[name], None)
             if name == "down":
-                return _expert_tensor(packages[e - 1], f"layers.{i}.down_proj", meta[dense["down"]][0])
-            gate_up = _expert_tensor(packages[e - 1], f"layers.{i}.gate_up_proj", meta[dense["gate"]][0])
+                return _expert_tensor(packages[e - 1], f"layers.{i}.down_proj", dtype)
+            gate_up = _expert_tensor(packages[e - 1], f"layers.{i}.gate_up_proj", dtype)
             return (gate_up[:inter] if name == "gate" else gate_up[inter:]).clone()
 
         def router(i=i, dtype=dtype):

@@ -161,6 +161,9 @@ def train(model: FastOlmo, windows, cfg: LoopConfig, run_dir, val_windows=None, 
     """Train `model` in place (resuming from run_dir/checkpoints if there are any); returns the summary.
     `inputs` (data hash, anchor fingerprint, ...) joins the loop settings in the run record a resume must match.
     `private`: DP-SGD's per-example clipping and noise replace the global gradient clip (training/privacy.py)."""
+    if private is not None and cfg.router_aux_ce:
+        raise InputError(f"{label}: expert.dp and loop.router_aux_ce cannot be combined (DP trains owners; the "
+                         "routing cross-entropy is router tuning's)")
     if cfg.router_aux_ce and not hasattr(windows, "label_of"):
         raise InputError(f"{label}: loop.router_aux_ce needs windows labelled by proxy set (router tuning's "
                          f"Mixture); these are {type(windows).__name__}")
