@@ -35,12 +35,15 @@ def fake_anchor(cfg):
     return Olmo2ForCausalLM(c)
 
 
-def ours(kind: str, anchor, cfg, args) -> dict:
+def ours(kind: str, anchor, cfg, args, dp: bool = False) -> dict:
+    """Our loop's anchor or owner-expert steps; `dp`: the owner's DP-SGD step (vectorised per-example gradients,
+    clipping, noise once per step: training/privacy.py), at the same shape."""
     from flexolmo_core.io.layout import from_hf_dense
     from flexolmo_core.training.config import LoopConfig
     from flexolmo_core.training.data import TokenWindows
     from flexolmo_core.training.loop import train
     from flexolmo_core.training.model import MoEShape, build
+    from flexolmo_core.training.privacy import DPConfig, PrivateGradients
     from flexolmo_core.training.stages import owner_fast_model
 
     if kind == "anchor":
@@ -51,10 +54,13 @@ def ours(kind: str, anchor, cfg, args) -> dict:
     loop = LoopConfig(steps=args.steps + 1, global_batch=args.batch, micro_batch=args.micro_batch or args.batch,
                       seq_len=args.seq_len, dtype=args.dtype, checkpoint_every=10 ** 9, progress=False, eval_batches=0,
                       compile=args.compile, device=args.device)
+    # sigma 1 and a large owner set: the step's cost does not depend on them (accounting is once, at the end)
+    private = PrivateGradients(DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0), 10**6, args.batch,
+                               args.steps + 1) if dp else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        s = train(model, TokenWindows(tokens, args.seq_len), loop, tmp, label=kind)
+        s = train(model, TokenWindows(tokens, args.seq_len), loop, tmp, label=kind, private=private)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and args.device != "cpu" else None
     del model
     return {"tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"], "flops_per_token": s["train_flops_per_token"],
@@ -158,6 +164,9 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default: --batch)")
     ap.add_argument("--only", choices=["anchor", "expert"], default=None,
                     help="time only this run of ours (no reference): the GPU check's 1B-class expert step")
+    ap.add_argument("--dp", action="store_true",
+                    help="also time the owner's DP-SGD step at the same shape (expert.dp: per-example clipping "
+                         "and noise); its MFU counts the plain step's matmul work, so it reads as DP's cost")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
@@ -169,6 +178,8 @@ def main() -> None:
         results = {"anchor (ours)": ours("anchor", anchor, cfg, args), "expert (ours)": ours("expert", anchor, cfg, args),
                    "expert (transformers, fp32)": reference(anchor, cfg, args, False),
                    "expert (transformers, bf16 autocast)": reference(anchor, cfg, args, True)}
+    if args.dp and args.only != "anchor":
+        results["expert (ours, DP-SGD)"] = ours("expert", anchor, cfg, args, dp=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "none"
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {args.threads} threads, load "
           f"{m['loadavg'][0]:.2f}; GPU: {gpu}; preset {args.preset}, batch {args.batch} x {args.seq_len}")
@@ -176,6 +187,10 @@ def main() -> None:
     for name, r in results.items():
         mem = f"{r['peak_gpu_memory_gib']:.1f} GiB" if r.get("peak_gpu_memory_gib") is not None else "-"
         print(f"{name:38s} {r['tokens_per_s']:9.0f} {100 * r['mfu']:5.1f}%  {r['dtype']} ({r['peak_gflops']:.0f})  {mem}")
+    if "expert (ours, DP-SGD)" in results:
+        print(f"DP-SGD step over the plain owner step: "
+              f"{results['expert (ours, DP-SGD)']['tokens_per_s'] / results['expert (ours)']['tokens_per_s']:.2f}x "
+              f"the tokens/s")
     ratio = None
     if not args.only:
         best_ref = max(results["expert (transformers, fp32)"]["tokens_per_s"],

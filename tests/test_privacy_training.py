@@ -1,6 +1,7 @@
 """DP-SGD for owners (training/privacy.py): every example's gradient is clipped before it joins the update,
 the noise has the promised scale, the frozen tensors stay frozen, and the epsilon a package records is the
 accountant's for the run it describes."""
+import copy
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from flexolmo_core.training.privacy import DPConfig, PrivateGradients, calibrate
 from flexolmo_core.training.stages import owner_fast_model
 
 C = 1e-3  # far below the smoke model's per-example gradient norms: every example is clipped
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU check runs the cuda cases
 
 
 def example_loss(model, row):
@@ -30,8 +32,15 @@ def owner(smoke_anchor):
     return model, rows
 
 
-def test_each_example_is_clipped_before_it_joins_the_update(owner):
+def owner_on(owner, device: str):
+    """The owner model and rows on `device` (a copy for cuda: the CPU tests share the module's model)."""
     model, rows = owner
+    return (model, rows) if device == "cpu" else (copy.deepcopy(model).to(device), rows.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_example_is_clipped_before_it_joins_the_update(owner, device):
+    model, rows = owner_on(owner, device)
     private = PrivateGradients(DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=C), 100, 4, 10)
     private.noise_multiplier = 0.0  # no noise: the update is exactly the mean of the clipped gradients
     private.bind(model)
@@ -66,10 +75,11 @@ def test_the_noise_has_standard_deviation_sigma_times_the_bound_over_the_batch(o
     assert abs(float(noise.std()) / (sigma * C / batch) - 1) < 0.01 and abs(float(noise.mean())) < 0.02 * sigma * C / batch
 
 
-def test_the_vectorised_path_gives_the_reference_paths_clipped_gradients(owner):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_vectorised_path_gives_the_reference_paths_clipped_gradients(owner, device):
     from flexolmo_core.training.objective import reference_objective
 
-    model, rows = owner
+    model, rows = owner_on(owner, device)
     cfg = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=0.05)
     fast, slow = (PrivateGradients(cfg, 100, 4, 10) for _ in range(2))
     fast.bind(model), slow.bind(model)

@@ -200,4 +200,5 @@ def test_the_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert "tokens/s" in (tmp_path / "train_small.txt").read_text()
     assert "expert (ours)" in (tmp_path / "expert_1b.txt").read_text()
     assert "merged (4 experts, top-2)" in (tmp_path / "decode.txt").read_text()
-    assert "1 passed" in (tmp_path / "tests.txt").read_text()
+    assert "2 passed" in (tmp_path / "tests.txt").read_text()  # a scale path and DP's vectorised clipping
+    assert "expert (ours, DP-SGD)" in (tmp_path / "dp_owner.txt").read_text()
