@@ -86,8 +86,9 @@ def gpu_page(folder: str) -> str:
     base = RESULTS / folder
     text = [(base / "README.md").read_text().rstrip(), "",
             "*Copied into this page by `python benchmarks/results_pages.py`; do not edit by hand.*", ""]
-    for part in ("tests", "train_small", "expert_1b", "decode"):
-        text += [f"## {part}", "", "```", (base / f"{part}.txt").read_text().rstrip(), "```", ""]
+    for part in ("tests", "train_small", "expert_1b", "decode", "dp_owner", "dp_owner_1b_micro1"):
+        if (base / f"{part}.txt").exists():
+            text += [f"## {part}", "", "```", (base / f"{part}.txt").read_text().rstrip(), "```", ""]
     return "\n".join(text)
 
 

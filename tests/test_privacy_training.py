@@ -86,11 +86,12 @@ def test_the_vectorised_path_gives_the_reference_paths_clipped_gradients(owner, 
     clipped, ce = fast.add_batch(rows, lambda out, targets: reference_objective(out[0], targets, out[1], 1e-3, 1e-5))
     for i, row in enumerate(rows):
         for a, b in zip(clipped, slow.add_example(example_loss(model, row))):
-            torch.testing.assert_close(a[i], b, rtol=1e-4, atol=1e-9)
+            # atol 1e-8: on CUDA the two paths' reduction orders differ by ~1e-9 on near-zero elements (seen on an H200)
+            torch.testing.assert_close(a[i], b, rtol=1e-4, atol=1e-8)
         assert torch.allclose(ce[i], example_ce(model, row), atol=1e-5)
     assert fast.clipped == slow.clipped and fast.examples == slow.examples == len(rows)
     for a, b in zip(fast.sum, slow.sum):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
 
 
 def test_calibration_meets_the_target_epsilon():
