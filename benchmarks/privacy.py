@@ -11,10 +11,14 @@ The headline tested: opting the expert out brings exposure back to the anchor's 
 and its 95% bootstrap interval).
 
 Every model and every measurement is written as it finishes (W/points/<model>.json) and skipped when found, so
-an interrupted study resumes. The record and a table go to benchmarks/results/privacy/.
+an interrupted study resumes. The record (--name) and a table go to benchmarks/results/privacy/.
 
     python benchmarks/privacy.py --pipeline DIR --work W [--domain code] [--steps 50] [--epsilons 8,1]
         [--canaries 4] [--repeats 1,4,16] [--candidates 2000] [--prefixes 20] [--val-docs 20] [--chars 2000]
+        [--preset smollm2] [--dtype auto]
+
+On SmolLM2, DIR is a folder laid out as a pipeline's (outputs/anchor, outputs/prepare, outputs/domain_embedding,
+outputs/expert/<other domains>/package: e.g. links into a quality_scaling SmolLM2 point) with --preset smollm2.
 
 bpb here is sum of each document's NLL (first token unscored, audit.canaries.sequence_nll) over its UTF-8
 bytes, on the first --chars characters: comparable across these models, not the evaluate stage's figure."""
@@ -38,8 +42,9 @@ def log(message: str) -> None:
     print(f"[privacy {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def train_owner(pipeline: Path, work: Path, domain: str, canary_docs: Path, steps: int, epsilon: float | None) -> Path:
-    """The owner's package: the pipeline's expert settings (tiny preset) on its data plus the canaries."""
+def train_owner(pipeline: Path, work: Path, domain: str, canary_docs: Path, steps: int, epsilon: float | None,
+                preset: str | None = None, dtype: str = "float32") -> Path:
+    """The owner's package: the pipeline's expert settings (its preset, or `preset`) on its data plus the canaries."""
     from flexolmo_core.training.config import ExpertConfig, load_stage
     from flexolmo_core.training.jobs import ExpertJob, train_expert_job
     from flexolmo_core.training.privacy import DPConfig
@@ -48,11 +53,11 @@ def train_owner(pipeline: Path, work: Path, domain: str, canary_docs: Path, step
     out = work / name
     if (out / "package/manifest.json").exists():
         return out / "package"
-    _, stage, loop = load_stage(ExpertConfig, "expert", pipeline / "params.yaml", domain=domain)
+    _, stage, loop = load_stage(ExpertConfig, "expert", pipeline / "params.yaml", domain=domain, preset=preset)
     if epsilon is not None:
         stage = dataclasses.replace(stage, dp=DPConfig(enabled=True, target_epsilon=epsilon, max_grad_norm=1.0,
                                                        delta=1e-5))
-    loop = dataclasses.replace(loop, steps=steps, progress=True, dtype="float32")
+    loop = dataclasses.replace(loop, steps=steps, progress=True, dtype=dtype)
     log(f"training {name} ({steps} steps{'' if epsilon is None else f', DP epsilon {epsilon:g}'})")
     emb = pipeline / "outputs/domain_embedding"
     train_expert_job(ExpertJob(pipeline / "outputs/anchor/model", domain,
@@ -148,6 +153,10 @@ def main() -> None:
     parser.add_argument("--prefixes", type=int, default=20, help="training documents in the extraction audit")
     parser.add_argument("--val-docs", type=int, default=20, help="validation documents for bpb")
     parser.add_argument("--chars", type=int, default=2000, help="characters of each validation document")
+    parser.add_argument("--preset", default=None, help="the expert stage's preset (default: the pipeline's own; "
+                        "smollm2 for a pipeline folder whose anchor is the imported SmolLM2)")
+    parser.add_argument("--name", default="tiny", help="the record: benchmarks/results/privacy/NAME.json")
+    parser.add_argument("--dtype", default="float32", help="owners' loop.dtype (auto: what the loop measures fastest)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -163,10 +172,12 @@ def main() -> None:
                        work / "canaries")
     canaries = read_canaries(work / "canaries")
     epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
-    packages = {"owner": train_owner(pipeline, work, args.domain, work / "canaries/documents.txt", args.steps, None)}
+    canary_docs = work / "canaries/documents.txt"
+    packages = {"owner": train_owner(pipeline, work, args.domain, canary_docs, args.steps, None, args.preset,
+                                     args.dtype)}
     for eps in epsilons:
-        packages[f"owner_dp_e{eps:g}"] = train_owner(pipeline, work, args.domain, work / "canaries/documents.txt",
-                                                     args.steps, eps)
+        packages[f"owner_dp_e{eps:g}"] = train_owner(pipeline, work, args.domain, canary_docs, args.steps, eps,
+                                                     args.preset, args.dtype)
     models = build_models(pipeline, work, args.domain, packages)
     train_texts = read_texts([pipeline / f"outputs/prepare/{args.domain}/train"])
     val_texts = [t[:args.chars] for t in read_texts([pipeline / f"outputs/prepare/{args.domain}/validation"])[:args.val_docs]]
@@ -182,7 +193,9 @@ def main() -> None:
     record = {"recorded": recorded_stamp(), "args": vars(args), "points": points,
               "exposure_difference": {f"{a} - {b}": v for (a, b), v in headline.items()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "privacy.json").write_text(json.dumps(record, indent=2) + "\n")
+    tmp = RESULTS / f"{args.name}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(RESULTS / f"{args.name}.json")
     print("\n".join(table(points, repeats)))
     for (a, b), v in headline.items():
         print(f"exposure {a} - {b}: {v['mean']:+.3f} bits [{v['low']:+.3f}, {v['high']:+.3f}]")
