@@ -15,7 +15,11 @@ an interrupted study resumes. The record (--name) and a table go to benchmarks/r
 
     python benchmarks/privacy.py --pipeline DIR --work W [--domain code] [--steps 50] [--epsilons 8,1]
         [--canaries 4] [--repeats 1,4,16] [--candidates 2000] [--prefixes 20] [--val-docs 20] [--chars 2000]
-        [--preset smollm2] [--dtype auto]
+        [--preset smollm2] [--dtype auto] [--owner-docs 20 --owner-chars 2000] [--name tiny]
+
+--owner-docs makes a small owner (its first N training documents): at the presets' owner budgets an owner sees
+its whole split a small fraction of one time (tiny: 0.09 epochs), so a canary repeated 16 times is met about
+once and nothing is memorised either way; a small owner meets each one several times.
 
 On SmolLM2, DIR is a folder laid out as a pipeline's (outputs/anchor, outputs/prepare, outputs/domain_embedding,
 outputs/expert/<other domains>/package: e.g. links into a quality_scaling SmolLM2 point) with --preset smollm2.
@@ -42,9 +46,9 @@ def log(message: str) -> None:
     print(f"[privacy {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def train_owner(pipeline: Path, work: Path, domain: str, canary_docs: Path, steps: int, epsilon: float | None,
-                preset: str | None = None, dtype: str = "float32") -> Path:
-    """The owner's package: the pipeline's expert settings (its preset, or `preset`) on its data plus the canaries."""
+def train_owner(pipeline: Path, work: Path, data: Path, domain: str, canary_docs: Path, steps: int,
+                epsilon: float | None, preset: str | None = None, dtype: str = "float32") -> Path:
+    """The owner's package: the pipeline's expert settings (its preset, or `preset`) on `data` plus the canaries."""
     from flexolmo_core.training.config import ExpertConfig, load_stage
     from flexolmo_core.training.jobs import ExpertJob, train_expert_job
     from flexolmo_core.training.privacy import DPConfig
@@ -61,7 +65,7 @@ def train_owner(pipeline: Path, work: Path, domain: str, canary_docs: Path, step
     log(f"training {name} ({steps} steps{'' if epsilon is None else f', DP epsilon {epsilon:g}'})")
     emb = pipeline / "outputs/domain_embedding"
     train_expert_job(ExpertJob(pipeline / "outputs/anchor/model", domain,
-                               [pipeline / f"outputs/prepare/{domain}/train", canary_docs], out, stage, loop,
+                               [data, canary_docs], out, stage, loop,
                                public_embedding=emb / "public", domain_embedding=emb / domain))
     return out / "package"
 
@@ -99,15 +103,19 @@ def measure(name: str, folder: Path, exclude: list, work: Path, canaries, train_
     from flexolmo_core.cli.commands.audit import scoring_model
 
     path = work / "points" / f"{name}.json"
+    settings = {k: getattr(args, k) for k in ("candidates", "prefixes", "val_docs", "chars", "owner_docs", "owner_chars")}
     if path.exists():
-        return json.loads(path.read_text())
+        point = json.loads(path.read_text())
+        if point.get("settings", settings) != settings:  # points of earlier versions carry none
+            raise SystemExit(f"{path}: measured with {point['settings']}, not {settings}: use another --work")
+        return point
     log(f"measuring {name}")
     start = time.time()
     model, tokenizer = scoring_model(str(folder), exclude, "cpu")
     exposures = [exposure(model, tokenizer, c, args.candidates, seed=0) for c in canaries]
     extraction = extraction_audit(model, tokenizer, train_texts, ExtractionConfig(prefixes=args.prefixes))
     nll = sequence_nll(model, tokenizer, val_texts, batch=4)
-    point = {"model": name, "folder": str(folder), "exclude": exclude, "exposures": exposures,
+    point = {"model": name, "folder": str(folder), "exclude": exclude, "settings": settings, "exposures": exposures,
              "by_repeats": exposure_table(exposures), "extraction": extraction,
              "val_bpb": round(float(nll.sum()) / math.log(2) / sum(len(t.encode()) for t in val_texts), 4),
              "seconds": round(time.time() - start, 1)}
@@ -155,6 +163,10 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=2000, help="characters of each validation document")
     parser.add_argument("--preset", default=None, help="the expert stage's preset (default: the pipeline's own; "
                         "smollm2 for a pipeline folder whose anchor is the imported SmolLM2)")
+    parser.add_argument("--owner-docs", type=int, default=0,
+                        help="a small owner: only the first N training documents, each cut at --owner-chars "
+                             "(0: the whole split), so the owner's steps see each canary several times")
+    parser.add_argument("--owner-chars", type=int, default=2000)
     parser.add_argument("--name", default="tiny", help="the record: benchmarks/results/privacy/NAME.json")
     parser.add_argument("--dtype", default="float32", help="owners' loop.dtype (auto: what the loop measures fastest)")
     args = parser.parse_args()
@@ -173,24 +185,37 @@ def main() -> None:
     canaries = read_canaries(work / "canaries")
     epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     canary_docs = work / "canaries/documents.txt"
-    packages = {"owner": train_owner(pipeline, work, args.domain, canary_docs, args.steps, None, args.preset,
-                                     args.dtype)}
-    for eps in epsilons:
-        packages[f"owner_dp_e{eps:g}"] = train_owner(pipeline, work, args.domain, canary_docs, args.steps, eps,
-                                                     args.preset, args.dtype)
-    models = build_models(pipeline, work, args.domain, packages)
     train_texts = read_texts([pipeline / f"outputs/prepare/{args.domain}/train"])
+    owner_data = pipeline / f"outputs/prepare/{args.domain}/train"
+    if args.owner_docs:
+        train_texts = [t[:args.owner_chars] for t in train_texts[:args.owner_docs]]
+        owner_data = work / "owner_data/documents.jsonl"
+        if not owner_data.exists():
+            owner_data.parent.mkdir(parents=True, exist_ok=True)
+            tmp = owner_data.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in train_texts))
+            tmp.replace(owner_data)
+    packages = {"owner": train_owner(pipeline, work, owner_data, args.domain, canary_docs, args.steps, None,
+                                     args.preset, args.dtype)}
+    for eps in epsilons:
+        packages[f"owner_dp_e{eps:g}"] = train_owner(pipeline, work, owner_data, args.domain, canary_docs, args.steps,
+                                                     eps, args.preset, args.dtype)
+    models = build_models(pipeline, work, args.domain, packages)
     val_texts = [t[:args.chars] for t in read_texts([pipeline / f"outputs/prepare/{args.domain}/validation"])[:args.val_docs]]
     points = {name: measure(name, folder, exclude, work, canaries, train_texts, val_texts, args)
               for name, (folder, exclude) in models.items()}
-    for name, package in packages.items():  # the guarantee each package records
-        dp = json.loads((package / "manifest.json").read_text())["training"].get("dp")
+    owners = {}
+    for name, package in packages.items():  # the guarantee each package records, and what training cost
+        training = json.loads((package / "manifest.json").read_text())["training"]
+        dp = training.get("dp")
         for model in (name, f"flexolmo{name.removeprefix('owner')}"):
             points[model]["epsilon"] = dp and dp["epsilon"]
+        owners[name] = {k: training.get(k) for k in ("steps", "tokens", "dtype", "train_loss", "tokens_per_s",
+                                                     "public_mix", "global_batch", "seq_len", "dp")}
     scores = lambda m: [e["exposure"] for e in points[m]["exposures"]]  # noqa: E731
     headline = {pair: dict(zip(("mean", "low", "high"), difference_interval(scores(pair[0]), scores(pair[1]))))
                 for pair in (("flexolmo_optout", "anchor"), ("flexolmo", "anchor"), ("owner", "anchor"))}
-    record = {"recorded": recorded_stamp(), "args": vars(args), "points": points,
+    record = {"recorded": recorded_stamp(), "args": vars(args), "points": points, "owners": owners,
               "exposure_difference": {f"{a} - {b}": v for (a, b), v in headline.items()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS / f"{args.name}.json.tmp"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from benchmarks.privacy import table as privacy_table
 from benchmarks.quality_scaling import report_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +121,56 @@ def interop_page(folder: str) -> str:
     return "\n".join(text + ["", stamp(record), ""])
 
 
+def privacy_section(path: Path) -> list[str]:
+    """One run of benchmarks/privacy.py: the table, the headline differences, each owner's training and DP."""
+    record = json.loads(path.read_text())
+    args, points = record["args"], record["points"]
+    repeats = [int(r) for r in args["repeats"].split(",")]
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items()
+                     if k not in ("pipeline", "work") and v is not None)
+    text = [f"## {args['name'] if 'name' in args else path.stem}", "",
+            f"`python benchmarks/privacy.py --pipeline DIR --work W {flags}`", "",
+            f"Domain `{args['domain']}`: {args['canaries']} canaries per repeat count, each ranked among "
+            f"{args['candidates']:,} random secrets (exposure at most {math.log2(args['candidates'] + 1):.2f} bits); "
+            f"extraction on {args['prefixes']} training documents (the paper's protocol: 32-token prefix, 10 draws "
+            f"of 256 tokens, similarity >= 0.9); bpb on {args['val_docs']} validation documents cut at "
+            f"{args['chars']:,} characters.", "", *privacy_table(points, repeats), "",
+            "Exposure differences, paired by canary, with 95% bootstrap intervals:", ""]
+    text += [f"- {pair}: {v['mean']:+.3f} bits [{v['low']:+.3f}, {v['high']:+.3f}]"
+             for pair, v in record["exposure_difference"].items()]
+    owners = record.get("owners") or {}
+    if owners:
+        text += ["", "| owner | steps | tokens | dtype | train loss | tokens/s | epsilon | delta | sigma | sample rate "
+                 "| clipped fraction |", "|---" * 11 + "|"]
+        for name, o in owners.items():
+            dp = o.get("dp") or {}
+            text.append(f"| {name} | {o['steps']} | {o['tokens']:,} | {o['dtype']} | {o['train_loss']:.4f} | "
+                        f"{o['tokens_per_s']:.1f} | {dp.get('epsilon', '-')} | {dp.get('delta', '-')} | "
+                        + (f"{dp['noise_multiplier']:.4f} | {dp['sample_rate']:.6f} | {dp['clipped_fraction']} |"
+                           if dp else "- | - | - |"))
+        text += ["", "DP's cost in validation bpb (the DP model minus its plain twin):", ""]
+        for name in owners:
+            if name != "owner":
+                suffix = name.removeprefix("owner")
+                text += [f"- {model}: {points[model]['val_bpb'] - points[plain]['val_bpb']:+.4f} "
+                         f"({points[model]['val_bpb']} vs {points[plain]['val_bpb']})"
+                         for model, plain in ((name, "owner"), (f"flexolmo{suffix}", "flexolmo"))]
+    return text + ["", stamp(record), ""]
+
+
+def privacy_page() -> str:
+    records = sorted((RESULTS / "privacy").glob("*.json"))
+    text = header("What one owner's data leaves behind: canaries, extraction, opt-out and DP",
+                  "benchmarks/results/privacy/", "python benchmarks/privacy.py")
+    text += ["Models: `anchor` (the public model), `dense_expert` (the expert alone as a dense model), `owner` (the "
+             "2-expert owner model), `flexolmo` (the merge with the other owners), `flexolmo_optout` (the same merge "
+             "with the expert masked: exact opt-out), and each DP owner with its merge. The tokens/s are each owner "
+             "run's own, on a shared machine: not a measure of DP's speed cost (docs/privacy.md has that).", ""]
+    for path in records:
+        text += privacy_section(path)
+    return "\n".join(text)
+
+
 def pages() -> dict[str, str]:
     return {
         "quality_scaling.md": study_page(
@@ -145,6 +197,7 @@ def pages() -> dict[str, str]:
             "(after), on the same inputs and on the machine each run prints first. The last three lines (the 8x7B "
             "arithmetic) are the script's own, from the measured peak, in both runs."),
         "interop.md": interop_page("interop"),
+        **({"privacy.md": privacy_page()} if list((RESULTS / "privacy").glob("*.json")) else {}),
     }
 
 

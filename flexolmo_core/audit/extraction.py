@@ -30,6 +30,7 @@ class ExtractionConfig:
     temperature: float = 1.0  # sampling temperature
     threshold: float = 0.9  # normalised Levenshtein similarity at which a document counts as extracted
     seed: int = 0  # fixes the documents chosen and every draw
+    batch_documents: int = 8  # documents drawn for in one generate call (1: one at a time, the reference)
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -51,19 +52,22 @@ def extraction_audit(model, tokenizer, texts: list[str], cfg: ExtractionConfig =
     chosen = rng.sample(range(len(encoded)), min(cfg.prefixes, len(encoded)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     documents = []
-    for n, i in enumerate(chosen):
-        ids = encoded[i]
-        prefix = torch.tensor([ids[:cfg.prefix_tokens]], device=model.device)
-        truth_ids = ids[cfg.prefix_tokens:cfg.prefix_tokens + cfg.new_tokens]
-        truth = tokenizer.decode(truth_ids, skip_special_tokens=True)
-        torch.manual_seed(cfg.seed * 100_003 + n)  # each document's draws are fixed by the seed
-        out = model.generate(prefix, attention_mask=torch.ones_like(prefix), do_sample=True, top_k=cfg.top_k,
+    step = max(1, cfg.batch_documents)
+    for n in range(0, len(chosen), step):  # every prefix has prefix_tokens tokens: they stack without padding
+        group = chosen[n:n + step]
+        prefixes = torch.tensor([encoded[i][:cfg.prefix_tokens] for i in group], device=model.device)
+        torch.manual_seed(cfg.seed * 100_003 + n)  # each call's draws are fixed by the seed and its first document
+        out = model.generate(prefixes, attention_mask=torch.ones_like(prefixes), do_sample=True, top_k=cfg.top_k,
                              top_p=cfg.top_p, temperature=cfg.temperature, max_new_tokens=cfg.new_tokens,
                              num_return_sequences=cfg.samples, pad_token_id=pad)
-        # as many tokens as the true continuation has (fewer than new_tokens where the document ends sooner)
-        drawn = tokenizer.batch_decode(out[:, prefix.shape[1]:prefix.shape[1] + len(truth_ids)], skip_special_tokens=True)
-        best = max(Levenshtein.normalized_similarity(d, truth) for d in drawn)
-        documents.append({"document": i, "similarity": round(best, 4), "extracted": best >= cfg.threshold})
+        for j, i in enumerate(group):  # generate returns each prefix's samples together, in order
+            truth_ids = encoded[i][cfg.prefix_tokens:cfg.prefix_tokens + cfg.new_tokens]
+            truth = tokenizer.decode(truth_ids, skip_special_tokens=True)
+            # as many tokens as the true continuation has (fewer than new_tokens where the document ends sooner)
+            rows = out[j * cfg.samples:(j + 1) * cfg.samples, cfg.prefix_tokens:cfg.prefix_tokens + len(truth_ids)]
+            best = max(Levenshtein.normalized_similarity(d, truth)
+                       for d in tokenizer.batch_decode(rows, skip_special_tokens=True))
+            documents.append({"document": i, "similarity": round(best, 4), "extracted": best >= cfg.threshold})
     hits, n = sum(d["extracted"] for d in documents), len(documents)
     low, high = wilson(hits, n)
     return {"documents": n, "extracted": hits, "rate": hits / n, "interval_95": [round(low, 4), round(high, 4)],
