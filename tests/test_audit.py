@@ -91,7 +91,6 @@ def test_extraction_finds_memorised_documents_and_none_once_the_expert_is_out(me
 
     for batching in ([], ["--batch-documents", "1"]):  # the 4 documents in one generate call; one at a time
         with_expert, opted_out = audit(*batching), audit("--exclude", "code", *batching)
-        print(with_expert["rate"], with_expert["mean_similarity"], opted_out["rate"], opted_out["mean_similarity"])
         assert with_expert["documents"] == 4 and with_expert["rate"] >= 0.75 and with_expert["interval_95"][0] > 0.3
         assert opted_out["extracted"] == 0 and opted_out["mean_similarity"] < with_expert["mean_similarity"] - 0.3
 
