@@ -123,7 +123,7 @@ def measure(name: str, folder: Path, exclude: list, work: Path, canaries, train_
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(point, indent=2))
     tmp.replace(path)
-    return point
+    return json.loads(path.read_text())  # as a resumed run reads it (repeat counts as string keys)
 
 
 def difference_interval(a: list[float], b: list[float], draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
