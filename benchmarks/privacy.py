@@ -212,18 +212,24 @@ def main() -> None:
             points[model]["epsilon"] = dp and dp["epsilon"]
         owners[name] = {k: training.get(k) for k in ("steps", "tokens", "dtype", "train_loss", "tokens_per_s",
                                                      "public_mix", "global_batch", "seq_len", "dp")}
-    scores = lambda m: [e["exposure"] for e in points[m]["exposures"]]  # noqa: E731
-    headline = {pair: dict(zip(("mean", "low", "high"), difference_interval(scores(pair[0]), scores(pair[1]))))
-                for pair in (("flexolmo_optout", "anchor"), ("flexolmo", "anchor"), ("owner", "anchor"))}
+    def scores(model: str, repeats: int | None) -> list[float]:  # canaries in planting order: paired across models
+        return [e["exposure"] for e in points[model]["exposures"] if repeats in (None, e["repeats"])]
+
+    top = max(repeats)
+    headline = {}
+    for model in [m for m in points if m != "anchor"]:  # each model against the anchor, which never saw them
+        for subset, label in ((None, "all canaries"), (top, f"x{top} canaries")):
+            headline[f"{model} - anchor ({label})"] = dict(zip(
+                ("mean", "low", "high"), difference_interval(scores(model, subset), scores("anchor", subset))))
     record = {"recorded": recorded_stamp(), "args": vars(args), "points": points, "owners": owners,
-              "exposure_difference": {f"{a} - {b}": v for (a, b), v in headline.items()}}
+              "exposure_difference": headline}
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS / f"{args.name}.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(RESULTS / f"{args.name}.json")
     print("\n".join(table(points, repeats)))
-    for (a, b), v in headline.items():
-        print(f"exposure {a} - {b}: {v['mean']:+.3f} bits [{v['low']:+.3f}, {v['high']:+.3f}]")
+    for pair, v in headline.items():
+        print(f"exposure {pair}: {v['mean']:+.3f} bits [{v['low']:+.3f}, {v['high']:+.3f}]")
 
 
 if __name__ == "__main__":
