@@ -33,6 +33,11 @@ def test_bad_audit_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
     assert main(["audit", "canaries", "--model", "m", "--canaries", "c", "--candidates", "0"]) == 2
     assert "--candidates must be >= 1, got 0" in capsys.readouterr().err
+    for flag, value, expected in (("--batch-documents", "0", "must be >= 1 (--batch-documents), got 0"),
+                                  ("--samples", "0", "must be >= 1 (--samples), got 0"),
+                                  ("--temperature", "0", "must be > 0 (--temperature), got 0.0")):
+        assert main(["audit", "extraction", "--model", "m", "--data", "d", flag, value]) == 2
+        assert expected in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,28 @@ import torch
 from rapidfuzz.distance import Levenshtein
 
 from flexolmo_core.errors import InputError
+from flexolmo_core.io.params import at_least, between, check_ranges
 
 
 @dataclass(frozen=True)
 class ExtractionConfig:
     """The extraction audit's settings: the paper's protocol by default."""
 
-    prefixes: int = 100  # training documents sampled (those longer than the prefix)
-    prefix_tokens: int = 32  # tokens of each document the model is given
-    samples: int = 10  # continuations drawn per document
-    new_tokens: int = 256  # tokens per continuation (and of the true continuation compared)
-    top_k: int = 50  # sampling top-k
-    top_p: float = 0.95  # sampling top-p
+    prefixes: int = at_least(1, 100)  # training documents sampled (those longer than the prefix)
+    prefix_tokens: int = at_least(1, 32)  # tokens of each document the model is given
+    samples: int = at_least(1, 10)  # continuations drawn per document
+    new_tokens: int = at_least(1, 256)  # tokens per continuation (and of the true continuation compared)
+    top_k: int = at_least(0, 50)  # sampling top-k (0: off)
+    top_p: float = between(0.0, 1.0, 0.95)  # sampling top-p
     temperature: float = 1.0  # sampling temperature
-    threshold: float = 0.9  # normalised Levenshtein similarity at which a document counts as extracted
+    threshold: float = between(0.0, 1.0, 0.9)  # normalised Levenshtein similarity at which a document counts as extracted
     seed: int = 0  # fixes the documents chosen and every draw
-    batch_documents: int = 8  # documents drawn for in one generate call (1: one at a time, the reference)
+    batch_documents: int = at_least(1, 8)  # documents drawn for in one generate call (1: one at a time, the reference)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "audit extraction")
+        if not self.temperature > 0:
+            raise InputError(f"audit extraction.temperature must be > 0 (--temperature), got {self.temperature!r}")
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -52,9 +58,8 @@ def extraction_audit(model, tokenizer, texts: list[str], cfg: ExtractionConfig =
     chosen = rng.sample(range(len(encoded)), min(cfg.prefixes, len(encoded)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     documents = []
-    step = max(1, cfg.batch_documents)
-    for n in range(0, len(chosen), step):  # every prefix has prefix_tokens tokens: they stack without padding
-        group = chosen[n:n + step]
+    for n in range(0, len(chosen), cfg.batch_documents):  # every prefix has prefix_tokens tokens: no padding
+        group = chosen[n:n + cfg.batch_documents]
         prefixes = torch.tensor([encoded[i][:cfg.prefix_tokens] for i in group], device=model.device)
         torch.manual_seed(cfg.seed * 100_003 + n)  # each call's draws are fixed by the seed and its first document
         out = model.generate(prefixes, attention_mask=torch.ones_like(prefixes), do_sample=True, top_k=cfg.top_k,
