@@ -113,7 +113,9 @@ def measure(name: str, folder: Path, exclude: list, work: Path, canaries, train_
     start = time.time()
     model, tokenizer = scoring_model(str(folder), exclude, "cpu")
     exposures = [exposure(model, tokenizer, c, args.candidates, seed=0) for c in canaries]
+    log(f"{name}: {len(canaries)} canaries ranked among {args.candidates} candidates ({time.time() - start:.0f} s)")
     extraction = extraction_audit(model, tokenizer, train_texts, ExtractionConfig(prefixes=args.prefixes))
+    log(f"{name}: extraction {extraction['extracted']}/{extraction['documents']} ({time.time() - start:.0f} s)")
     nll = sequence_nll(model, tokenizer, val_texts, batch=4)
     point = {"model": name, "folder": str(folder), "exclude": exclude, "settings": settings, "exposures": exposures,
              "by_repeats": exposure_table(exposures), "extraction": extraction,

@@ -16,6 +16,7 @@ evaluate stage's variants and held-out bpb), on a subset of the domains so the g
 
     python benchmarks/quality_scaling.py --pipeline DIR [--domains code,math,news] [--anchor-steps 250,1000]
         [--owner-steps 20,80,320] [--smollm2] [--levers] [--work W] [--report-only]
+        [--smollm2-steps 40,160] [--router-levers ridge,auxce,temperature] [--row-levers hidden,hidden_frozen]
 
 DIR is a finished pipeline folder at tiny (its outputs/prepare and outputs/tokenizer are read; its anchor is
 reused when the anchor steps match). Each point is written to W/points/<name>.json as it finishes, so an
@@ -24,7 +25,12 @@ interrupted grid resumes and `--report-only` tables and plots what exists (W/sca
 `--levers` measures issue 14's faithful levers at the first anchor and the owner steps nearest 100 (80 by default): the router
 rows' learning rate in owner training, the negative router bias (kept at inference), expert-training top-k, and
 the router-tuning budget. Each is scored on the validation split (where a choice would be made) and on the test
-split (what is reported)."""
+split (what is reported).
+
+On SmolLM2 (issue 29), `--router-levers` rebuild a finished point's merged router (closed form, router tuning
+with a routing cross-entropy, or a temperature), and `--row-levers hidden,hidden_frozen` retrain the owners
+with anchor-hidden router rows (trained or frozen) and then choose the merged router's temperature; every
+candidate is chosen on --lever-val-docs validation documents and reported on the test split."""
 from __future__ import annotations
 
 import argparse
@@ -162,8 +168,10 @@ def smollm2_anchor(work: Path, pipeline: Path, domains: list[str]) -> tuple[Path
 
 
 def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domains: list[str], owner_steps: int | None,
-              preset: str, args, expert=None, expert_loop=None, splits=("test",)) -> dict:
-    """Train the owners against one anchor, merge, evaluate; the result is also written to points/<name>.json."""
+              preset: str, args, expert=None, expert_loop=None, splits=("test",), embedding=None) -> dict:
+    """Train the owners against one anchor, merge, evaluate; the result is also written to points/<name>.json.
+    `embedding`: (tag, domain_embedding overrides) for router rows other than the anchor's shared ones; they are
+    built once per tag beside the anchor (work/<anchor>_<tag>) and shared by every point that names it."""
     from flexolmo_core.merge.merging import merge
     from flexolmo_core.training.config import ExpertConfig, load_stage
 
@@ -174,11 +182,18 @@ def run_point(name: str, anchor_folder: Path, data: Path, pipeline: Path, domain
     start = time.perf_counter()
     point = work / name
     point.mkdir(parents=True, exist_ok=True)
-    for part in ("anchor", "domain_embedding"):  # shared by every point on this anchor
-        if not (point / part).exists():
-            (point / part).symlink_to((anchor_folder / part).resolve())
     params = pipeline / "params.yaml"
-    embed_domains(anchor_folder, domains, prepare=pipeline / "outputs/prepare", preset=preset, params=params)
+    rows_folder = anchor_folder
+    if embedding:
+        rows_folder = work / f"{anchor_folder.name}_{embedding[0]}"
+        rows_folder.mkdir(parents=True, exist_ok=True)
+        if not (rows_folder / "anchor").exists():
+            (rows_folder / "anchor").symlink_to((anchor_folder / "anchor").resolve())
+    embed_domains(rows_folder, domains, embedding[1] if embedding else None, prepare=pipeline / "outputs/prepare",
+                  preset=preset, params=params)
+    for part, source in (("anchor", anchor_folder), ("domain_embedding", rows_folder)):  # shared by the points
+        if not (point / part).exists():
+            (point / part).symlink_to((source / part).resolve())
     say(f"{name}: training {len(domains)} owners")
     expert_loop = {**(expert_loop or {}), **({"dtype": args.dtype} if args.dtype else {})}
     train_experts(point, data, domains, owner_steps, expert, expert_loop, preset=preset, params=params)
@@ -328,9 +343,10 @@ def bpb_table(points: list[dict]) -> str:
 def lever_table(levers: list[dict]) -> str:
     rows = ["| lever | FlexOlmo validation mean bpb | test mean bpb | test merged vs owner | test opt-out gain lost |",
             "|---|---|---|---|---|"]
-    for lv in levers:
-        v, t = lv["splits"]["validation"]["mean"], lv["splits"]["test"]["mean"]
-        rows.append(f"| {lv['lever']} | {v['bpb_flexolmo']:.4f} | {t['bpb_flexolmo']:.4f} | "
+    for lv in levers:  # a row lever's own point has no validation score: its temperature lever chooses
+        v, t = lv["splits"].get("validation", {}).get("mean", {}), lv["splits"]["test"]["mean"]
+        val = f"{v['bpb_flexolmo']:.4f}" if "bpb_flexolmo" in v else "(see its temperature)"
+        rows.append(f"| {lv['lever']} | {val} | {t['bpb_flexolmo']:.4f} | "
                     f"{pct(t.get('merged_vs_owner'))} | {share(t.get('gain_lost'))} |")
     candidates = [(lv, name, bpb) for lv in levers for name, bpb in (lv.get("validation_mean_bpb") or {}).items()]
     if candidates:  # every candidate a router lever tried, the losers too
@@ -404,11 +420,11 @@ def goals(work: Path) -> list[str]:
     for record in sorted((work / "points").glob("*.json")):
         point = json.loads(record.read_text())
         base = work / "results" / f"{point['name']}_test.json"
-        if point.get("lever") or not base.exists():
+        if (point.get("lever") and not point.get("row_lever")) or not base.exists():
             continue
         results = json.loads(base.read_text())
-        text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: domain-embedding router "
-                           "(the paper's)", results, point["domains"])
+        rows = point["lever"] if point.get("row_lever") else "domain-embedding router (the paper's)"
+        text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: {rows}", results, point["domains"])
         for lever, (label, _) in ROUTER_LEVERS.items():
             found = work / "points" / f"{point['name']}_{lever}.json"
             if not found.exists():
@@ -418,7 +434,8 @@ def goals(work: Path) -> list[str]:
             for d in point["domains"]:
                 results[f"optout_{d}"] = json.loads(
                     (work / "results" / f"{point['name']}_{chosen}_optout_{d}_test.json").read_text())
-            text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: {label} "
+            owners = f"{rows}, " if point.get("row_lever") else ""
+            text += goal_table(f"{point['anchor']}, {point['owner_steps']} owner steps: {owners}{label} "
                                f"({chosen}, chosen on validation)", results, point["domains"])
     return text
 
@@ -560,9 +577,30 @@ def router_tuned(base: Path, pipeline: Path, domains: list[str], rt_steps: int, 
 # documents per domain: a SmolLM2 validation pass costs minutes on 2 cores.
 RIDGE_GRID = [(1.0, 2.0), (1.0, 4.0), (0.0, 4.0)]
 AUX_CE_WEIGHTS = [0.0, 0.1, 1.0]  # router tuning's auxiliary routing cross-entropy; 0 is the paper's router tuning
+ROUTER_SCALES = [0.5, 1.0, 2.0]  # merge.router_scale: 1/temperature of the merged router, the rows kept as trained
 ROUTER_LEVERS = {
     "ridge": ("closed-form router", {f"ridge_p{t:g}_x{x:g}": {"public_target": t, "scale": x} for t, x in RIDGE_GRID}),
     "auxce": ("router tuning + routing cross-entropy", {f"rt_aux{w:g}": {"router_aux_ce": w} for w in AUX_CE_WEIGHTS}),
+    "temperature": ("router temperature", {f"temp_x{c:g}": {"router_scale": c} for c in ROUTER_SCALES}),
+}
+
+# Owner-side levers: owners retrained with router rows built from the anchor's own router input (the normalised
+# hidden state each layer's router multiplies; one row per layer), centred on the public mean and of unit norm,
+# then the merged router's temperature chosen on validation (the "temperature" lever above). Centred on the
+# public mean, not on the mean of every domain as issue 29 words it: an owner can compute the public mean alone,
+# while the mean of all domains would need every other owner's data. Two variants: the owner trains its row
+# (the paper: one learning rate for all) or keeps it frozen (router_lr_scale 0), so the merged rows are exactly
+# the anchor's domain directions.
+# Scale 4 in training: a probe of SmolLM2 (12 train documents per domain for the means, 4 validation documents
+# scored) put the unit rows' own-domain logit 0.35-1.38 above public's 0 and the public text's -0.1 to -0.5, so x4
+# gives an owner's expert most of its domain's weight and little of public text's. 40 documents of 2,000
+# characters per domain, not the preset's 300 of 4,000: a full-length fp32 forward per document costs seconds on
+# 2 cores, and the issue's probe separated the domains with 40.
+HIDDEN_ROWS = ("hidden", {"mode": "anchor-hidden", "center": True, "unit_norm": True, "scale": 4.0,
+                          "documents": 40, "max_chars": 2000})
+ROW_LEVERS = {
+    "hidden": ("anchor-hidden rows, trained by the owner", {"router_lr_scale": 1.0}),
+    "hidden_frozen": ("anchor-hidden rows, frozen in owner training", {"router_lr_scale": 0.0}),
 }
 
 
@@ -576,7 +614,12 @@ def build_router(lever: str, settings: dict, point: Path, data: Path, domains: l
 
     _, rt, loop = load_stage(RouterTuneConfig, "router_tune", params, preset=preset)
     proxy = [data / d / "train" for d in domains]
-    if lever == "ridge":
+    if lever == "temperature":  # the same packages merged again, every router row scaled
+        from flexolmo_core.merge.merging import merge, read_manifest
+
+        merge(point / "anchor/model", [point / f"expert/{d}/package" for d in domains], out / "model",
+              top_k=read_manifest(point / "merged")["top_k"], **settings)
+    elif lever == "ridge":
         fit_router(point / "merged", data / "public/train", proxy, out, loop.seq_len, rt.public_windows,
                    rt.proxy_windows, alpha=rt.ridge_alpha, **settings)
     else:
@@ -646,7 +689,8 @@ def run_router_lever(name: str, lever: str, data: Path, pipeline: Path, domains:
                                      all_domains, args))
     bpb = bpb_of(results)
     base = json.loads((work / "points" / f"{name}.json").read_text())
-    result = {"name": f"{name}_{lever}", "lever": f"{label} ({best})", "anchor": base["anchor"],
+    owners = f"{base['lever']}, " if base.get("lever") else ""  # a row lever's own owners
+    result = {"name": f"{name}_{lever}", "lever": f"{owners}{label} ({best})", "anchor": base["anchor"],
               "owner_steps": base["owner_steps"], "owner_tokens": base["owner_tokens"], "domains": domains,
               "validation_mean_bpb": validation, "chosen": best,
               "splits": {"validation": {"mean": {"bpb_flexolmo": validation[best]}},
@@ -655,6 +699,20 @@ def run_router_lever(name: str, lever: str, data: Path, pipeline: Path, domains:
                                   "routing": results["flexolmo"].get("routing_share")}},
               "seconds": round(time.perf_counter() - start, 1)}
     write_record(record, result)
+    return result
+
+
+def run_row_lever(name: str, lever: str, anchor_folder: Path, data: Path, pipeline: Path, domains: list[str],
+                  owner_steps: int | None, preset: str, args) -> dict:
+    """ROW_LEVERS[lever]: owners retrained with the anchor-hidden rows, merged and scored on the test split with
+    all of the point's variants (its owners are its own), then the router temperature chosen on validation."""
+    label, loop = ROW_LEVERS[lever]
+    result = run_point(name, anchor_folder, data, pipeline, domains, owner_steps, preset, args, expert_loop=loop,
+                       embedding=HIDDEN_ROWS)
+    if result.get("row_lever") != lever:  # chosen by the temperature lever: no validation of its own
+        result.update(lever=label, row_lever=lever)
+        write_record(Path(args.work) / "points" / f"{name}.json", result)
+    run_router_lever(name, "temperature", data, pipeline, domains, preset, args)
     return result
 
 
@@ -676,6 +734,8 @@ def main() -> None:
     ap.add_argument("--levers", action="store_true", help="also the faithful levers at the first anchor")
     ap.add_argument("--router-levers", default="", help="router levers at each SmolLM2 point, comma-separated: "
                     + ", ".join(f"{k} ({v[0]})" for k, v in ROUTER_LEVERS.items()))
+    ap.add_argument("--row-levers", default="", help="owner-side router-row levers at each SmolLM2 point (owners "
+                    "retrained), comma-separated: " + ", ".join(f"{k} ({v[0]})" for k, v in ROW_LEVERS.items()))
     ap.add_argument("--lever-val-docs", type=int, default=None,
                     help="validation documents per domain for choosing a router lever's candidate (default: --docs)")
     ap.add_argument("--rt-budgets", default="25,75,200", help="router-tuning steps measured with --levers")
@@ -685,6 +745,9 @@ def main() -> None:
     args = ap.parse_args()
     args.rt_budgets = [int(x) for x in args.rt_budgets.split(",") if x]
     args.router_levers = [x for x in args.router_levers.split(",") if x]
+    args.row_levers = [x for x in args.row_levers.split(",") if x]
+    if set(args.row_levers) - set(ROW_LEVERS):
+        ap.error(f"--row-levers: unknown {sorted(set(args.row_levers) - set(ROW_LEVERS))}; known: {sorted(ROW_LEVERS)}")
     unknown = set(args.router_levers) - set(ROUTER_LEVERS)
     if unknown:
         ap.error(f"--router-levers: unknown {sorted(unknown)}; known: {sorted(ROUTER_LEVERS)}")
@@ -710,6 +773,9 @@ def main() -> None:
                           splits=("validation", "test"))
                 for lever in args.router_levers:
                     run_router_lever(f"smollm2_s{s or 'preset'}", lever, sdata, pipeline, domains, "smollm2", args)
+                for lever in args.row_levers:
+                    run_row_lever(f"smollm2_s{s or 'preset'}_{lever}", lever, folder, sdata, pipeline, domains, s,
+                                  "smollm2", args)
         if first:
             run_point(f"a{anchor_steps[0]}_s{owner_steps[-1]}", first, data, pipeline, domains, owner_steps[-1], "tiny",
                       args)

@@ -160,6 +160,26 @@ def test_masking_an_expert_equals_the_merge_without_it(world, tmp_path, top_k):
     assert not torch.allclose(full, expected, atol=1e-3)  # the released expert did contribute before
 
 
+def test_a_router_scale_scales_every_row_and_keeps_opt_out_exact(world, tmp_path):
+    """merge.router_scale (a router temperature, a lever of issue 29): every row, the public one included, is the
+    unscaled merge's row times the scale; the opt-out of a scaled merge is the scaled merge without the expert."""
+    root = world["root"]
+    merge(world["anchor"], [root / "code", root / "released"], tmp_path / "scaled", top_k=2, router_scale=4.0)
+    plain, scaled = read_internal(root / "merged"), read_internal(tmp_path / "scaled")
+    routers = [k for k in plain if ".router" in k]
+    assert routers and plain.keys() == scaled.keys()
+    for k in plain:
+        assert torch.equal(scaled[k], plain[k] * 4.0 if k in routers else plain[k]), k
+    merge(world["anchor"], [root / "code"], tmp_path / "without", top_k=1, router_scale=4.0)
+    opt_out(tmp_path / "scaled", ["released"], tmp_path / "opted_out", top_k=1)
+    without, opted = read_internal(tmp_path / "without"), read_internal(tmp_path / "opted_out")
+    assert without.keys() == opted.keys() and all(torch.equal(without[k], opted[k]) for k in without)
+    assert json.loads((tmp_path / "scaled/flexolmo.json").read_text())["router_scale"] == 4.0
+    with pytest.raises(Exception, match="router-scale"):
+        merge(world["anchor"], [root / "code"], tmp_path / "bad", router_scale=0.0)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_released_expert_round_trip_and_split(world, tmp_path, capsys):
     from flexolmo_core.cli.main import main
 

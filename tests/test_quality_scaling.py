@@ -128,3 +128,45 @@ def test_goal_table_gives_each_goal_its_bootstrap_verdict():
     assert rows["code: opt-out loses >= 80% of the gain, others move < 2%"].endswith("| inconclusive |")  # 80.0%
     assert rows["code: merged p(own) >= 0.6"].endswith("| 0.650 | (no interval) | met |")
     assert rows["math: merged p(own) >= 0.6"].endswith("| missed |")
+
+
+def test_a_row_lever_gets_its_own_goals_and_its_temperatures_choice(tmp_path):
+    """An owner-side row lever (owners retrained with anchor-hidden rows) is reported with its own owners'
+    goals and with the goals of the temperature its router lever chose on validation; its own row in the lever
+    table has no validation score of its own (the temperature lever scores every candidate)."""
+    for d in ("points", "results"):
+        (tmp_path / d).mkdir()
+
+    def point(name, results, **extra):
+        (tmp_path / "results" / f"{name}_test.json").write_text(json.dumps(results))
+        b = qs.bpb_of(results)
+        (tmp_path / "points" / f"{name}.json").write_text(json.dumps({
+            "name": name, "anchor": "SmolLM2-135M (pretrained)", "owner_steps": 40, "owner_tokens": 40960,
+            "domains": DOMAINS, "seconds": 1.0, "splits": {"test": {"bpb": b, **qs.point_metrics(b, DOMAINS)}},
+            **extra}))
+
+    point("s40", noisy_results(bpb()))
+    hidden = noisy_results(bpb(flex_code=0.91, flex_math=1.61), seed=1)
+    point("s40_hidden_frozen", hidden, lever=qs.ROW_LEVERS["hidden_frozen"][0], row_lever="hidden_frozen")
+    chosen = noisy_results({"flexolmo": bpb(flex_code=1.3)["flexolmo"], "optout_code": bpb()["optout_code"],
+                            "optout_math": bpb()["optout_math"]}, seed=2)
+    for variant, result in chosen.items():
+        tag = "temp_x4" if variant == "flexolmo" else f"temp_x4_{variant}"
+        (tmp_path / "results" / f"s40_hidden_frozen_{tag}_test.json").write_text(json.dumps(result))
+    b = qs.bpb_of({**hidden, **chosen})
+    (tmp_path / "points" / "s40_hidden_frozen_temperature.json").write_text(json.dumps({
+        "name": "s40_hidden_frozen_temperature", "anchor": "SmolLM2-135M (pretrained)", "owner_steps": 40,
+        "owner_tokens": 40960, "domains": DOMAINS, "seconds": 1.0, "chosen": "temp_x4",
+        "lever": "anchor-hidden rows, frozen in owner training, router temperature (temp_x4)",
+        "validation_mean_bpb": {"temp_x1": 1.5, "temp_x4": 1.4, "temp_x16": 1.45},
+        "splits": {"validation": {"mean": {"bpb_flexolmo": 1.4}}, "test": {"bpb": b, **qs.point_metrics(b, DOMAINS)}}}))
+    text = qs.report_text(tmp_path)
+    frozen = qs.ROW_LEVERS["hidden_frozen"][0]
+    assert f"**SmolLM2-135M (pretrained), 40 owner steps: {frozen}**" in text
+    assert (f"**SmolLM2-135M (pretrained), 40 owner steps: {frozen}, router temperature (temp_x4, chosen on "
+            "validation)**") in text
+    assert f"| {frozen} | (see its temperature) |" in text
+    own = text.split(f"40 owner steps: {frozen}**")[1].split("**")[0]  # its owners, its merge: code 0.91 vs 0.9
+    assert "| code: within 5% of its owner | 0.9100 vs 0.9000 (+1.1%)" in own
+    tempered = text.split("router temperature (temp_x4, chosen on validation)**")[1].split("**")[0]
+    assert "| code: within 5% of its owner | 1.3000 vs 0.9000" in tempered  # the chosen merge against the same owners

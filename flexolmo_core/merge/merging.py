@@ -65,8 +65,11 @@ def load_packages(package_paths, fingerprint: str, shapes: dict, exclude=(), dty
 
 
 def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, top_k: int | None = None,
-          exclude=(), extra_manifest: dict | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Write the merged checkpoint to `out`; returns its flexolmo.json manifest."""
+          exclude=(), extra_manifest: dict | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+          router_scale: float = 1.0) -> dict:
+    """Write the merged checkpoint to `out`; returns its flexolmo.json manifest. `router_scale` multiplies every
+    router row, the public one included (1/temperature of the router's softmax; 1 = the paper). Opt-out stays
+    exact: a row is scaled before it is stacked, and removing an expert removes its scaled row."""
     from transformers import AutoConfig
 
     anchor_dir, package_paths = Path(anchor_dir), list(package_paths)
@@ -84,10 +87,12 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
     top_k = default_top_k(num_experts) if top_k is None else top_k
     if not 1 <= top_k <= num_experts:
         raise InputError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
+    if not (math.isfinite(router_scale) and router_scale > 0):
+        raise InputError(f"--router-scale must be a finite number > 0 (1/temperature of the router), got {router_scale}")
 
     for package in packages:  # the weights back the fingerprint's claim: anchor + package must give its logits
         check_canary(anchor_dir, anchor_cfg, package)
-    specs, config = merged_specs(anchor_dir, anchor_cfg, packages, top_k)
+    specs, config = merged_specs(anchor_dir, anchor_cfg, packages, top_k, router_scale)
     manifest = {
         "format_version": 1,
         "anchor_fingerprint": fingerprint,
@@ -102,13 +107,14 @@ def merge(anchor_dir: str | os.PathLike, package_paths, out: str | os.PathLike, 
              "training": p.manifest.get("training", {}), "data": p.manifest.get("data", {})}
             for j, p in enumerate(packages)],
         "excluded_at_merge": sorted(exclude),
+        "router_scale": router_scale,
         **(extra_manifest or {}),
     }
     write_merged(out, specs, config, anchor_dir, manifest, shard_bytes)
     return manifest
 
 
-def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], top_k: int):
+def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], top_k: int, router_scale: float = 1.0):
     """(tensor specs, MoE config) of the anchor merged with `packages`: lazy tensors, produced one at a time."""
     names, get = checkpoint_getter(anchor_dir)  # lazy reads; works for sharded checkpoints too
     meta = checkpoint_meta(anchor_dir)  # dtypes and shapes from the headers, nothing loaded yet
@@ -131,7 +137,8 @@ def merged_specs(anchor_dir: Path, anchor_cfg, packages: list[ExpertPackage], to
 
         def router(i=i, dtype=dtype):
             public = public_rows[i].to(dtype)
-            return torch.stack([public] + [_expert_tensor(p, f"layers.{i}.router", dtype) for p in packages])
+            rows = torch.stack([public] + [_expert_tensor(p, f"layers.{i}.router", dtype) for p in packages])
+            return rows if router_scale == 1.0 else (rows.float() * router_scale).to(dtype)
 
         specs += layout.released_moe_specs(family, i, num_experts, dtype, inter, d, part, router)
 

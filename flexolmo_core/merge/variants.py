@@ -22,6 +22,7 @@ class MergeConfig:
     dense_experts: bool = True  # each expert alone as a dense Olmo2 model (baseline)
     soup: bool = True  # mean FFN of the dense experts (baseline; needs dense_experts)
     shard_size: str = "5GB"  # weights past this are split into model-0000k-of-0000N.safetensors + index (transformers' layout)
+    router_scale: float = 1.0  # multiplies every router row: 1/temperature of the router softmax (1 = the paper)
 
 
 def merge_variants(cfg: MergeConfig, anchor: Path, packages: dict[str, Path], out: Path, index_root: Path) -> dict:
@@ -37,7 +38,8 @@ def merge_variants(cfg: MergeConfig, anchor: Path, packages: dict[str, Path], ou
     shard = parse_size(cfg.shard_size)
     paths = [packages[d] for d in sorted(packages)]
     domains_of = lambda manifest: [e["domain"] for e in manifest["experts"]]  # noqa: E731
-    timed("flexolmo", lambda o: domains_of(merge(anchor, paths, o, top_k=cfg.top_k, shard_bytes=shard)))
+    timed("flexolmo", lambda o: domains_of(merge(anchor, paths, o, top_k=cfg.top_k, shard_bytes=shard,
+                                                           router_scale=cfg.router_scale)))
     if cfg.opt_out and len(packages) > 1:
         for d in sorted(packages):
             # top_k is re-derived for the smaller model unless fixed in params (clipped to its expert count)

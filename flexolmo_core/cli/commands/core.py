@@ -70,6 +70,8 @@ def register(subparsers) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="NAME", help="leave this domain out")
     p.add_argument("--shard-size", default="5GB", help="split the weights into shards of at most this size, with an "
                    "index (transformers' layout: 5GB, 500MB, bytes)")
+    p.add_argument("--router-scale", type=float, default=1.0, help="multiply every router row by this "
+                   "(1/temperature of the router softmax; default 1, the paper)")
     p.set_defaults(func=cmd_merge)
 
     p = subparsers.add_parser("generate", help="generate with a merged model, choosing experts; prints attribution")
@@ -162,7 +164,7 @@ def cmd_expert_train(args) -> None:
 
 def cmd_merge(args) -> None:
     manifest = merge(args.anchor, args.expert, args.out, top_k=args.top_k, exclude=args.exclude,
-                     shard_bytes=parse_size(args.shard_size))
+                     shard_bytes=parse_size(args.shard_size), router_scale=args.router_scale)
     print(json.dumps({"model": args.out, "experts": [e["domain"] for e in manifest["experts"]],
                       "top_k": manifest["top_k"]}))
 
