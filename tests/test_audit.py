@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from flexolmo_core.audit.canaries import (
     DOCUMENTS,
@@ -77,6 +78,28 @@ def test_opting_the_expert_out_takes_back_what_it_memorised(memorised, smoke_anc
     assert planted > anchor["by_repeats"]["16"]["mean_exposure"] + 3, (with_expert, anchor)
     assert planted > with_expert["by_repeats"]["0"]["mean_exposure"] + 3
     assert [c["rank"] for c in opted_out["canaries"]] == [c["rank"] for c in anchor["canaries"]]
+
+
+@pytest.mark.slow  # shares the trained expert above
+def test_the_shared_prefix_scorer_gives_the_reference_scores(memorised, smoke_anchor):
+    """exposure's fast path (the template's opening tokens run once, their KV cache copied to each batch of
+    candidates) gives sequence_nll's totals and the same ranks: on the merge, its opt-out and the dense anchor,
+    over several batches."""
+    from flexolmo_core.audit.canaries import exposure, sequence_nll, shared_prefix_nll
+    from flexolmo_core.cli.commands.audit import scoring_model
+
+    canaries = read_canaries(memorised / "canaries")
+    for path, exclude in ((memorised / "merged", []), (memorised / "merged", ["code"]), (smoke_anchor, [])):
+        model, tokenizer = scoring_model(str(path), exclude, "cpu")
+        texts = [canaries[0].text(f"{n * 7_919_113 % 10**10:010d}") for n in range(2000)]
+        lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+        texts = [t for t, n in zip(texts, lengths) if n == max(set(lengths), key=lengths.count)][:150]
+        reference = sequence_nll(model, tokenizer, texts, batch=64)
+        fast = shared_prefix_nll(model, [tokenizer(t)["input_ids"] for t in texts], batch=64)
+        assert len(texts) > 128 and torch.allclose(fast, reference, atol=1e-4, rtol=0), (path, exclude)
+        for c in canaries:
+            a, b = exposure(model, tokenizer, c, 200), exposure(model, tokenizer, c, 200, reference=True)
+            assert a["rank"] == b["rank"] and abs(a["nll"] - b["nll"]) < 1e-3, (a, b)
 
 
 @pytest.mark.slow  # shares the trained expert above; draws 4 continuations of 16 tokens per document
