@@ -592,7 +592,7 @@ ROUTER_LEVERS = {
 # (the paper: one learning rate for all) or keeps it frozen (router_lr_scale 0), so the merged rows are exactly
 # the anchor's domain directions.
 # Scale 4 in training: a probe of SmolLM2 (12 train documents per domain for the means, 4 validation documents
-# scored) put the unit rows' own-domain logit 0.35-1.38 above public's 0 and the public text's -0.1 to -0.5, so x4
+# scored) put the unit rows' own-domain logit 0.25-1.38 above public's 0 and the public text's -0.1 to -0.5, so x4
 # gives an owner's expert most of its domain's weight and little of public text's. 40 documents of 2,000
 # characters per domain, not the preset's 300 of 4,000: a full-length fp32 forward per document costs seconds on
 # 2 cores, and the issue's probe separated the domains with 40.
