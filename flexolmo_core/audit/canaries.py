@@ -14,6 +14,7 @@ as the true one's, since a BPE vocabulary splits digits unevenly and a sentence 
 total NLL whatever the model learned (the exposure is then over that part of R)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -109,8 +110,6 @@ def shared_prefix_nll(model, sequences: list[list[int]], batch: int = 256) -> to
     """sequence_nll's totals for token sequences of one length that share their first tokens (a canary's
     candidates differ only in the secret): the shared prefix runs once and its KV cache is copied to each batch,
     so only the differing tokens are computed. Falls back to no cache when nothing is shared."""
-    import copy
-
     length = len(sequences[0])
     if any(len(s) != length for s in sequences):
         raise ValueError("shared_prefix_nll needs sequences of one length")
