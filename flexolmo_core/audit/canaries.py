@@ -105,19 +105,22 @@ def sequence_nll(model, tokenizer, texts: list[str], batch: int = 256) -> torch.
     return torch.cat(out)
 
 
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares (at most all but the last)."""
+    length = min(len(s) for s in sequences)
+    shared = next((i for i in range(length) if any(s[i] != sequences[0][i] for s in sequences)), length)
+    return min(shared, length - 1)
+
+
 @torch.no_grad()
 def shared_prefix_nll(model, sequences: list[list[int]], batch: int = 256) -> torch.Tensor:
     """sequence_nll's totals for token sequences of one length that share their first tokens (a canary's
     candidates differ only in the secret): the shared prefix runs once and its KV cache is copied to each batch,
-    so only the differing tokens are computed. Falls back to no cache when nothing is shared."""
-    length = len(sequences[0])
-    if any(len(s) != length for s in sequences):
-        raise ValueError("shared_prefix_nll needs sequences of one length")
-    shared = next((i for i in range(length) if any(s[i] != sequences[0][i] for s in sequences)), length)
-    shared = min(shared, length - 1)  # at least one token after the prefix
+    so only the differing tokens are computed."""
+    shared = shared_prefix_length(sequences)
+    if shared < 1 or any(len(s) != len(sequences[0]) for s in sequences):
+        raise ValueError("shared_prefix_nll needs sequences of one length sharing their first token")
     device = model.device
-    if shared == 0:
-        return _batched_nll(model, torch.tensor(sequences), batch)
     prefix = model(input_ids=torch.tensor([sequences[0][:shared]], device=device), use_cache=True)
     logp = torch.log_softmax(prefix.logits[0].float(), -1)  # the prefix's own NLL is the same for every sequence
     prefix_nll = -logp[:-1].gather(-1, torch.tensor(sequences[0][1:shared], device=device)[:, None]).sum()
@@ -129,15 +132,6 @@ def shared_prefix_nll(model, sequences: list[list[int]], batch: int = 256) -> to
         logits = model(input_ids=rest, past_key_values=cache, use_cache=True).logits.float()
         steps = torch.log_softmax(logits[:, :-1], -1).gather(-1, rest[:, 1:, None])[..., 0].sum(-1)
         out.append((prefix_nll - logp[-1][rest[:, 0]] - steps).cpu())
-    return torch.cat(out)
-
-
-def _batched_nll(model, ids: torch.Tensor, batch: int) -> torch.Tensor:
-    out = []
-    for start in range(0, len(ids), batch):
-        rows = ids[start:start + batch].to(model.device)
-        logits = model(input_ids=rows).logits.float()
-        out.append(-torch.log_softmax(logits[:, :-1], -1).gather(-1, rows[:, 1:, None])[..., 0].sum(-1).cpu())
     return torch.cat(out)
 
 
@@ -157,8 +151,9 @@ def exposure(model, tokenizer, canary: Canary, candidates: int = 100_000, seed: 
         if s != canary.secret and len(tokenizer(canary.text(s))["input_ids"]) == length:
             others.append(s)
     texts = [canary.text()] + [canary.text(s) for s in others]
-    scores = (sequence_nll(model, tokenizer, texts, batch) if reference
-              else shared_prefix_nll(model, [tokenizer(t)["input_ids"] for t in texts], batch))
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    fast = not reference and shared_prefix_length(ids) > 0  # a tokenizer could split even the template's start
+    scores = shared_prefix_nll(model, ids, batch) if fast else sequence_nll(model, tokenizer, texts, batch)
     rank = 1 + int((scores[1:] < scores[0]).sum())  # 1: the true secret scores best of all
     return {"name": canary.name, "repeats": canary.repeats, "nll": round(float(scores[0]), 4), "rank": rank,
             "candidates": candidates, "exposure": round(math.log2((candidates + 1) / rank), 3)}
