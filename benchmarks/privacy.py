@@ -25,16 +25,19 @@ On SmolLM2, DIR is a folder laid out as a pipeline's (outputs/anchor, outputs/pr
 outputs/expert/<other domains>/package: e.g. links into a quality_scaling SmolLM2 point) with --preset smollm2.
 
 bpb here is sum of each document's NLL (first token unscored, audit.canaries.sequence_nll) over its UTF-8
-bytes, on the first --chars characters: comparable across these models, not the evaluate stage's figure."""
+bytes, on the first --chars characters: comparable across these models, not the evaluate stage's figure. Each
+document's row is kept, so DP's bpb cost carries a 95% interval paired by document (points measured before the
+rows were kept get them on resume; nothing else reruns)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import random
 import time
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.machine import recorded_stamp
 
@@ -97,10 +100,28 @@ def build_models(pipeline: Path, work: Path, domain: str, packages: dict[str, Pa
     return models
 
 
+def validation_rows(model, tokenizer, val_texts: list[str]) -> list[list[float]]:
+    """Each validation document's (loglikelihood in nats, UTF-8 bytes): the evaluation's per-document rows for
+    held-out bpb, so intervals.value_of pools them and a bootstrap can resample documents."""
+    from flexolmo_core.audit.canaries import sequence_nll
+
+    nll = sequence_nll(model, tokenizer, val_texts, batch=4)
+    return [[-round(float(n), 4), len(t.encode())] for n, t in zip(nll, val_texts)]
+
+
+def save_point(path: Path, point: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(point, indent=2))
+    tmp.replace(path)
+    return json.loads(path.read_text())  # as a resumed run reads it (repeat counts as string keys)
+
+
 def measure(name: str, folder: Path, exclude: list, work: Path, canaries, train_texts, val_texts, args) -> dict:
-    from flexolmo_core.audit.canaries import exposure, exposure_table, sequence_nll
+    from flexolmo_core.audit.canaries import exposure, exposure_table
     from flexolmo_core.audit.extraction import ExtractionConfig, extraction_audit
     from flexolmo_core.cli.commands.audit import scoring_model
+    from flexolmo_core.evaluation.intervals import value_of
 
     path = work / "points" / f"{name}.json"
     settings = {k: getattr(args, k) for k in ("candidates", "prefixes", "val_docs", "chars", "owner_docs", "owner_chars")}
@@ -108,6 +129,12 @@ def measure(name: str, folder: Path, exclude: list, work: Path, canaries, train_
         point = json.loads(path.read_text())
         if point.get("settings", settings) != settings:  # points of earlier versions carry none
             raise SystemExit(f"{path}: measured with {point['settings']}, not {settings}: use another --work")
+        if "val_docs" not in point:  # measured before per-document rows were kept: add them, nothing else reruns
+            log(f"{name}: scoring the validation documents one by one (the point predates per-document rows)")
+            point["val_docs"] = validation_rows(*scoring_model(str(folder), exclude, "cpu"), val_texts)
+            if round(value_of(np.array(point["val_docs"]), 1.0), 4) != point["val_bpb"]:
+                raise SystemExit(f"{path}: val_bpb {point['val_bpb']} is not what its documents give now")
+            point = save_point(path, point)
         return point
     log(f"measuring {name}")
     start = time.time()
@@ -116,16 +143,12 @@ def measure(name: str, folder: Path, exclude: list, work: Path, canaries, train_
     log(f"{name}: {len(canaries)} canaries ranked among {args.candidates} candidates ({time.time() - start:.0f} s)")
     extraction = extraction_audit(model, tokenizer, train_texts, ExtractionConfig(prefixes=args.prefixes))
     log(f"{name}: extraction {extraction['extracted']}/{extraction['documents']} ({time.time() - start:.0f} s)")
-    nll = sequence_nll(model, tokenizer, val_texts, batch=4)
-    point = {"model": name, "folder": str(folder), "exclude": exclude, "settings": settings, "exposures": exposures,
-             "by_repeats": exposure_table(exposures), "extraction": extraction,
-             "val_bpb": round(float(nll.sum()) / math.log(2) / sum(len(t.encode()) for t in val_texts), 4),
-             "seconds": round(time.time() - start, 1)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(point, indent=2))
-    tmp.replace(path)
-    return json.loads(path.read_text())  # as a resumed run reads it (repeat counts as string keys)
+    rows = validation_rows(model, tokenizer, val_texts)
+    return save_point(path, {
+        "model": name, "folder": str(folder), "exclude": exclude, "settings": settings, "exposures": exposures,
+        "by_repeats": exposure_table(exposures), "extraction": extraction,
+        "val_bpb": round(value_of(np.array(rows), 1.0), 4), "val_docs": rows,
+        "seconds": round(time.time() - start, 1)})
 
 
 def difference_interval(a: list[float], b: list[float], draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
@@ -134,6 +157,18 @@ def difference_interval(a: list[float], b: list[float], draws: int = 10_000, see
     rng = random.Random(seed)
     means = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(draws))
     return sum(diffs) / len(diffs), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def bpb_difference(a: list[list[float]], b: list[list[float]], draws: int = 10_000, seed: int = 0) -> dict:
+    """Pooled bpb of a minus b over the same documents (rows as validation_rows), and its 95% bootstrap
+    interval: each draw resamples documents, the same for both models."""
+    from flexolmo_core.evaluation.intervals import interval, value_of
+
+    a, b = np.array(a), np.array(b)
+    rng = np.random.default_rng(seed)
+    picks = (rng.integers(0, len(a), len(a)) for _ in range(draws))
+    low, high = interval([value_of(a[p], 1.0) - value_of(b[p], 1.0) for p in picks])
+    return {"mean": value_of(a, 1.0) - value_of(b, 1.0), "low": low, "high": high}
 
 
 def table(points: dict[str, dict], repeats: list[int]) -> list[str]:
@@ -223,8 +258,11 @@ def main() -> None:
         for subset, label in ((None, "all canaries"), (top, f"x{top} canaries")):
             headline[f"{model} - anchor ({label})"] = dict(zip(
                 ("mean", "low", "high"), difference_interval(scores(model, subset), scores("anchor", subset))))
+    dp_cost = {f"{model} - {plain}": bpb_difference(points[model]["val_docs"], points[plain]["val_docs"])
+               for name in owners if name != "owner"
+               for model, plain in ((name, "owner"), (f"flexolmo{name.removeprefix('owner')}", "flexolmo"))}
     record = {"recorded": recorded_stamp(), "args": vars(args), "points": points, "owners": owners,
-              "exposure_difference": headline}
+              "exposure_difference": headline, "bpb_difference": dp_cost}
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS / f"{args.name}.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -232,6 +270,8 @@ def main() -> None:
     print("\n".join(table(points, repeats)))
     for pair, v in headline.items():
         print(f"exposure {pair}: {v['mean']:+.3f} bits [{v['low']:+.3f}, {v['high']:+.3f}]")
+    for pair, v in dp_cost.items():
+        print(f"val bpb {pair}: {v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]")
 
 
 if __name__ == "__main__":

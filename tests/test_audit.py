@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,3 +143,20 @@ def test_a_dense_model_with_a_manifest_is_scored_as_a_dense_model(merged, tmp_pa
     assert type(model).__name__ == "Olmo2ForCausalLM"
     with pytest.raises(InputError, match="need a merged model"):
         scoring_model(str(dense), ["code"], "cpu")
+
+
+def test_the_privacy_studys_bpb_cost_pools_bytes_and_resamples_the_same_documents_for_both_models():
+    from benchmarks.privacy import bpb_difference
+
+    lengths, bpb = [500, 1500, 3000, 800], [0.7, 0.9, 1.1, 1.3]
+    plain = [[-b * n * math.log(2), n] for n, b in zip(lengths, bpb)]
+    worse = [[-(b + 0.05) * n * math.log(2), n] for n, b in zip(lengths, bpb)]  # 0.05 bpb worse on each one
+    cost = bpb_difference(worse, plain, draws=500)
+    # Paired: every resample of these documents costs exactly 0.05, whatever the lengths drawn.
+    assert cost["mean"] == pytest.approx(0.05) and cost["low"] == pytest.approx(0.05)
+    assert cost["high"] == pytest.approx(0.05)
+    mixed = [[-(b + d) * n * math.log(2), n] for n, b, d in zip(lengths, bpb, [0.2, -0.1, -0.05, 0.1])]
+    cost = bpb_difference(mixed, plain, draws=2000)
+    # Pooled over bytes (not a mean of per-document bpb): (100 - 150 - 150 + 80) / 5800 bits per byte.
+    assert cost["mean"] == pytest.approx(-120 / 5800)
+    assert cost["low"] < 0 < cost["high"]
