@@ -155,7 +155,7 @@ def privacy_section(path: Path) -> list[str]:
                 suffix = name.removeprefix("owner")
                 for model, plain in ((name, "owner"), (f"flexolmo{suffix}", "flexolmo")):
                     d = record.get("bpb_difference", {}).get(f"{model} - {plain}")
-                    text.append(f"- {model}: {points[model]['val_bpb'] - points[plain]['val_bpb']:+.4f} "
+                    text.append(f"- {model}: {d['mean'] if d else points[model]['val_bpb'] - points[plain]['val_bpb']:+.4f} "
                                 + (f"[{d['low']:+.4f}, {d['high']:+.4f}] " if d else "")
                                 + f"({points[model]['val_bpb']} vs {points[plain]['val_bpb']})")
     return text + ["", stamp(record), ""]
