@@ -2,9 +2,12 @@
 and Wikipedia summaries shipped in a package), built once per test session."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Remote registries mirror into FLEXOLMO_CACHE (default ~/.cache/flexolmo), one folder per URL. pytest reuses its
+# tmp paths from run to run, so a mirror an earlier run left would be read as this run's registry: every test
+# process gets its own cache, removed at exit (set before flexolmo_core.registry.remote reads it at import).
+_CACHE = tempfile.mkdtemp(prefix="flexolmo-test-cache-")
+os.environ["FLEXOLMO_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def stdlib_texts(n: int = 12) -> list[str]:
