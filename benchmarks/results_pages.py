@@ -148,16 +148,12 @@ def privacy_section(path: Path) -> list[str]:
                         f"{o['tokens_per_s']:.1f} | {dp.get('epsilon', '-')} | {dp.get('delta', '-')} | "
                         + (f"{dp['noise_multiplier']:.4f} | {dp['sample_rate']:.6f} | {dp['clipped_fraction']} |"
                            if dp else "- | - | - |"))
-        text += ["", "DP's cost in validation bpb (the DP model minus its plain twin"
-                 + (", paired by document, 95% bootstrap interval):" if "bpb_difference" in record else "):"), ""]
-        for name in owners:
-            if name != "owner":
-                suffix = name.removeprefix("owner")
-                for model, plain in ((name, "owner"), (f"flexolmo{suffix}", "flexolmo")):
-                    d = record.get("bpb_difference", {}).get(f"{model} - {plain}")
-                    text.append(f"- {model}: {d['mean'] if d else points[model]['val_bpb'] - points[plain]['val_bpb']:+.4f} "
-                                + (f"[{d['low']:+.4f}, {d['high']:+.4f}] " if d else "")
-                                + f"({points[model]['val_bpb']} vs {points[plain]['val_bpb']})")
+        text += ["", "DP's cost in validation bpb (the DP model minus its plain twin, paired by document, 95% bootstrap "
+                 "interval):", ""]
+        for pair, d in record["bpb_difference"].items():
+            model, plain = pair.split(" - ")
+            text.append(f"- {model}: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] "
+                        f"({points[model]['val_bpb']} vs {points[plain]['val_bpb']})")
     return text + ["", stamp(record), ""]
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.privacy import bpb_difference
 from flexolmo_core.audit.canaries import (
     DOCUMENTS,
     plant,
@@ -146,8 +147,6 @@ def test_a_dense_model_with_a_manifest_is_scored_as_a_dense_model(merged, tmp_pa
 
 
 def test_the_privacy_studys_bpb_cost_pools_bytes_and_resamples_the_same_documents_for_both_models():
-    from benchmarks.privacy import bpb_difference
-
     lengths, bpb = [500, 1500, 3000, 800], [0.7, 0.9, 1.1, 1.3]
     plain = [[-b * n * math.log(2), n] for n, b in zip(lengths, bpb)]
     worse = [[-(b + 0.05) * n * math.log(2), n] for n, b in zip(lengths, bpb)]  # 0.05 bpb worse on each one
