@@ -154,7 +154,12 @@ def beats_every_domain(what: str, model: dict, other: dict) -> tuple[str, bool, 
 
 
 def goals(summary: dict) -> list[tuple[str, bool | None, str]]:
-    """Issue 14's goals for the default run that the checks above do not already state (held-out bpb)."""
+    """Issue 14's goals for the default run that the checks above do not already state (held-out bpb), then
+    issue 29's four for the merged model without router tuning."""
+    return _default_run_goals(summary) + routing_goals(summary)
+
+
+def _default_run_goals(summary: dict) -> list[tuple[str, bool | None, str]]:
     out = []
     flex, rt, btm, soup = (summary.get(k) for k in ("flexolmo", "flexolmo_rt", "btm", "soup"))
     if rt and btm:
@@ -172,6 +177,40 @@ def goals(summary: dict) -> list[tuple[str, bool | None, str]]:
             over = {d: g for d, g in gaps.items() if g > 0.05}
             out.append((f"goal: each expert domain's {name} bpb within 5% of its owner model", not over,
                         f"{len(gaps) - len(over)}/{len(gaps)} within; " + ", ".join(f"{d} {_pct(g)}" for d, g in gaps.items())))
+    return out
+
+
+def routing_goals(summary: dict) -> list[tuple[str, bool | None, str]]:
+    """Issue 29's goals for FlexOlmo (no RT) on the expert domains (those with an owner model): it beats the soup
+    and BTM on the mean and on each of them; each is within 5% of its owner (stated above); opting each out loses
+    >= 80% of its gain while the others move < 2%; the merged router gives each its own expert p >= 0.6."""
+    flex = summary.get("flexolmo")
+    experts = [k.removeprefix("owner_") for k in summary if k.startswith("owner_")]
+    if not flex or not experts:
+        return []
+    out = []
+    rivals = {n: summary[n] for n in ("soup", "btm") if n in summary}
+    if rivals:
+        value = lambda s, d: s["domains_bpb_avg"] if d == "mean" else s["domains_bpb"].get(d)  # noqa: E731
+        verdicts = {f"{n} on {d}": _lt(value(flex, d), value(s, d)) for n, s in rivals.items()
+                    for d in ["mean", *experts]}
+        lost = [k for k, ok in verdicts.items() if ok is False]
+        out.append((f"goal: FlexOlmo (no RT) beats {' and '.join(rivals)} on the mean and every expert domain",
+                    None if None in verdicts.values() else not lost,
+                    f"{len(verdicts) - len(lost)}/{len(verdicts)} comparisons won" + (f"; not {lost}" if lost else "")))
+    effects = {e["domain"]: e for e in opt_out_effects(summary) if e["domain"] in experts}
+    if effects:
+        clean = {d: None if e["gain_lost"] is None or e["max_other_change"] is None
+                 else e["gain_lost"] >= 0.8 and e["max_other_change"] < 0.02 for d, e in effects.items()}
+        out.append(("goal: opting out each expert loses >=80% of its domain's gain, the others move <2%",
+                    None if None in clean.values() or len(effects) < len(experts) else all(clean.values()),
+                    f"{sum(v is True for v in clean.values())}/{len(experts)} clean; " + ", ".join(
+                        f"{d} {_pct(e['gain_lost'])} lost" for d, e in effects.items())))
+    routed = {r["domain"]: r["p_own"] for r in routing_rows({"flexolmo": flex}) if r["domain"] in experts}
+    if routed:  # routing probabilities are token means, not resampled: this verdict is the point estimate's
+        out.append(("goal: merged p(own) >= 0.6 on every expert domain",
+                    all(p >= 0.6 for p in routed.values()) if len(routed) == len(experts) else None,
+                    ", ".join(f"{d} {p:.3f}" for d, p in routed.items())))
     return out
 
 
