@@ -196,22 +196,29 @@ def routing_goals(summary: dict) -> list[tuple[str, bool | None, str]]:
                     for d in ["mean", *experts]}
         lost = [k for k, ok in verdicts.items() if ok is False]
         out.append((f"goal: FlexOlmo (no RT) beats {' and '.join(rivals)} on the mean and every expert domain",
-                    None if None in verdicts.values() else not lost,
+                    _all(verdicts.values()),
                     f"{len(verdicts) - len(lost)}/{len(verdicts)} comparisons won" + (f"; not {lost}" if lost else "")))
     effects = {e["domain"]: e for e in opt_out_effects(summary) if e["domain"] in experts}
     if effects:
         clean = {d: None if e["gain_lost"] is None or e["max_other_change"] is None
                  else e["gain_lost"] >= 0.8 and e["max_other_change"] < 0.02 for d, e in effects.items()}
         out.append(("goal: opting out each expert loses >=80% of its domain's gain, the others move <2%",
-                    None if None in clean.values() or len(effects) < len(experts) else all(clean.values()),
+                    _all([*clean.values(), *[None] * (len(experts) - len(effects))]),
                     f"{sum(v is True for v in clean.values())}/{len(experts)} clean; " + ", ".join(
-                        f"{d} {_pct(e['gain_lost'])} lost" for d, e in effects.items())))
+                        f"{d} no gain to lose" if e["gain_lost"] is None else f"{d} {_pct(e['gain_lost'])} lost"
+                        for d, e in effects.items())))
     routed = {r["domain"]: r["p_own"] for r in routing_rows({"flexolmo": flex}) if r["domain"] in experts}
     if routed:  # routing probabilities are token means, not resampled: this verdict is the point estimate's
         out.append(("goal: merged p(own) >= 0.6 on every expert domain",
-                    all(p >= 0.6 for p in routed.values()) if len(routed) == len(experts) else None,
+                    _all([*(p >= 0.6 for p in routed.values()), *[None] * (len(experts) - len(routed))]),
                     ", ".join(f"{d} {p:.3f}" for d, p in routed.items())))
     return out
+
+
+def _all(verdicts) -> bool | None:
+    """Three-valued AND: False if any is False, else None (unknown) if any is None, else True."""
+    verdicts = list(verdicts)
+    return False if False in verdicts else None if None in verdicts else True
 
 
 def _lt(a, b):
