@@ -88,7 +88,7 @@ def variant_results(point: Path, anchor_dir: Path, domains_dir: Path, all_domain
 def bpb_of(results: dict[str, dict]) -> dict[str, dict[str, float]]:
     from flexolmo_core.evaluation.scores import domain_bpb
 
-    return {name: domain_bpb(res) for name, res in results.items()}
+    return {name: domain_bpb(res) for name, res in results.items() if name != "recorded"}  # the file's stamp
 
 
 def metric_intervals(results: dict[str, dict], domains: list[str], iters: int = 1000) -> dict[str, list[float]]:

@@ -138,6 +138,7 @@ def test_a_row_lever_gets_its_own_goals_and_its_temperatures_choice(tmp_path):
         (tmp_path / d).mkdir()
 
     def point(name, results, **extra):
+        results = {**results, "recorded": {"commit": None, "machine": "m"}}  # as write_record stamps the file
         (tmp_path / "results" / f"{name}_test.json").write_text(json.dumps(results))
         b = qs.bpb_of(results)
         (tmp_path / "points" / f"{name}.json").write_text(json.dumps({
@@ -160,7 +161,8 @@ def test_a_row_lever_gets_its_own_goals_and_its_temperatures_choice(tmp_path):
         "lever": "anchor-hidden rows, frozen in owner training, router temperature (temp_x4)",
         "validation_mean_bpb": {"temp_x1": 1.5, "temp_x4": 1.4, "temp_x16": 1.45},
         "splits": {"validation": {"mean": {"bpb_flexolmo": 1.4}}, "test": {"bpb": b, **qs.point_metrics(b, DOMAINS)}}}))
-    text = qs.report_text(tmp_path)
+    text = qs.report_text(tmp_path, detail=True)
+    assert "| recorded |" not in text  # the stamp is no model
     frozen = qs.ROW_LEVERS["hidden_frozen"][0]
     assert f"**SmolLM2-135M (pretrained), 40 owner steps: {frozen}**" in text
     assert (f"**SmolLM2-135M (pretrained), 40 owner steps: {frozen}, router temperature (temp_x4, chosen on "
