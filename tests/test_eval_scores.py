@@ -193,20 +193,20 @@ def test_issue_29s_goal_lines_for_the_merged_model_without_router_tuning():
     def checks_of(summary):
         return {what: (ok, detail) for what, ok, detail in claims(summary)}
 
+    opt_out_goal = "goal: opting out each expert loses >=80% of its domain's gain, the others move <2%"
     checks = checks_of(summary)
     assert checks["goal: FlexOlmo (no RT) beats soup and btm on the mean and every expert domain"] == (
         True, "6/6 comparisons won")  # public is no expert domain: the soup's 1.7 there is not a goal
-    ok, detail = checks["goal: opting out each expert loses >=80% of its domain's gain, the others move <2%"]
+    ok, detail = checks[opt_out_goal]
     assert ok is False and detail == "1/2 clean; code +91.7% lost, math +45.5% lost"
     assert checks["goal: merged p(own) >= 0.6 on every expert domain"] == (False, "code 0.700, math 0.550")
-    opt_out_goal = "goal: opting out each expert loses >=80% of its domain's gain, the others move <2%"
     summary["public"]["domains_bpb"]["code"] = 2.3  # no gain on code: its share lost is undefined ...
     assert checks_of(summary)[opt_out_goal][0] is False  # ... but math's miss decides the goal
     summary["optout_math"]["domains_bpb"]["math"] = 2.95
     assert checks_of(summary)[opt_out_goal] == (None, "1/2 clean; code no gain to lose, math +90.9% lost")
     summary["btm"]["domains_bpb"]["math"] = 2.44
     summary["flexolmo"]["routing_share"]["domains"]["math"] = [0.3, 0.1, 0.6]
-    checks = {what: (ok, detail) for what, ok, detail in claims(summary)}
+    checks = checks_of(summary)
     assert checks["goal: FlexOlmo (no RT) beats soup and btm on the mean and every expert domain"] == (
         False, "5/6 comparisons won; not ['btm on math']")
     assert checks["goal: merged p(own) >= 0.6 on every expert domain"][0] is True
