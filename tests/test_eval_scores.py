@@ -248,6 +248,13 @@ def test_checks_are_pass_fail_or_inconclusive_by_a_paired_bootstrap_over_documen
     assert found["FlexOlmo beats btm on average bpb"] == ("FAIL", 0.0)
     verdict, share = found["FlexOlmo beats soup on average bpb"]
     assert verdict == "inconclusive" and 0.025 < share < 0.975
+    # p(own) is a token mean the draws do not resample: its verdict is the point estimate's, with no share
+    results["owner_code"] = _domain_results({"owner_code": base})["owner_code"]
+    results["flexolmo"]["routing_share"] = {"experts": ["public", "code"], "domains": {"code": [0.3, 0.7]}}
+    checks = {what: (v, detail, share) for what, v, detail, share in
+              report.bootstrap(results, report.summarize(results), iters=50)["checks"]}
+    assert checks[report.P_OWN_GOAL] == ("PASS", "code 0.700; point estimate: router probabilities are not "
+                                         "resampled", None)
     means = report.bootstrap(results, summary, iters=400)["means"]
     lo, hi = means["public"]
     assert lo < summary["public"]["domains_bpb_avg"] < hi and hi - lo > 0.1  # the documents' spread, unpaired
