@@ -358,60 +358,30 @@ def lever_table(levers: list[dict]) -> str:
 
 
 def goal_table(label: str, results: dict[str, dict], domains: list[str]) -> list[str]:
-    """Issue 29's four goals for one merged model (`results["flexolmo"]`, its opt-outs, and the point's
-    baselines), each with its paired bootstrap evidence: the share of draws in which it holds (>= 97.5%: met;
-    <= 2.5%: missed; else inconclusive)."""
-    from flexolmo_core.evaluation import intervals
-    from flexolmo_core.evaluation.scores import opt_out_effect
+    """Issue 29's goals for one merged model (`results["flexolmo"]`, its opt-outs, and the point's baselines),
+    one row per check of the report's `domain_goal_checks`, each with its paired bootstrap evidence: the share of
+    draws in which it holds (>= 97.5%: met; <= 2.5%: missed; else inconclusive). `domains`: the point's expert
+    domains (the report reads them from the owner models in `results`)."""
+    from flexolmo_core.evaluation import intervals, report
 
-    checks: dict[str, list[bool]] = {}
-
-    def tick(key, held):
-        checks.setdefault(key, []).append(bool(held))
-
+    results = {name: res for name, res in results.items() if name != "recorded"}  # the file's stamp
+    point = report.domain_goal_checks(report.summarize(results))
+    assert {c for _, c, _, _ in point if c.endswith(": within 5% of its owner")} == {
+        f"{d}: within 5% of its owner" for d in domains}, f"{label}: the owners in the results are not {domains}"
+    held: dict[str, list] = {check: [] for _, check, _, _ in point}
     for draw in intervals.draws(results, 1000):
-        b = bpb_of(draw)
-        mean = lambda m: sum(b[m].values()) / len(b[m])  # noqa: E731
-        flex = b["flexolmo"]
-        for other in ("soup", "btm"):
-            tick(f"beats {other} on the mean", mean("flexolmo") < mean(other))
-            for d in domains:
-                tick(f"beats {other} on {d}", flex[d] < b[other][d])
-        for d in domains:
-            tick(f"{d}: within 5% of its owner", flex[d] <= 1.05 * b[f"owner_{d}"][d])
-            effect = opt_out_effect(flex, b[f"optout_{d}"], b["public"], d)
-            tick(f"{d}: opt-out loses >= 80% of the gain, others move < 2%",
-                 (effect["gain_lost"] or 0) >= 0.8 and (effect["max_other_change"] or 0) < 0.02)
-    b = bpb_of(results)
-    routing = results["flexolmo"].get("routing_share") or {}
-    experts = routing.get("experts") or []
+        for _, check, ok, _ in report.domain_goal_checks(report.summarize(draw)):
+            held[check].append(ok)
+    words = {"PASS": "met", "FAIL": "missed", "inconclusive": "inconclusive", "n/a": "n/a"}
     rows = [f"**{label}**", "", "| goal | point value | holds in draws | verdict |", "|---|---|---|---|"]
-    for key, held in checks.items():
-        share_held = sum(held) / len(held)
-        verdict = "met" if share_held >= 0.975 else "missed" if share_held <= 0.025 else "inconclusive"
-        rows.append(f"| {key} | {goal_value(key, b, domains)} | {100 * share_held:.1f}% | {verdict} |")
-    for d in domains:
-        p_own = routing.get("domains", {}).get(d, [None] * len(experts))[experts.index(d)] if d in experts else None
-        rows.append(f"| {d}: merged p(own) >= 0.6 | {'n/a' if p_own is None else f'{p_own:.3f}'} | (no interval) | "
-                    f"{'n/a' if p_own is None else 'met' if p_own >= 0.6 else 'missed'} |")
+    for goal, check, ok, value in point:
+        if goal == "p(own)":  # token means, not resampled (report.P_OWN_GOAL says why)
+            verdict, in_draws = ("n/a" if ok is None else "met" if ok else "missed"), "(no interval)"
+        else:
+            verdict, share_held = intervals.verdict(ok, held[check])
+            verdict, in_draws = words[verdict], "–" if share_held is None else f"{100 * share_held:.1f}%"
+        rows.append(f"| {check} | {value} | {in_draws} | {verdict} |")
     return rows + [""]
-
-
-def goal_value(key: str, b: dict, domains: list[str]) -> str:
-    from flexolmo_core.evaluation.scores import opt_out_effect
-
-    mean = lambda m: sum(b[m].values()) / len(b[m])  # noqa: E731
-    for other in ("soup", "btm"):
-        if key == f"beats {other} on the mean":
-            return f"{mean('flexolmo'):.4f} vs {mean(other):.4f}"
-        for d in domains:
-            if key == f"beats {other} on {d}":
-                return f"{b['flexolmo'][d]:.4f} vs {b[other][d]:.4f}"
-    d = key.split(":")[0]
-    if "owner" in key:
-        return f"{b['flexolmo'][d]:.4f} vs {b[f'owner_{d}'][d]:.4f} ({pct(b['flexolmo'][d] / b[f'owner_{d}'][d] - 1)})"
-    effect = opt_out_effect(b["flexolmo"], b[f"optout_{d}"], b["public"], d)
-    return f"{share(effect['gain_lost'])} lost, others {100 * (effect['max_other_change'] or 0):.2f}%"
 
 
 def goals(work: Path) -> list[str]:
