@@ -18,9 +18,10 @@ OUT = "outputs/tokenizer"
 
 def main(params: str = "params.yaml") -> None:
     config = load_section(TokenizerConfig, "tokenizer", params)
-    config = dataclasses.replace(config, vocab_size=tokenizer_vocab(config, read_params(params).get("preset")))
     _, anchor, _ = load_stage(AnchorConfig, "anchor", params)  # with the preset's overrides
     source = None if anchor.source == "train" else (anchor.source, anchor.gguf_file)
+    if source is None:  # trained here, to the model preset's vocabulary; an imported anchor brings its tokenizer
+        config = dataclasses.replace(config, vocab_size=tokenizer_vocab(config, read_params(params).get("preset")))
     card = build_tokenizer_and_pack(config, PREPARED, flexmix_domains(read_params(params).get("domains")), OUT,
                                     anchor_source=source, progress=say)
     print(json.dumps({"tokenizer_sha256": card["tokenizer_sha256"], "pack_tokens_per_second": card["pack_tokens_per_second"],

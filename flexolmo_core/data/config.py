@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from flexolmo_core.anchor.presets import get_preset
+from flexolmo_core.anchor.presets import PRESETS
 from flexolmo_core.errors import InputError
 from flexolmo_core.io.params import NO_FLAG
 
@@ -95,8 +95,11 @@ def tokenizer_vocab(config: TokenizerConfig, preset: str | None) -> int:
     if preset is None:
         raise InputError("tokenizer.vocab_size is null (follow the model preset) but no preset is given: "
                          "set --vocab-size, or --params with a top-level `preset`")
-
-    return get_preset(preset).vocab_size
+    if preset not in PRESETS:  # e.g. smollm2: a params preset whose anchor is imported, with no model shape here
+        raise InputError(f"tokenizer.vocab_size is null (follow the model preset) but preset '{preset}' names no "
+                         f"model shape (those are {sorted(PRESETS)}): set tokenizer.vocab_size, or import the "
+                         "anchor's own tokenizer with anchor.source")
+    return PRESETS[preset].vocab_size
 
 
 def flexmix_domains(raw_domains) -> list[str]:
