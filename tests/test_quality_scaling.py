@@ -121,7 +121,7 @@ def test_goal_table_gives_each_goal_its_bootstrap_verdict():
     results = noisy_results(bpb(), spread=0.05)
     results["flexolmo"]["routing_share"] = {"experts": ["public", "code", "math"],
                                             "domains": {"code": [0.3, 0.65, 0.05], "math": [0.5, 0.1, 0.4]}}
-    rows = {r.split(" | ")[0].lstrip("| "): r for r in qs.goal_table("x", results, DOMAINS) if r.startswith("| ")}
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in qs.goal_table("x", results) if r.startswith("| ")}
     assert rows["beats soup on code"].endswith("| met |") and "1.0000 vs 1.2000" in rows["beats soup on code"]
     assert rows["code: within 5% of its owner"].endswith("| missed |")  # 1.0 vs 0.9: +11.1%
     assert "+11.1%" in rows["code: within 5% of its owner"]

@@ -247,7 +247,7 @@ def _by_domain(checks) -> str:
     return ", ".join(f"{check.split(':')[0]} {value}" for _, check, _, value in checks)
 
 
-def _plain_verdict(ok: bool | None) -> str:
+def plain_verdict(ok: bool | None) -> str:
     return "PASS" if ok else ("FAIL" if ok is False else "n/a")
 
 
@@ -397,7 +397,7 @@ def render_markdown(results: dict, summary: dict, plots: list[str], numerics: di
                                  _fmt(r["top1_own"], 3), _fmt(r["entropy_bits"], 3), _fmt(math.log2(r["experts"]), 3)]
                                 for r in routed]))
     parts += ["", "## Checks from the issue (reported either way)", ""]
-    checked = uncertainty["checks"] or [(what, _plain_verdict(ok), detail, None) for what, ok, detail in claims(summary)]
+    checked = uncertainty["checks"] or [(what, plain_verdict(ok), detail, None) for what, ok, detail in claims(summary)]
     parts += [f"- {v}: {what} ({detail}" + ("" if share is None else f"; holds in {share:.1%} of the draws") + ")"
               for what, v, detail, share in checked] or ["- (no results)"]
     parts += ["", "## Tasks not run", ""]
@@ -514,7 +514,7 @@ def bootstrap(results: dict, summary: dict, iters: int = intervals.ITERS) -> dic
     checks = []
     for (what, ok, detail), in_draws in zip(point, held):
         if what == P_OWN_GOAL:
-            checks.append((what, _plain_verdict(ok), detail + "; point estimate: router probabilities are not "
+            checks.append((what, plain_verdict(ok), detail + "; point estimate: router probabilities are not "
                            "resampled", None))
         else:
             verdict, share = intervals.verdict(ok, in_draws)
