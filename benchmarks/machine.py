@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 
 def machine() -> dict:
@@ -22,13 +23,24 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
 
 
+def source_commit() -> str | None:
+    """The commit of the code that runs: git's HEAD in a checkout, else the one `git archive` wrote into
+    source_commit.txt (export-subst, see .gitattributes) when it made the snapshot; None when neither says."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here.parent, capture_output=True, text=True)
+    if head.returncode == 0 and head.stdout.strip():
+        return head.stdout.strip()
+    try:
+        archived = (here / "source_commit.txt").read_text().strip()
+    except OSError:
+        return None
+    return archived if archived and not archived.startswith("$Format") else None
+
+
 def recorded_stamp() -> dict:
     """Where a result was measured, for its JSON record (the results pages print it beside each table): the
-    commit of the code that ran (None outside a git checkout) and the machine."""
-    import subprocess
-    from pathlib import Path
-
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True)
+    commit of the code that ran and the machine."""
     m = machine()
-    return {"commit": head.stdout.strip() or None, "machine": f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"}
+    return {"commit": source_commit(), "machine": f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"}
