@@ -34,6 +34,7 @@ candidate is chosen on --lever-val-docs validation documents and reported on the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -251,17 +252,19 @@ def share(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def pct_interval(means: dict, intervals: dict, key: str) -> str:
+    """A relative change with its paired 95% interval over documents, where the point recorded one."""
+    lo_hi = intervals.get(key)
+    return pct(means.get(key)) + ("" if not lo_hi else f" [{100 * lo_hi[0]:+.1f}, {100 * lo_hi[1]:+.1f}]")
+
+
 def grid_table(points: list[dict]) -> str:
     head = ("| anchor | owner steps | owner tokens | public | soup | BTM | FlexOlmo | FlexOlmo, expert domains | "
             "owners, own domain | merged vs owner | vs BTM | vs soup | opt-out gain lost | max other change |")
     rows = [head, "|" + "---|" * 14]
     for p in points:
         m, ci = p["splits"]["test"]["mean"], p["splits"]["test"].get("intervals", {})
-
-        def pct_ci(key):  # a paired 95% interval over documents, where the point recorded one
-            lo_hi = ci.get(key)
-            return pct(m[key]) + ("" if not lo_hi else f" [{100 * lo_hi[0]:+.1f}, {100 * lo_hi[1]:+.1f}]")
-
+        pct_ci = functools.partial(pct_interval, m, ci)
         rows.append(f"| {p['anchor']} | {p['owner_steps']} | {p['owner_tokens'] / 1e6:.2f}M | {m['bpb_public']:.4f} | "
                     f"{m['bpb_soup']:.4f} | {m['bpb_btm']:.4f} | {m['bpb_flexolmo']:.4f} | "
                     f"{m['bpb_flexolmo_experts']:.4f} | {m['bpb_owner_own']:.4f} | "
@@ -341,13 +344,20 @@ def bpb_table(points: list[dict]) -> str:
 
 
 def lever_table(levers: list[dict]) -> str:
-    rows = ["| lever | FlexOlmo validation mean bpb | test mean bpb | test merged vs owner | test opt-out gain lost |",
-            "|---|---|---|---|---|"]
+    """One row per lever point: its owner steps, its own baselines (a row lever trains its own owners, so its soup
+    and BTM differ from the paper-row point's), and FlexOlmo with the chosen setting against them."""
+    rows = ["| owner steps | lever | FlexOlmo validation mean bpb | test mean bpb | soup | BTM | merged vs owner | "
+            "vs BTM | vs soup | opt-out gain lost | max other change |", "|" + "---|" * 11]
     for lv in levers:  # a row lever's own point has no validation score: its temperature lever chooses
-        v, t = lv["splits"].get("validation", {}).get("mean", {}), lv["splits"]["test"]["mean"]
+        v, t = lv["splits"].get("validation", {}).get("mean", {}), lv["splits"]["test"]
+        m, ci = t["mean"], t.get("intervals", {})
         val = f"{v['bpb_flexolmo']:.4f}" if "bpb_flexolmo" in v else "(see its temperature)"
-        rows.append(f"| {lv['lever']} | {val} | {t['bpb_flexolmo']:.4f} | "
-                    f"{pct(t.get('merged_vs_owner'))} | {share(t.get('gain_lost'))} |")
+        bpb = {k: "n/a" if m.get(k) is None else f"{m[k]:.4f}" for k in ("bpb_flexolmo", "bpb_soup", "bpb_btm")}
+        other = m.get("max_other_change")
+        rows.append(f"| {lv.get('owner_steps') or 'n/a'} | {lv['lever']} | {val} | {bpb['bpb_flexolmo']} | "
+                    f"{bpb['bpb_soup']} | {bpb['bpb_btm']} | {pct_interval(m, ci, 'merged_vs_owner')} | "
+                    f"{pct_interval(m, ci, 'vs_btm')} | {pct_interval(m, ci, 'vs_soup')} | {share(m.get('gain_lost'))} | "
+                    f"{'n/a' if other is None else f'{100 * other:.2f}%'} |")
     candidates = [(lv, name, bpb) for lv in levers for name, bpb in (lv.get("validation_mean_bpb") or {}).items()]
     if candidates:  # every candidate a router lever tried, the losers too
         rows += ["", "Every candidate of the router levers, validation mean bpb (the lowest is chosen):", "",
@@ -422,7 +432,8 @@ def report_text(work: Path, image: str | None = None, detail: bool = False) -> s
     machine; `image`: the plot to show beside them; `detail`: every variant's bpb on every domain too."""
     points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
     grid = [p for p in points if not p.get("lever")]
-    levers = sorted((p for p in points if p.get("lever")), key=lambda p: (p.get("rt_steps", 0), p["name"]))
+    levers = sorted((p for p in points if p.get("lever")), key=lambda p: (p.get("rt_steps", 0), p.get("owner_steps") or 0,
+                                                                           p["name"]))
     base = next((lv for lv in levers if lv["name"].startswith("lever0")), None)
     for lv in levers:  # router-tuned rows: the same owners as the paper-settings lever, so the same comparison
         rt = lv["splits"]["test"]["bpb"].get("flexolmo_rt")
