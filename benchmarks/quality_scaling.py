@@ -258,6 +258,11 @@ def pct_interval(means: dict, intervals: dict, key: str) -> str:
     return pct(means.get(key)) + ("" if not lo_hi else f" [{100 * lo_hi[0]:+.1f}, {100 * lo_hi[1]:+.1f}]")
 
 
+MEASURES = ("merged vs owner, vs BTM, vs soup and opt-out gain lost: the mean over the expert domains of each "
+            "domain's figure (FlexOlmo's relative bpb change on that domain); the bpb columns and the goals' \"on "
+            "the mean\" average all four domains, public text included, so the two can disagree in sign.")
+
+
 def grid_table(points: list[dict]) -> str:
     head = ("| anchor | owner steps | owner tokens | public | soup | BTM | FlexOlmo | FlexOlmo, expert domains | "
             "owners, own domain | merged vs owner | vs BTM | vs soup | opt-out gain lost | max other change |")
@@ -441,11 +446,12 @@ def report_text(work: Path, image: str | None = None, detail: bool = False) -> s
             owners, doms = base["splits"]["test"]["bpb"], base["domains"]
             lv["splits"]["test"]["mean"]["merged_vs_owner"] = sum(rt[d] / owners[f"owner_{d}"][d] - 1 for d in doms) / len(doms)
     grid.sort(key=lambda p: ("SmolLM2" in p["anchor"], p["anchor"], p["owner_tokens"]))
-    text = ["## Scaling grid (held-out test split)", "", grid_table(grid), "", "Per domain:", "", domain_table(grid)]
+    text = ["## Scaling grid (held-out test split)", "", grid_table(grid), "", MEASURES, "", "Per domain:", "",
+            domain_table(grid)]
     if grid and image:
         text += ["", f"![scaling]({image})"]
     if levers:
-        text += ["", "## Levers (chosen on validation, reported on test)", "", lever_table(levers)]
+        text += ["", "## Levers (chosen on validation, reported on test)", "", lever_table(levers), "", MEASURES]
     if detail:
         text += ["", "## Held-out test bpb of every variant on every domain", "", bpb_table(grid + levers)]
     goal_rows = goals(work)
