@@ -24,19 +24,20 @@ def machine() -> dict:
 
 
 def source_commit() -> str | None:
-    """The commit of the code that runs: git's HEAD in a checkout, else the one `git archive` wrote into
-    source_commit.txt (export-subst, see .gitattributes) when it made the snapshot; None when neither says."""
+    """The commit of the code that runs: the one `git archive` wrote into source_commit.txt (export-subst, see
+    .gitattributes) when this is a snapshot, else git's HEAD in a checkout; None when neither says. The snapshot's
+    file comes first: a snapshot unpacked inside some other repository must not take that repository's HEAD."""
     import subprocess
 
     here = Path(__file__).resolve().parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here.parent, capture_output=True, text=True)
-    if head.returncode == 0 and head.stdout.strip():
-        return head.stdout.strip()
     try:
         archived = (here / "source_commit.txt").read_text().strip()
     except OSError:
-        return None
-    return archived if archived and not archived.startswith("$Format") else None
+        archived = ""
+    if archived and not archived.startswith("$Format"):  # substituted: this is a git-archive snapshot
+        return archived
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here.parent, capture_output=True, text=True)
+    return (head.stdout.strip() or None) if head.returncode == 0 else None
 
 
 def recorded_stamp() -> dict:

@@ -260,7 +260,7 @@ def pct_interval(means: dict, intervals: dict, key: str) -> str:
 
 MEASURES = ("merged vs owner, vs BTM, vs soup and opt-out gain lost: the mean over the expert domains of each "
             "domain's figure (FlexOlmo's relative bpb change on that domain); the bpb columns and the goals' \"on "
-            "the mean\" average all four domains, public text included, so the two can disagree in sign.")
+            "the mean\" average every domain, public text included, so the two can disagree in sign.")
 
 
 def grid_table(points: list[dict]) -> str:

@@ -48,6 +48,8 @@ def test_a_study_run_from_a_git_archive_snapshot_records_the_snapshots_commit(tm
                           check=True).stdout.strip()
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=repo, capture_output=True, check=True).stdout
     snap.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=snap, check=True)  # unpacked inside another repository: its HEAD
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "elsewhere"], cwd=snap, check=True)  # is not ours
     subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
     spec = importlib.util.spec_from_file_location("snapshot_machine", snap / "benchmarks" / "machine.py")
     snapshot = importlib.util.module_from_spec(spec)
